@@ -1,0 +1,148 @@
+"""Load Hugging Face decoder-only causal LMs with rotary positions from local directories, and read their geometry.
+
+Works for any architecture whose base model exposes ``rotary_emb`` and whose modeling module defines
+``apply_rotary_pos_emb`` (Qwen3, Qwen2, Llama, Mistral, ...). Nothing is fetched from a hub: loading
+is ``local_files_only``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from densecomm_core.errors import IncompatiblePairError, ModelLoadError
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """What an adapter depends on: cache layout and positional convention of one model."""
+
+    model_type: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int  # KV groups (GQA)
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    rope: str  # JSON of the model's rope parameters (type, theta, scaling), sorted keys
+
+    def fingerprint(self) -> str:
+        """Short stable hash of the geometry; adapters and wire headers carry it."""
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        return f"{self.model_type}-L{self.num_layers}-kv{self.num_kv_heads}x{self.head_dim}-" + hashlib.sha256(blob).hexdigest()[:12]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelGeometry":
+        return cls(**data)
+
+
+@dataclass
+class LoadedModel:
+    """A frozen causal LM, its tokenizer and the pieces of its own RoPE implementation."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    geometry: ModelGeometry
+    path: str
+    rotary_embedding: torch.nn.Module  # model.model.rotary_emb: (x, position_ids) -> (cos, sin)
+    apply_rotary: Callable  # the modeling module's apply_rotary_pos_emb(q, k, cos, sin)
+
+    @property
+    def non_embedding_params(self) -> int:
+        """N in the paper's FLOPs estimate (appendix B.1): parameters outside embeddings and LM head."""
+        excluded = {id(self.model.get_input_embeddings().weight), id(self.model.get_output_embeddings().weight)}
+        return sum(p.numel() for p in self.model.parameters() if id(p) not in excluded)
+
+
+def rope_description(config) -> str:
+    params = getattr(config, "rope_parameters", None) or {}
+    if not params:
+        params = {"rope_theta": getattr(config, "rope_theta", None), "rope_scaling": getattr(config, "rope_scaling", None)}
+    return json.dumps(params, sort_keys=True, default=str)
+
+
+def geometry_of(model: PreTrainedModel) -> ModelGeometry:
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return ModelGeometry(
+        model_type=config.model_type,
+        num_layers=config.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        hidden_size=config.hidden_size,
+        vocab_size=config.vocab_size,
+        rope=rope_description(config),
+    )
+
+
+def rope_parts(model: PreTrainedModel) -> tuple[torch.nn.Module, Callable]:
+    """The model's own rotary embedding module and ``apply_rotary_pos_emb``; ModelLoadError if absent."""
+    rotary = getattr(model.base_model, "rotary_emb", None)
+    module = sys.modules.get(type(model).__module__)
+    apply = getattr(module, "apply_rotary_pos_emb", None)
+    if rotary is None or apply is None:
+        raise ModelLoadError(
+            f"{type(model).__name__} has no rotary position embedding (expected base_model.rotary_emb and "
+            f"apply_rotary_pos_emb in {type(model).__module__}); densecomm needs a RoPE decoder"
+        )
+    return rotary, apply
+
+
+def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str = "<memory>") -> LoadedModel:
+    """Freeze an in-memory model and collect what the relay needs from it."""
+    model.eval()
+    model.requires_grad_(False)
+    rotary, apply = rope_parts(model)
+    return LoadedModel(model, tokenizer, geometry_of(model), path, rotary, apply)
+
+
+def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a causal LM and its tokenizer from a local directory (never from a hub)."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise ModelLoadError(f"model directory {str(directory)!r} does not exist")
+    if not (directory / "config.json").is_file():
+        raise ModelLoadError(f"{str(directory)!r} is not a Hugging Face model directory (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot read the config in {str(directory)!r}: {exc}") from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, config=config, local_files_only=True, dtype=dtype or "auto"
+        ).to(device)
+    except ValueError as exc:
+        raise ModelLoadError(
+            f"{str(directory)!r} holds a {config.model_type!r} model, which is not a causal LM: {exc}"
+        ) from exc
+    except OSError as exc:
+        raise ModelLoadError(f"cannot load weights from {str(directory)!r}: {exc}") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the tokenizer in {str(directory)!r}: {exc}") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return wrap_model(model, tokenizer, str(directory))
+
+
+def check_shared_tokenizer(sender: LoadedModel, receiver: LoadedModel) -> None:
+    """The adapter maps caches token by token, so both sides must tokenize identically."""
+    if sender.tokenizer.get_vocab() != receiver.tokenizer.get_vocab():
+        raise IncompatiblePairError(
+            f"sender {sender.path!r} and receiver {receiver.path!r} use different tokenizers "
+            f"({len(sender.tokenizer)} vs {len(receiver.tokenizer)} tokens); a token-wise cache adapter "
+            "needs a shared tokenizer"
+        )

@@ -1,0 +1,172 @@
+"""The in-process relay: sender prefill -> adapter -> receiver generation, in both communication regimes.
+
+    sender_prefill(sender, contexts)            KVCache of X in the sender's space (no sender decoding)
+    transform_cache(adapter, cache, S, R)       strip S's RoPE -> T_θ -> restore R's RoPE (eq. 8, 11, 9)
+    receiver_generate(receiver, cache, prompts) decode after the transferred cache at explicit positions
+    DenseRelay                                  the three above plus token accounting for FLOPs
+
+Batches are padded: sender contexts on the right (so slot i holds logical position i), receiver
+prompts on the left (so every row's last token is in the last column); masks make padding invisible
+and results equal one-at-a-time runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from densecomm_core.adapter import DenseAdapter
+from densecomm_core.cache import KVCache
+from densecomm_core.errors import GeometryMismatchError
+from densecomm_core.generation import GenerationConfig, generate
+from densecomm_core.models import LoadedModel, check_shared_tokenizer
+from densecomm_core.rope import restore_rope, strip_rope
+
+
+class ContextMode(str, Enum):
+    """Whether the receiver also sees the input X in its prompt (paper §2.3)."""
+
+    AWARE = "aware"
+    UNAWARE = "unaware"
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How contexts and receiver prompts are rendered; the defaults are the embedded zoo's format.
+
+    ``{context}`` is replaced by X. The sender's text gets the tokenizer's BOS; receiver prompts that
+    continue a transferred cache do not (the cache already starts with it).
+    """
+
+    sender: str = "{context}"
+    aware: str = "{context} =>"  # receiver prompt after the cache, context-aware
+    unaware: str = "=>"  # receiver prompt after the cache, context-unaware
+    with_input: str = "{context} =>"  # a model answering from the input alone (baselines, T2T)
+    without_input: str = "=>"  # the receiver alone, without the input (after BOS)
+
+    def receiver_prompt(self, mode: ContextMode, context: str) -> str:
+        return (self.aware if mode is ContextMode.AWARE else self.unaware).format(context=context)
+
+
+@dataclass
+class TokenCounts:
+    """Exact per-side token counts of one batch (paper appendix B.1), summed over rows."""
+
+    sender_prefill: int = 0
+    sender_decode: int = 0
+    receiver_prefill: int = 0
+    receiver_decode: int = 0
+
+    def flops(self, sender_params: int, receiver_params: int, adapter_flops_per_token: int = 0) -> dict[str, int]:
+        """2·N·tokens per side, plus the adapter's own 2·params per transferred token."""
+        sender = 2 * sender_params * (self.sender_prefill + self.sender_decode)
+        receiver = 2 * receiver_params * (self.receiver_prefill + self.receiver_decode)
+        adapter = adapter_flops_per_token * self.sender_prefill
+        return {"sender": sender, "adapter": adapter, "receiver": receiver, "total": sender + adapter + receiver}
+
+
+@dataclass
+class RelayOutput:
+    texts: list[str]
+    tokens: torch.Tensor  # (B, n) generated ids, EOS-filled after each row's end
+    lengths: torch.Tensor  # (B,) generated tokens per row, EOS included
+    counts: TokenCounts = field(default_factory=TokenCounts)
+    payload_bytes: int = 0  # raw bytes of the transferred receiver-space cache (valid tokens only)
+
+
+def encode(tokenizer, texts: Sequence[str], padding_side: str, add_special_tokens: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    tokenizer.padding_side = padding_side
+    enc = tokenizer(list(texts), padding=True, return_tensors="pt", add_special_tokens=add_special_tokens)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+@torch.no_grad()
+def sender_prefill(sender: LoadedModel, texts: Sequence[str]) -> KVCache:
+    """Prefill the sender on ``texts`` (right-padded) and return its cache; the sender decodes nothing."""
+    ids, mask = encode(sender.tokenizer, texts, "right", add_special_tokens=True)
+    device = sender.model.device
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    out = sender.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    return KVCache.from_dynamic_cache(out.past_key_values, mask.bool(), positions, sender.geometry.fingerprint())
+
+
+def transform_cache(adapter: DenseAdapter, cache: KVCache, sender: LoadedModel, receiver: LoadedModel) -> KVCache:
+    """Sender cache -> receiver-space cache: RemoveRoPE_S, T_θ, AddRoPE_R (differentiable in the adapter)."""
+    return restore_rope(adapter(strip_rope(cache, sender)), receiver)
+
+
+def receiver_generate(
+    receiver: LoadedModel,
+    cache: KVCache | None,
+    prompts: Sequence[str],
+    config: GenerationConfig,
+    on_token=None,
+) -> RelayOutput:
+    """Generate after an optional receiver-space cache; prompts continue it without a new BOS."""
+    tokenizer = receiver.tokenizer
+    ids, mask = encode(tokenizer, prompts, "left", add_special_tokens=cache is None)
+    past = past_mask = None
+    if cache is not None:
+        g = receiver.geometry
+        cache.check_matches(g.num_layers, g.num_kv_heads, g.head_dim, who=f"receiver {receiver.path!r}")
+        if cache.batch_size != len(prompts):
+            raise ValueError(f"cache has {cache.batch_size} rows but {len(prompts)} receiver prompts were given")
+        past, past_mask = cache.to_dynamic_cache(), cache.mask
+    tokens, lengths = generate(receiver.model, ids, mask, config, tokenizer.eos_token_id, past, past_mask, on_token)
+    texts = [tokenizer.decode(row[:n].tolist(), skip_special_tokens=True) for row, n in zip(tokens, lengths)]
+    counts = TokenCounts(receiver_prefill=int(mask.sum()), receiver_decode=int(lengths.sum()))
+    return RelayOutput(texts, tokens, lengths, counts)
+
+
+class DenseRelay:
+    """A sender, a receiver of another geometry, and the adapter trained for that pair."""
+
+    def __init__(
+        self, sender: LoadedModel, receiver: LoadedModel, adapter: DenseAdapter, prompt_format: PromptFormat = PromptFormat()
+    ) -> None:
+        check_shared_tokenizer(sender, receiver)
+        for side, model, want in (("sender", sender, adapter.config.sender), ("receiver", receiver, adapter.config.receiver)):
+            if model.geometry != want:
+                raise GeometryMismatchError(
+                    f"adapter expects {side} {want.fingerprint()}, but {side} {model.path!r} is {model.geometry.fingerprint()}"
+                )
+        self.sender, self.receiver, self.adapter, self.prompt_format = sender, receiver, adapter, prompt_format
+
+    @torch.no_grad()
+    def transfer(self, contexts: Sequence[str]) -> KVCache:
+        """X -> the sender's cache -> the receiver-space cache (what travels to the receiver)."""
+        texts = [self.prompt_format.sender.format(context=c) for c in contexts]
+        return transform_cache(self.adapter, sender_prefill(self.sender, texts), self.sender, self.receiver)
+
+    @torch.no_grad()
+    def run(
+        self,
+        contexts: Sequence[str],
+        mode: ContextMode,
+        config: GenerationConfig = GenerationConfig(),
+        receiver_prompts: Sequence[str] | None = None,
+    ) -> RelayOutput:
+        """Relay a batch of inputs and let the receiver answer in ``mode``."""
+        cache = self.transfer(contexts)
+        if receiver_prompts is None:
+            receiver_prompts = [self.prompt_format.receiver_prompt(mode, c) for c in contexts]
+        out = receiver_generate(self.receiver, cache, receiver_prompts, config)
+        out.counts.sender_prefill = int(cache.lengths.sum())
+        out.payload_bytes = cache.valid_nbytes()
+        return out
+
+
+@torch.no_grad()
+def answer_with_input(model: LoadedModel, contexts: Sequence[str], config: GenerationConfig, prompt_format: PromptFormat = PromptFormat()) -> RelayOutput:
+    """Baseline: one model answering with X in its own prompt (sender alone, or receiver-only with input)."""
+    return receiver_generate(model, None, [prompt_format.with_input.format(context=c) for c in contexts], config)
+
+
+@torch.no_grad()
+def answer_without_input(model: LoadedModel, batch: int, config: GenerationConfig, prompt_format: PromptFormat = PromptFormat()) -> RelayOutput:
+    """Baseline: the receiver alone, never seeing X (the floor dense context-unaware must rise above)."""
+    return receiver_generate(model, None, [prompt_format.without_input] * batch, config)

@@ -1,0 +1,126 @@
+"""Phase II: tune the adapter for generation through the frozen receiver, mixing both regimes (eq. 6-7).
+
+Each example's receiver prompt is context-aware with probability ``p_aware`` and context-unaware
+otherwise; the target is the receiver's own guided trace in both cases. Only the adapter learns.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from densecomm_core.adapter import DenseAdapter
+from densecomm_core.generation import forward_after_cache
+from densecomm_core.models import LoadedModel
+from densecomm_core.relay import ContextMode, PromptFormat, sender_prefill, transform_cache
+from densecomm_core.training.common import cosine_lr, load_training_state, save_training_state
+from densecomm_core.training.traces import TraceRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Phase2Config:
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 3e-4  # lower than phase 1: fine-tuning an already aligned channel
+    warmup_steps: int = 30
+    weight_decay: float = 0.0
+    p_aware: float = 0.5  # paper appendix A: context-aware with probability 0.5
+    seed: int = 0
+    eval_every: int = 200  # also the checkpoint interval
+
+
+def receiver_batch(
+    receiver: LoadedModel, prompts: Sequence[str], targets: Sequence[str]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded [prompt + target + EOS] ids (B, T), mask (B, T), labels (B, T) on target + EOS only."""
+    tok = receiver.tokenizer
+    rows, label_rows = [], []
+    for prompt, target in zip(prompts, targets):
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
+        t = tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        rows.append(p + t)
+        label_rows.append([-100] * len(p) + t)
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    for i, (row, lab) in enumerate(zip(rows, label_rows)):
+        ids[i, : len(row)], labels[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), torch.tensor(lab), 1
+    return ids, mask, labels
+
+
+def generation_loss(
+    adapter: DenseAdapter,
+    sender: LoadedModel,
+    receiver: LoadedModel,
+    records: Sequence[TraceRecord],
+    modes: Sequence[ContextMode],
+    prompt_format: PromptFormat,
+) -> torch.Tensor:
+    """Eq. 7: −Σ log p_R(y_t | y_<t, T_θ(C_S(X)), X_R), averaged over target tokens."""
+    with torch.no_grad():
+        source = sender_prefill(sender, [prompt_format.sender.format(context=r.context) for r in records])
+    cache = transform_cache(adapter, source, sender, receiver)
+    prompts = [prompt_format.receiver_prompt(m, r.context) for r, m in zip(records, modes)]
+    ids, mask, labels = receiver_batch(receiver, prompts, [r.trace for r in records])
+    logits, _ = forward_after_cache(receiver.model, ids, mask, cache.to_dynamic_cache(), cache.mask)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def train_phase2(
+    adapter: DenseAdapter,
+    sender: LoadedModel,
+    receiver: LoadedModel,
+    records: Sequence[TraceRecord],
+    config: Phase2Config,
+    prompt_format: PromptFormat = PromptFormat(),
+    evaluate: Callable[[], dict] | None = None,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> list[dict]:
+    """Optimise ``adapter`` on the mixed-regime generation loss; returns the evaluation history."""
+    if not records:
+        raise ValueError("phase 2 needs at least one trace record")
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    start = 0
+    if resume and checkpoint is not None and checkpoint.exists():
+        start = load_training_state(checkpoint, "phase2", adapter, optimizer, rng)
+        log.info("phase 2 resumed at step %d from %s", start, checkpoint)
+    history: list[dict] = []
+    adapter.train()
+    bar = tqdm(range(start, config.steps), desc="phase 2 (generation)", disable=not progress, initial=start, total=config.steps)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, config.steps, config.lr, config.warmup_steps)
+        batch = rng.sample(list(records), min(config.batch_size, len(records)))
+        modes = [ContextMode.AWARE if rng.random() < config.p_aware else ContextMode.UNAWARE for _ in batch]
+        loss = generation_loss(adapter, sender, receiver, batch, modes, prompt_format)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+            record = {"step": step + 1, "train_loss": loss.item()}
+            if evaluate is not None:
+                adapter.eval()
+                record |= evaluate()
+                adapter.train()
+            history.append(record)
+            log.info("phase 2 %s", record)
+            if checkpoint is not None:
+                save_training_state(checkpoint, "phase2", step + 1, adapter, optimizer, rng, config)
+    adapter.eval()
+    return history

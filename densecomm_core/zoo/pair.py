@@ -1,0 +1,149 @@
+"""The embedded default pair: where its committed weights live, how its adapter is trained, how it is scored.
+
+    zoo_root()                      directory of the committed zoo weights (inside the package)
+    load_zoo_pair()                 (sender, receiver) LoadedModels from there
+    train_zoo_adapter(...)          Phase I + receiver-self traces + Phase II, recipe recorded in the checkpoint
+    evaluate_pair(...)              the demo's table: baselines and both dense regimes on the test split
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from densecomm_core.adapter import AdapterConfig, DenseAdapter
+from densecomm_core.evaluation.accuracy import accuracy_by_family
+from densecomm_core.generation import GenerationConfig
+from densecomm_core.models import LoadedModel, load_model
+from densecomm_core.relay import ContextMode, DenseRelay, RelayOutput, answer_with_input, answer_without_input
+from densecomm_core.training.phase1 import Phase1Config, train_phase1
+from densecomm_core.training.phase2 import Phase2Config, train_phase2
+from densecomm_core.training.traces import TraceRequest, generate_receiver_traces, save_traces, traces_fingerprint
+from densecomm_core.zoo import tasks
+from densecomm_core.zoo.build import RECEIVER_SPEC, SENDER_SPEC
+
+log = logging.getLogger(__name__)
+
+ADAPTER_NAME = f"adapter-{SENDER_SPEC.name}-to-{RECEIVER_SPEC.name}"
+GREEDY = GenerationConfig(max_new_tokens=24)
+
+
+def zoo_root() -> Path:
+    return Path(__file__).resolve().parent / "weights"
+
+
+def zoo_adapter_dir(root: Path | None = None) -> Path:
+    return (root or zoo_root()) / ADAPTER_NAME
+
+
+def load_zoo_pair(root: Path | None = None) -> tuple[LoadedModel, LoadedModel]:
+    root = root or zoo_root()
+    return load_model(root / SENDER_SPEC.name, dtype=torch.float32), load_model(root / RECEIVER_SPEC.name, dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class ZooAdapterRecipe:
+    """The embedded pair's adapter recipe; recorded verbatim in the adapter checkpoint."""
+
+    expansion: int = 16
+    train_per_family: int = 1000  # source contexts (phase I) and trace requests (phase II) per family
+    validation_per_family: int = 30  # used for periodic evaluation during phase II
+    phase1: Phase1Config = field(default_factory=Phase1Config)
+    phase2: Phase2Config = field(default_factory=Phase2Config)
+
+
+def batched(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def relay_accuracy(relay: DenseRelay, examples: list[tasks.Example], mode: ContextMode, batch_size: int = 128) -> tuple[dict[str, float], list[RelayOutput]]:
+    outputs = [relay.run([e.context for e in chunk], mode, GREEDY) for chunk in batched(examples, batch_size)]
+    return accuracy_by_family(examples, [t for o in outputs for t in o.texts]), outputs
+
+
+def train_zoo_adapter(
+    sender: LoadedModel,
+    receiver: LoadedModel,
+    recipe: ZooAdapterRecipe = ZooAdapterRecipe(),
+    work_dir: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> DenseAdapter:
+    """Both phases of the paper on the zoo's train split; checkpoints and traces go under ``work_dir``."""
+    torch.manual_seed(recipe.phase1.seed)
+    adapter = DenseAdapter(AdapterConfig(sender.geometry, receiver.geometry, expansion=recipe.expansion))
+    train = tasks.make_split("train", recipe.train_per_family)
+    validation = tasks.make_split("validation", recipe.validation_per_family)
+    phase1_history = train_phase1(
+        adapter, sender, receiver, [e.context for e in train], recipe.phase1,
+        validation_contexts=[e.context for e in validation],
+        checkpoint=work_dir / "phase1.pt" if work_dir else None, resume=resume, progress=progress,
+    )
+    requests = [
+        TraceRequest(e.context, e.answer, tasks.prompt_guided(e), e.family, multiple_choice=e.family == "choice")
+        for e in train
+    ]
+    records, trace_stats = generate_receiver_traces(receiver, requests, tasks.extract_answer, tasks.ANSWER_WORD)
+    log.info("receiver-self traces: %s", trace_stats)
+    if work_dir:
+        save_traces(records, work_dir / "receiver_traces.jsonl")
+    relay = DenseRelay(sender, receiver, adapter)
+
+    def evaluate() -> dict:
+        return {f"validation_{mode.value}": relay_accuracy(relay, validation, mode)[0] for mode in ContextMode}
+
+    phase2_history = train_phase2(
+        adapter, sender, receiver, records, recipe.phase2, evaluate=evaluate,
+        checkpoint=work_dir / "phase2.pt" if work_dir else None, resume=resume, progress=progress,
+    )
+    adapter.config.recipe = asdict(recipe) | {"trace_stats": trace_stats}
+    adapter.config.data_fingerprint = f"train:{tasks.split_fingerprint(train)}/traces:{traces_fingerprint(records)}"
+    adapter.config.metrics = {"phase1": phase1_history[-1:], "phase2": phase2_history[-1:]}
+    return adapter
+
+
+@dataclass
+class TableRow:
+    method: str
+    accuracy: dict[str, float]
+    payload_bytes_per_request: float = 0.0
+    flops_per_request: float = 0.0
+
+    @property
+    def mean(self) -> float:
+        return sum(self.accuracy.values()) / len(self.accuracy)
+
+
+def evaluate_pair(
+    sender: LoadedModel, receiver: LoadedModel, adapter: DenseAdapter, per_family: int = 200, batch_size: int = 128
+) -> list[TableRow]:
+    """Every method of the demo's table on ``per_family`` test examples of each family."""
+    examples = tasks.make_split("test", per_family)
+    contexts = [e.context for e in examples]
+    n = len(examples)
+    relay = DenseRelay(sender, receiver, adapter)
+    rows: list[TableRow] = []
+
+    def add(method: str, outputs: list[RelayOutput], flops_fn) -> None:
+        texts = [t for o in outputs for t in o.texts]
+        payload = sum(o.payload_bytes for o in outputs) / n
+        rows.append(TableRow(method, accuracy_by_family(examples, texts), payload, sum(flops_fn(o) for o in outputs) / n))
+
+    n_s, n_r = sender.non_embedding_params, receiver.non_embedding_params
+
+    def alone(params: int):
+        """FLOPs of one model answering by itself (its tokens are counted on the answering side)."""
+        return lambda o: 2 * params * (o.counts.receiver_prefill + o.counts.receiver_decode)
+
+    add("sender with input", [answer_with_input(sender, c, GREEDY) for c in batched(contexts, batch_size)], alone(n_s))
+    add("receiver with input", [answer_with_input(receiver, c, GREEDY) for c in batched(contexts, batch_size)], alone(n_r))
+    add("receiver without input", [answer_without_input(receiver, len(c), GREEDY) for c in batched(contexts, batch_size)], alone(n_r))
+    adapter_flops = adapter.num_flops_per_token()
+    for mode in (ContextMode.AWARE, ContextMode.UNAWARE):
+        outputs = [relay.run(c, mode, GREEDY) for c in batched(contexts, batch_size)]
+        add(f"dense context-{mode.value}", outputs, lambda o: o.counts.flops(n_s, n_r, adapter_flops)["total"])
+    return rows

@@ -1,0 +1,141 @@
+"""`densecomm`: the command line. One subcommand per job; heavy imports happen inside each job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+
+def table_text(rows, families: list[str]) -> str:
+    header = ["method", *families, "mean", "payload KB/req", "MFLOPs/req"]
+    lines = [header]
+    for row in rows:
+        lines.append(
+            [row.method, *(f"{100 * row.accuracy[f]:.1f}" for f in families), f"{100 * row.mean:.1f}",
+             f"{row.payload_bytes_per_request / 1024:.1f}" if row.payload_bytes_per_request else "-",
+             f"{row.flops_per_request / 1e6:.2f}"]
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    render = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([render(lines[0]), render(["-" * w for w in widths])] + [render(line) for line in lines[1:]])
+
+
+def target_checks(rows) -> list[tuple[str, bool, str]]:
+    """The issue's targets, evaluated on the measured table."""
+    by = {row.method: row for row in rows}
+    with_input, aware, unaware, without = (by[m] for m in
+        ("receiver with input", "dense context-aware", "dense context-unaware", "receiver without input"))
+    from densecomm_core.zoo.tasks import CHANCE
+
+    checks = []
+    for family, acc in with_input.accuracy.items():
+        ratio = unaware.accuracy[family] / acc if acc else 0.0
+        checks.append((f"unaware/with-input on {family} >= 0.95", ratio >= 0.95, f"{ratio:.3f}"))
+    checks.append(("dense aware >= receiver with input (mean)", aware.mean >= with_input.mean, f"{aware.mean:.3f} vs {with_input.mean:.3f}"))
+    for family, acc in without.accuracy.items():
+        checks.append((f"without input near chance on {family}", acc <= CHANCE[family] + 0.15, f"{acc:.3f} (chance {CHANCE[family]:.2f})"))
+    return checks
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from densecomm_core.adapter import DenseAdapter
+    from densecomm_core.zoo import tasks
+    from densecomm_core.zoo.pair import evaluate_pair, load_zoo_pair, train_zoo_adapter, zoo_adapter_dir
+
+    started = time.perf_counter()
+    sender, receiver = load_zoo_pair()
+    adapter_dir = Path(args.adapter) if args.adapter else zoo_adapter_dir()
+    if args.retrain or not adapter_dir.exists():
+        work = Path(args.work_dir)
+        adapter = train_zoo_adapter(sender, receiver, work_dir=work, progress=not args.json)
+        adapter.save(work / "adapter")
+        if not args.json:
+            print(f"adapter trained and saved to {work / 'adapter'}")
+    else:
+        adapter = DenseAdapter.load(adapter_dir, sender.geometry, receiver.geometry)
+    rows = evaluate_pair(sender, receiver, adapter, per_family=args.per_family)
+    checks = target_checks(rows)
+    seconds = time.perf_counter() - started
+    if args.json:
+        print(json.dumps({
+            "sender": sender.geometry.to_dict(), "receiver": receiver.geometry.to_dict(),
+            "examples_per_family": args.per_family,
+            "rows": [{"method": r.method, "accuracy": r.accuracy, "mean": r.mean,
+                      "payload_bytes_per_request": r.payload_bytes_per_request, "flops_per_request": r.flops_per_request} for r in rows],
+            "targets": [{"target": name, "met": ok, "value": value} for name, ok, value in checks],
+            "seconds": round(seconds, 1),
+        }, indent=2))
+    else:
+        s, r = sender.geometry, receiver.geometry
+        print(f"sender   {s.model_type:6s} {s.num_layers} layers, {s.num_kv_heads} KV heads x {s.head_dim}, hidden {s.hidden_size}, rope {s.rope}")
+        print(f"receiver {r.model_type:6s} {r.num_layers} layers, {r.num_kv_heads} KV heads x {r.head_dim}, hidden {r.hidden_size}, rope {r.rope}")
+        print(f"test split: {args.per_family} examples per family; accuracy in %\n")
+        print(table_text(rows, list(tasks.FAMILIES)))
+        print()
+        for name, ok, value in checks:
+            print(f"[{'ok' if ok else 'MISSED'}] {name}: {value}")
+        print(f"\n{seconds:.0f} s")
+    return 0 if all(ok for _, ok, _ in checks) else 1
+
+
+def cmd_zoo_build(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from densecomm_core.zoo.build import ZooTrainConfig, build_zoo
+    from densecomm_core.zoo.pair import load_zoo_pair, train_zoo_adapter, zoo_adapter_dir
+
+    root = Path(args.out) if args.out else None
+    if not args.adapter_only:
+        from densecomm_core.zoo.pair import zoo_root
+
+        config = replace(ZooTrainConfig(), seed=args.seed)
+        for result in build_zoo(root or zoo_root(), config):
+            print(f"{result.spec.name}: {result.steps} steps, {result.seconds:.0f} s, validation {result.validation_accuracy}")
+    sender, receiver = load_zoo_pair(root)
+    adapter = train_zoo_adapter(sender, receiver, work_dir=Path(args.work_dir))
+    adapter.save(zoo_adapter_dir(root))
+    print(f"adapter saved to {zoo_adapter_dir(root)}: {adapter.config.metrics}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="densecomm", description="Dense KV-cache communication between heterogeneous LLMs")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="score the embedded pair: baselines and dense relay in both regimes")
+    demo.add_argument("--retrain", action="store_true", help="train the adapter again instead of loading the committed one")
+    demo.add_argument("--adapter", help="adapter checkpoint directory (default: the committed zoo adapter)")
+    demo.add_argument("--per-family", type=int, default=200, help="test examples per task family")
+    demo.add_argument("--work-dir", default="runs/demo", help="where --retrain writes checkpoints, traces and the adapter")
+    demo.add_argument("--json", action="store_true", help="print the table as JSON")
+    demo.set_defaults(func=cmd_demo)
+
+    zoo = sub.add_parser("zoo", help="the embedded model zoo").add_subparsers(dest="zoo_command", required=True)
+    build = zoo.add_parser("build", help="train the tiny LM pair from scratch and its adapter (seeded)")
+    build.add_argument("--out", help="output root (default: the package's committed weights)")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--adapter-only", action="store_true", help="keep the LMs, retrain only the adapter")
+    build.add_argument("--work-dir", default="runs/zoo-build", help="adapter training checkpoints and traces")
+    build.set_defaults(func=cmd_zoo_build)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    from densecomm_core.errors import DenseCommError
+
+    try:
+        return args.func(args)
+    except DenseCommError as exc:
+        print(f"densecomm: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

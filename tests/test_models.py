@@ -1,0 +1,72 @@
+"""load_model: real HF directories load with their geometry; bad directories give ModelLoadError."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig
+
+from densecomm_core.errors import IncompatiblePairError, ModelLoadError
+from densecomm_core.models import check_shared_tokenizer, load_model, wrap_model
+from densecomm_core.zoo.tokenizer import build_tokenizer
+from tests.conftest import TINY_RECEIVER, TINY_SENDER, tiny_model
+
+
+@pytest.mark.parametrize("spec", [TINY_SENDER, TINY_RECEIVER], ids=lambda s: s.family)
+def test_load_from_local_directory(tmp_path, spec):
+    original = tiny_model(spec)
+    original.model.save_pretrained(tmp_path)
+    original.tokenizer.save_pretrained(tmp_path)
+    loaded = load_model(tmp_path)
+    assert loaded.geometry == original.geometry
+    assert loaded.geometry.num_kv_heads == spec.num_kv_heads and loaded.geometry.head_dim == spec.head_dim
+    assert str(spec.rope_theta) in loaded.geometry.rope
+    assert loaded.non_embedding_params > 0
+    assert not any(p.requires_grad for p in loaded.model.parameters())
+
+
+def test_qwen2_loads(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = build_tokenizer()
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    geometry = load_model(tmp_path).geometry
+    assert (geometry.model_type, geometry.num_layers, geometry.num_kv_heads, geometry.head_dim) == ("qwen2", 2, 2, 8)
+
+
+def test_missing_directory():
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model("/nonexistent/model")
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(tmp_path)
+
+
+def test_not_a_causal_lm(tmp_path):
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="not a causal LM"):
+        load_model(tmp_path)
+
+
+def test_no_rotary_embedding(tmp_path):
+    tokenizer = build_tokenizer()
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="no rotary position embedding"):
+        load_model(tmp_path)
+
+
+def test_pair_needs_a_shared_tokenizer(tiny_pair):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    sender, receiver = tiny_pair
+    other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "x": 1}, unk_token="<unk>")))
+    stranger = wrap_model(receiver.model, other)
+    check_shared_tokenizer(sender, receiver)
+    with pytest.raises(IncompatiblePairError, match="different tokenizers"):
+        check_shared_tokenizer(sender, stranger)

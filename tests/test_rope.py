@@ -1,0 +1,88 @@
+"""strip_rope / restore_rope: exact inverses of the model's own RoPE, position invariance, scaled variants."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from densecomm_core.cache import KVCache
+from densecomm_core.errors import CacheLayoutError
+from densecomm_core.models import wrap_model
+from densecomm_core.relay import sender_prefill
+from densecomm_core.rope import restore_rope, rotary_cos_sin, strip_rope
+from densecomm_core.zoo.tokenizer import build_tokenizer
+from tests.conftest import TINY_RECEIVER, TINY_SENDER, tiny_model
+
+TEXTS = ["recall ann 1 , bob 2 . ann ?", "math 3 + 4 - 1 ?", "choice cat red . cat ? A red B blue C pink D gold"]
+
+
+@pytest.mark.parametrize("spec", [TINY_SENDER, TINY_RECEIVER], ids=lambda s: s.family)
+def test_strip_then_restore_is_identity(spec):
+    model = tiny_model(spec)
+    cache = sender_prefill(model, TEXTS)
+    stripped = strip_rope(cache, model)
+    assert not stripped.rope_applied
+    restored = restore_rope(stripped, model)
+    for a, b in zip(restored.keys, cache.keys):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for a, b in zip(restored.values, cache.values):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_stripped_keys_do_not_depend_on_absolute_position():
+    """Shifting every position by 13 changes rotated keys but not stripped ones (RoPE is relative)."""
+    model = tiny_model(TINY_SENDER)
+    ids = model.tokenizer(TEXTS[:1], return_tensors="pt")["input_ids"]
+    caches = []
+    for offset in (0, 13):
+        positions = torch.arange(ids.shape[1])[None] + offset
+        out = model.model(input_ids=ids, position_ids=positions, use_cache=True)
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        caches.append(KVCache.from_dynamic_cache(out.past_key_values, mask, positions))
+    assert not torch.allclose(caches[0].keys[1], caches[1].keys[1], atol=1e-3)
+    a, b = strip_rope(caches[0], model), strip_rope(caches[1], model)
+    for ka, kb in zip(a.keys, b.keys):
+        torch.testing.assert_close(ka, kb, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "rope_parameters",
+    [
+        {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64},
+        {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+    ],
+    ids=lambda p: p["rope_type"],
+)
+def test_scaled_rope_variants_round_trip(rope_parameters):
+    """The model's own rotary embedding (incl. YaRN's attention scaling) is inverted exactly."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                         rope_parameters=rope_parameters)
+    torch.manual_seed(0)
+    model = wrap_model(LlamaForCausalLM(config), tokenizer)
+    positions = torch.arange(40)[None]
+    cos, sin = rotary_cos_sin(model, positions)
+    if rope_parameters["rope_type"] == "yarn":
+        assert not torch.allclose(cos * cos + sin * sin, torch.ones_like(cos))  # scaled: m² != 1
+    cache = sender_prefill(model, [" ".join(["math 1 + 2 ?"] * 7)])
+    restored = restore_rope(strip_rope(cache, model), model)
+    for a, b in zip(restored.keys, cache.keys):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_strip_twice_is_refused(tiny_pair):
+    sender, _ = tiny_pair
+    stripped = strip_rope(sender_prefill(sender, TEXTS), sender)
+    with pytest.raises(CacheLayoutError, match="already stripped"):
+        strip_rope(stripped, sender)
+
+
+def test_strip_with_the_wrong_model_is_refused(tiny_pair):
+    sender, receiver = tiny_pair
+    with pytest.raises(CacheLayoutError, match="expects"):
+        strip_rope(sender_prefill(sender, TEXTS), receiver)
