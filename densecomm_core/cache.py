@@ -48,6 +48,14 @@ class KVCache:
         return self.mask.long().sum(dim=1)
 
     @property
+    def next_positions(self) -> torch.Tensor:
+        """(B,) logical position of the first token after the cache: last valid position + 1.
+
+        Equal to ``lengths`` for a dense cache; larger when tokens were evicted (positions keep gaps).
+        """
+        return torch.where(self.mask, self.positions + 1, torch.zeros_like(self.positions)).max(dim=1).values
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.keys[0].dtype
 

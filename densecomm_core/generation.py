@@ -47,10 +47,13 @@ def forward_after_cache(
     token_mask: torch.Tensor,
     past: DynamicCache | None,
     past_mask: torch.Tensor | None,
+    past_next_positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, DynamicCache]:
     """Run ``input_ids`` (B, T) after ``past`` (whose valid slots are ``past_mask`` (B, Tc)).
 
-    Returns logits (B, T, vocab) and the grown cache. With ``past=None`` this is a plain prefill.
+    New tokens start at ``past_next_positions`` (B,) (default: the number of valid past slots, right
+    for a dense cache; a cache with evicted tokens passes its own). Returns logits (B, T, vocab) and
+    the grown cache. With ``past=None`` this is a plain prefill.
     """
     batch = input_ids.shape[0]
     if past is None:
@@ -62,7 +65,9 @@ def forward_after_cache(
         raise ValueError(
             f"past_mask has shape {tuple(past_mask.shape)}, expected ({batch}, {past.get_seq_length()})"
         )
-    positions = continuation_positions(past_mask.long().sum(dim=1), token_mask)
+    if past_next_positions is None:
+        past_next_positions = past_mask.long().sum(dim=1)
+    positions = continuation_positions(past_next_positions, token_mask)
     attention_mask = torch.cat([past_mask.long(), token_mask.long()], dim=1)
     out = model(
         input_ids=input_ids,
@@ -97,6 +102,7 @@ def generate(
     past: DynamicCache | None = None,
     past_mask: torch.Tensor | None = None,
     on_token=None,
+    past_next_positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode up to ``config.max_new_tokens`` after a left-padded prompt (and an optional past cache).
 
@@ -110,8 +116,9 @@ def generate(
     batch = input_ids.shape[0]
     if past is None:
         past_mask = token_mask.new_zeros(batch, 0)
-    logits, cache = forward_after_cache(model, input_ids, token_mask, past, past_mask)
+    logits, cache = forward_after_cache(model, input_ids, token_mask, past, past_mask, past_next_positions)
     mask = torch.cat([past_mask.long(), token_mask.long()], dim=1)
+    next_positions = (past_next_positions if past_next_positions is not None else past_mask.long().sum(dim=1)) + token_mask.long().sum(dim=1)
     finished = torch.zeros(batch, dtype=torch.bool)
     lengths = torch.zeros(batch, dtype=torch.long)
     steps = []
@@ -125,7 +132,8 @@ def generate(
         finished |= next_tokens == eos_token_id
         if bool(finished.all()) or step == config.max_new_tokens - 1:
             break
-        positions = continuation_positions(mask.sum(dim=1), torch.ones(batch, 1, dtype=torch.long))
+        positions = next_positions[:, None]
+        next_positions = next_positions + 1
         mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long)], dim=1)
         out = model(
             input_ids=next_tokens[:, None],

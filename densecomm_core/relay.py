@@ -12,7 +12,7 @@ and results equal one-at-a-time runs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -115,8 +115,10 @@ def receiver_generate(
         cache.check_matches(g.num_layers, g.num_kv_heads, g.head_dim, who=f"receiver {receiver.path!r}")
         if cache.batch_size != len(prompts):
             raise ValueError(f"cache has {cache.batch_size} rows but {len(prompts)} receiver prompts were given")
-        past, past_mask = cache.to_dynamic_cache(), cache.mask
-    tokens, lengths = generate(receiver.model, ids, mask, config, tokenizer.eos_token_id, past, past_mask, on_token)
+        past, past_mask, past_next = cache.to_dynamic_cache(), cache.mask, cache.next_positions
+    else:
+        past_next = None
+    tokens, lengths = generate(receiver.model, ids, mask, config, tokenizer.eos_token_id, past, past_mask, on_token, past_next)
     texts = [tokenizer.decode(row[:n].tolist(), skip_special_tokens=True) for row, n in zip(tokens, lengths)]
     counts = TokenCounts(receiver_prefill=int(mask.sum()), receiver_decode=int(lengths.sum()))
     return RelayOutput(texts, tokens, lengths, counts)
@@ -126,8 +128,15 @@ class DenseRelay:
     """A sender, a receiver of another geometry, and the adapter trained for that pair."""
 
     def __init__(
-        self, sender: LoadedModel, receiver: LoadedModel, adapter: DenseAdapter, prompt_format: PromptFormat = PromptFormat()
+        self,
+        sender: LoadedModel,
+        receiver: LoadedModel,
+        adapter: DenseAdapter,
+        prompt_format: PromptFormat = PromptFormat(),
+        channel: Callable[[KVCache, int], KVCache] | None = None,
     ) -> None:
+        """``channel(cache, hop)`` carries a cache across hop 0 (sender -> adapter) and hop 1
+        (adapter -> receiver), e.g. an encode/decode round trip through a codec; None is a perfect link."""
         check_shared_tokenizer(sender, receiver)
         for side, model, want in (("sender", sender, adapter.config.sender), ("receiver", receiver, adapter.config.receiver)):
             if model.geometry != want:
@@ -135,12 +144,19 @@ class DenseRelay:
                     f"adapter expects {side} {want.fingerprint()}, but {side} {model.path!r} is {model.geometry.fingerprint()}"
                 )
         self.sender, self.receiver, self.adapter, self.prompt_format = sender, receiver, adapter, prompt_format
+        self.channel = channel or (lambda cache, hop: cache)
 
     @torch.no_grad()
     def transfer(self, contexts: Sequence[str]) -> KVCache:
         """X -> the sender's cache -> the receiver-space cache (what travels to the receiver)."""
+        return self._transfer(contexts)[0]
+
+    def _transfer(self, contexts: Sequence[str]) -> tuple[KVCache, int]:
+        """The receiver-space cache and the number of tokens the sender prefilled (before any eviction)."""
         texts = [self.prompt_format.sender.format(context=c) for c in contexts]
-        return transform_cache(self.adapter, sender_prefill(self.sender, texts), self.sender, self.receiver)
+        prefilled = sender_prefill(self.sender, texts)
+        sent = self.channel(prefilled, 0)
+        return self.channel(transform_cache(self.adapter, sent, self.sender, self.receiver), 1), int(prefilled.lengths.sum())
 
     @torch.no_grad()
     def run(
@@ -151,11 +167,11 @@ class DenseRelay:
         receiver_prompts: Sequence[str] | None = None,
     ) -> RelayOutput:
         """Relay a batch of inputs and let the receiver answer in ``mode``."""
-        cache = self.transfer(contexts)
+        cache, sender_tokens = self._transfer(contexts)
         if receiver_prompts is None:
             receiver_prompts = [self.prompt_format.receiver_prompt(mode, c) for c in contexts]
         out = receiver_generate(self.receiver, cache, receiver_prompts, config)
-        out.counts.sender_prefill = int(cache.lengths.sum())
+        out.counts.sender_prefill = sender_tokens
         out.payload_bytes = cache.valid_nbytes()
         return out
 

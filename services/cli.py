@@ -102,6 +102,35 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_codec(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from services.bench import codec as bench
+
+    torch_threads(args.workers)
+    caches = {"zoo": bench.zoo_cache(), "qwen3-4b": bench.qwen3_4b_geometry_cache(args.tokens)}
+    rows = [row for name, cache in caches.items() for row in bench.measure(name, cache, args.repeats, args.workers)]
+    accuracy = [] if args.skip_accuracy else bench.accuracy_through_codecs(args.per_family)
+    if args.json:
+        print(json.dumps({"throughput": [asdict(r) for r in rows], "accuracy": accuracy}, indent=2))
+        return 0
+    print(f"codec throughput: MB/s of raw KV, best of {args.repeats}, {args.workers} worker thread(s)\n")
+    print(bench.render(rows))
+    if accuracy:
+        print(f"\nzoo test split ({args.per_family} per family), every hop through the codec (bf16 on the wire)\n")
+        print(bench.render_accuracy(accuracy))
+    if args.profile:
+        print("\nprofile of lossless encode + decode on the qwen3-4b cache (1 thread):\n")
+        print(bench.profile_lossless(caches["qwen3-4b"], args.workers))
+    return 0
+
+
+def torch_threads(workers: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, workers))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="densecomm", description="Dense KV-cache communication between heterogeneous LLMs")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -122,6 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--adapter-only", action="store_true", help="keep the LMs, retrain only the adapter")
     build.add_argument("--work-dir", default="runs/zoo-build", help="adapter training checkpoints and traces")
     build.set_defaults(func=cmd_zoo_build)
+
+    bench = sub.add_parser("bench", help="benchmarks that print ours vs the baseline, measured in one run")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    codec = bench_sub.add_parser("codec", help="ratio and MB/s of every codec vs zstd -1; accuracy through lossy codecs")
+    codec.add_argument("--repeats", type=int, default=3)
+    codec.add_argument("--workers", type=int, default=2, help="threads for chunk-parallel encode/decode")
+    codec.add_argument("--tokens", type=int, default=180, help="tokens of the Qwen3-4B-geometry cache")
+    codec.add_argument("--per-family", type=int, default=100, help="zoo test examples per family for the accuracy table")
+    codec.add_argument("--skip-accuracy", action="store_true")
+    codec.add_argument("--profile", action="store_true", help="also print where lossless encode/decode time goes")
+    codec.add_argument("--json", action="store_true")
+    codec.set_defaults(func=cmd_bench_codec)
     return parser
 
 

@@ -95,9 +95,9 @@ def train_phase1(
                 adapter.train()
             history.append(record)
             log.info("phase 1 %s", record)
-            if on_eval is not None:
-                on_eval(step + 1, record)
             if checkpoint is not None:
                 save_training_state(checkpoint, "phase1", step + 1, adapter, optimizer, rng, config)
+            if on_eval is not None:
+                on_eval(step + 1, record)
     adapter.eval()
     return history

@@ -72,7 +72,7 @@ def generation_loss(
     cache = transform_cache(adapter, source, sender, receiver)
     prompts = [prompt_format.receiver_prompt(m, r.context) for r, m in zip(records, modes)]
     ids, mask, labels = receiver_batch(receiver, prompts, [r.trace for r in records])
-    logits, _ = forward_after_cache(receiver.model, ids, mask, cache.to_dynamic_cache(), cache.mask)
+    logits, _ = forward_after_cache(receiver.model, ids, mask, cache.to_dynamic_cache(), cache.mask, cache.next_positions)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 

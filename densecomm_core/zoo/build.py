@@ -65,7 +65,7 @@ class ZooTrainConfig:
     eval_per_family: int = 100  # validation examples per family at each evaluation
     target_accuracy: float = 0.99  # stop once every family reaches this on validation
     p_hint: float = 0.15
-    p_duplicated: float = 0.25
+    p_duplicated: float = 0.35
 
 
 @dataclass
@@ -99,30 +99,39 @@ def build_model(spec: ZooModelSpec, vocab_size: int, pad_id: int, bos_id: int, e
     raise ValueError(f"unknown zoo model family {spec.family!r}; expected 'qwen3' or 'llama'")
 
 
-def training_document(example: tasks.Example, rng: random.Random, config: ZooTrainConfig) -> str:
+def training_document(example: tasks.Example, rng: random.Random, config: ZooTrainConfig) -> tuple[str, int]:
+    """One document and the number of context words before ``=>`` that are predictable (the second copy)."""
     draw = rng.random()
+    predictable = 0
     if draw < config.p_hint:
         prompt = tasks.prompt_guided(example)
     elif draw < config.p_hint + config.p_duplicated:
         prompt = tasks.prompt_duplicated(example)
+        predictable = len(example.context.split()) - 1  # all but the copy's first word
     else:
         prompt = tasks.prompt_with_input(example)
-    return f"{prompt} {example.trace}"
+    return f"{prompt} {example.trace}", predictable
 
 
-def encode_documents(tokenizer, documents: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ids (B, T), attention mask (B, T) and labels (B, T) covering only the solution + EOS."""
+def encode_documents(
+    tokenizer, documents: list[tuple[str, int]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids (B, T), attention mask (B, T) and labels (B, T).
+
+    ``documents`` are (text, predictable_words): labels cover the solution + EOS and, for a duplicated
+    context, its second copy (predictable from the first; this is what teaches lookups quickly).
+    """
     sep_id = tokenizer.convert_tokens_to_ids(tasks.SEPARATOR)
-    rows = [tokenizer(d)["input_ids"] + [tokenizer.eos_token_id] for d in documents]
-    width = max(len(r) for r in rows)
+    rows = [(tokenizer(text)["input_ids"] + [tokenizer.eos_token_id], extra) for text, extra in documents]
+    width = max(len(r) for r, _ in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     labels = torch.full_like(ids, -100)
-    for i, row in enumerate(rows):
+    for i, (row, extra) in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = 1
-        start = len(row) - row[::-1].index(sep_id)  # first token after the last separator
-        labels[i, start : len(row)] = ids[i, start : len(row)]
+        start = len(row) - row[::-1].index(sep_id) - 1 - extra  # the separator, minus predictable words
+        labels[i, start + 1 : len(row)] = ids[i, start + 1 : len(row)]
     return ids, mask, labels
 
 

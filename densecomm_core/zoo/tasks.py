@@ -64,7 +64,8 @@ def make_recall(rng: random.Random) -> Example:
     facts = " , ".join(f"{n} {v}" for n, v in zip(names, values))
     i = rng.randrange(N_FACTS)
     context = f"recall {facts} . {names[i]} ?"
-    return Example("recall", context, values[i], f"{names[i]} = {values[i]} . {ANSWER_WORD} {values[i]}")
+    # The trace restates the fact in the context's own "name value" form, so finding it is a plain copy.
+    return Example("recall", context, values[i], f"{names[i]} {values[i]} . {ANSWER_WORD} {values[i]}")
 
 
 def make_math(rng: random.Random) -> Example:
@@ -92,7 +93,7 @@ def make_choice(rng: random.Random) -> Example:
     letter = LETTERS[options.index(colors[i])]
     rendered = " ".join(f"{l} {o}" for l, o in zip(LETTERS, options))
     context = f"choice {passage} . {animals[i]} ? {rendered}"
-    return Example("choice", context, letter, f"{animals[i]} = {colors[i]} . {ANSWER_WORD} {letter}")
+    return Example("choice", context, letter, f"{animals[i]} {colors[i]} . {ANSWER_WORD} {letter}")
 
 
 MAKERS = {"recall": make_recall, "math": make_math, "choice": make_choice}

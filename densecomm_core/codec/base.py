@@ -1,0 +1,137 @@
+"""Codec interface, decoding limits, errors and the lazy codec registry.
+
+    Codec.encode(keys, values) -> bytes       one chunk: K and V of one layer, a token range
+    Codec.decode(payload, k_shape, v_shape, dtype) -> (keys, values)
+    Codec.prepare(cache) -> KVCache           optional cache-level step before chunking (eviction)
+    Codec.for_forwarding() -> Codec           codec for later hops of the same request
+    Codec.params -> dict                      what the wire header records to rebuild the codec
+    get_codec(name, **params)                 registry lookup; CodecError on an unknown name
+
+A chunk is independent: decoding it needs only the header and its own bytes. Decoders treat every
+byte as hostile: any failure is a ``CodecError`` subclass, never another exception.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from densecomm_core.cache import KVCache
+from densecomm_core.errors import DenseCommError
+
+
+class CodecError(DenseCommError, ValueError):
+    """Base of every wire-format or codec failure."""
+
+
+class BadMagicError(CodecError):
+    pass
+
+
+class UnsupportedVersionError(CodecError):
+    pass
+
+
+class UnknownCodecError(CodecError):
+    pass
+
+
+class ChecksumError(CodecError):
+    pass
+
+
+class TruncatedError(CodecError):
+    pass
+
+
+class MissingChunkError(CodecError):
+    pass
+
+
+class DuplicateChunkError(CodecError):
+    pass
+
+
+class OutOfOrderChunkError(CodecError):
+    pass
+
+
+class ShapeMismatchError(CodecError):
+    pass
+
+
+class LimitExceededError(CodecError):
+    pass
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Upper bounds checked before any allocation, so hostile headers cannot balloon memory."""
+
+    max_header_bytes: int = 1 << 20
+    max_raw_bytes: int = 4 << 30  # decoded K+V of one cache
+    max_chunks: int = 1 << 16
+    max_layers: int = 1024
+    max_batch: int = 256
+    max_tokens: int = 1 << 20
+
+
+DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, value in DTYPES.items():
+        if value == dtype:
+            return name
+    raise CodecError(f"unsupported cache dtype {dtype}; expected one of {tuple(DTYPES)}")
+
+
+class Codec(ABC):
+    """Turns one chunk (K, V of one layer and a token range) into bytes and back."""
+
+    name: str = ""
+    lossless: bool = True
+
+    @property
+    def params(self) -> dict:
+        return {}
+
+    def prepare(self, cache: KVCache) -> KVCache:
+        """Cache-level step before chunking; identity unless the codec drops or merges tokens."""
+        return cache
+
+    def for_forwarding(self) -> "Codec":
+        """The codec for later hops of the same request (eviction selects tokens once, at the first hop)."""
+        return self
+
+    @abstractmethod
+    def encode(self, keys: torch.Tensor, values: torch.Tensor) -> bytes:
+        """keys (B, Hk, t, Dk), values (B, Hv, t, Dv) -> payload."""
+
+    @abstractmethod
+    def decode(self, payload: bytes, key_shape: tuple[int, ...], value_shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """payload -> keys, values of exactly the given shapes and dtype; CodecError on any inconsistency."""
+
+
+# name -> "module:Class"; imported on first use so an unused codec costs nothing.
+REGISTRY: dict[str, str] = {
+    "raw": "densecomm_core.codec.raw:RawCodec",
+    "lossless": "densecomm_core.codec.lossless:LosslessCodec",
+    "quantized": "densecomm_core.codec.quantized:QuantizedCodec",
+    "eviction": "densecomm_core.codec.eviction:EvictionCodec",
+}
+
+
+def get_codec(name: str, **params) -> Codec:
+    """Build a registered codec; UnknownCodecError names the known ones, CodecError flags bad params."""
+    if name not in REGISTRY:
+        raise UnknownCodecError(f"unknown codec {name!r}; expected one of {sorted(REGISTRY)}")
+    module_name, class_name = REGISTRY[name].split(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    try:
+        return cls(**params)
+    except TypeError as exc:
+        raise CodecError(f"bad parameters {params!r} for codec {name!r}: {exc}") from exc

@@ -1,0 +1,31 @@
+"""Tensor <-> bytes without pickling: contiguous little-endian element bytes, viewed through numpy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """The tensor's elements as bytes (bfloat16 included, via an integer view)."""
+    flat = tensor.detach().contiguous().cpu().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes()
+
+
+def tensor_uint8(tensor: torch.Tensor) -> np.ndarray:
+    """A (numel, itemsize) uint8 view of the tensor's bytes (no copy when already contiguous on CPU)."""
+    flat = tensor.detach().contiguous().cpu().reshape(-1)
+    return flat.view(torch.uint8).numpy().reshape(-1, tensor.element_size())
+
+
+def tensor_from_bytes(data: bytes | memoryview | np.ndarray, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Rebuild a tensor of ``shape``/``dtype`` from exactly ``numel · itemsize`` bytes (a copy, writable)."""
+    array = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1)
+    expected = math.prod(shape) * dtype.itemsize
+    if array.size != expected:
+        from densecomm_core.codec.base import TruncatedError
+
+        raise TruncatedError(f"{array.size} bytes cannot hold a {tuple(shape)} {dtype} tensor ({expected} bytes)")
+    return torch.from_numpy(array.copy()).view(dtype).reshape(shape)

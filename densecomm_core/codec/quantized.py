@@ -1,0 +1,125 @@
+"""`quantized`: KIVI-style asymmetric integer quantization, then zstd.
+
+Keys are quantized per channel (each channel's min/max over a group of ``group`` tokens: key
+outliers live in fixed channels), values per token (min/max over ``group`` consecutive channels).
+Each group stores its minimum and step in fp16, counted in the payload. With b bits the error of an
+element is at most step/2, step = (max − min)/(2^b − 1). Codes are bit-packed (8, 4 or 2 bits) and
+the sections go through zstd when it pays. Every chunk quantizes only its own tokens, so chunks stay
+independent.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from densecomm_core.codec.base import Codec, CodecError
+from densecomm_core.codec.zstd import pack_section, unpack_section
+
+SUPPORTED_BITS = (2, 4, 8)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> bytes:
+    """uint8 codes in [0, 2^bits) -> bytes, 8/bits codes per byte (little end first)."""
+    per_byte = 8 // bits
+    flat = codes.reshape(-1)
+    pad = (-flat.numel()) % per_byte
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    grouped = flat.reshape(-1, per_byte).to(torch.int32)
+    packed = torch.zeros(grouped.shape[0], dtype=torch.int32)
+    for i in range(per_byte):
+        packed |= grouped[:, i] << (bits * i)
+    return packed.to(torch.uint8).numpy().tobytes()
+
+
+def unpack_codes(data: bytes | memoryview, count: int, bits: int) -> torch.Tensor:
+    per_byte = 8 // bits
+    packed = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()).to(torch.int32)
+    mask = (1 << bits) - 1
+    codes = torch.stack([(packed >> (bits * i)) & mask for i in range(per_byte)], dim=1).reshape(-1)
+    return codes[:count].to(torch.uint8)
+
+
+def packed_size(count: int, bits: int) -> int:
+    return math.ceil(count * bits / 8)
+
+
+def quantize_lastdim(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group the last dim (padded to a multiple of ``group``); return codes (..., n, group), min and step (..., n) in fp16."""
+    pad = (-x.shape[-1]) % group
+    if pad:
+        x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1)  # repeat the edge: no range widening
+    x = x.reshape(*x.shape[:-1], -1, group).float()
+    low = x.amin(dim=-1).to(torch.float16)
+    step = ((x.amax(dim=-1) - low.float()) / ((1 << bits) - 1)).to(torch.float16)
+    step = torch.where(step > 0, step, torch.ones_like(step))  # constant groups (and fp16 underflow)
+    codes = torch.round((x - low.float()[..., None]) / step.float()[..., None]).clamp(0, (1 << bits) - 1).to(torch.uint8)
+    return codes, low, step
+
+
+def dequantize_lastdim(codes: torch.Tensor, low: torch.Tensor, step: torch.Tensor, length: int) -> torch.Tensor:
+    x = codes.float() * step.float()[..., None] + low.float()[..., None]
+    return x.reshape(*x.shape[:-2], -1)[..., :length]
+
+
+class QuantizedCodec(Codec):
+    name = "quantized"
+    lossless = False
+
+    def __init__(self, key_bits: int = 4, value_bits: int = 4, group: int = 32, level: int | None = 1) -> None:
+        for field, bits in (("key_bits", key_bits), ("value_bits", value_bits)):
+            if bits not in SUPPORTED_BITS:
+                raise CodecError(f"{field} must be one of {SUPPORTED_BITS}, got {bits!r}")
+        if not isinstance(group, int) or not 4 <= group <= 1024:
+            raise CodecError(f"group must be an integer in [4, 1024], got {group!r}")
+        if level is not None and (not isinstance(level, int) or not -7 <= level <= 19):
+            raise CodecError(f"level must be null or an integer in [-7, 19], got {level!r}")
+        self.key_bits, self.value_bits, self.group, self.level = key_bits, value_bits, group, level
+
+    @property
+    def params(self) -> dict:
+        return {"key_bits": self.key_bits, "value_bits": self.value_bits, "group": self.group, "level": self.level}
+
+    def group_for(self, length: int) -> int:
+        """Groups never exceed the grouped axis (a 16-dim head quantizes values in groups of 16)."""
+        return max(1, min(self.group, length))
+
+    def _encode_one(self, x: torch.Tensor, bits: int) -> bytes:
+        codes, low, step = quantize_lastdim(x, bits, self.group_for(x.shape[-1]))
+        return b"".join(
+            [pack_section(pack_codes(codes, bits), self.level),
+             pack_section(low.numpy().tobytes(), self.level),
+             pack_section(step.numpy().tobytes(), self.level)]
+        )
+
+    def encode(self, keys: torch.Tensor, values: torch.Tensor) -> bytes:
+        keys_by_channel = keys.transpose(2, 3)  # (B, H, D, t): groups run along tokens
+        return self._encode_one(keys_by_channel, self.key_bits) + self._encode_one(values, self.value_bits)
+
+    def _decode_one(self, view: memoryview, offset: int, shape: tuple[int, ...], bits: int) -> tuple[torch.Tensor, int]:
+        *lead, length = shape
+        group = self.group_for(length)
+        groups = math.ceil(length / group)
+        n_groups = math.prod(lead) * groups
+        codes_bytes, offset = unpack_section(view, offset, packed_size(n_groups * group, bits))
+        low_bytes, offset = unpack_section(view, offset, 2 * n_groups)
+        step_bytes, offset = unpack_section(view, offset, 2 * n_groups)
+        codes = unpack_codes(codes_bytes, n_groups * group, bits).reshape(*lead, groups, group)
+        low = torch.from_numpy(np.frombuffer(low_bytes, dtype=np.float16).copy()).reshape(*lead, groups)
+        step = torch.from_numpy(np.frombuffer(step_bytes, dtype=np.float16).copy()).reshape(*lead, groups)
+        return dequantize_lastdim(codes, low, step, length), offset
+
+    def decode(self, payload, key_shape, value_shape, dtype):
+        view = memoryview(payload)
+        b, h, t, d = key_shape
+        keys_by_channel, offset = self._decode_one(view, 0, (b, h, d, t), self.key_bits)
+        values, offset = self._decode_one(view, offset, tuple(value_shape), self.value_bits)
+        if offset != len(view):
+            raise CodecError(f"quantized payload has {len(view) - offset} trailing bytes")
+        keys = keys_by_channel.transpose(2, 3)
+        if not (torch.isfinite(keys).all() and torch.isfinite(values).all()):
+            raise CodecError("quantized payload decodes to non-finite values")
+        return keys.to(dtype).contiguous(), values.to(dtype).contiguous()

@@ -1,0 +1,29 @@
+"""`raw`: K then V bytes exactly as they sit in memory (little-endian); the baseline every codec is compared to."""
+
+from __future__ import annotations
+
+import torch
+
+from densecomm_core.codec.base import Codec, TruncatedError
+from densecomm_core.codec.bytes import tensor_bytes, tensor_from_bytes
+
+
+class RawCodec(Codec):
+    name = "raw"
+
+    def encode(self, keys: torch.Tensor, values: torch.Tensor) -> bytes:
+        return tensor_bytes(keys) + tensor_bytes(values)
+
+    def decode(self, payload, key_shape, value_shape, dtype):
+        size = dtype.itemsize
+        k_bytes = size * _numel(key_shape)
+        if len(payload) != k_bytes + size * _numel(value_shape):
+            raise TruncatedError(f"raw payload is {len(payload)} bytes, expected {k_bytes + size * _numel(value_shape)}")
+        return tensor_from_bytes(payload[:k_bytes], key_shape, dtype), tensor_from_bytes(payload[k_bytes:], value_shape, dtype)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -1,0 +1,350 @@
+"""The KV wire format: one header frame, then independently decodable, checksummed chunk frames.
+
+Header frame (little-endian)::
+
+    b"DCKV" | u16 version | u16 reserved | u32 n | n bytes of JSON header | u64 xxh3_64(JSON)
+
+The JSON header names the codec and its parameters, the dtype, batch size and slot count, per-layer
+K/V shapes ``[kv_heads_k, head_dim_k, kv_heads_v, head_dim_v]``, per-row valid lengths and logical
+positions (RoPE stays right after eviction), the RoPE state, the fingerprint of the model or adapter
+whose cache space this is, and the chunking (``chunk_tokens``, ``num_chunks``).
+
+Chunk frame::
+
+    b"DCCH" | u32 seq | u16 layer | u16 reserved | u32 token_start | u32 token_count | u32 n
+           | u64 xxh3_64(the 20 bytes from seq to n, then the payload) | n bytes of codec payload
+
+Chunks run layer-major (layer 0's token ranges first), so a receiver can rebuild layer 0 while later
+layers are in flight. The sequence number fixes each chunk's (layer, token range); missing, duplicated
+and (with ``strict_order``) out-of-order chunks are detected. Nothing is pickled; every limit in
+``DecodeLimits`` is checked before allocating.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import torch
+import xxhash
+
+from densecomm_core.cache import KVCache
+from densecomm_core.codec.base import (
+    DTYPES,
+    BadMagicError,
+    ChecksumError,
+    Codec,
+    CodecError,
+    DecodeLimits,
+    DuplicateChunkError,
+    LimitExceededError,
+    MissingChunkError,
+    OutOfOrderChunkError,
+    ShapeMismatchError,
+    TruncatedError,
+    UnsupportedVersionError,
+    dtype_name,
+    get_codec,
+)
+
+VERSION = 1
+HEADER_MAGIC = b"DCKV"
+CHUNK_MAGIC = b"DCCH"
+HEADER_PREFIX = struct.Struct("<4sHHI")  # magic, version, reserved, json length
+CHUNK_FIELDS = struct.Struct("<IHHIII")  # seq, layer, reserved, token_start, token_count, payload length
+CHUNK_PREFIX_SIZE = 4 + CHUNK_FIELDS.size + 8
+DEFAULT_CHUNK_TOKENS = 1 << 30  # one chunk per layer unless asked otherwise
+
+
+@dataclass(frozen=True)
+class WireHeader:
+    codec: str
+    params: dict
+    dtype: str
+    batch: int
+    tokens: int
+    layers: list  # [[kv_heads_k, head_dim_k, kv_heads_v, head_dim_v], ...]
+    lengths: list  # [B] valid slots per row (right-padded)
+    positions: list  # [B][tokens] logical positions
+    rope_applied: bool
+    fingerprint: str
+    chunk_tokens: int
+    num_chunks: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def chunk_ranges(self) -> list[tuple[int, int, int]]:
+        """(layer, token_start, token_count) of every chunk, in sequence order."""
+        starts = range(0, self.tokens, self.chunk_tokens) if self.tokens else [0]
+        return [(layer, s, min(self.chunk_tokens, self.tokens - s)) for layer in range(len(self.layers)) for s in starts]
+
+    def raw_nbytes(self) -> int:
+        size = DTYPES[self.dtype].itemsize
+        return sum(self.batch * self.tokens * (hk * dk + hv * dv) * size for hk, dk, hv, dv in self.layers)
+
+    def chunk_shapes(self, layer: int, count: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        hk, dk, hv, dv = self.layers[layer]
+        return (self.batch, hk, count, dk), (self.batch, hv, count, dv)
+
+
+# ---- encoding -------------------------------------------------------------------------------------
+
+
+def make_header(cache: KVCache, codec: Codec, chunk_tokens: int | None) -> WireHeader:
+    chunk_tokens = min(chunk_tokens or DEFAULT_CHUNK_TOKENS, max(cache.num_tokens, 1))
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    mask_prefix = torch.arange(cache.num_tokens)[None, :] < cache.lengths[:, None]
+    if not torch.equal(mask_prefix, cache.mask.cpu()):
+        raise CodecError("the wire format carries right-padded caches: every row's valid slots must come first")
+    layers = [[k.shape[1], k.shape[3], v.shape[1], v.shape[3]] for k, v in zip(cache.keys, cache.values)]
+    header = WireHeader(
+        codec=codec.name, params=codec.params, dtype=dtype_name(cache.dtype), batch=cache.batch_size,
+        tokens=cache.num_tokens, layers=layers, lengths=cache.lengths.tolist(), positions=cache.positions.tolist(),
+        rope_applied=cache.rope_applied, fingerprint=cache.fingerprint, chunk_tokens=chunk_tokens, num_chunks=0,
+    )
+    return WireHeader(**(asdict(header) | {"num_chunks": len(header.chunk_ranges())}))
+
+
+def header_frame(header: WireHeader) -> bytes:
+    body = json.dumps(asdict(header), separators=(",", ":")).encode()
+    return HEADER_PREFIX.pack(HEADER_MAGIC, VERSION, 0, len(body)) + body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body))
+
+
+def chunk_frame(seq: int, layer: int, token_start: int, token_count: int, payload: bytes) -> bytes:
+    fields = CHUNK_FIELDS.pack(seq, layer, 0, token_start, token_count, len(payload))
+    digest = xxhash.xxh3_64(fields)
+    digest.update(payload)
+    return CHUNK_MAGIC + fields + struct.pack("<Q", digest.intdigest()) + payload
+
+
+def iter_encode(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, workers: int = 1) -> Iterator[bytes]:
+    """Yield the header frame, then chunk frames in sequence order (``workers`` encode chunks in parallel)."""
+    cache = codec.prepare(cache)
+    header = make_header(cache, codec, chunk_tokens)
+    yield header_frame(header)
+
+    def encode_one(item: tuple[int, tuple[int, int, int]]) -> bytes:
+        seq, (layer, start, count) = item
+        keys = cache.keys[layer][:, :, start : start + count]
+        values = cache.values[layer][:, :, start : start + count]
+        return chunk_frame(seq, layer, start, count, codec.encode(keys, values))
+
+    items = list(enumerate(header.chunk_ranges()))
+    if workers <= 1:
+        yield from map(encode_one, items)
+    else:
+        with ThreadPoolExecutor(workers) as pool:  # zstd and torch release the GIL
+            yield from pool.map(encode_one, items)
+
+
+def encode_cache(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, workers: int = 1) -> bytes:
+    """The whole stream as one byte string (frames concatenated)."""
+    return b"".join(iter_encode(cache, codec, chunk_tokens, workers))
+
+
+# ---- decoding -------------------------------------------------------------------------------------
+
+
+def _require(condition: bool, message: str, error: type[CodecError] = CodecError) -> None:
+    if not condition:
+        raise error(message)
+
+
+def _is_int(value, low: int = 0, high: int | None = None) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+
+
+def parse_header(frame: bytes, limits: DecodeLimits) -> WireHeader:
+    """Validate and parse a header frame; every failure is a CodecError subclass."""
+    _require(len(frame) >= HEADER_PREFIX.size, f"header frame of {len(frame)} bytes is truncated", TruncatedError)
+    magic, version, _, size = HEADER_PREFIX.unpack_from(frame)
+    _require(magic == HEADER_MAGIC, f"bad magic {magic!r}, expected {HEADER_MAGIC!r}", BadMagicError)
+    _require(version == VERSION, f"wire format version {version} is not supported (this build reads {VERSION})", UnsupportedVersionError)
+    _require(size <= limits.max_header_bytes, f"header of {size} bytes exceeds the limit of {limits.max_header_bytes}", LimitExceededError)
+    _require(len(frame) == HEADER_PREFIX.size + size + 8, f"header frame is {len(frame)} bytes, expected {HEADER_PREFIX.size + size + 8}", TruncatedError)
+    body = frame[HEADER_PREFIX.size : HEADER_PREFIX.size + size]
+    (digest,) = struct.unpack_from("<Q", frame, HEADER_PREFIX.size + size)
+    _require(xxhash.xxh3_64_intdigest(body) == digest, "header checksum mismatch", ChecksumError)
+    try:
+        data = json.loads(body)
+        header = WireHeader(**data)
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise CodecError(f"malformed header: {exc}") from exc
+    validate_header(header, limits)
+    return header
+
+
+def validate_header(h: WireHeader, limits: DecodeLimits) -> None:
+    _require(isinstance(h.codec, str) and isinstance(h.params, dict), "header codec must be a name and params a mapping")
+    _require(h.dtype in DTYPES, f"header dtype {h.dtype!r} is not one of {tuple(DTYPES)}")
+    _require(_is_int(h.batch, 1), f"header batch {h.batch!r} must be an integer >= 1")
+    _require(h.batch <= limits.max_batch, f"batch {h.batch} exceeds the limit of {limits.max_batch}", LimitExceededError)
+    _require(_is_int(h.tokens), f"header tokens {h.tokens!r} must be an integer >= 0")
+    _require(h.tokens <= limits.max_tokens, f"{h.tokens} tokens exceed the limit of {limits.max_tokens}", LimitExceededError)
+    _require(isinstance(h.layers, list) and len(h.layers) >= 1, "header layers must be a non-empty list")
+    _require(len(h.layers) <= limits.max_layers, f"{len(h.layers)} layers exceed the limit of {limits.max_layers}", LimitExceededError)
+    for i, layer in enumerate(h.layers):
+        _require(isinstance(layer, list) and len(layer) == 4 and all(_is_int(x, 1, 1 << 16) for x in layer),
+                 f"layer {i} shape {layer!r} must be [kv_heads_k, head_dim_k, kv_heads_v, head_dim_v] of positive integers")
+    _require(h.raw_nbytes() <= limits.max_raw_bytes, f"decoded cache of {h.raw_nbytes()} bytes exceeds the limit of {limits.max_raw_bytes}", LimitExceededError)
+    _require(isinstance(h.lengths, list) and len(h.lengths) == h.batch and all(_is_int(n, 0, h.tokens) for n in h.lengths),
+             f"header lengths must be {h.batch} integers in [0, {h.tokens}]")
+    _require(isinstance(h.positions, list) and len(h.positions) == h.batch
+             and all(isinstance(row, list) and len(row) == h.tokens and all(_is_int(p, 0, 1 << 31) for p in row) for row in h.positions),
+             f"header positions must be {h.batch} rows of {h.tokens} non-negative integers")
+    _require(isinstance(h.rope_applied, bool) and isinstance(h.fingerprint, str), "header rope_applied must be a bool and fingerprint a string")
+    _require(_is_int(h.chunk_tokens, 1), f"header chunk_tokens {h.chunk_tokens!r} must be an integer >= 1")
+    expected = len(h.layers) * max(1, math.ceil(h.tokens / h.chunk_tokens))
+    _require(expected <= limits.max_chunks, f"{expected} chunks exceed the limit of {limits.max_chunks}", LimitExceededError)
+    _require(h.num_chunks == expected, f"header num_chunks {h.num_chunks!r} disagrees with its shapes ({expected})", ShapeMismatchError)
+
+
+@dataclass
+class ChunkEvent:
+    """One decoded chunk; ``layer_complete`` once every chunk of that layer has arrived."""
+
+    seq: int
+    layer: int
+    token_start: int
+    token_count: int
+    keys: torch.Tensor
+    values: torch.Tensor
+    layer_complete: bool
+
+
+class StreamDecoder:
+    """Feed frames one at a time (header first); get chunk events; ``finish()`` returns the KVCache."""
+
+    def __init__(self, limits: DecodeLimits = DecodeLimits(), strict_order: bool = True) -> None:
+        self.limits, self.strict_order = limits, strict_order
+        self.header: WireHeader | None = None
+        self.codec: Codec | None = None
+        self.keys: list[torch.Tensor | None] = []
+        self.values: list[torch.Tensor | None] = []
+        self.received: set[int] = set()
+        self.pending_per_layer: list[int] = []
+        self.wire_bytes = 0
+
+    def feed(self, frame: bytes) -> ChunkEvent | None:
+        self.wire_bytes += len(frame)
+        if self.header is None:
+            self.header = parse_header(bytes(frame), self.limits)
+            self.codec = get_codec(self.header.codec, **self.header.params)
+            self.keys = [None] * len(self.header.layers)
+            self.values = [None] * len(self.header.layers)
+            self.pending_per_layer = [0] * len(self.header.layers)
+            for layer, _, _ in self.header.chunk_ranges():
+                self.pending_per_layer[layer] += 1
+            return None
+        return self._chunk(memoryview(frame))
+
+    def _chunk(self, frame: memoryview) -> ChunkEvent:
+        return self.place(self.decode_chunk(frame))
+
+    def decode_chunk(self, frame: bytes | memoryview) -> ChunkEvent:
+        """Verify and decode one chunk frame without touching decoder state (safe to run in threads)."""
+        h = self.header
+        frame = memoryview(frame)
+        _require(len(frame) >= CHUNK_PREFIX_SIZE, f"chunk frame of {len(frame)} bytes is truncated", TruncatedError)
+        _require(bytes(frame[:4]) == CHUNK_MAGIC, f"bad chunk magic {bytes(frame[:4])!r}, expected {CHUNK_MAGIC!r}", BadMagicError)
+        seq, layer, _, start, count, size = CHUNK_FIELDS.unpack_from(frame, 4)
+        _require(len(frame) == CHUNK_PREFIX_SIZE + size, f"chunk {seq} is {len(frame)} bytes, its prefix says {CHUNK_PREFIX_SIZE + size}", TruncatedError)
+        (digest,) = struct.unpack_from("<Q", frame, 4 + CHUNK_FIELDS.size)
+        check = xxhash.xxh3_64(frame[4 : 4 + CHUNK_FIELDS.size])
+        check.update(frame[CHUNK_PREFIX_SIZE:])
+        _require(check.intdigest() == digest, f"chunk {seq} checksum mismatch", ChecksumError)
+        _require(seq < h.num_chunks, f"chunk sequence number {seq} is beyond the header's {h.num_chunks} chunks", ShapeMismatchError)
+        want = h.chunk_ranges()[seq]
+        _require((layer, start, count) == want, f"chunk {seq} covers (layer, start, count) = {(layer, start, count)}, header says {want}", ShapeMismatchError)
+        key_shape, value_shape = h.chunk_shapes(layer, count)
+        try:
+            keys, values = self.codec.decode(frame[CHUNK_PREFIX_SIZE:], key_shape, value_shape, h.torch_dtype)
+        except CodecError:
+            raise
+        except Exception as exc:  # a codec bug must still surface as a codec error, never crash a service
+            raise CodecError(f"chunk {seq} could not be decoded: {type(exc).__name__}: {exc}") from exc
+        _require(tuple(keys.shape) == key_shape and tuple(values.shape) == value_shape and keys.dtype == values.dtype == h.torch_dtype,
+                 f"chunk {seq} decoded to {tuple(keys.shape)}/{tuple(values.shape)} {keys.dtype}, expected {key_shape}/{value_shape} {h.torch_dtype}",
+                 ShapeMismatchError)
+        return ChunkEvent(seq, layer, start, count, keys, values, False)
+
+    def place(self, event: ChunkEvent) -> ChunkEvent:
+        """Check the chunk's sequence number against what arrived, then write it into the cache."""
+        h, seq, layer, start, count = self.header, event.seq, event.layer, event.token_start, event.token_count
+        _require(seq not in self.received, f"chunk {seq} arrived twice", DuplicateChunkError)
+        if self.strict_order:
+            _require(seq == len(self.received), f"chunk {seq} arrived out of order (expected {len(self.received)})", OutOfOrderChunkError)
+        if self.keys[layer] is None:
+            full_k, full_v = h.chunk_shapes(layer, h.tokens)
+            self.keys[layer] = torch.empty(full_k, dtype=h.torch_dtype)
+            self.values[layer] = torch.empty(full_v, dtype=h.torch_dtype)
+        self.keys[layer][:, :, start : start + count] = event.keys
+        self.values[layer][:, :, start : start + count] = event.values
+        self.received.add(seq)
+        self.pending_per_layer[layer] -= 1
+        event.layer_complete = self.pending_per_layer[layer] == 0
+        return event
+
+    @property
+    def complete(self) -> bool:
+        return self.header is not None and len(self.received) == self.header.num_chunks
+
+    def finish(self) -> KVCache:
+        if self.header is None:
+            raise TruncatedError("stream ended before its header")
+        missing = sorted(set(range(self.header.num_chunks)) - self.received)
+        _require(not missing, f"stream ended with {len(missing)} of {self.header.num_chunks} chunks missing (first: {missing[:5]})", MissingChunkError)
+        h = self.header
+        positions = torch.tensor(h.positions, dtype=torch.long).reshape(h.batch, h.tokens)
+        mask = torch.arange(h.tokens)[None, :] < torch.tensor(h.lengths)[:, None]
+        return KVCache(list(self.keys), list(self.values), mask, positions, h.rope_applied, h.fingerprint)
+
+
+def split_frames(blob: bytes | memoryview) -> Iterator[memoryview]:
+    """Cut a concatenated stream into frames using their length fields (TruncatedError on a short tail)."""
+    view = memoryview(blob)
+    offset = 0
+    while offset < len(view):
+        magic = bytes(view[offset : offset + 4])
+        if magic == HEADER_MAGIC:
+            _require(len(view) - offset >= HEADER_PREFIX.size, "stream ends inside a header prefix", TruncatedError)
+            size = HEADER_PREFIX.size + HEADER_PREFIX.unpack_from(view, offset)[3] + 8
+        elif magic == CHUNK_MAGIC:
+            _require(len(view) - offset >= CHUNK_PREFIX_SIZE, "stream ends inside a chunk prefix", TruncatedError)
+            size = CHUNK_PREFIX_SIZE + CHUNK_FIELDS.unpack_from(view, offset + 4)[5]
+        else:
+            raise BadMagicError(f"bad frame magic {magic!r} at byte {offset}")
+        _require(offset + size <= len(view), f"frame at byte {offset} needs {size} bytes, {len(view) - offset} remain", TruncatedError)
+        yield view[offset : offset + size]
+        offset += size
+
+
+def decode_frames(
+    frames: Iterable[bytes | memoryview], limits: DecodeLimits = DecodeLimits(), strict_order: bool = True, workers: int = 1
+) -> KVCache:
+    """Decode a header frame and its chunk frames; ``workers`` > 1 decodes chunks in parallel threads."""
+    decoder = StreamDecoder(limits, strict_order)
+    frames = iter(frames)
+    for frame in frames:
+        decoder.feed(frame)
+        break
+    if workers <= 1 or decoder.header is None:
+        for frame in frames:
+            decoder.feed(frame)
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            for event in pool.map(decoder.decode_chunk, frames):
+                decoder.place(event)
+    return decoder.finish()
+
+
+def decode_cache(blob: bytes, limits: DecodeLimits = DecodeLimits(), workers: int = 1) -> KVCache:
+    """Inverse of ``encode_cache``."""
+    return decode_frames(split_frames(blob), limits, workers=workers)

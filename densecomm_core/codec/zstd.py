@@ -1,0 +1,77 @@
+"""zstd helpers shared by codecs: per-thread contexts, bounded decompression, framed byte sections."""
+
+from __future__ import annotations
+
+import struct
+import threading
+
+import zstandard
+
+from densecomm_core.codec.base import CodecError, TruncatedError
+
+_local = threading.local()
+SECTION = struct.Struct("<BI")  # mode (0 stored, 1 zstd), length
+STORED, ZSTD = 0, 1
+
+
+def compressor(level: int) -> zstandard.ZstdCompressor:
+    cache = getattr(_local, "compressors", None)
+    if cache is None:
+        cache = _local.compressors = {}
+    if level not in cache:
+        cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
+    return cache[level]
+
+
+def decompressor() -> zstandard.ZstdDecompressor:
+    if getattr(_local, "decompressor", None) is None:
+        _local.decompressor = zstandard.ZstdDecompressor()
+    return _local.decompressor
+
+
+def compress(data: bytes | memoryview, level: int) -> bytes:
+    return compressor(level).compress(data)
+
+
+def decompress(data: bytes | memoryview, expected_size: int) -> bytes:
+    """Decompress exactly ``expected_size`` bytes; a frame that claims or yields anything else is an error."""
+    try:
+        declared = zstandard.frame_content_size(data)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"corrupt zstd frame: {exc}") from exc
+    if declared != expected_size:
+        raise CodecError(f"zstd frame declares {declared} bytes, expected {expected_size}")
+    try:
+        out = decompressor().decompress(data, max_output_size=expected_size)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"corrupt zstd frame: {exc}") from exc
+    if len(out) != expected_size:
+        raise CodecError(f"zstd frame yielded {len(out)} bytes, expected {expected_size}")
+    return out
+
+
+def pack_section(data: bytes | memoryview, level: int | None) -> bytes:
+    """Compress when it pays (>= 2 % smaller), else store; prefixed with mode and length."""
+    if level is not None:
+        packed = compress(data, level)
+        if len(packed) < 0.98 * len(data):
+            return SECTION.pack(ZSTD, len(packed)) + packed
+    return SECTION.pack(STORED, len(data)) + bytes(data)
+
+
+def unpack_section(payload: memoryview, offset: int, expected_size: int) -> tuple[bytes | memoryview, int]:
+    """Read one section at ``offset``; returns (exactly ``expected_size`` bytes, next offset)."""
+    if offset + SECTION.size > len(payload):
+        raise TruncatedError(f"payload ends inside a section header at byte {offset}")
+    mode, size = SECTION.unpack_from(payload, offset)
+    start, end = offset + SECTION.size, offset + SECTION.size + size
+    if end > len(payload):
+        raise TruncatedError(f"section at byte {offset} needs {size} bytes, {len(payload) - start} remain")
+    body = payload[start:end]
+    if mode == STORED:
+        if size != expected_size:
+            raise CodecError(f"stored section is {size} bytes, expected {expected_size}")
+        return body, end
+    if mode == ZSTD:
+        return decompress(body, expected_size), end
+    raise CodecError(f"unknown section mode {mode}")

@@ -1,0 +1,167 @@
+"""`densecomm bench codec`: compression ratio and throughput of every codec vs plain zstd -1, and accuracy through the lossy ones.
+
+Caches measured, in one run:
+- ``zoo``: the embedded sender's cache of test inputs, in bf16 (the dtype a deployment ships);
+- ``qwen3-4b``: a cache with Qwen3-4B's KV geometry (36 layers x 8 KV heads x 128, bf16, 180 tokens,
+  ~25 MB) from a real forward pass of a Qwen3 model with that geometry and a small hidden size.
+Throughput is MB/s of raw KV (best of ``repeats``), encode and decode, with ``workers`` threads.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import pstats
+import time
+from dataclasses import dataclass
+
+import torch
+import zstandard
+
+from densecomm_core.cache import KVCache
+from densecomm_core.codec import decode_cache, encode_cache, get_codec
+from densecomm_core.codec.bytes import tensor_bytes
+
+CODECS: list[tuple[str, str, dict]] = [
+    ("raw", "raw", {}),
+    ("lossless", "lossless", {}),
+    ("int8", "quantized", {"key_bits": 8, "value_bits": 8}),
+    ("int4", "quantized", {"key_bits": 4, "value_bits": 4, "group": 64}),
+    ("int4k/int2v", "quantized", {"key_bits": 4, "value_bits": 2, "group": 64}),
+    ("int2", "quantized", {"key_bits": 2, "value_bits": 2, "group": 64}),
+    ("evict50+lossless", "eviction", {"keep": 0.5}),
+    ("evict50+obf+int4", "eviction", {"keep": 0.5, "obf_rank": 4, "inner": "quantized", "inner_params": {"key_bits": 4, "value_bits": 4, "group": 64}}),
+]
+
+
+@dataclass
+class CodecRow:
+    cache: str
+    codec: str
+    raw_mb: float
+    ratio: float
+    encode_mb_s: float
+    decode_mb_s: float
+
+
+def qwen3_4b_geometry_cache(tokens: int = 180, seed: int = 0) -> KVCache:
+    """A real prefill through a Qwen3 model with Qwen3-4B's KV layout (hidden shrunk to 256)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from densecomm_core.models import wrap_model
+    from densecomm_core.zoo.tokenizer import build_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=36,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0})
+    model = wrap_model(Qwen3ForCausalLM(config).to(torch.bfloat16), tokenizer)
+    from densecomm_core.relay import sender_prefill
+    from densecomm_core.zoo import tasks
+
+    text, examples = "", iter(tasks.make_split("test", 100))
+    while len(tokenizer(text)["input_ids"]) < tokens:
+        text += " " + next(examples).context
+    text = " ".join(text.split()[: tokens - 1])  # BOS + tokens-1 words
+    return sender_prefill(model, [text])
+
+
+def zoo_cache(per_family: int = 20) -> KVCache:
+    from densecomm_core.relay import sender_prefill
+    from densecomm_core.zoo import tasks
+    from densecomm_core.zoo.pair import load_zoo_pair
+
+    sender, _ = load_zoo_pair()
+    return sender_prefill(sender, [e.context for e in tasks.make_split("test", per_family)]).to(dtype=torch.bfloat16)
+
+
+def best_of(repeats: int, fn) -> tuple[float, object]:
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def measure(cache_name: str, cache: KVCache, repeats: int, workers: int) -> list[CodecRow]:
+    raw_bytes = cache.nbytes
+    rows = []
+    for label, name, params in CODECS:
+        codec = get_codec(name, **params)
+        encode_s, blob = best_of(repeats, lambda: encode_cache(cache, codec, workers=workers))
+        decode_s, _ = best_of(repeats, lambda: decode_cache(blob, workers=workers))
+        rows.append(CodecRow(cache_name, label, raw_bytes / 1e6, raw_bytes / len(blob), raw_bytes / encode_s / 1e6, raw_bytes / decode_s / 1e6))
+    raw = b"".join(tensor_bytes(t) for t in (*cache.keys, *cache.values))
+    compressor = zstandard.ZstdCompressor(level=1, threads=workers if workers > 1 else 0)
+    encode_s, packed = best_of(repeats, lambda: compressor.compress(raw))
+    decode_s, _ = best_of(repeats, lambda: zstandard.ZstdDecompressor().decompress(packed))
+    rows.append(CodecRow(cache_name, "zstd -1 (reference)", raw_bytes / 1e6, len(raw) / len(packed), raw_bytes / encode_s / 1e6, raw_bytes / decode_s / 1e6))
+    return rows
+
+
+def accuracy_through_codecs(per_family: int) -> list[dict]:
+    """Dense context-unaware and -aware accuracy on the zoo test split, every cache hop through the codec."""
+    from densecomm_core.adapter import DenseAdapter
+    from densecomm_core.codec import DecodeLimits
+    from densecomm_core.relay import ContextMode, DenseRelay
+    from densecomm_core.zoo import tasks
+    from densecomm_core.zoo.pair import load_zoo_pair, relay_accuracy, zoo_adapter_dir
+
+    sender, receiver = load_zoo_pair()
+    adapter = DenseAdapter.load(zoo_adapter_dir(), sender.geometry, receiver.geometry)
+    examples = tasks.make_split("test", per_family)
+    results = []
+    for label, name, params in CODECS:
+        if label not in ("raw",) and get_codec(name, **params).lossless:
+            continue
+        codec = get_codec(name, **params)
+        sizes = {"raw": 0, "wire": 0}
+
+        def channel(cache: KVCache, hop: int, codec=codec, sizes=sizes) -> KVCache:
+            shipped = cache.to(dtype=torch.bfloat16)  # what a deployment ships
+            blob = encode_cache(shipped, codec if hop == 0 else codec.for_forwarding())
+            sizes["raw"] += shipped.nbytes
+            sizes["wire"] += len(blob)
+            return decode_cache(blob, DecodeLimits()).to(dtype=cache.dtype)
+
+        relay = DenseRelay(sender, receiver, adapter, channel=channel)
+        row = {"codec": label}
+        for mode in (ContextMode.UNAWARE, ContextMode.AWARE):
+            accuracy, _ = relay_accuracy(relay, examples, mode)
+            row[mode.value] = sum(accuracy.values()) / len(accuracy)
+            row[f"{mode.value}_by_family"] = accuracy
+        row["ratio"] = sizes["raw"] / sizes["wire"]
+        results.append(row)
+    return results
+
+
+def profile_lossless(cache: KVCache, workers: int) -> str:
+    codec = get_codec("lossless")
+    profiler = cProfile.Profile()
+    profiler.enable()
+    blob = encode_cache(cache, codec, workers=1)
+    decode_cache(blob, workers=1)
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(12)
+    return out.getvalue()
+
+
+def render(rows: list[CodecRow]) -> str:
+    header = f"{'cache':10s} {'codec':20s} {'raw MB':>8s} {'ratio':>7s} {'enc MB/s':>9s} {'dec MB/s':>9s}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r.cache:10s} {r.codec:20s} {r.raw_mb:8.2f} {r.ratio:7.2f} {r.encode_mb_s:9.0f} {r.decode_mb_s:9.0f}")
+    return "\n".join(lines)
+
+
+def render_accuracy(rows: list[dict]) -> str:
+    raw = next(r for r in rows if r["codec"] == "raw")
+    header = f"{'codec':20s} {'ratio':>6s} {'unaware %':>10s} {'Δ pts':>6s} {'aware %':>8s} {'Δ pts':>6s}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r['codec']:20s} {r['ratio']:6.2f} {100 * r['unaware']:10.1f} {100 * (r['unaware'] - raw['unaware']):+6.1f} "
+                     f"{100 * r['aware']:8.1f} {100 * (r['aware'] - raw['aware']):+6.1f}")
+    return "\n".join(lines)

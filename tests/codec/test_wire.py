@@ -1,0 +1,230 @@
+"""Wire format: bit-exact round trips, chunk independence, every decoding error on purpose, and a fuzz test."""
+
+from __future__ import annotations
+
+import json
+import random
+import struct
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from densecomm_core.cache import KVCache
+from densecomm_core.codec import DecodeLimits, StreamDecoder, decode_cache, encode_cache, get_codec, iter_encode
+from densecomm_core.codec.base import (
+    BadMagicError,
+    ChecksumError,
+    CodecError,
+    DuplicateChunkError,
+    LimitExceededError,
+    MissingChunkError,
+    OutOfOrderChunkError,
+    ShapeMismatchError,
+    TruncatedError,
+    UnknownCodecError,
+    UnsupportedVersionError,
+)
+from densecomm_core.codec.wire import HEADER_PREFIX, header_frame, parse_header, split_frames
+
+
+def make_cache(layers=3, batch=1, heads=(2, 2), dims=(8, 8), tokens=11, dtype=torch.bfloat16, lengths=None, seed=0) -> KVCache:
+    g = torch.Generator().manual_seed(seed)
+    keys = [(torch.randn(batch, heads[0], tokens, dims[0], generator=g) * 3).to(dtype) for _ in range(layers)]
+    values = [torch.randn(batch, heads[1], tokens, dims[1], generator=g).to(dtype) for _ in range(layers)]
+    lengths = torch.tensor(lengths or [tokens] * batch)
+    mask = torch.arange(tokens)[None] < lengths[:, None]
+    return KVCache(keys, values, mask, (torch.arange(tokens)[None] * mask).long(), True, "test-fp")
+
+
+def assert_bit_exact(a: KVCache, b: KVCache) -> None:
+    for x, y in zip(a.keys + a.values, b.keys + b.values):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert torch.equal(x.view(torch.uint8) if x.dtype != torch.float32 else x, y.view(torch.uint8) if y.dtype != torch.float32 else y)
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.positions[a.mask], b.positions[b.mask])
+    assert a.rope_applied == b.rope_applied and a.fingerprint == b.fingerprint
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    codec=st.sampled_from(["raw", "lossless"]),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+    layers=st.integers(1, 4), batch=st.integers(1, 3), heads=st.integers(1, 4),
+    dk=st.sampled_from([1, 2, 8, 16]), dv=st.sampled_from([1, 4, 8]), tokens=st.integers(1, 40),
+    chunk=st.integers(1, 50), seed=st.integers(0, 1000),
+)
+def test_lossless_codecs_round_trip_bit_exact(codec, dtype, layers, batch, heads, dk, dv, tokens, chunk, seed):
+    lengths = [random.Random(seed + b).randint(0, tokens) for b in range(batch)]
+    cache = make_cache(layers, batch, (heads, heads), (dk, dv), tokens, dtype, lengths, seed)
+    assert_bit_exact(decode_cache(encode_cache(cache, get_codec(codec), chunk_tokens=chunk)), cache)
+
+
+def test_special_values_survive_lossless():
+    cache = make_cache(dtype=torch.float16)
+    cache.keys[0][0, 0, :4, 0] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0], dtype=torch.float16)
+    out = decode_cache(encode_cache(cache, get_codec("lossless")))
+    assert torch.equal(out.keys[0].view(torch.int16), cache.keys[0].view(torch.int16))
+
+
+def test_lossless_beats_raw_on_real_caches(zoo_pair):
+    from densecomm_core.relay import sender_prefill
+    from densecomm_core.zoo import tasks
+
+    sender, _ = zoo_pair
+    cache = sender_prefill(sender, [e.context for e in tasks.make_split("test", 5)]).to(dtype=torch.bfloat16)
+    raw, lossless = (len(encode_cache(cache, get_codec(c))) for c in ("raw", "lossless"))
+    assert lossless < 0.85 * raw
+
+
+def test_chunks_are_independent_and_stream_in_layer_order():
+    cache = make_cache(layers=4, tokens=10)
+    frames = list(iter_encode(cache, get_codec("lossless"), chunk_tokens=4))
+    assert len(frames) == 1 + 4 * 3
+    decoder = StreamDecoder()
+    decoder.feed(frames[0])
+    events = [decoder.feed(f) for f in frames[1:]]
+    assert [(e.layer, e.token_start, e.token_count) for e in events[:3]] == [(0, 0, 4), (0, 4, 4), (0, 8, 2)]
+    assert [e.layer_complete for e in events[:3]] == [False, False, True]  # layer 0 is usable before layer 1 arrives
+    torch.testing.assert_close(events[1].keys, cache.keys[0][:, :, 4:8], rtol=0, atol=0)
+    # any chunk decodes on its own, given only the header
+    lone = StreamDecoder(strict_order=False)
+    lone.feed(frames[0])
+    event = lone.feed(frames[7])
+    torch.testing.assert_close(event.values, cache.values[event.layer][:, :, event.token_start : event.token_start + event.token_count], rtol=0, atol=0)
+    assert_bit_exact(decode_frames_in_order(frames[:1] + frames[1:][::-1]), cache)  # any arrival order
+
+
+def decode_frames_in_order(frames):
+    decoder = StreamDecoder(strict_order=False)
+    for f in frames:
+        decoder.feed(f)
+    return decoder.finish()
+
+
+def test_out_of_order_missing_and_duplicate_chunks():
+    frames = list(iter_encode(make_cache(), get_codec("raw"), chunk_tokens=4))
+    decoder = StreamDecoder()
+    decoder.feed(frames[0])
+    with pytest.raises(OutOfOrderChunkError, match="expected 0"):
+        decoder.feed(frames[2])
+    decoder = StreamDecoder(strict_order=False)
+    decoder.feed(frames[0])
+    decoder.feed(frames[2])
+    with pytest.raises(DuplicateChunkError, match="arrived twice"):
+        decoder.feed(frames[2])
+    with pytest.raises(MissingChunkError, match="missing"):
+        decoder.finish()
+    with pytest.raises(TruncatedError, match="before its header"):
+        StreamDecoder().finish()
+
+
+def resign_header(frame: bytes, mutate) -> bytes:
+    size = HEADER_PREFIX.unpack_from(frame)[3]
+    data = json.loads(frame[HEADER_PREFIX.size : HEADER_PREFIX.size + size])
+    mutate(data)
+    from densecomm_core.codec.wire import WireHeader
+
+    return header_frame(WireHeader(**data))
+
+
+@pytest.mark.parametrize(
+    "mutate, error, message",
+    [
+        (lambda d: d.update(codec="zfp"), UnknownCodecError, "unknown codec 'zfp'"),
+        (lambda d: d.update(dtype="float64"), CodecError, "dtype"),
+        (lambda d: d.update(tokens=d["tokens"] + 1), CodecError, "positions"),
+        (lambda d: d.update(num_chunks=99), ShapeMismatchError, "num_chunks"),
+        (lambda d: d.update(layers=[[8, 1 << 16, 8, 1 << 16]] * 64, tokens=1 << 19, positions=[[0]], lengths=[0]), LimitExceededError, "exceeds the limit"),
+        (lambda d: d.update(batch=10_000), LimitExceededError, "batch"),
+        (lambda d: d.update(params={"level": "max"}), CodecError, "level"),
+        (lambda d: d.update(layers=[[2, 8, 2, -8]]), CodecError, "positive integers"),
+    ],
+)
+def test_bad_headers_are_rejected(mutate, error, message):
+    frames = list(iter_encode(make_cache(), get_codec("lossless")))
+    bad = resign_header(frames[0], mutate)
+    with pytest.raises(error, match=message):
+        decoder = StreamDecoder()
+        decoder.feed(bad)
+
+
+def test_header_errors():
+    frame = header_frame(parse_header(next(iter_encode(make_cache(), get_codec("raw"))), DecodeLimits()))
+    with pytest.raises(BadMagicError):
+        parse_header(b"XXXX" + frame[4:], DecodeLimits())
+    with pytest.raises(UnsupportedVersionError, match="version 7"):
+        parse_header(frame[:4] + struct.pack("<H", 7) + frame[6:], DecodeLimits())
+    with pytest.raises(ChecksumError, match="header checksum"):
+        parse_header(frame[:-1] + bytes([frame[-1] ^ 1]), DecodeLimits())
+    with pytest.raises(TruncatedError):
+        parse_header(frame[:-3], DecodeLimits())
+    with pytest.raises(LimitExceededError, match="header of"):
+        parse_header(frame, DecodeLimits(max_header_bytes=16))
+    with pytest.raises(LimitExceededError, match="decoded cache"):
+        parse_header(frame, DecodeLimits(max_raw_bytes=100))
+
+
+def test_chunk_errors():
+    frames = list(iter_encode(make_cache(), get_codec("lossless"), chunk_tokens=4))
+
+    def feed(frame):
+        decoder = StreamDecoder()
+        decoder.feed(frames[0])
+        return decoder.feed(frame)
+
+    chunk = frames[1]
+    with pytest.raises(ChecksumError, match="chunk 0 checksum"):
+        feed(chunk[:-1] + bytes([chunk[-1] ^ 0xFF]))
+    with pytest.raises(ChecksumError):  # sequence fields are covered by the checksum too
+        feed(chunk[:4] + struct.pack("<I", 1) + chunk[8:])
+    with pytest.raises(TruncatedError):
+        feed(chunk[:-5])
+    with pytest.raises(TruncatedError):
+        feed(chunk[:10])
+    with pytest.raises(BadMagicError):
+        feed(b"NOPE" + chunk[4:])
+    with pytest.raises(TruncatedError, match="stream ends|needs"):
+        list(split_frames(b"".join(frames)[:-3]))
+
+
+def test_wire_stream_refuses_left_padded_caches():
+    cache = make_cache(batch=2, lengths=[11, 5])
+    cache.mask = cache.mask.flip(1)
+    with pytest.raises(CodecError, match="right-padded"):
+        encode_cache(cache, get_codec("raw"))
+
+
+def test_fuzz_mutations_only_raise_codec_errors(zoo_pair):
+    """Thousands of mutated, truncated and spliced real payloads: only CodecError, never anything else."""
+    from densecomm_core.relay import sender_prefill
+    from densecomm_core.zoo import tasks
+
+    sender, _ = zoo_pair
+    cache = sender_prefill(sender, [e.context for e in tasks.make_split("test", 1)]).to(dtype=torch.float16)
+    streams = [encode_cache(cache, get_codec(name, **params), chunk_tokens=8) for name, params in
+               [("raw", {}), ("lossless", {}), ("quantized", {"key_bits": 4, "value_bits": 2}),
+                ("eviction", {"keep": 0.5, "inner": "quantized"})]]
+    rng = random.Random(0)
+    limits = DecodeLimits(max_raw_bytes=64 << 20)
+    outcomes = {"ok": 0, "error": 0}
+    for trial in range(2500):
+        blob = bytearray(rng.choice(streams))
+        action = rng.randrange(4)
+        if action == 0:  # flip bytes
+            for _ in range(rng.randint(1, 8)):
+                blob[rng.randrange(len(blob))] ^= 1 << rng.randrange(8)
+        elif action == 1:  # truncate
+            blob = blob[: rng.randrange(len(blob))]
+        elif action == 2:  # splice two streams
+            other = rng.choice(streams)
+            cut = rng.randrange(len(blob))
+            blob = blob[:cut] + other[rng.randrange(len(other)) :]
+        else:  # overwrite a header byte (fields, JSON)
+            blob[rng.randrange(min(len(blob), 400))] = rng.randrange(256)
+        try:
+            decode_cache(bytes(blob), limits)
+            outcomes["ok"] += 1
+        except CodecError:
+            outcomes["error"] += 1
+    assert outcomes["error"] > 2000

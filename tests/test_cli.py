@@ -1,0 +1,27 @@
+"""The `densecomm` CLI: the demo's JSON table on a small slice of the test split, and error exits."""
+
+from __future__ import annotations
+
+import json
+
+from services.cli import main
+
+
+def test_demo_json_table(capsys):
+    code = main(["demo", "--json", "--per-family", "40"])
+    report = json.loads(capsys.readouterr().out)
+    rows = {row["method"]: row for row in report["rows"]}
+    assert set(rows) == {"sender with input", "receiver with input", "receiver without input",
+                         "dense context-aware", "dense context-unaware"}
+    assert report["examples_per_family"] == 40
+    unaware, with_input = rows["dense context-unaware"], rows["receiver with input"]
+    assert unaware["payload_bytes_per_request"] > 0 and with_input["payload_bytes_per_request"] == 0
+    for family, accuracy in with_input["accuracy"].items():
+        assert unaware["accuracy"][family] >= 0.9 * accuracy, (family, unaware, with_input)
+        assert rows["receiver without input"]["accuracy"][family] <= 0.45
+    assert code == (0 if all(t["met"] for t in report["targets"]) else 1)
+
+
+def test_bad_adapter_directory_is_a_clear_error(capsys, tmp_path):
+    assert main(["demo", "--adapter", str(tmp_path), "--per-family", "1"]) == 2
+    assert "not an adapter checkpoint" in capsys.readouterr().err

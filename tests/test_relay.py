@@ -1,0 +1,88 @@
+"""The in-process relay: identity sanity check, explicit positions, batched = one at a time, both modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from densecomm_core.errors import GeometryMismatchError
+from densecomm_core.generation import GenerationConfig, forward_after_cache
+from densecomm_core.relay import ContextMode, DenseRelay, encode, receiver_generate, sender_prefill
+from densecomm_core.rope import restore_rope, strip_rope
+from densecomm_core.adapter import AdapterConfig, DenseAdapter
+from densecomm_core.zoo import tasks
+
+EXAMPLES = tasks.make_split("test", 4)
+CONTEXTS = [e.context for e in EXAMPLES]
+
+
+def test_own_cache_through_the_relay_path_gives_plain_forward_logits(zoo_pair):
+    """Identity sanity check: receiver's own cache, stripped and restored, then '=>' == one plain forward."""
+    _, receiver = zoo_pair
+    tok = receiver.tokenizer
+    cache = restore_rope(strip_rope(sender_prefill(receiver, CONTEXTS), receiver), receiver)
+    ids, mask = encode(tok, ["=>"] * len(CONTEXTS), "left", add_special_tokens=False)
+    logits, _ = forward_after_cache(receiver.model, ids, mask, cache.to_dynamic_cache(), cache.mask)
+    for i, context in enumerate(CONTEXTS):
+        full = tok(f"{context} =>", return_tensors="pt")["input_ids"]
+        plain = receiver.model(input_ids=full).logits[0, -1]
+        torch.testing.assert_close(logits[i, -1], plain, atol=1e-4, rtol=1e-4)
+
+
+def test_generation_after_own_cache_equals_generation_from_text(zoo_pair):
+    _, receiver = zoo_pair
+    config = GenerationConfig(max_new_tokens=20)
+    cached = receiver_generate(receiver, sender_prefill(receiver, CONTEXTS), ["=>"] * len(CONTEXTS), config)
+    from_text = receiver_generate(receiver, None, [f"{c} =>" for c in CONTEXTS], config)
+    assert cached.texts == from_text.texts
+    assert all(tasks.extract_answer(t) is not None for t in cached.texts)
+
+
+@pytest.mark.parametrize("mode", list(ContextMode))
+def test_batched_equals_one_at_a_time(zoo_pair, zoo_adapter, mode):
+    sender, receiver = zoo_pair
+    relay = DenseRelay(sender, receiver, zoo_adapter)
+    config = GenerationConfig(max_new_tokens=20)
+    batched = relay.run(CONTEXTS, mode, config)
+    singles = [relay.run([c], mode, config) for c in CONTEXTS]
+    assert batched.texts == [s.texts[0] for s in singles]
+    assert batched.counts.receiver_decode == sum(s.counts.receiver_decode for s in singles)
+    assert batched.counts.sender_prefill == sum(s.counts.sender_prefill for s in singles)
+    assert batched.payload_bytes == sum(s.payload_bytes for s in singles)
+
+
+def test_receiver_tokens_continue_at_explicit_positions(zoo_pair, zoo_adapter):
+    """A right-padded transferred cache: row i's first receiver token sits at logical position len_i."""
+    sender, receiver = zoo_pair
+    cache = DenseRelay(sender, receiver, zoo_adapter).transfer(CONTEXTS[:3])
+    lengths = cache.lengths
+    assert len(set(lengths.tolist())) > 1  # the rows really differ in length
+    from densecomm_core.generation import continuation_positions
+
+    positions = continuation_positions(lengths, torch.ones(3, 2, dtype=torch.long))
+    assert positions[:, 0].tolist() == lengths.tolist()
+    assert cache.fingerprint == receiver.geometry.fingerprint()
+
+
+def test_sender_does_not_decode(zoo_pair, zoo_adapter):
+    sender, receiver = zoo_pair
+    out = DenseRelay(sender, receiver, zoo_adapter).run(CONTEXTS, ContextMode.UNAWARE, GenerationConfig(max_new_tokens=4))
+    assert out.counts.sender_decode == 0
+    assert out.counts.sender_prefill == sum(len(sender.tokenizer(c)["input_ids"]) for c in CONTEXTS)
+    assert out.counts.receiver_prefill == len(CONTEXTS)  # just '=>' per row in the unaware regime
+
+
+def test_relay_refuses_an_adapter_for_another_pair(zoo_pair, tiny_pair):
+    sender, receiver = zoo_pair
+    wrong = DenseAdapter(AdapterConfig(tiny_pair[0].geometry, receiver.geometry, expansion=2))
+    with pytest.raises(GeometryMismatchError, match="adapter expects sender"):
+        DenseRelay(sender, receiver, wrong)
+
+
+def test_sampling_is_seeded(zoo_pair, zoo_adapter):
+    sender, receiver = zoo_pair
+    relay = DenseRelay(sender, receiver, zoo_adapter)
+    config = GenerationConfig(max_new_tokens=8, temperature=1.5, top_p=0.9, seed=7)
+    assert relay.run(CONTEXTS, ContextMode.AWARE, config).texts == relay.run(CONTEXTS, ContextMode.AWARE, config).texts
+    with pytest.raises(ValueError, match="top_p"):
+        GenerationConfig(top_p=0)

@@ -1,0 +1,83 @@
+"""The embedded zoo: a deterministic suite, a heterogeneous pair that solves it, a committed adapter that works."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from densecomm_core.evaluation.accuracy import evaluate_with_input
+from densecomm_core.zoo import tasks
+from densecomm_core.zoo.pair import load_zoo_pair, zoo_adapter_dir, zoo_root
+
+
+def test_splits_are_deterministic_and_disjoint():
+    assert tasks.make_split("test", 20) == tasks.make_split("test", 20)
+    test = {e.context for e in tasks.make_split("test", 100)}
+    validation = {e.context for e in tasks.make_split("validation", 100)}
+    train = {e.context for e in tasks.make_split("train", 300)}
+    assert not (test & train) and not (validation & train) and not (test & validation)
+    assert all(tasks.split_of(c) == "test" for c in test)
+
+
+def test_every_family_is_present_and_answerable():
+    examples = tasks.make_split("validation", 30)
+    assert {e.family for e in examples} == set(tasks.FAMILIES)
+    for e in examples:
+        assert tasks.extract_answer(e.trace) == e.answer
+        assert all(word in tasks.VOCABULARY for word in (e.context + " " + e.trace).split())
+
+
+def test_math_traces_compute_mod_10():
+    for e in tasks.make_split("test", 50):
+        if e.family == "math":
+            words = e.context.split()[1:-1]
+            value = int(words[0])
+            for op, digit in zip(words[1::2], words[2::2]):
+                value = (value + int(digit)) % 10 if op == "+" else (value - int(digit)) % 10
+            assert e.answer == str(value)
+
+
+def test_extract_answer():
+    assert tasks.extract_answer("bob = 3 . answer 3") == "3"
+    assert tasks.extract_answer("answer 1 answer B") == "B"
+    assert tasks.extract_answer("no final word answer") is None
+    assert tasks.extract_answer("") is None
+
+
+def test_unknown_family_and_split():
+    import random
+
+    with pytest.raises(ValueError, match="unknown task family"):
+        tasks.sample_example(random.Random(0), "poetry")
+    with pytest.raises(ValueError, match="unknown split"):
+        tasks.make_split("dev", 1)
+
+
+def test_zoo_pair_is_heterogeneous(zoo_pair):
+    sender, receiver = zoo_pair
+    s, r = sender.geometry, receiver.geometry
+    assert s.model_type != r.model_type
+    for field in ("num_layers", "num_kv_heads", "head_dim", "hidden_size", "rope"):
+        assert getattr(s, field) != getattr(r, field), field
+    assert sender.tokenizer.get_vocab() == receiver.tokenizer.get_vocab()
+
+
+@pytest.mark.parametrize("side", [0, 1], ids=["sender", "receiver"])
+def test_zoo_models_solve_every_family_with_the_input(zoo_pair, side):
+    accuracy = evaluate_with_input(zoo_pair[side].model, zoo_pair[side].tokenizer, tasks.make_split("test", 100))
+    assert min(accuracy.values()) >= 0.95, accuracy
+
+
+def test_committed_weights_record_their_recipe():
+    for name in ("zoo-qwen3-sender", "zoo-llama-receiver"):
+        recipe = json.loads((zoo_root() / name / "zoo_recipe.json").read_text())
+        assert min(recipe["validation_accuracy"].values()) >= 0.95
+        assert recipe["train"]["seed"] == 0
+    config = json.loads((zoo_adapter_dir() / "adapter_config.json").read_text())
+    assert config["expansion"] == 16
+    assert set(config["recipe"]) >= {"phase1", "phase2", "train_per_family"}
+    assert config["data_fingerprint"].startswith("train:")
+    sender, receiver = load_zoo_pair()
+    assert config["sender"]["fingerprint"] == sender.geometry.fingerprint()
+    assert config["receiver"]["fingerprint"] == receiver.geometry.fingerprint()
