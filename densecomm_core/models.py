@@ -47,15 +47,25 @@ class ModelGeometry:
 
 
 @dataclass
-class LoadedModel:
+class RopeModel:
+    """What cache transformation needs of a model: its geometry and its own RoPE implementation.
+
+    ``load_rope_model`` builds one from a config alone (no weights), for services that only map caches.
+    """
+
+    geometry: ModelGeometry
+    path: str
+    rotary_embedding: torch.nn.Module  # base_model.rotary_emb: (x, position_ids) -> (cos, sin)
+    apply_rotary: Callable  # the modeling module's apply_rotary_pos_emb(q, k, cos, sin)
+    dtype: torch.dtype  # the dtype its caches are in
+
+
+@dataclass
+class LoadedModel(RopeModel):
     """A frozen causal LM, its tokenizer and the pieces of its own RoPE implementation."""
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
-    geometry: ModelGeometry
-    path: str
-    rotary_embedding: torch.nn.Module  # model.model.rotary_emb: (x, position_ids) -> (cos, sin)
-    apply_rotary: Callable  # the modeling module's apply_rotary_pos_emb(q, k, cos, sin)
 
     @property
     def non_embedding_params(self) -> int:
@@ -105,20 +115,44 @@ def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path:
     model.eval()
     model.requires_grad_(False)
     rotary, apply = rope_parts(model)
-    return LoadedModel(model, tokenizer, geometry_of(model), path, rotary, apply)
+    return LoadedModel(geometry_of(model), path, rotary, apply, model.dtype, model, tokenizer)
 
 
-def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a causal LM and its tokenizer from a local directory (never from a hub)."""
-    directory = Path(path)
+def _read_config(directory: Path):
     if not directory.is_dir():
         raise ModelLoadError(f"model directory {str(directory)!r} does not exist")
     if not (directory / "config.json").is_file():
         raise ModelLoadError(f"{str(directory)!r} is not a Hugging Face model directory (no config.json)")
     try:
-        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+        return AutoConfig.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot read the config in {str(directory)!r}: {exc}") from exc
+
+
+def load_rope_model(path: str | Path, dtype: torch.dtype | None = None) -> RopeModel:
+    """Geometry and RoPE of the model in ``path`` from its config alone: no weights are read.
+
+    The architecture is instantiated on the meta device (free) to find its rotary embedding class,
+    which is then built for real from the config.
+    """
+    directory = Path(path)
+    config = _read_config(directory)
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except ValueError as exc:
+        raise ModelLoadError(f"{str(directory)!r} holds a {config.model_type!r} model, which is not a causal LM: {exc}") from exc
+    rotary, apply = rope_parts(skeleton)
+    rotary = type(rotary)(config=skeleton.config.get_text_config())
+    config_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    dtype = dtype or (config_dtype if isinstance(config_dtype, torch.dtype) else torch.float32)
+    return RopeModel(geometry_of(skeleton), str(directory), rotary, apply, dtype)
+
+
+def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a causal LM and its tokenizer from a local directory (never from a hub)."""
+    directory = Path(path)
+    config = _read_config(directory)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             directory, config=config, local_files_only=True, dtype=dtype or "auto"

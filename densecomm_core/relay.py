@@ -22,7 +22,7 @@ from densecomm_core.adapter import DenseAdapter
 from densecomm_core.cache import KVCache
 from densecomm_core.errors import GeometryMismatchError
 from densecomm_core.generation import GenerationConfig, generate
-from densecomm_core.models import LoadedModel, check_shared_tokenizer
+from densecomm_core.models import LoadedModel, RopeModel, check_shared_tokenizer
 from densecomm_core.rope import restore_rope, strip_rope
 
 
@@ -94,7 +94,7 @@ def sender_prefill(sender: LoadedModel, texts: Sequence[str]) -> KVCache:
     return KVCache.from_dynamic_cache(out.past_key_values, mask.bool(), positions, sender.geometry.fingerprint())
 
 
-def transform_cache(adapter: DenseAdapter, cache: KVCache, sender: LoadedModel, receiver: LoadedModel) -> KVCache:
+def transform_cache(adapter: DenseAdapter, cache: KVCache, sender: RopeModel, receiver: RopeModel) -> KVCache:
     """Sender cache -> receiver-space cache: RemoveRoPE_S, T_θ, AddRoPE_R (differentiable in the adapter)."""
     return restore_rope(adapter(strip_rope(cache, sender)), receiver)
 

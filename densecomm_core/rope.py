@@ -12,28 +12,28 @@ import torch
 
 from densecomm_core.cache import KVCache
 from densecomm_core.errors import CacheLayoutError
-from densecomm_core.models import LoadedModel
+from densecomm_core.models import RopeModel
 
 
-def rotary_cos_sin(model: LoadedModel, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_cos_sin(model: RopeModel, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (B, T, head_dim) in float32 for logical ``positions`` (B, T)."""
     probe = torch.empty(0, dtype=torch.float32, device=positions.device)
     cos, sin = model.rotary_embedding(probe, positions)
     return cos.float(), sin.float()
 
 
-def rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, model: LoadedModel) -> torch.Tensor:
+def rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, model: RopeModel) -> torch.Tensor:
     """Apply the model's RoPE to keys (B, H, T, D) with cos/sin (B, T, D)."""
     return model.apply_rotary(keys, keys, cos, sin)[1]
 
 
-def unrotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, model: LoadedModel) -> torch.Tensor:
+def unrotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, model: RopeModel) -> torch.Tensor:
     """Exact inverse of ``rotate_keys``: rotate by -θ, then undo the attention scaling."""
     scale = (cos * cos + sin * sin).unsqueeze(1)  # (B, 1, T, D): m² per coordinate
     return model.apply_rotary(keys, keys, cos, -sin)[1] / scale
 
 
-def _check(cache: KVCache, model: LoadedModel, want_applied: bool) -> None:
+def _check(cache: KVCache, model: RopeModel, want_applied: bool) -> None:
     if cache.rope_applied != want_applied:
         state = "applied" if cache.rope_applied else "stripped"
         raise CacheLayoutError(f"cache RoPE is already {state}; expected rope_applied={want_applied}")
@@ -41,7 +41,7 @@ def _check(cache: KVCache, model: LoadedModel, want_applied: bool) -> None:
     cache.check_matches(g.num_layers, g.num_kv_heads, g.head_dim, who=f"model {model.path!r}")
 
 
-def strip_rope(cache: KVCache, model: LoadedModel) -> KVCache:
+def strip_rope(cache: KVCache, model: RopeModel) -> KVCache:
     """Remove ``model``'s rotation from the keys of its own cache (eq. 8). Returns float32 tensors."""
     _check(cache, model, want_applied=True)
     cos, sin = rotary_cos_sin(model, cache.positions)
@@ -49,10 +49,10 @@ def strip_rope(cache: KVCache, model: LoadedModel) -> KVCache:
     return cache.with_tensors(keys, [v.float() for v in cache.values], rope_applied=False)
 
 
-def restore_rope(cache: KVCache, model: LoadedModel, dtype: torch.dtype | None = None) -> KVCache:
+def restore_rope(cache: KVCache, model: RopeModel, dtype: torch.dtype | None = None) -> KVCache:
     """Apply ``model``'s rotation at the cache's positions (eq. 9), returning ``dtype`` (model's by default)."""
     _check(cache, model, want_applied=False)
-    dtype = dtype or model.model.dtype
+    dtype = dtype or model.dtype
     cos, sin = rotary_cos_sin(model, cache.positions)
     keys = [rotate_keys(k.float(), cos, sin, model).to(dtype) for k in cache.keys]
     values = [v.to(dtype) for v in cache.values]

@@ -70,3 +70,20 @@ def test_pair_needs_a_shared_tokenizer(tiny_pair):
     check_shared_tokenizer(sender, receiver)
     with pytest.raises(IncompatiblePairError, match="different tokenizers"):
         check_shared_tokenizer(sender, stranger)
+
+
+def test_rope_model_from_config_alone_matches_the_loaded_model(tmp_path):
+    import torch
+
+    from densecomm_core.models import load_rope_model
+    from densecomm_core.rope import rotary_cos_sin
+
+    original = tiny_model(TINY_RECEIVER)
+    original.model.save_pretrained(tmp_path)
+    original.tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()  # no weights needed
+    rope_only = load_rope_model(tmp_path)
+    assert rope_only.geometry == original.geometry
+    positions = torch.arange(30)[None]
+    for a, b in zip(rotary_cos_sin(rope_only, positions), rotary_cos_sin(original, positions)):
+        torch.testing.assert_close(a, b)

@@ -97,17 +97,28 @@ class WireHeader:
 
 
 def make_header(cache: KVCache, codec: Codec, chunk_tokens: int | None) -> WireHeader:
-    chunk_tokens = min(chunk_tokens or DEFAULT_CHUNK_TOKENS, max(cache.num_tokens, 1))
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    """The header for ``cache`` (already through ``codec.prepare``)."""
     mask_prefix = torch.arange(cache.num_tokens)[None, :] < cache.lengths[:, None]
     if not torch.equal(mask_prefix, cache.mask.cpu()):
         raise CodecError("the wire format carries right-padded caches: every row's valid slots must come first")
     layers = [[k.shape[1], k.shape[3], v.shape[1], v.shape[3]] for k, v in zip(cache.keys, cache.values)]
+    return stream_header(codec, cache.dtype, layers, cache.lengths.tolist(), cache.positions.tolist(),
+                         cache.rope_applied, cache.fingerprint, chunk_tokens)
+
+
+def stream_header(
+    codec: Codec, dtype: torch.dtype, layers: list, lengths: list, positions: list,
+    rope_applied: bool, fingerprint: str, chunk_tokens: int | None,
+) -> WireHeader:
+    """A header from its parts, for producers that emit layers one by one (the adapter service)."""
+    tokens = len(positions[0]) if positions else 0
+    chunk_tokens = min(chunk_tokens or DEFAULT_CHUNK_TOKENS, max(tokens, 1))
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     header = WireHeader(
-        codec=codec.name, params=codec.params, dtype=dtype_name(cache.dtype), batch=cache.batch_size,
-        tokens=cache.num_tokens, layers=layers, lengths=cache.lengths.tolist(), positions=cache.positions.tolist(),
-        rope_applied=cache.rope_applied, fingerprint=cache.fingerprint, chunk_tokens=chunk_tokens, num_chunks=0,
+        codec=codec.name, params=codec.params, dtype=dtype_name(dtype), batch=len(lengths), tokens=tokens,
+        layers=[list(map(int, layer)) for layer in layers], lengths=list(lengths), positions=positions,
+        rope_applied=rope_applied, fingerprint=fingerprint, chunk_tokens=chunk_tokens, num_chunks=0,
     )
     return WireHeader(**(asdict(header) | {"num_chunks": len(header.chunk_ranges())}))
 
@@ -122,6 +133,16 @@ def chunk_frame(seq: int, layer: int, token_start: int, token_count: int, payloa
     digest = xxhash.xxh3_64(fields)
     digest.update(payload)
     return CHUNK_MAGIC + fields + struct.pack("<Q", digest.intdigest()) + payload
+
+
+def layer_frames(header: WireHeader, codec: Codec, layer: int, keys: torch.Tensor, values: torch.Tensor) -> list[bytes]:
+    """The chunk frames of one layer (full-width K, V), with the sequence numbers the header assigns."""
+    frames = []
+    for seq, (chunk_layer, start, count) in enumerate(header.chunk_ranges()):
+        if chunk_layer == layer:
+            payload = codec.encode(keys[:, :, start : start + count], values[:, :, start : start + count])
+            frames.append(chunk_frame(seq, layer, start, count, payload))
+    return frames
 
 
 def iter_encode(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, workers: int = 1) -> Iterator[bytes]:

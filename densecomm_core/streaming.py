@@ -1,0 +1,92 @@
+"""Layer-by-layer cache transformation on a frame stream: what the adapter hop does as chunks arrive.
+
+    StreamingAdapter.feed(frame) -> frames   decode sender chunks; once sender layer a(l) is complete,
+                                             strip its RoPE, run T_θ for receiver layer l, restore the
+                                             receiver's RoPE and encode it; emits frames in wire order
+    StreamingAdapter.finish()                check the input stream was complete
+
+Receiver layers go out in order l = 0, 1, ... as soon as their source layer is in, so the receiver can
+hold layer 0 while the sender is still sending later layers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from densecomm_core.adapter import DenseAdapter
+from densecomm_core.codec.base import Codec, CodecError, DecodeLimits
+from densecomm_core.codec.wire import StreamDecoder, WireHeader, header_frame, layer_frames, stream_header
+from densecomm_core.errors import CacheLayoutError, GeometryMismatchError
+from densecomm_core.models import RopeModel
+from densecomm_core.rope import rotary_cos_sin, rotate_keys, unrotate_keys
+
+
+class StreamingAdapter:
+    def __init__(
+        self,
+        adapter: DenseAdapter,
+        sender: RopeModel,
+        receiver: RopeModel,
+        codec: Codec,
+        chunk_tokens: int | None = None,
+        limits: DecodeLimits = DecodeLimits(),
+    ) -> None:
+        self.adapter, self.sender, self.receiver = adapter, sender, receiver
+        self.codec, self.chunk_tokens = codec, chunk_tokens
+        self.decoder = StreamDecoder(limits)
+        self.out_header: WireHeader | None = None
+        self.next_layer = 0  # next receiver layer to emit
+        self.raw_bytes_out = 0
+        self.transform_seconds = 0.0
+        self._cos_sin = None
+
+    def _start(self, header: WireHeader) -> list[bytes]:
+        s, r = self.sender.geometry, self.receiver.geometry
+        if header.fingerprint and header.fingerprint != s.fingerprint():
+            raise GeometryMismatchError(f"incoming cache is from {header.fingerprint}, this adapter expects sender {s.fingerprint()}")
+        if not header.rope_applied:
+            raise CacheLayoutError("incoming sender cache must carry its RoPE (rope_applied = true)")
+        expected = [[s.num_kv_heads, s.head_dim, s.num_kv_heads, s.head_dim]] * s.num_layers
+        if header.layers != expected:
+            raise CacheLayoutError(f"incoming cache layers {header.layers[:2]}... do not match sender geometry {expected[0]} x {s.num_layers}")
+        positions = torch.tensor(header.positions, dtype=torch.long).reshape(header.batch, header.tokens)
+        self._cos_sin = (rotary_cos_sin(self.sender, positions), rotary_cos_sin(self.receiver, positions))
+        self.out_header = stream_header(
+            self.codec, self.receiver.dtype, [[r.num_kv_heads, r.head_dim, r.num_kv_heads, r.head_dim]] * r.num_layers,
+            header.lengths, header.positions, True, r.fingerprint(), self.chunk_tokens,
+        )
+        return [header_frame(self.out_header)]
+
+    @torch.no_grad()
+    def feed(self, frame: bytes) -> list[bytes]:
+        """Consume one incoming frame; return the outgoing frames it made ready (possibly none)."""
+        import time
+
+        if self.decoder.header is None:
+            self.decoder.feed(frame)
+            return self._start(self.decoder.header)
+        event = self.decoder.feed(frame)
+        if not event.layer_complete:
+            return []
+        out: list[bytes] = []
+        layer_map = self.adapter.config.layer_map
+        (s_cos, s_sin), (r_cos, r_sin) = self._cos_sin
+        while self.next_layer < len(layer_map) and self.decoder.keys[layer_map[self.next_layer]] is not None \
+                and self.decoder.pending_per_layer[layer_map[self.next_layer]] == 0:
+            layer, source = self.next_layer, layer_map[self.next_layer]
+            started = time.perf_counter()
+            keys = unrotate_keys(self.decoder.keys[source].float(), s_cos, s_sin, self.sender)
+            k, v = self.adapter.transform_layer(layer, keys, self.decoder.values[source].float())
+            k = rotate_keys(k.float(), r_cos, r_sin, self.receiver).to(self.receiver.dtype)
+            v = v.to(self.receiver.dtype)
+            self.transform_seconds += time.perf_counter() - started
+            self.raw_bytes_out += k.numel() * k.element_size() + v.numel() * v.element_size()
+            out.extend(layer_frames(self.out_header, self.codec, layer, k, v))
+            self.next_layer += 1
+        return out
+
+    def finish(self) -> None:
+        """Raise the codec's MissingChunkError (etc.) unless every input chunk arrived and every layer went out."""
+        self.decoder.finish()
+        if self.next_layer != len(self.adapter.config.layer_map):
+            raise CodecError(f"only {self.next_layer} of {len(self.adapter.config.layer_map)} receiver layers were produced")

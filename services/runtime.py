@@ -1,0 +1,116 @@
+"""What each service loads per route, and the request checks every hop shares.
+
+    load_sender_routes / load_adapter_routes / load_receiver_routes   route name -> loaded objects
+    validate_request(request, config)                                 RequestError naming the field
+    codec_for(spec, config)                                           the request's codec (CodecError if bad)
+    render_input(request, tokenizer, fmt)                             the sender's text for X
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from densecomm_core.adapter import DenseAdapter
+from densecomm_core.codec.base import Codec, CodecError, get_codec
+from densecomm_core.models import LoadedModel, RopeModel, check_shared_tokenizer, load_model, load_rope_model
+from densecomm_core.relay import PromptFormat
+from services.config import RouteConfig, ServeConfig
+from services.errors import RequestError, RouteNotFound
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class AdapterRoute:
+    adapter: DenseAdapter
+    sender: RopeModel
+    receiver: RopeModel
+    flops_per_token: int
+
+
+def load_sender_routes(config: ServeConfig) -> dict[str, LoadedModel]:
+    return {r.name: load_model(r.sender, DTYPES[r.dtype], r.device) for r in config.all_routes()}
+
+
+def load_receiver_routes(config: ServeConfig) -> dict[str, LoadedModel]:
+    return {r.name: load_model(r.receiver, DTYPES[r.dtype], r.device) for r in config.all_routes()}
+
+
+def load_adapter_route(route: RouteConfig) -> AdapterRoute:
+    dtype = DTYPES[route.dtype]
+    sender, receiver = load_rope_model(route.sender, dtype), load_rope_model(route.receiver, dtype)
+    adapter = DenseAdapter.load(route.adapter, sender.geometry, receiver.geometry).to(route.device)
+    adapter.eval()
+    return AdapterRoute(adapter, sender, receiver, adapter.num_flops_per_token())
+
+
+def load_adapter_routes(config: ServeConfig) -> dict[str, AdapterRoute]:
+    return {r.name: load_adapter_route(r) for r in config.all_routes()}
+
+
+def check_pair(sender: LoadedModel, receiver: LoadedModel) -> None:
+    check_shared_tokenizer(sender, receiver)
+
+
+def route_name(request, config: ServeConfig) -> str:
+    return request.route or config.default_route
+
+
+def pick(routes: dict, request, config: ServeConfig):
+    name = route_name(request, config)
+    if name not in routes:
+        raise RouteNotFound(f"unknown route {name!r}; this service hosts {sorted(routes)}")
+    return name, routes[name]
+
+
+def codec_for(spec, config: ServeConfig) -> Codec:
+    name = spec.name or config.default_codec
+    try:
+        params = json.loads(spec.params_json) if spec.params_json else {}
+    except json.JSONDecodeError as exc:
+        raise RequestError(f"codec.params_json is not valid JSON: {exc}") from exc
+    if not isinstance(params, dict):
+        raise RequestError(f"codec.params_json must be a JSON object, got {type(params).__name__}")
+    return get_codec(name, **params)
+
+
+def validate_request(request, config: ServeConfig, pb) -> None:
+    """Field checks shared by the ingress and the sender (pb: the relay_pb2 module)."""
+    which = request.WhichOneof("input")
+    if which is None or (which == "text" and not request.text.strip()) or (which == "messages" and not request.messages.messages):
+        raise RequestError("input is empty: set text or messages to the sender's input")
+    if request.mode not in (pb.CONTEXT_MODE_AWARE, pb.CONTEXT_MODE_UNAWARE):
+        raise RequestError(f"mode must be CONTEXT_MODE_AWARE or CONTEXT_MODE_UNAWARE, got {request.mode}")
+    g = request.generation
+    if g.max_new_tokens > config.max_new_tokens_limit:
+        raise RequestError(f"generation.max_new_tokens must be <= {config.max_new_tokens_limit}, got {g.max_new_tokens}")
+    if not (0 <= g.temperature <= 10) or g.temperature != g.temperature:
+        raise RequestError(f"generation.temperature must be in [0, 10], got {g.temperature}")
+    if not (0 <= g.top_p <= 1) or g.top_p != g.top_p:
+        raise RequestError(f"generation.top_p must be in [0, 1] (0 = 1), got {g.top_p}")
+    for i, message in enumerate(request.messages.messages):
+        if message.role not in ("system", "user", "assistant"):
+            raise RequestError(f"messages[{i}].role must be system, user or assistant, got {message.role!r}")
+    try:
+        codec_for(request.codec, config)
+    except CodecError as exc:
+        raise RequestError(f"codec: {exc}") from exc
+
+
+def render_input(request, tokenizer, fmt: PromptFormat) -> str:
+    """X as the sender's text: plain text through the route's format, or chat messages via the chat template."""
+    if request.WhichOneof("input") == "messages":
+        messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
+        if getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        return fmt.sender.format(context=" ".join(m.content for m in messages))
+    return fmt.sender.format(context=request.text)
+
+
+def context_text(request) -> str:
+    if request.WhichOneof("input") == "messages":
+        return " ".join(m.content for m in request.messages.messages)
+    return request.text
