@@ -11,12 +11,13 @@ from pathlib import Path
 
 
 def table_text(rows, families: list[str]) -> str:
-    header = ["method", *families, "mean", "payload KB/req", "MFLOPs/req"]
+    header = ["method", *families, "mean", "KV raw KB/req", "KV wire KB/req", "MFLOPs/req"]
     lines = [header]
     for row in rows:
         lines.append(
             [row.method, *(f"{100 * row.accuracy[f]:.1f}" for f in families), f"{100 * row.mean:.1f}",
              f"{row.payload_bytes_per_request / 1024:.1f}" if row.payload_bytes_per_request else "-",
+             f"{row.wire_bytes_per_request / 1024:.1f}" if row.wire_bytes_per_request else "-",
              f"{row.flops_per_request / 1e6:.2f}"]
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -58,6 +59,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         adapter = DenseAdapter.load(adapter_dir, sender.geometry, receiver.geometry)
     rows = evaluate_pair(sender, receiver, adapter, per_family=args.per_family)
+    agreement = {}
+    if not args.in_process:
+        rows, agreement = dense_rows_through_services(rows, adapter_dir if not args.retrain else Path(args.work_dir) / "adapter",
+                                                      args.per_family, use_ray=not args.no_ray)
     checks = target_checks(rows)
     seconds = time.perf_counter() - started
     if args.json:
@@ -65,8 +70,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "sender": sender.geometry.to_dict(), "receiver": receiver.geometry.to_dict(),
             "examples_per_family": args.per_family,
             "rows": [{"method": r.method, "accuracy": r.accuracy, "mean": r.mean,
-                      "payload_bytes_per_request": r.payload_bytes_per_request, "flops_per_request": r.flops_per_request} for r in rows],
+                      "payload_bytes_per_request": r.payload_bytes_per_request, "wire_bytes_per_request": r.wire_bytes_per_request,
+                      "flops_per_request": r.flops_per_request} for r in rows],
             "targets": [{"target": name, "met": ok, "value": value} for name, ok, value in checks],
+            "via": "in-process" if args.in_process else ("local gRPC stack" if args.no_ray else "Ray-hosted gRPC stack"),
+            "service_matches_in_process": agreement,
             "seconds": round(seconds, 1),
         }, indent=2))
     else:
@@ -76,10 +84,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"test split: {args.per_family} examples per family; accuracy in %\n")
         print(table_text(rows, list(tasks.FAMILIES)))
         print()
+        if agreement:
+            via = "local gRPC stack" if args.no_ray else "Ray-hosted gRPC stack"
+            print(f"dense rows went through the {via}; answers identical to the in-process relay: "
+                  + ", ".join(f"{mode} {same}/{total}" for mode, (same, total) in agreement.items()))
         for name, ok, value in checks:
             print(f"[{'ok' if ok else 'MISSED'}] {name}: {value}")
         print(f"\n{seconds:.0f} s")
     return 0 if all(ok for _, ok, _ in checks) else 1
+
+
+def dense_rows_through_services(rows, adapter_dir: Path, per_family: int, use_ray: bool):
+    """Replace the dense rows by the same requests sent through the service stack; count identical answers."""
+    from densecomm_core.zoo import tasks
+    from services.config import load_config, zoo_route
+    from services.demo import service_rows
+    from services.stack import LocalStack, RayStack
+
+    route = zoo_route()
+    config = load_config(None, relay_port=0, routes=[{**route.__dict__, "adapter": str(adapter_dir.resolve())}])
+    examples = tasks.make_split("test", per_family)
+    with (RayStack(config) if use_ray else LocalStack(config)) as stack:
+        served = {row.method: row for row in service_rows(stack.relay_address, examples)}
+    agreement = {}
+    merged = []
+    for row in rows:
+        if row.method in served:
+            new = served[row.method]
+            agreement[row.method.removeprefix("dense context-")] = (sum(a == b for a, b in zip(new.texts, row.texts)), len(row.texts))
+            merged.append(new)
+        else:
+            merged.append(row)
+    return merged, agreement
 
 
 def cmd_zoo_build(args: argparse.Namespace) -> int:
@@ -125,6 +161,90 @@ def cmd_bench_codec(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from services.config import load_config
+    from services.stack import LocalStack, RayStack
+
+    config = load_config(args.config, relay_port=args.port, host=args.host)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stack = LocalStack(config) if args.no_ray else RayStack(config)
+    try:
+        ports = ", ".join(f"{kind} {port}" for kind, port in stack.metrics_ports.items())
+        print(f"densecomm relay ready at {stack.relay_address}  (metrics on {config.host}: {ports})", flush=True)
+        stop.wait()
+    finally:
+        print("shutting down", flush=True)
+        stack.close()
+    return 0
+
+
+def cmd_relay(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from services.client import relay_once
+
+    stats = asyncio.run(relay_once(
+        args.address, args.text, mode=args.mode, route=args.route, codec=args.codec, codec_params=args.codec_params,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+        receiver_prompt=args.receiver_prompt, timeout=args.timeout, on_text=lambda t: print(t, end="", flush=True),
+    ))
+    print()
+    ratio = f"{stats.compression_ratio:.2f}x" if stats.compression_ratio else "-"
+    print(f"\nroute {stats.route}  codec {stats.codec}  KV {stats.raw_bytes / 1e3:.1f} kB raw -> {stats.wire_bytes / 1e3:.1f} kB wire ({ratio})")
+    print(f"tokens: sender prefill {stats.sender_prefill_tokens}, decode {stats.sender_decode_tokens}; "
+          f"receiver prefill {stats.receiver_prefill_tokens}, decode {stats.receiver_decode_tokens}")
+    total = stats.sender_flops + stats.adapter_flops + stats.receiver_flops
+    print(f"FLOPs: sender {stats.sender_flops:.3g}, adapter {stats.adapter_flops:.3g}, receiver {stats.receiver_flops:.3g}, "
+          f"total {total:.3g} (text-to-text {stats.t2t_flops:.3g})")
+    print("latency: " + ", ".join(f"{l.stage} {1e3 * l.seconds:.1f} ms" for l in stats.latencies))
+    return 0
+
+
+def cmd_bench_relay(args: argparse.Namespace) -> int:
+    import shutil
+
+    from services.bench import codec as bench_codec
+    from services.bench import relay as bench
+    from services.config import load_config, zoo_route
+    from services.stack import LocalStack, RayStack
+
+    torch_threads(args.workers)
+    report: dict = {}
+    cache = bench_codec.qwen3_4b_geometry_cache(args.tokens)
+    report["hop"] = bench.hop_table(cache, args.repeats, args.workers)
+    root = bench.temporary_route_dir()
+    try:
+        big = bench.qwen3_4b_route(root)
+        config = load_config(None, relay_port=0, routes=[zoo_route().__dict__, big], chunk_tokens=args.chunk_tokens)
+        with (LocalStack(config) if args.no_ray else RayStack(config)) as stack:
+            report["latency"] = bench.latency_table(stack.relay_address, args.requests)
+            report["layer0"] = bench.layer0_table(stack.relay_address, bench.long_text(args.tokens), args.repeats)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    report["hosting"] = "local gRPC stack" if args.no_ray else "Ray actors"
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"1. one loopback gRPC hop, {cache.nbytes / 1e6:.1f} MB Qwen3-4B-geometry cache (MB/s of raw KV, best of {args.repeats})\n")
+    print(f"{'path':32s} {'codec':12s} {'wire MB':>8s} {'MB/s':>8s}")
+    for row in report["hop"]:
+        print(f"{row['path']:32s} {row['codec']:12s} {row['wire_mb']:8.2f} {row['mb_s']:8.0f}")
+    print(f"\n2. Relay end to end on the zoo ({report['hosting']}, {args.requests} requests per level, lossless codec)\n")
+    print(f"{'concurrency':>11s} {'p50 ms':>8s} {'p99 ms':>8s} {'mean ms':>8s} {'req/s':>7s}")
+    for row in report["latency"]:
+        print(f"{row['concurrency']:11d} {row['p50_ms']:8.1f} {row['p99_ms']:8.1f} {row['mean_ms']:8.1f} {row['requests_per_s']:7.1f}")
+    print(f"\n3. time to layer 0 on a Qwen3-4B-geometry route ({args.tokens} tokens, chunk_tokens={args.chunk_tokens or 'layer'})\n")
+    print(f"{'raw MB':>7s} {'sender encode ms':>17s} {'receiver transfer ms':>21s} {'layer 0 before last chunk ms':>29s}")
+    for row in report["layer0"]:
+        print(f"{row['raw_mb']:7.1f} {row['sender_encode_ms']:17.1f} {row['receiver_transfer_ms']:21.1f} {row['layer0_before_last_chunk_ms']:29.1f}")
+    return 0
+
+
 def torch_threads(workers: int) -> None:
     import torch
 
@@ -142,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--per-family", type=int, default=200, help="test examples per task family")
     demo.add_argument("--work-dir", default="runs/demo", help="where --retrain writes checkpoints, traces and the adapter")
     demo.add_argument("--json", action="store_true", help="print the table as JSON")
+    demo.add_argument("--in-process", action="store_true", help="relay in this process instead of through the gRPC services")
+    demo.add_argument("--no-ray", action="store_true", help="host the services in this process rather than as Ray actors")
     demo.set_defaults(func=cmd_demo)
 
     zoo = sub.add_parser("zoo", help="the embedded model zoo").add_subparsers(dest="zoo_command", required=True)
@@ -151,6 +273,28 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--adapter-only", action="store_true", help="keep the LMs, retrain only the adapter")
     build.add_argument("--work-dir", default="runs/zoo-build", help="adapter training checkpoints and traces")
     build.set_defaults(func=cmd_zoo_build)
+
+    serve = sub.add_parser("serve", help="start sender, adapter, receiver and the Relay ingress (on Ray)")
+    serve.add_argument("--config", help="TOML service config (default: the embedded zoo route on loopback)")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="Relay port (default 50051)")
+    serve.add_argument("--no-ray", action="store_true", help="host all services in this process instead of Ray actors")
+    serve.set_defaults(func=cmd_serve)
+
+    relay = sub.add_parser("relay", help="send one input through a running stack and stream the receiver's answer")
+    relay.add_argument("text", help="the sender's input X")
+    relay.add_argument("--address", default="127.0.0.1:50051")
+    relay.add_argument("--mode", choices=["aware", "unaware"], default="unaware")
+    relay.add_argument("--route", default="")
+    relay.add_argument("--codec", default="")
+    relay.add_argument("--codec-params", default="", help='JSON, e.g. \'{"key_bits": 4}\'')
+    relay.add_argument("--receiver-prompt", default="")
+    relay.add_argument("--max-new-tokens", type=int, default=0)
+    relay.add_argument("--temperature", type=float, default=0.0)
+    relay.add_argument("--top-p", type=float, default=0.0)
+    relay.add_argument("--seed", type=int, default=0)
+    relay.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds")
+    relay.set_defaults(func=cmd_relay)
 
     bench = sub.add_parser("bench", help="benchmarks that print ours vs the baseline, measured in one run")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
@@ -163,6 +307,15 @@ def build_parser() -> argparse.ArgumentParser:
     codec.add_argument("--profile", action="store_true", help="also print where lossless encode/decode time goes")
     codec.add_argument("--json", action="store_true")
     codec.set_defaults(func=cmd_bench_codec)
+    relay_bench = bench_sub.add_parser("relay", help="hop throughput vs in-process copy, Relay p50/p99, time to layer 0")
+    relay_bench.add_argument("--repeats", type=int, default=3)
+    relay_bench.add_argument("--workers", type=int, default=2)
+    relay_bench.add_argument("--tokens", type=int, default=180)
+    relay_bench.add_argument("--requests", type=int, default=48, help="Relay calls per concurrency level")
+    relay_bench.add_argument("--chunk-tokens", type=int, default=0)
+    relay_bench.add_argument("--no-ray", action="store_true", help="host the services in this process")
+    relay_bench.add_argument("--json", action="store_true")
+    relay_bench.set_defaults(func=cmd_bench_relay)
     return parser
 
 
@@ -176,6 +329,13 @@ def main(argv: list[str] | None = None) -> int:
     except DenseCommError as exc:
         print(f"densecomm: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        import grpc
+
+        if isinstance(exc, grpc.RpcError):
+            print(f"densecomm: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 3
+        raise
 
 
 if __name__ == "__main__":

@@ -50,16 +50,17 @@ class RouteConfig:
 class Resources:
     """Ray resources of one service (each replica is one actor)."""
 
-    num_cpus: float = 1.0
+    num_cpus: float = 0.5  # logical CPUs; four services fit a 2-core laptop
     num_gpus: float = 0.0
-    replicas: int = 1
+    replicas: int = 1  # the relay ingress always runs one
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    host: str = "127.0.0.1"  # loopback unless deliberately exposed
+    host: str = "127.0.0.1"  # where internal services bind: loopback unless spread over nodes
+    relay_host: str = ""  # where the public Relay ingress binds (empty = host); 0.0.0.0 in a pod
     relay_port: int = 50051  # public Relay API; 0 = pick a free port
-    metrics_port: int = 0  # first metrics port (one per service, consecutive); 0 = pick free ports
+    metrics_port: int = 0  # relay's metrics port, then sender +1, adapter +2, receiver +3; 0 = free ports
     routes: tuple[RouteConfig, ...] = ()  # empty = the embedded zoo route
     default_route: str = "zoo"
     default_codec: str = "lossless"
@@ -72,6 +73,7 @@ class ServeConfig:
     sender: Resources = field(default_factory=Resources)
     adapter: Resources = field(default_factory=Resources)
     receiver: Resources = field(default_factory=Resources)
+    relay: Resources = field(default_factory=lambda: Resources(num_cpus=0.25))
 
     def route(self, name: str) -> RouteConfig:
         for route in self.all_routes():
@@ -111,7 +113,7 @@ def load_config(path: str | Path | None = None, **overrides) -> ServeConfig:
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
     data |= {k: v for k, v in overrides.items() if v is not None}
     routes = tuple(_build(RouteConfig, r, f"routes[{i}]") for i, r in enumerate(data.pop("routes", [])))
-    resources = {name: _build(Resources, data.pop(name, {}), f"[{name}]") for name in ("sender", "adapter", "receiver")}
+    resources = {name: _build(Resources, data.pop(name, {}), f"[{name}]") for name in ("sender", "adapter", "receiver", "relay")}
     config = _build(ServeConfig, data | resources, "the top level")
     config = ServeConfig(**{**{f.name: getattr(config, f.name) for f in fields(ServeConfig)}, "routes": routes})
     names = [r.name for r in config.all_routes()]

@@ -45,8 +45,14 @@ class ServiceMetrics:
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP endpoint; returns the bound port."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
-        return server.server_address[1]
+        self.http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return self.http.server_address[1]
+
+    def close(self) -> None:
+        http = getattr(self, "http", None)
+        if http is not None:
+            http.shutdown()
+            http.server_close()
 
     def observe_hop(self, hop: str, raw: int, wire: int, chunks: int) -> None:
         s = self.service

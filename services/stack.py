@@ -57,14 +57,23 @@ ADD_SERVICER = {
 }
 
 
+def metrics_port_for(config: ServeConfig, kind: str, replica: int) -> int:
+    """relay at metrics_port, then sender, adapter, receiver; replicas after them; 0 = a free port."""
+    if not config.metrics_port:
+        return 0
+    order = ("relay", "sender", "adapter", "receiver")
+    return config.metrics_port + order.index(kind) + 4 * replica
+
+
 class ServiceHost:
     """One service: its own asyncio loop in a daemon thread, a grpc.aio server, a metrics endpoint."""
 
-    def __init__(self, kind: str, config: ServeConfig, downstream: list[str], port: int = 0, metrics_port: int = 0) -> None:
+    def __init__(self, kind: str, config: ServeConfig, downstream: list[str], port: int = 0, replica: int = 0) -> None:
         self.kind, self.config, self.downstream = kind, config, downstream
         self.metrics = ServiceMetrics(kind)
         self.port = port
-        self.metrics_port = self.metrics.serve(config.host, metrics_port)
+        self.bind_host = (config.relay_host or config.host) if kind == "relay" else config.host
+        self.metrics_port = self.metrics.serve(self.bind_host, metrics_port_for(config, kind, replica))
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name=f"densecomm-{kind}", daemon=True)
         self.thread.start()
@@ -84,7 +93,7 @@ class ServiceHost:
         health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((SERVICE_NAMES[self.kind], health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        self.port = server.add_insecure_port(f"{self.config.host}:{self.port}")
+        self.port = server.add_insecure_port(f"{self.bind_host}:{self.port}")
         await server.start()
         for name in ("", SERVICE_NAMES[self.kind]):
             result = health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -95,7 +104,8 @@ class ServiceHost:
 
     @property
     def address(self) -> str:
-        return f"{self.config.host}:{self.port}"
+        host = self.config.host if self.bind_host in ("0.0.0.0", "::", "[::]") else self.bind_host
+        return f"{host}:{self.port}"
 
     def stop(self, grace: float = 2.0) -> None:
         async def _stop() -> None:
@@ -111,6 +121,15 @@ class ServiceHost:
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout=5)
+            self.metrics.close()
+
+
+def free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
 
 
 class LocalStack:
@@ -137,6 +156,14 @@ class LocalStack:
     def metrics_ports(self) -> dict[str, int]:
         return {kind: host.metrics_port for kind, host in self.hosts.items()}
 
+    def stop(self, kind: str) -> None:
+        """Stop one service (failure tests); ``restart`` brings it back at the same address."""
+        self.hosts[kind].stop(grace=0)
+
+    def restart(self, kind: str) -> None:
+        old = self.hosts[kind]
+        self.hosts[kind] = ServiceHost(kind, self.config, old.downstream, port=old.port)
+
     def close(self) -> None:
         for kind in reversed(KINDS):
             if kind in self.hosts:
@@ -147,3 +174,101 @@ class LocalStack:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class RayStack:
+    """The four services as Ray actors, each with the resources its config asks for.
+
+    Starts a local Ray (node IP 127.0.0.1, no dashboard) unless ``RAY_ADDRESS`` names a cluster.
+    """
+
+    def __init__(self, config: ServeConfig, ray_address: str | None = None) -> None:
+        import os
+
+        import ray
+
+        self.config = config
+        self.started_ray = False
+        if not ray.is_initialized():
+            address = ray_address or os.environ.get("RAY_ADDRESS")
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:
+                needed = sum(getattr(config, k).num_cpus * getattr(config, k).replicas for k in KINDS)
+                ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
+                         num_cpus=max(os.cpu_count() or 1, int(needed + 1)), configure_logging=False)
+                self.started_ray = True
+        # Fixed ports chosen here, so an actor that Ray restarts after a crash comes back at the same address.
+        actor_class = ray.remote(max_restarts=-1, max_task_retries=0)(ServiceActor)
+        self.actors: dict[str, list] = {}
+        self.addresses: dict[str, list[str]] = {}
+        self.ports: dict[str, list[int]] = {}
+        downstream: list[str] = []
+        try:
+            for kind in KINDS:
+                res = getattr(config, kind)
+                replicas = 1 if kind == "relay" else res.replicas
+                ports = [config.relay_port if kind == "relay" and config.relay_port else free_port(config.host) for _ in range(replicas)]
+                actors = [actor_class.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus).remote(
+                    kind, config, downstream, port, replica) for replica, port in enumerate(ports)]
+                info = ray.get([a.info.remote() for a in actors], timeout=900)
+                self.actors[kind] = actors
+                self.addresses[kind] = [i[0] for i in info]
+                self.ports[kind] = [i[1] for i in info]
+                downstream = self.addresses[kind]
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def relay_address(self) -> str:
+        return self.addresses["relay"][0]
+
+    @property
+    def metrics_ports(self) -> dict[str, int]:
+        return {kind: ports[0] for kind, ports in self.ports.items()}
+
+    def crash(self, kind: str) -> None:
+        """Kill one service's actors as a crash would; Ray restarts them at the same address."""
+        import ray
+
+        for actor in self.actors[kind]:
+            ray.kill(actor, no_restart=False)
+
+    def wait_ready(self, kind: str, timeout: float = 300) -> None:
+        import ray
+
+        ray.get([a.info.remote() for a in self.actors[kind]], timeout=timeout)
+
+    def close(self) -> None:
+        import ray
+
+        for kind in reversed(KINDS):
+            for actor in self.actors.pop(kind, []):
+                try:
+                    ray.get(actor.stop.remote(), timeout=30)
+                except Exception:  # noqa: BLE001 - an actor that is already gone needs no stopping
+                    pass
+                ray.kill(actor, no_restart=True)
+        if self.started_ray and ray.is_initialized():
+            ray.shutdown()
+
+    def __enter__(self) -> "RayStack":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ServiceActor:
+    """Body of a Ray actor hosting one service (wrapped with ray.remote by RayStack)."""
+
+    def __init__(self, kind: str, config: ServeConfig, downstream: list[str], port: int, replica: int = 0) -> None:
+        logging.basicConfig(level=logging.WARNING)
+        self.host = ServiceHost(kind, config, downstream, port=port, replica=replica)
+
+    def info(self) -> tuple[str, int]:
+        return self.host.address, self.host.metrics_port
+
+    def stop(self) -> None:
+        self.host.stop()

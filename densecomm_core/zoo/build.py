@@ -48,7 +48,7 @@ class ZooModelSpec:
 
 
 SENDER_SPEC = ZooModelSpec("zoo-qwen3-sender", "qwen3", 128, 4, 4, 2, 32, 384, 10_000.0)
-RECEIVER_SPEC = ZooModelSpec("zoo-llama-receiver", "llama", 96, 5, 6, 3, 16, 256, 500_000.0)
+RECEIVER_SPEC = ZooModelSpec("zoo-llama-receiver", "llama", 96, 5, 6, 3, 24, 256, 100_000.0)
 
 
 @dataclass(frozen=True)

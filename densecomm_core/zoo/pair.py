@@ -110,8 +110,10 @@ def train_zoo_adapter(
 class TableRow:
     method: str
     accuracy: dict[str, float]
-    payload_bytes_per_request: float = 0.0
+    payload_bytes_per_request: float = 0.0  # raw KV bytes handed to the receiver (valid tokens)
     flops_per_request: float = 0.0
+    texts: list[str] = field(default_factory=list, repr=False)
+    wire_bytes_per_request: float = 0.0  # bytes on the wire, when the row went through the services
 
     @property
     def mean(self) -> float:
@@ -131,7 +133,7 @@ def evaluate_pair(
     def add(method: str, outputs: list[RelayOutput], flops_fn) -> None:
         texts = [t for o in outputs for t in o.texts]
         payload = sum(o.payload_bytes for o in outputs) / n
-        rows.append(TableRow(method, accuracy_by_family(examples, texts), payload, sum(flops_fn(o) for o in outputs) / n))
+        rows.append(TableRow(method, accuracy_by_family(examples, texts), payload, sum(flops_fn(o) for o in outputs) / n, texts))
 
     n_s, n_r = sender.non_embedding_params, receiver.non_embedding_params
 

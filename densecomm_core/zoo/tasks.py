@@ -8,8 +8,9 @@ Families
 - ``recall``: several entity -> digit facts, then a question about one entity (chance 10 %).
 - ``math``:   a chain of three digits joined by + / - modulo 10; the trace works it step by step
               (chance 10 %).
-- ``choice``: a short passage of animal -> colour facts, a question, four lettered options; the
-              answer is the option letter in the canonical ``answer X`` format (chance 25 %).
+- ``choice``: a short passage of animal -> colour facts, four lettered options (``red A , blue B ...``)
+              and a question; the answer is the option letter in the canonical ``answer X`` format
+              (chance 25 %).
 
 Text is whitespace-separated words from a closed vocabulary (see ``VOCABULARY``) so that one small
 word-level tokenizer serves the whole suite.
@@ -91,9 +92,10 @@ def make_choice(rng: random.Random) -> Example:
     options = distractors + [colors[i]]
     rng.shuffle(options)
     letter = LETTERS[options.index(colors[i])]
-    rendered = " ".join(f"{l} {o}" for l, o in zip(LETTERS, options))
-    context = f"choice {passage} . {animals[i]} ? {rendered}"
-    return Example("choice", context, letter, f"{animals[i]} {colors[i]} . {ANSWER_WORD} {letter}")
+    rendered = " , ".join(f"{o} {l}" for l, o in zip(LETTERS, options))
+    context = f"choice {passage} . {rendered} . {animals[i]} ?"
+    # The trace looks the animal up in the passage, then the colour among the options.
+    return Example("choice", context, letter, f"{animals[i]} {colors[i]} . {colors[i]} {letter} . {ANSWER_WORD} {letter}")
 
 
 MAKERS = {"recall": make_recall, "math": make_math, "choice": make_choice}

@@ -1,0 +1,188 @@
+"""`densecomm bench relay`: per-hop transport throughput, end-to-end Relay latency, time to layer 0.
+
+1. Hop throughput: a ~25 MB cache with Qwen3-4B's KV geometry crosses one loopback gRPC hop (client
+   stream of wire frames into a sink that verifies and decodes them), with each codec, against a plain
+   in-process copy of the same bytes. MB/s are of raw KV.
+2. Relay latency on the embedded zoo at concurrency 1, 4 and 16 (p50 / p99), through the service stack.
+3. Time to layer 0: on a Qwen3-4B-geometry route, when the receiver held layer 0 vs when the sender
+   handed over its last chunk.
+Every load loop is bounded in count and runs against loopback only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+
+from densecomm_core.cache import KVCache
+from densecomm_core.codec import StreamDecoder, get_codec, iter_encode
+from services import protos
+
+relay_pb2, relay_pb2_grpc, kv_pb2, kv_pb2_grpc = protos.load()
+HOP_CODECS = [
+    ("raw", "raw", {}),
+    ("lossless", "lossless", {}),
+    ("int8", "quantized", {"key_bits": 8, "value_bits": 8}),
+    ("int4k/int2v", "quantized", {"key_bits": 4, "value_bits": 2, "group": 64}),
+]
+MAX_MESSAGE = 64 << 20
+
+
+class SinkServicer(kv_pb2_grpc.ReceiverServicer):
+    """Receives a KV stream like the receiver does (verify + decode every chunk) and reports bytes."""
+
+    def __init__(self, decode: bool) -> None:
+        self.decode = decode
+
+    async def Generate(self, request_iterator, context):
+        decoder = StreamDecoder()
+        wire = 0
+        async for message in request_iterator:
+            if message.HasField("frame"):
+                wire += len(message.frame.frame)
+                if self.decode:
+                    await asyncio.to_thread(decoder.feed, message.frame.frame)
+        if self.decode:
+            decoder.finish()
+        yield relay_pb2.RelayEvent(stats=relay_pb2.RelayStats(wire_bytes=wire))
+
+
+async def one_hop(cache: KVCache, codec_name: str, params: dict, decode: bool, workers: int) -> tuple[float, int]:
+    """Seconds for encode -> loopback gRPC stream -> verify/decode of ``cache``; returns (seconds, wire bytes)."""
+    server = grpc.aio.server(futures.ThreadPoolExecutor(2), options=[("grpc.max_receive_message_length", MAX_MESSAGE)])
+    kv_pb2_grpc.add_ReceiverServicer_to_server(SinkServicer(decode), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    codec = get_codec(codec_name, **params)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", MAX_MESSAGE)]) as channel:
+            stub = kv_pb2_grpc.ReceiverStub(channel)
+
+            async def messages():
+                yield kv_pb2.KVMessage(setup=kv_pb2.HopSetup(request_id="bench"))
+                encoder = iter_encode(cache, codec, workers=workers)
+                while (frame := await asyncio.to_thread(next, encoder, None)) is not None:
+                    yield kv_pb2.KVMessage(frame=kv_pb2.KVFrame(frame=frame))
+
+            started = time.perf_counter()
+            events = [e async for e in stub.Generate(messages(), timeout=300)]
+            return time.perf_counter() - started, events[-1].stats.wire_bytes
+    finally:
+        await server.stop(0)
+
+
+def hop_table(cache: KVCache, repeats: int, workers: int) -> list[dict]:
+    raw = cache.nbytes
+    blob = np.frombuffer(b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in (*cache.keys, *cache.values)), dtype=np.uint8)
+    best = min(_timed(lambda: blob.copy()) for _ in range(repeats))
+    rows = [{"path": "in-process copy (baseline)", "codec": "-", "wire_mb": raw / 1e6, "mb_s": raw / best / 1e6}]
+    for label, name, params in HOP_CODECS:
+        for decode in (False, True) if label == "raw" else (True,):
+            times = [asyncio.run(one_hop(cache, name, params, decode, workers)) for _ in range(repeats)]
+            seconds, wire = min(times)
+            path = "gRPC hop, no decode" if not decode else "gRPC hop, encode+verify+decode"
+            rows.append({"path": path, "codec": label, "wire_mb": wire / 1e6, "mb_s": raw / seconds / 1e6})
+    return rows
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+async def latency_run(address: str, contexts: list[str], concurrency: int, requests: int, timeout: float = 120.0) -> list[float]:
+    from services.client import build_request, relay_stream
+
+    semaphore = asyncio.Semaphore(concurrency)
+    latencies: list[float] = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = relay_pb2_grpc.RelayStub(channel)
+
+        async def one(i: int) -> None:
+            async with semaphore:
+                started = time.perf_counter()
+                await relay_stream(stub, build_request(contexts[i % len(contexts)], max_new_tokens=24), timeout)
+                latencies.append(time.perf_counter() - started)
+
+        await asyncio.gather(*(one(i) for i in range(requests)))
+    return latencies
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.array(values), q))
+
+
+def latency_table(address: str, requests: int) -> list[dict]:
+    from densecomm_core.zoo import tasks
+
+    contexts = [e.context for e in tasks.make_split("test", 50)]
+    asyncio.run(latency_run(address, contexts, 1, 4))  # warm-up
+    rows = []
+    for concurrency in (1, 4, 16):
+        started = time.perf_counter()
+        latencies = asyncio.run(latency_run(address, contexts, concurrency, requests))
+        wall = time.perf_counter() - started
+        rows.append({"concurrency": concurrency, "requests": requests, "p50_ms": 1e3 * percentile(latencies, 50),
+                     "p99_ms": 1e3 * percentile(latencies, 99), "mean_ms": 1e3 * statistics.mean(latencies),
+                     "requests_per_s": requests / wall})
+    return rows
+
+
+def qwen3_4b_route(root: Path) -> dict:
+    """Sender and receiver with Qwen3-4B's KV geometry (random weights, hidden 256) and an adapter between them."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from densecomm_core.adapter import AdapterConfig, DenseAdapter
+    from densecomm_core.models import geometry_of
+    from densecomm_core.zoo.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    geometries = []
+    for i, name in enumerate(("sender", "receiver")):
+        torch.manual_seed(i)
+        config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=36,
+                             num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=4096,
+                             rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0 * (i + 1)},
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+        model = Qwen3ForCausalLM(config).to(torch.bfloat16)
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        geometries.append(geometry_of(model))
+    DenseAdapter(AdapterConfig(*geometries, expansion=1)).to(torch.bfloat16).save(root / "adapter")
+    return {"name": "qwen3-4b-geometry", "sender": str(root / "sender"), "receiver": str(root / "receiver"),
+            "adapter": str(root / "adapter"), "dtype": "bfloat16"}
+
+
+def layer0_table(address: str, text: str, repeats: int) -> list[dict]:
+    from services.client import build_request, relay_once
+
+    rows = []
+    for _ in range(repeats):
+        stats = asyncio.run(relay_once(address, text, route="qwen3-4b-geometry", max_new_tokens=2, timeout=300))
+        latency = {l.stage: l.seconds for l in stats.latencies}
+        rows.append({"raw_mb": stats.raw_bytes / 1e6, "sender_encode_ms": 1e3 * latency["encode"],
+                     "receiver_transfer_ms": 1e3 * latency["transfer"],
+                     "layer0_before_last_chunk_ms": 1e3 * (stats.sender_last_chunk_unix - stats.receiver_layer0_unix)})
+    return rows
+
+
+def long_text(tokens: int) -> str:
+    from densecomm_core.zoo import tasks
+
+    words, examples = [], iter(tasks.make_split("test", 200))
+    while len(words) < tokens - 1:
+        words += next(examples).context.split()
+    return " ".join(words[: tokens - 1])
+
+
+def temporary_route_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="densecomm-bench-"))

@@ -1,0 +1,43 @@
+"""A small async client for the public Relay API (the `densecomm relay` command and the benchmarks use it)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc
+
+from services import protos
+
+relay_pb2, relay_pb2_grpc, _, _ = protos.load()
+
+
+def build_request(
+    text: str, mode: str = "unaware", route: str = "", codec: str = "", codec_params: str = "", max_new_tokens: int = 0,
+    temperature: float = 0.0, top_p: float = 0.0, seed: int = 0, receiver_prompt: str = "",
+):
+    modes = {"aware": relay_pb2.CONTEXT_MODE_AWARE, "unaware": relay_pb2.CONTEXT_MODE_UNAWARE}
+    if mode not in modes:
+        raise ValueError(f"mode must be 'aware' or 'unaware', got {mode!r}")
+    return relay_pb2.RelayRequest(
+        text=text, mode=modes[mode], route=route, receiver_prompt=receiver_prompt,
+        codec=relay_pb2.CodecSpec(name=codec, params_json=codec_params),
+        generation=relay_pb2.GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed),
+    )
+
+
+async def relay_stream(stub, request, timeout: float, on_text: Callable[[str], None] | None = None):
+    """Run one Relay call; returns the final RelayStats (tokens go to ``on_text`` as they arrive)."""
+    stats = None
+    async for event in stub.Relay(request, timeout=timeout):
+        if event.HasField("token") and on_text is not None:
+            on_text(event.token.text)
+        elif event.HasField("stats"):
+            stats = event.stats
+    if stats is None:
+        raise RuntimeError("the Relay stream ended without its final stats event")
+    return stats
+
+
+async def relay_once(address: str, text: str, timeout: float = 60.0, on_text=None, **fields):
+    async with grpc.aio.insecure_channel(address) as channel:
+        return await relay_stream(relay_pb2_grpc.RelayStub(channel), build_request(text, **fields), timeout, on_text)

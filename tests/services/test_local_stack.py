@@ -1,0 +1,215 @@
+"""The four services over real gRPC on loopback (hosted in this process): answers, streaming, errors, metrics."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import grpc
+import pytest
+import torch
+
+from densecomm_core.codec import iter_encode
+from densecomm_core.codec.base import get_codec
+from densecomm_core.generation import GenerationConfig
+from densecomm_core.relay import ContextMode, DenseRelay, sender_prefill
+from densecomm_core.zoo import tasks
+from services.client import build_request
+from services.stack import LocalStack
+from tests.services.conftest import collect, run, stack_config, status_of
+
+EXAMPLES = tasks.make_split("test", 2)
+
+
+@pytest.fixture(scope="module")
+def stack(random_route):
+    with LocalStack(stack_config(random_route, chunk_tokens=4)) as stack:
+        yield stack
+
+
+@pytest.mark.parametrize("mode", ["aware", "unaware"])
+def test_answers_equal_the_in_process_relay(stack, zoo_pair, zoo_adapter, mode):
+    relay = DenseRelay(*zoo_pair, zoo_adapter)
+    expected = relay.run([e.context for e in EXAMPLES], ContextMode(mode), GenerationConfig(max_new_tokens=24)).texts
+    for example, want in zip(EXAMPLES, expected):
+        events = run(collect(stack.relay_address, build_request(example.context, mode=mode, max_new_tokens=24)))
+        assert events[-1].stats.text == want
+
+
+def test_tokens_stream_in_order_then_one_stats_event(stack):
+    events = run(collect(stack.relay_address, build_request(EXAMPLES[0].context, max_new_tokens=24)))
+    tokens, final = events[:-1], events[-1]
+    assert all(e.HasField("token") for e in tokens) and final.HasField("stats")
+    assert [e.token.index for e in tokens] == list(range(len(tokens)))
+    assert "".join(e.token.text for e in tokens).strip() == final.stats.text.strip()
+    assert tasks.extract_answer(final.stats.text) == EXAMPLES[0].answer
+
+
+def test_final_stats_account_for_bytes_tokens_flops_and_stages(stack, zoo_pair):
+    stats = run(collect(stack.relay_address, build_request(EXAMPLES[1].context, codec="lossless")))[-1].stats
+    sender, receiver = zoo_pair
+    n_tokens = len(sender.tokenizer(EXAMPLES[1].context)["input_ids"])
+    assert stats.sender_prefill_tokens == n_tokens and stats.sender_decode_tokens == 0
+    assert stats.raw_bytes == sender_prefill(sender, [EXAMPLES[1].context]).nbytes
+    assert 0 < stats.wire_bytes < stats.raw_bytes and stats.compression_ratio == pytest.approx(stats.raw_bytes / stats.wire_bytes)
+    assert [h.hop for h in stats.hops] == ["sender->adapter", "adapter->receiver"] and all(h.chunks > 0 for h in stats.hops)
+    assert stats.sender_flops == pytest.approx(2 * sender.non_embedding_params * n_tokens)
+    assert stats.receiver_flops == pytest.approx(2 * receiver.non_embedding_params * (stats.receiver_prefill_tokens + stats.receiver_decode_tokens))
+    assert stats.adapter_flops > 0 and stats.t2t_flops > stats.sender_flops + stats.receiver_flops
+    stages = {l.stage for l in stats.latencies}
+    assert stages >= {"prefill", "encode", "transfer", "transform", "decode", "first_token", "generate", "end_to_end"}
+
+
+def test_receiver_holds_layer_0_before_the_sender_sent_its_last_chunk(stack):
+    stats = run(collect(stack.relay_address, build_request(EXAMPLES[2].context, max_new_tokens=4)))[-1].stats
+    assert stats.hops[0].chunks > 8  # chunk_tokens=4: many chunks per request
+    assert 0 < stats.receiver_layer0_unix < stats.sender_last_chunk_unix
+
+
+@pytest.mark.parametrize("codec, params", [("raw", ""), ("quantized", '{"key_bits": 8, "value_bits": 8}'),
+                                            ("eviction", '{"keep": 0.75, "inner": "quantized"}')])
+def test_every_codec_serves(stack, codec, params):
+    stats = run(collect(stack.relay_address, build_request(EXAMPLES[0].context, codec=codec, codec_params=params)))[-1].stats
+    assert stats.codec == codec and stats.text
+
+
+@pytest.mark.parametrize(
+    "fields, fragment",
+    [
+        ({"text": ""}, "input is empty"),
+        ({"mode": "aware", "max_new_tokens": 10**6}, "max_new_tokens"),
+        ({"codec": "gzip"}, "unknown codec"),
+        ({"codec": "quantized", "codec_params": "{bad json"}, "params_json"),
+        ({"codec": "quantized", "codec_params": '{"key_bits": 3}'}, "key_bits"),
+        ({"top_p": 2.0}, "top_p"),
+    ],
+)
+def test_invalid_arguments_name_the_field(stack, fields, fragment):
+    request = build_request(fields.pop("text", EXAMPLES[0].context), **fields)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        run(collect(stack.relay_address, request))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in info.value.details()
+
+
+def test_unspecified_mode_and_unknown_route(stack):
+    request = build_request(EXAMPLES[0].context)
+    request.mode = 0
+    assert status_of(stack.relay_address, request) == grpc.StatusCode.INVALID_ARGUMENT
+    assert status_of(stack.relay_address, build_request(EXAMPLES[0].context, route="nope")) == grpc.StatusCode.NOT_FOUND
+    assert status_of(stack.relay_address, build_request(EXAMPLES[0].context)) == grpc.StatusCode.OK  # still serving
+
+
+def kv_stream(frames, request):
+    from services.servicers import kv_pb2
+
+    yield kv_pb2.KVMessage(setup=kv_pb2.HopSetup(request_id="t", request=request))
+    for frame in frames:
+        yield kv_pb2.KVMessage(frame=kv_pb2.KVFrame(frame=frame))
+
+
+async def call_direct(address, method, messages):
+    from services.servicers import kv_pb2_grpc
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = (kv_pb2_grpc.AdapterStub if method == "Transform" else kv_pb2_grpc.ReceiverStub)(channel)
+        return [e async for e in getattr(stub, method)(messages, timeout=30)]
+
+
+def direct_status(address, method, frames, request) -> tuple[grpc.StatusCode, str]:
+    try:
+        run(call_direct(address, method, kv_stream(frames, request)))
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), exc.details()
+    return grpc.StatusCode.OK, ""
+
+
+def test_cache_from_another_model_is_a_failed_precondition(stack, zoo_pair, tiny_pair):
+    sender, receiver = zoo_pair
+    wrong = sender_prefill(receiver, [EXAMPLES[0].context])  # a receiver-space cache sent to the adapter
+    code, details = direct_status(stack.hosts["adapter"].address, "Transform", list(iter_encode(wrong, get_codec("raw"))),
+                                  build_request(EXAMPLES[0].context))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and sender.geometry.fingerprint() in details
+
+
+def test_corrupted_or_missing_chunks_are_data_loss(stack, zoo_pair, zoo_adapter):
+    relay = DenseRelay(*zoo_pair, zoo_adapter)
+    frames = list(iter_encode(relay.transfer([EXAMPLES[0].context]), get_codec("lossless"), chunk_tokens=4))
+    request = build_request(EXAMPLES[0].context)
+    receiver = stack.hosts["receiver"].address
+    flipped = bytearray(frames[3])
+    flipped[-1] ^= 0x40
+    assert direct_status(receiver, "Generate", frames[:3] + [bytes(flipped)] + frames[4:], request)[0] == grpc.StatusCode.DATA_LOSS
+    code, details = direct_status(receiver, "Generate", frames[:-2], request)
+    assert code == grpc.StatusCode.DATA_LOSS and "missing" in details
+    assert direct_status(receiver, "Generate", frames[:1] + frames[2:], request)[0] == grpc.StatusCode.DATA_LOSS  # out of order
+    assert direct_status(receiver, "Generate", frames, request)[0] == grpc.StatusCode.OK  # and it still serves
+
+
+def test_payload_over_the_limit_is_resource_exhausted(random_route):
+    with LocalStack(stack_config(random_route, max_cache_bytes=4096)) as small:
+        code = status_of(small.relay_address, build_request(EXAMPLES[0].context))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_deadlines(stack, random_route):
+    long = build_request(EXAMPLES[0].context, route="random", max_new_tokens=4000)
+    assert status_of(stack.relay_address, long, timeout=0.5) == grpc.StatusCode.DEADLINE_EXCEEDED
+    with LocalStack(stack_config(random_route, hop_deadline_s=0.5)) as strict:
+        assert status_of(strict.relay_address, long, timeout=30) == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert status_of(strict.relay_address, build_request(EXAMPLES[0].context, max_new_tokens=4), timeout=30) == grpc.StatusCode.OK
+
+
+def test_downstream_down_is_unavailable_and_the_stack_recovers(random_route):
+    with LocalStack(stack_config(random_route)) as stack:
+        stack.stop("receiver")
+        assert status_of(stack.relay_address, build_request(EXAMPLES[0].context)) == grpc.StatusCode.UNAVAILABLE
+        stack.restart("receiver")
+        assert status_of(stack.relay_address, build_request(EXAMPLES[0].context)) == grpc.StatusCode.OK
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def test_metrics_endpoints_expose_the_documented_series(stack):
+    run(collect(stack.relay_address, build_request(EXAMPLES[0].context)))
+    assert status_of(stack.relay_address, build_request("")) == grpc.StatusCode.INVALID_ARGUMENT
+    samples = {kind: scrape(port) for kind, port in stack.metrics_ports.items()}
+
+    def value(kind, prefix):
+        return sum(v for k, v in samples[kind].items() if k.startswith(prefix))
+
+    assert value("relay", 'densecomm_requests_total{code="OK"') >= 1
+    assert value("sender", 'densecomm_hop_bytes_total{hop="sender->adapter",kind="raw"') > value("sender", 'densecomm_hop_bytes_total{hop="sender->adapter",kind="wire"') > 0
+    assert value("sender", 'densecomm_hop_raw_bytes_bucket{hop="sender->adapter",le="1024.0"') < value("sender", 'densecomm_hop_raw_bytes_bucket{hop="sender->adapter",le="1.073741824e+09"')
+    assert value("receiver", 'densecomm_hop_wire_bytes_count{hop="adapter->receiver"') >= 1
+    assert value("sender", 'densecomm_compression_ratio_count') >= 1
+    assert value("sender", 'densecomm_chunks_total') > 0
+    for kind, stage in (("sender", "prefill"), ("sender", "encode"), ("adapter", "transform"), ("receiver", "first_token"), ("relay", "end_to_end")):
+        assert value(kind, f'densecomm_stage_seconds_count{{service="{kind}",stage="{stage}"') >= 1, (kind, stage)
+    assert value("receiver", 'densecomm_tokens_total{phase="decode",service="receiver",side="receiver"}') > 0
+    assert value("sender", 'densecomm_flops_total') > 0 and value("adapter", "densecomm_flops_total") > 0
+    assert "densecomm_in_flight_requests{service=\"relay\"}" in samples["relay"]
+    assert value("relay", 'densecomm_errors_total{code="INVALID_ARGUMENT",service="relay"}') >= 1
+
+
+def test_health_and_reflection(stack):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    async def check():
+        async with grpc.aio.insecure_channel(stack.relay_address) as channel:
+            health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="densecomm.v1.Relay"), timeout=10)
+            stream = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+            listed = [s.name async for r in stream for s in r.list_services_response.service]
+            return health.status, listed
+
+    status, services = run(check())
+    assert status == 1 and "densecomm.v1.Relay" in services  # SERVING
