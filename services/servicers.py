@@ -261,11 +261,14 @@ class AdapterServicer(ServicerBase, kv_pb2_grpc.AdapterServicer):
             async for event in relay_events(call, on_stats):
                 yield event
         except DownstreamError:
-            await pump_task
-            if state["error"] is not None:
+            if state["error"] is not None:  # our input broke first: that is the precise cause
                 raise state["error"]
+            pump_task.cancel()
             raise
-        await pump_task
+        except BaseException:  # our caller went away (cancelled): stop reading its stream too
+            pump_task.cancel()
+            raise
+        await asyncio.gather(pump_task, return_exceptions=True)
         if state["error"] is not None:
             raise state["error"]
 

@@ -8,7 +8,7 @@ from services.cli import main
 
 
 def test_demo_json_table(capsys):
-    code = main(["demo", "--json", "--per-family", "40"])
+    code = main(["demo", "--json", "--per-family", "40", "--in-process"])
     report = json.loads(capsys.readouterr().out)
     rows = {row["method"]: row for row in report["rows"]}
     assert set(rows) == {"sender with input", "receiver with input", "receiver without input",
@@ -16,6 +16,7 @@ def test_demo_json_table(capsys):
     assert report["examples_per_family"] == 40
     unaware, with_input = rows["dense context-unaware"], rows["receiver with input"]
     assert unaware["payload_bytes_per_request"] > 0 and with_input["payload_bytes_per_request"] == 0
+    assert report["via"] == "in-process"
     for family, accuracy in with_input["accuracy"].items():
         assert unaware["accuracy"][family] >= 0.9 * accuracy, (family, unaware, with_input)
         assert rows["receiver without input"]["accuracy"][family] <= 0.45
@@ -25,3 +26,12 @@ def test_demo_json_table(capsys):
 def test_bad_adapter_directory_is_a_clear_error(capsys, tmp_path):
     assert main(["demo", "--adapter", str(tmp_path), "--per-family", "1"]) == 2
     assert "not an adapter checkpoint" in capsys.readouterr().err
+
+
+def test_demo_through_the_services_matches_in_process(capsys):
+    main(["demo", "--json", "--per-family", "8", "--no-ray"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["via"] == "local gRPC stack"
+    assert report["service_matches_in_process"] == {"aware": [24, 24], "unaware": [24, 24]}
+    rows = {row["method"]: row for row in report["rows"]}
+    assert 0 < rows["dense context-unaware"]["wire_bytes_per_request"] < 2 * rows["dense context-unaware"]["payload_bytes_per_request"]

@@ -20,12 +20,15 @@ def tensor_uint8(tensor: torch.Tensor) -> np.ndarray:
     return flat.view(torch.uint8).numpy().reshape(-1, tensor.element_size())
 
 
-def tensor_from_bytes(data: bytes | memoryview | np.ndarray, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """Rebuild a tensor of ``shape``/``dtype`` from exactly ``numel · itemsize`` bytes (a copy, writable)."""
+def tensor_from_bytes(data: bytes | memoryview | np.ndarray, shape: tuple[int, ...], dtype: torch.dtype, copy: bool = True) -> torch.Tensor:
+    """Rebuild a tensor of ``shape``/``dtype`` from exactly ``numel · itemsize`` bytes.
+
+    Copies (a writable tensor) unless ``copy=False`` is passed with a writable array the tensor may share.
+    """
     array = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1)
     expected = math.prod(shape) * dtype.itemsize
     if array.size != expected:
         from densecomm_core.codec.base import TruncatedError
 
         raise TruncatedError(f"{array.size} bytes cannot hold a {tuple(shape)} {dtype} tensor ({expected} bytes)")
-    return torch.from_numpy(array.copy()).view(dtype).reshape(shape)
+    return torch.from_numpy(array.copy() if copy else array).view(dtype).reshape(shape)

@@ -29,19 +29,24 @@ class LosslessCodec(Codec):
         return {"level": self.level}
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor) -> bytes:
-        both = np.concatenate([tensor_uint8(keys), tensor_uint8(values)])  # (n, itemsize)
-        planes = both.T  # (itemsize, n): plane i = byte i of every element
-        return b"".join(pack_section(np.ascontiguousarray(planes[i]), self.level) for i in range(planes.shape[0]))
+        sections = []
+        for tensor in (keys, values):
+            planes = tensor_uint8(tensor)  # (n, itemsize): column i = byte i of every element
+            sections.extend(pack_section(np.ascontiguousarray(planes[:, i]), self.level) for i in range(planes.shape[1]))
+        return b"".join(sections)
 
     def decode(self, payload, key_shape, value_shape, dtype):
         size = dtype.itemsize
-        n_k, n_v = int(np.prod(key_shape)), int(np.prod(value_shape))
         view = memoryview(payload)
-        planes = np.empty((n_k + n_v, size), dtype=np.uint8)
         offset = 0
-        for i in range(size):
-            plane, offset = unpack_section(view, offset, n_k + n_v)
-            planes[:, i] = np.frombuffer(plane, dtype=np.uint8)
+        out = []
+        for shape in (key_shape, value_shape):
+            n = int(np.prod(shape))
+            planes = np.empty((n, size), dtype=np.uint8)
+            for i in range(size):
+                plane, offset = unpack_section(view, offset, n)
+                planes[:, i] = np.frombuffer(plane, dtype=np.uint8)
+            out.append(tensor_from_bytes(planes, shape, dtype, copy=False))
         if offset != len(view):
             raise CodecError(f"lossless payload has {len(view) - offset} trailing bytes")
-        return tensor_from_bytes(planes[:n_k], key_shape, dtype), tensor_from_bytes(planes[n_k:], value_shape, dtype)
+        return out[0], out[1]

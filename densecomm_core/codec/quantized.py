@@ -22,25 +22,31 @@ SUPPORTED_BITS = (2, 4, 8)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> bytes:
-    """uint8 codes in [0, 2^bits) -> bytes, 8/bits codes per byte (little end first)."""
+    """uint8 codes in [0, 2^bits) -> bytes, 8/bits codes per byte (first code in the low bits)."""
     per_byte = 8 // bits
-    flat = codes.reshape(-1)
-    pad = (-flat.numel()) % per_byte
+    flat = codes.reshape(-1).numpy()
+    pad = (-flat.size) % per_byte
     if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    grouped = flat.reshape(-1, per_byte).to(torch.int32)
-    packed = torch.zeros(grouped.shape[0], dtype=torch.int32)
-    for i in range(per_byte):
-        packed |= grouped[:, i] << (bits * i)
-    return packed.to(torch.uint8).numpy().tobytes()
+        flat = np.concatenate([flat, np.zeros(pad, dtype=np.uint8)])
+    if per_byte == 1:
+        return flat.tobytes()
+    grouped = flat.reshape(-1, per_byte)
+    packed = grouped[:, 0].copy()
+    for i in range(1, per_byte):
+        packed |= grouped[:, i] << np.uint8(bits * i)
+    return packed.tobytes()
 
 
 def unpack_codes(data: bytes | memoryview, count: int, bits: int) -> torch.Tensor:
     per_byte = 8 // bits
-    packed = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()).to(torch.int32)
-    mask = (1 << bits) - 1
-    codes = torch.stack([(packed >> (bits * i)) & mask for i in range(per_byte)], dim=1).reshape(-1)
-    return codes[:count].to(torch.uint8)
+    packed = np.frombuffer(data, dtype=np.uint8)
+    if per_byte == 1:
+        return torch.from_numpy(packed[:count].copy())
+    mask = np.uint8((1 << bits) - 1)
+    codes = np.empty((packed.size, per_byte), dtype=np.uint8)
+    for i in range(per_byte):
+        codes[:, i] = (packed >> np.uint8(bits * i)) & mask
+    return torch.from_numpy(codes.reshape(-1)[:count].copy())
 
 
 def packed_size(count: int, bits: int) -> int:

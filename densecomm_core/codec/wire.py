@@ -29,6 +29,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import xxhash
 
@@ -306,8 +307,9 @@ class StreamDecoder:
             full_k, full_v = h.chunk_shapes(layer, h.tokens)
             self.keys[layer] = torch.empty(full_k, dtype=h.torch_dtype)
             self.values[layer] = torch.empty(full_v, dtype=h.torch_dtype)
-        self.keys[layer][:, :, start : start + count] = event.keys
-        self.values[layer][:, :, start : start + count] = event.values
+        # Byte-level numpy copies: single-threaded memcpy, no intra-op thread pool wake-ups per chunk.
+        _byte_view(self.keys[layer])[:, :, start : start + count] = _byte_view(event.keys)
+        _byte_view(self.values[layer])[:, :, start : start + count] = _byte_view(event.values)
         self.received.add(seq)
         self.pending_per_layer[layer] -= 1
         event.layer_complete = self.pending_per_layer[layer] == 0
@@ -326,6 +328,11 @@ class StreamDecoder:
         positions = torch.tensor(h.positions, dtype=torch.long).reshape(h.batch, h.tokens)
         mask = torch.arange(h.tokens)[None, :] < torch.tensor(h.lengths)[:, None]
         return KVCache(list(self.keys), list(self.values), mask, positions, h.rope_applied, h.fingerprint)
+
+
+def _byte_view(tensor: torch.Tensor) -> "np.ndarray":
+    """(B, H, T, D) tensor -> (B, H, T, D·itemsize) uint8 numpy view of the same memory."""
+    return tensor.contiguous().view(torch.uint8).numpy()
 
 
 def split_frames(blob: bytes | memoryview) -> Iterator[memoryview]:

@@ -50,13 +50,22 @@ def decompress(data: bytes | memoryview, expected_size: int) -> bytes:
     return out
 
 
-def pack_section(data: bytes | memoryview, level: int | None) -> bytes:
-    """Compress when it pays (>= 2 % smaller), else store; prefixed with mode and length."""
+PROBE_BYTES = 16 << 10
+
+
+def pack_section(data, level: int | None) -> bytes:
+    """Compress when it pays (>= 2 % smaller), else store; prefixed with mode and length.
+
+    Large sections are probed first: when their first 16 KiB do not shrink by 5 %, the whole section
+    is stored without a full compression attempt (mantissa bytes look random and never shrink).
+    """
+    view = memoryview(data).cast("B")
     if level is not None:
-        packed = compress(data, level)
-        if len(packed) < 0.98 * len(data):
-            return SECTION.pack(ZSTD, len(packed)) + packed
-    return SECTION.pack(STORED, len(data)) + bytes(data)
+        if len(view) <= 4 * PROBE_BYTES or len(compress(view[:PROBE_BYTES], level)) < 0.95 * PROBE_BYTES:
+            packed = compress(view, level)
+            if len(packed) < 0.98 * len(view):
+                return SECTION.pack(ZSTD, len(packed)) + packed
+    return SECTION.pack(STORED, len(view)) + view.tobytes()
 
 
 def unpack_section(payload: memoryview, offset: int, expected_size: int) -> tuple[bytes | memoryview, int]:
