@@ -68,6 +68,14 @@ def latency(stats, stage: str, seconds: float) -> None:
     stats.latencies.add(stage=stage, seconds=seconds)
 
 
+async def read_setup(messages):
+    """The first message of a KV stream, which must carry the hop setup."""
+    first = await anext(messages, None)
+    if first is None or not first.HasField("setup"):
+        raise RequestError("the first KVMessage must be a setup message")
+    return first
+
+
 async def relay_events(call, on_stats=None):
     """Forward a downstream call's events, converting its failure into DownstreamError."""
     try:
@@ -119,9 +127,7 @@ class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
             yield event
 
     async def _generate(self, messages):
-        first = await anext(messages, None)
-        if first is None or not first.HasField("setup"):
-            raise RequestError("the first KVMessage must be a setup message")
+        first = await read_setup(messages)
         request = first.setup.request
         name, receiver = pick(self.routes, request, self.config)
         decoder = StreamDecoder(DecodeLimits(max_raw_bytes=self.config.max_cache_bytes))
@@ -206,9 +212,7 @@ class AdapterServicer(ServicerBase, kv_pb2_grpc.AdapterServicer):
             yield event
 
     async def _transform(self, messages):
-        first = await anext(messages, None)
-        if first is None or not first.HasField("setup"):
-            raise RequestError("the first KVMessage must be a setup message")
+        first = await read_setup(messages)
         request = first.setup.request
         _, route = pick(self.routes, request, self.config)
         codec = codec_for(request.codec, self.config).for_forwarding()

@@ -1,4 +1,4 @@
-"""Pieces both training phases share: the learning-rate schedule and resumable checkpoints."""
+"""Pieces every training loop shares: the schedule, one optimiser step, and resumable checkpoints."""
 
 from __future__ import annotations
 
@@ -19,6 +19,29 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
         return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float, max_grad_norm: float = 1.0) -> None:
+    """Set the learning rate, back-propagate ``loss``, clip the gradient norm and step."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
+    optimizer.step()
+
+
+def start_training(
+    phase: str, adapter: DenseAdapter, config, checkpoint: Path | None, resume: bool
+) -> tuple[torch.optim.Optimizer, random.Random, int]:
+    """Seed, build AdamW, and resume from ``checkpoint`` when asked; returns (optimizer, rng, first step)."""
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    start = 0
+    if resume and checkpoint is not None and checkpoint.exists():
+        start = load_training_state(checkpoint, phase, adapter, optimizer, rng)
+    return optimizer, rng, start
 
 
 def save_training_state(

@@ -6,7 +6,6 @@ A plain loop over batches of source contexts; a Ray Train job wraps ``train_phas
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from densecomm_core.adapter import DenseAdapter
 from densecomm_core.cache import KVCache
 from densecomm_core.models import LoadedModel
 from densecomm_core.relay import PromptFormat, sender_prefill, transform_cache
-from densecomm_core.training.common import cosine_lr, load_training_state, save_training_state
+from densecomm_core.training.common import cosine_lr, optimizer_step, save_training_state, start_training
 
 log = logging.getLogger(__name__)
 
@@ -66,25 +65,16 @@ def train_phase1(
     on_eval: Callable[[int, dict], None] | None = None,
 ) -> list[dict]:
     """Optimise ``adapter`` on the reconstruction loss; returns the evaluation history."""
-    torch.manual_seed(config.seed)
-    rng = random.Random(config.seed)
-    optimizer = torch.optim.AdamW(adapter.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    start = 0
-    if resume and checkpoint is not None and checkpoint.exists():
-        start = load_training_state(checkpoint, "phase1", adapter, optimizer, rng)
+    optimizer, rng, start = start_training("phase1", adapter, config, checkpoint, resume)
+    if start:
         log.info("phase 1 resumed at step %d from %s", start, checkpoint)
     render = lambda cs: [prompt_format.sender.format(context=c) for c in cs]  # noqa: E731
     history: list[dict] = []
     adapter.train()
     bar = tqdm(range(start, config.steps), desc="phase 1 (reconstruction)", disable=not progress, initial=start, total=config.steps)
     for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, config.steps, config.lr, config.warmup_steps)
         loss = batch_loss(adapter, sender, receiver, render(rng.sample(list(contexts), config.batch_size)))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
-        optimizer.step()
+        optimizer_step(optimizer, loss, cosine_lr(step, config.steps, config.lr, config.warmup_steps))
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             record = {"step": step + 1, "train_loss": loss.item()}

@@ -7,7 +7,6 @@ otherwise; the target is the receiver's own guided trace in both cases. Only the
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from densecomm_core.adapter import DenseAdapter
 from densecomm_core.generation import forward_after_cache
 from densecomm_core.models import LoadedModel
 from densecomm_core.relay import ContextMode, PromptFormat, sender_prefill, transform_cache
-from densecomm_core.training.common import cosine_lr, load_training_state, save_training_state
+from densecomm_core.training.common import cosine_lr, optimizer_step, save_training_state, start_training
 from densecomm_core.training.traces import TraceRecord
 
 log = logging.getLogger(__name__)
@@ -91,26 +90,17 @@ def train_phase2(
     """Optimise ``adapter`` on the mixed-regime generation loss; returns the evaluation history."""
     if not records:
         raise ValueError("phase 2 needs at least one trace record")
-    torch.manual_seed(config.seed)
-    rng = random.Random(config.seed)
-    optimizer = torch.optim.AdamW(adapter.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    start = 0
-    if resume and checkpoint is not None and checkpoint.exists():
-        start = load_training_state(checkpoint, "phase2", adapter, optimizer, rng)
+    optimizer, rng, start = start_training("phase2", adapter, config, checkpoint, resume)
+    if start:
         log.info("phase 2 resumed at step %d from %s", start, checkpoint)
     history: list[dict] = []
     adapter.train()
     bar = tqdm(range(start, config.steps), desc="phase 2 (generation)", disable=not progress, initial=start, total=config.steps)
     for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, config.steps, config.lr, config.warmup_steps)
         batch = rng.sample(list(records), min(config.batch_size, len(records)))
         modes = [ContextMode.AWARE if rng.random() < config.p_aware else ContextMode.UNAWARE for _ in batch]
         loss = generation_loss(adapter, sender, receiver, batch, modes, prompt_format)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
-        optimizer.step()
+        optimizer_step(optimizer, loss, cosine_lr(step, config.steps, config.lr, config.warmup_steps))
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             record = {"step": step + 1, "train_loss": loss.item()}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen3Config, Qwen3ForCausalLM
 
 from densecomm_core.evaluation.accuracy import evaluate_with_input
+from densecomm_core.training.common import cosine_lr, optimizer_step
 from densecomm_core.zoo import tasks
 from densecomm_core.zoo.tokenizer import build_tokenizer
 
@@ -135,13 +135,6 @@ def encode_documents(
     return ids, mask, labels
 
 
-def lr_at(step: int, config: ZooTrainConfig) -> float:
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
-    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-
-
 def train_zoo_model(
     spec: ZooModelSpec, config: ZooTrainConfig, out_dir: Path, progress: bool = True
 ) -> ZooTrainResult:
@@ -165,14 +158,9 @@ def train_zoo_model(
     for step in bar:
         batch = [tasks.sample_in_split(rng, "train") for _ in range(config.batch_size)]
         ids, mask, labels = encode_documents(tokenizer, [training_document(e, rng, config) for e in batch])
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config)
         model.train()
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        optimizer_step(optimizer, loss, cosine_lr(step, config.max_steps, config.lr, config.warmup_steps))
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % config.eval_every == 0 or step + 1 == config.max_steps:
             model.eval()
