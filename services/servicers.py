@@ -38,7 +38,9 @@ FORMAT = PromptFormat()
 
 
 def channel_options(config: ServeConfig) -> list[tuple[str, int]]:
-    return [("grpc.max_send_message_length", config.max_message_bytes), ("grpc.max_receive_message_length", config.max_message_bytes)]
+    return [("grpc.max_send_message_length", config.max_message_bytes), ("grpc.max_receive_message_length", config.max_message_bytes),
+            # a restarted downstream is found again within a second or two, not after minutes of back-off
+            ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
 
 
 class Downstream:
@@ -68,6 +70,15 @@ def latency(stats, stage: str, seconds: float) -> None:
     stats.latencies.add(stage=stage, seconds=seconds)
 
 
+async def drain(requests) -> None:
+    """Read and drop what is left of a client stream (bounded by the caller's deadline)."""
+    try:
+        async for _ in requests:
+            pass
+    except Exception:  # noqa: BLE001 - the stream may already be broken; the status still goes out
+        pass
+
+
 async def read_setup(messages):
     """The first message of a KV stream, which must carry the hop setup."""
     first = await anext(messages, None)
@@ -93,8 +104,12 @@ class ServicerBase:
     def __init__(self, config: ServeConfig, metrics: ServiceMetrics) -> None:
         self.config, self.metrics = config, metrics
 
-    async def guarded(self, context, route: str, body):
-        """Run an event stream; count it; turn any exception into the mapped gRPC status (never crash)."""
+    async def guarded(self, context, route: str, body, requests=None):
+        """Run an event stream; count it; turn any exception into the mapped gRPC status (never crash).
+
+        For client-streaming calls (``requests`` given), the rest of the caller's stream is drained before
+        the status is sent, so the caller reads that status instead of a failed write.
+        """
         gauge = self.metrics.in_flight.labels(self.service)
         gauge.inc()
         code = "OK"
@@ -109,6 +124,8 @@ class ServicerBase:
             code = status.name
             if status == grpc.StatusCode.INTERNAL:
                 log.exception("%s: internal error", self.service)
+            if requests is not None:
+                await drain(requests)
             await context.abort(status, details)
         finally:
             gauge.dec()
@@ -123,7 +140,7 @@ class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
         self.routes = routes
 
     async def Generate(self, request_iterator, context):
-        async for event in self.guarded(context, "-", self._generate(request_iterator)):
+        async for event in self.guarded(context, "-", self._generate(request_iterator), request_iterator):
             yield event
 
     async def _generate(self, messages):
@@ -208,7 +225,7 @@ class AdapterServicer(ServicerBase, kv_pb2_grpc.AdapterServicer):
         self.routes, self.receivers = routes, receivers
 
     async def Transform(self, request_iterator, context):
-        async for event in self.guarded(context, "-", self._transform(request_iterator)):
+        async for event in self.guarded(context, "-", self._transform(request_iterator), request_iterator):
             yield event
 
     async def _transform(self, messages):
