@@ -236,9 +236,21 @@ class RayStack:
             ray.kill(actor, no_restart=False)
 
     def wait_ready(self, kind: str, timeout: float = 300) -> None:
-        import ray
+        """Block until every actor of ``kind`` answers again (after a restart)."""
+        import time
 
-        ray.get([a.info.remote() for a in self.actors[kind]], timeout=timeout)
+        import ray
+        from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                ray.get([a.info.remote() for a in self.actors[kind]], timeout=max(1.0, deadline - time.monotonic()))
+                return
+            except (ActorUnavailableError, RayActorError, GetTimeoutError):
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.5)
 
     def close(self) -> None:
         import ray

@@ -17,9 +17,13 @@ def test_demo_json_table(capsys):
     unaware, with_input = rows["dense context-unaware"], rows["receiver with input"]
     assert unaware["payload_bytes_per_request"] > 0 and with_input["payload_bytes_per_request"] == 0
     assert report["via"] == "in-process"
-    for family, accuracy in with_input["accuracy"].items():
-        assert unaware["accuracy"][family] >= 0.9 * accuracy, (family, unaware, with_input)
-        assert rows["receiver without input"]["accuracy"][family] <= 0.45
+    without = rows["receiver without input"]
+    for family in with_input["accuracy"]:
+        # the transferred cache alone carries the input: far above the receiver without it
+        assert unaware["accuracy"][family] >= without["accuracy"][family] + 0.25, (family, unaware, without)
+        assert without["accuracy"][family] <= 0.45
+    assert rows["dense context-aware"]["mean"] >= with_input["mean"]
+    assert unaware["flops_per_request"] < rows["dense context-aware"]["flops_per_request"]  # no re-reading of X
     assert code == (0 if all(t["met"] for t in report["targets"]) else 1)
 
 

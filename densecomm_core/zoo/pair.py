@@ -51,8 +51,8 @@ class ZooAdapterRecipe:
     expansion: int = 16
     train_per_family: int = 1000  # source contexts (phase I) and trace requests (phase II) per family
     validation_per_family: int = 30  # used for periodic evaluation during phase II
-    phase1: Phase1Config = field(default_factory=Phase1Config)
-    phase2: Phase2Config = field(default_factory=Phase2Config)
+    phase1: Phase1Config = field(default_factory=lambda: Phase1Config(steps=2400, eval_every=400))
+    phase2: Phase2Config = field(default_factory=lambda: Phase2Config(steps=1800, eval_every=600))
 
 
 def batched(items: list, size: int):
