@@ -144,7 +144,7 @@ def cmd_bench_codec(args: argparse.Namespace) -> int:
     from services.bench import codec as bench
 
     torch_threads(args.workers)
-    caches = {"zoo": bench.zoo_cache(), "qwen3-4b": bench.qwen3_4b_geometry_cache(args.tokens)}
+    caches = {"zoo": bench.zoo_caches(), "qwen3-4b": [bench.qwen3_4b_geometry_cache(args.tokens)]}
     rows = [row for name, cache in caches.items() for row in bench.measure(name, cache, args.repeats, args.workers)]
     accuracy = [] if args.skip_accuracy else bench.accuracy_through_codecs(args.per_family)
     if args.json:
@@ -157,7 +157,7 @@ def cmd_bench_codec(args: argparse.Namespace) -> int:
         print(bench.render_accuracy(accuracy))
     if args.profile:
         print("\nprofile of lossless encode + decode on the qwen3-4b cache (1 thread):\n")
-        print(bench.profile_lossless(caches["qwen3-4b"], args.workers))
+        print(bench.profile_lossless(caches["qwen3-4b"][0], args.workers))
     return 0
 
 

@@ -72,9 +72,10 @@ def orthogonal_backfill(keys: torch.Tensor, values: torch.Tensor, keep: torch.Te
     anchor = torch.nn.functional.normalize(torch.gather(kept_v, 1, owner[..., None].expand_as(v_drop)), dim=-1)
     residual = v_drop - (v_drop * anchor).sum(-1, keepdim=True) * anchor  # orthogonal to the owner's value
     if rank < residual.shape[-1]:
-        _, _, vh = torch.linalg.svd(residual, full_matrices=False)  # (H, min(d, D), D)
-        basis = vh[:, :rank]  # (H, r, D)
-        residual = residual @ basis.transpose(1, 2) @ basis
+        # top-r right singular vectors of the residuals = top-r eigenvectors of their D x D Gram matrix
+        _, eigenvectors = torch.linalg.eigh(residual.transpose(1, 2) @ residual)  # ascending eigenvalues
+        basis = eigenvectors[:, :, -rank:]  # (H, D, r)
+        residual = residual @ basis @ basis.transpose(1, 2)
     counts = torch.zeros(kept_v.shape[:2]).scatter_add_(1, owner, torch.ones_like(owner, dtype=torch.float))
     summed = torch.zeros_like(kept_v).scatter_add_(1, owner[..., None].expand_as(residual), residual)
     return kept_v + summed / (1 + counts)[..., None]
