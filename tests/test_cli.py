@@ -38,4 +38,4 @@ def test_demo_through_the_services_matches_in_process(capsys):
     assert report["via"] == "local gRPC stack"
     assert report["service_matches_in_process"] == {"aware": [24, 24], "unaware": [24, 24]}
     rows = {row["method"]: row for row in report["rows"]}
-    assert 0 < rows["dense context-unaware"]["wire_bytes_per_request"] < 2 * rows["dense context-unaware"]["payload_bytes_per_request"]
+    assert 0 < rows["dense context-unaware"]["wire_bytes_per_request"] < rows["dense context-unaware"]["payload_bytes_per_request"]  # lossless shrinks it

@@ -96,6 +96,16 @@ class WireHeader:
 
 # ---- encoding -------------------------------------------------------------------------------------
 
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def worker_pool(workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool per size: starting threads per cache would cost more than small caches take."""
+    if workers not in _POOLS:
+        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="densecomm-codec")
+    return _POOLS[workers]
+
+
 
 def make_header(cache: KVCache, codec: Codec, chunk_tokens: int | None) -> WireHeader:
     """The header for ``cache`` (already through ``codec.prepare``)."""
@@ -159,11 +169,10 @@ def iter_encode(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, w
         return chunk_frame(seq, layer, start, count, codec.encode(keys, values))
 
     items = list(enumerate(header.chunk_ranges()))
-    if workers <= 1:
+    if workers <= 1 or len(items) == 1:
         yield from map(encode_one, items)
     else:
-        with ThreadPoolExecutor(workers) as pool:  # zstd and torch release the GIL
-            yield from pool.map(encode_one, items)
+        yield from worker_pool(workers).map(encode_one, items)  # zstd and numpy release the GIL
 
 
 def encode_cache(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, workers: int = 1) -> bytes:
@@ -363,13 +372,12 @@ def decode_frames(
     for frame in frames:
         decoder.feed(frame)
         break
-    if workers <= 1 or decoder.header is None:
+    if workers <= 1 or decoder.header is None or decoder.header.num_chunks == 1:
         for frame in frames:
             decoder.feed(frame)
     else:
-        with ThreadPoolExecutor(workers) as pool:
-            for event in pool.map(decoder.decode_chunk, frames):
-                decoder.place(event)
+        for event in worker_pool(workers).map(decoder.decode_chunk, frames):
+            decoder.place(event)
     return decoder.finish()
 
 
