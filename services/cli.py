@@ -242,6 +242,9 @@ def cmd_bench_relay(args: argparse.Namespace) -> int:
     print(f"{'raw MB':>7s} {'sender encode ms':>17s} {'receiver transfer ms':>21s} {'layer 0 before last chunk ms':>29s}")
     for row in report["layer0"]:
         print(f"{row['raw_mb']:7.1f} {row['sender_encode_ms']:17.1f} {row['receiver_transfer_ms']:21.1f} {row['layer0_before_last_chunk_ms']:29.1f}")
+    if args.profile:
+        print("\nprofile of one raw hop (encode + gRPC stream + verify/decode, client and sink in one process):\n")
+        print(bench.profile_hop(cache, args.workers))
     return 0
 
 
@@ -314,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     relay_bench.add_argument("--requests", type=int, default=48, help="Relay calls per concurrency level")
     relay_bench.add_argument("--chunk-tokens", type=int, default=0)
     relay_bench.add_argument("--no-ray", action="store_true", help="host the services in this process")
+    relay_bench.add_argument("--profile", action="store_true", help="also print where one raw hop spends its time")
     relay_bench.add_argument("--json", action="store_true")
     relay_bench.set_defaults(func=cmd_bench_relay)
     return parser

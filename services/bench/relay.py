@@ -93,6 +93,21 @@ def hop_table(cache: KVCache, repeats: int, workers: int) -> list[dict]:
     return rows
 
 
+def profile_hop(cache: KVCache, workers: int) -> str:
+    """Where one raw gRPC hop spends its time (client and sink share this process)."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    asyncio.run(one_hop(cache, "raw", {}, True, workers))
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(12)
+    return out.getvalue()
+
+
 def _timed(fn) -> float:
     started = time.perf_counter()
     fn()
