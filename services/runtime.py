@@ -15,7 +15,7 @@ import torch
 
 from densecomm_core.adapter import DenseAdapter
 from densecomm_core.codec.base import Codec, CodecError, get_codec
-from densecomm_core.models import LoadedModel, RopeModel, check_shared_tokenizer, load_model, load_rope_model
+from densecomm_core.models import LoadedModel, RopeModel, load_model, load_rope_model
 from densecomm_core.relay import PromptFormat
 from services.config import RouteConfig, ServeConfig
 from services.errors import RequestError, RouteNotFound
@@ -49,10 +49,6 @@ def load_adapter_route(route: RouteConfig) -> AdapterRoute:
 
 def load_adapter_routes(config: ServeConfig) -> dict[str, AdapterRoute]:
     return {r.name: load_adapter_route(r) for r in config.all_routes()}
-
-
-def check_pair(sender: LoadedModel, receiver: LoadedModel) -> None:
-    check_shared_tokenizer(sender, receiver)
 
 
 def route_name(request, config: ServeConfig) -> str:

@@ -28,7 +28,7 @@ from densecomm_core.errors import GeometryMismatchError
 from densecomm_core.streaming import StreamingAdapter
 from services import protos
 from services.config import ServeConfig
-from services.errors import DownstreamError, RequestError, status_for
+from services.errors import DownstreamError, RequestError, RouteNotFound, status_for
 from services.metrics import ServiceMetrics
 from services.runtime import codec_for, context_text, pick, render_input, route_name, validate_request
 
@@ -377,8 +377,6 @@ class RelayServicer(ServicerBase, relay_pb2_grpc.RelayServicer):
         validate_request(request, self.config, relay_pb2)
         names = [r.name for r in self.config.all_routes()]
         if route_name(request, self.config) not in names:
-            from services.errors import RouteNotFound
-
             raise RouteNotFound(f"unknown route {route_name(request, self.config)!r}; known routes: {names}")
         started = time.perf_counter()
         remaining = context.time_remaining()

@@ -178,7 +178,7 @@ def qwen3_4b_route(root: Path) -> dict:
 
 
 def layer0_table(address: str, text: str, repeats: int) -> list[dict]:
-    from services.client import build_request, relay_once
+    from services.client import relay_once
 
     rows = []
     for _ in range(repeats):

@@ -7,7 +7,6 @@ import urllib.request
 
 import grpc
 import pytest
-import torch
 
 from densecomm_core.codec import iter_encode
 from densecomm_core.codec.base import get_codec
