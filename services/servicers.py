@@ -49,14 +49,25 @@ class Downstream:
     def __init__(self, addresses: list[str], stub_class, config: ServeConfig) -> None:
         if not addresses:
             raise ValueError("a downstream service needs at least one address")
+        self.addresses = list(addresses)
         self.channels = [grpc.aio.insecure_channel(a, options=channel_options(config)) for a in addresses]
         self.stubs = [stub_class(c) for c in self.channels]
         self.next = 0
 
-    def stub(self):
-        stub = self.stubs[self.next % len(self.stubs)]
+    async def stub(self, timeout: float = 2.0):
+        """The next replica's stub, once its channel is connected; UNAVAILABLE if it cannot connect in time.
+
+        Checking first means a dead downstream is reported as UNAVAILABLE, not as a failed stream write.
+        """
+        index = self.next % len(self.stubs)
         self.next += 1
-        return stub
+        channel = self.channels[index]
+        if channel.get_state(try_to_connect=True) != grpc.ChannelConnectivity.READY:
+            try:
+                await asyncio.wait_for(channel.channel_ready(), timeout)
+            except asyncio.TimeoutError:
+                raise DownstreamError(grpc.StatusCode.UNAVAILABLE, f"downstream {self.addresses[index]} is unavailable") from None
+        return self.stubs[index]
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.channels))
@@ -266,8 +277,9 @@ class AdapterServicer(ServicerBase, kv_pb2_grpc.AdapterServicer):
             while (item := await outgoing.get()) is not None:
                 yield item
 
+        stub = await self.receivers.stub()  # before reading on: a dead receiver fails fast and cleanly
         pump_task = asyncio.create_task(pump())
-        call = self.receivers.stub().Generate(forward(), timeout=self.config.hop_deadline_s)
+        call = stub.Generate(forward(), timeout=self.config.hop_deadline_s)
 
         def on_stats(stats) -> None:
             done = state["sender_done"]
@@ -357,7 +369,7 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
             self.metrics.tokens.labels(self.service, "sender", "prefill").inc(tokens)
             self.metrics.flops.labels(self.service, "sender").inc(stats.sender_flops)
 
-        call = self.adapters.stub().Transform(frames(), timeout=self.config.hop_deadline_s)
+        call = (await self.adapters.stub()).Transform(frames(), timeout=self.config.hop_deadline_s)
         async for event in relay_events(call, on_stats):
             yield event
 
@@ -382,7 +394,7 @@ class RelayServicer(ServicerBase, relay_pb2_grpc.RelayServicer):
         remaining = context.time_remaining()
         timeout = min(self.config.hop_deadline_s, remaining) if remaining is not None else self.config.hop_deadline_s
         setup = kv_pb2.HopSetup(request_id=uuid.uuid4().hex, request=request)
-        call = self.senders.stub().Prefill(setup, timeout=timeout)
+        call = (await self.senders.stub()).Prefill(setup, timeout=timeout)
 
         def on_stats(stats) -> None:
             e2e = time.perf_counter() - started
