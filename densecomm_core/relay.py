@@ -78,9 +78,15 @@ class RelayOutput:
 
 
 def encode(tokenizer, texts: Sequence[str], padding_side: str, add_special_tokens: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded ids (B, T) and mask (B, T); ``add_special_tokens=False`` for prompts that continue a cache."""
     tokenizer.padding_side = padding_side
     enc = tokenizer(list(texts), padding=True, return_tensors="pt", add_special_tokens=add_special_tokens)
     return enc["input_ids"], enc["attention_mask"]
+
+
+def decode_generated(tokenizer, tokens: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+    """Text of each row's first ``lengths[i]`` generated tokens (special tokens dropped)."""
+    return [tokenizer.decode(row[:n].tolist(), skip_special_tokens=True) for row, n in zip(tokens, lengths)]
 
 
 @torch.no_grad()
@@ -119,7 +125,7 @@ def receiver_generate(
     else:
         past_next = None
     tokens, lengths = generate(receiver.model, ids, mask, config, tokenizer.eos_token_id, past, past_mask, on_token, past_next)
-    texts = [tokenizer.decode(row[:n].tolist(), skip_special_tokens=True) for row, n in zip(tokens, lengths)]
+    texts = decode_generated(tokenizer, tokens, lengths)
     counts = TokenCounts(receiver_prefill=int(mask.sum()), receiver_decode=int(lengths.sum()))
     return RelayOutput(texts, tokens, lengths, counts)
 

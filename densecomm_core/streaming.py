@@ -11,6 +11,8 @@ hold layer 0 while the sender is still sending later layers.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from densecomm_core.adapter import DenseAdapter
@@ -60,8 +62,6 @@ class StreamingAdapter:
     @torch.no_grad()
     def feed(self, frame: bytes) -> list[bytes]:
         """Consume one incoming frame; return the outgoing frames it made ready (possibly none)."""
-        import time
-
         if self.decoder.header is None:
             self.decoder.feed(frame)
             return self._start(self.decoder.header)

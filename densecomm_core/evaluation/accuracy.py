@@ -9,22 +9,10 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from densecomm_core.generation import GenerationConfig, generate
+from densecomm_core.relay import decode_generated, encode
 from densecomm_core.zoo import tasks
 
 GREEDY = GenerationConfig(max_new_tokens=24)
-
-
-def encode_prompts(
-    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], add_bos: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids (B, T) and mask (B, T); ``add_bos=False`` for prompts that continue a cache."""
-    tokenizer.padding_side = "left"
-    enc = tokenizer(list(texts), padding=True, return_tensors="pt", add_special_tokens=add_bos)
-    return enc["input_ids"], enc["attention_mask"]
-
-
-def decode_generations(tokenizer: PreTrainedTokenizerBase, tokens: torch.Tensor, lengths: torch.Tensor) -> list[str]:
-    return [tokenizer.decode(row[:n].tolist(), skip_special_tokens=True) for row, n in zip(tokens, lengths)]
 
 
 def accuracy_by_family(examples: Sequence[tasks.Example], generations: Sequence[str]) -> dict[str, float]:
@@ -46,9 +34,9 @@ def generate_texts(
     """Plain text-in, text-out generation (no transferred cache), batched."""
     texts: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        ids, mask = encode_prompts(tokenizer, prompts[start : start + batch_size])
+        ids, mask = encode(tokenizer, prompts[start : start + batch_size], "left", add_special_tokens=True)
         tokens, lengths = generate(model, ids, mask, config, tokenizer.eos_token_id)
-        texts.extend(decode_generations(tokenizer, tokens, lengths))
+        texts.extend(decode_generated(tokenizer, tokens, lengths))
     return texts
 
 

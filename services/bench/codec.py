@@ -45,19 +45,25 @@ class CodecRow:
     decode_mb_s: float
 
 
-def qwen3_4b_geometry_cache(tokens: int = 180, seed: int = 0) -> KVCache:
-    """A real prefill through a Qwen3 model with Qwen3-4B's KV layout (hidden shrunk to 256)."""
+def qwen3_4b_geometry_model(tokenizer, rope_theta: float = 1_000_000.0):
+    """A bf16 Qwen3 model with Qwen3-4B's KV layout (36 layers, 32 query / 8 KV heads x 128), hidden shrunk to 256."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=36,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    return Qwen3ForCausalLM(config).to(torch.bfloat16)
+
+
+def qwen3_4b_geometry_cache(tokens: int = 180, seed: int = 0) -> KVCache:
+    """A real prefill through a Qwen3 model with Qwen3-4B's KV layout (hidden shrunk to 256)."""
     from densecomm_core.models import wrap_model
     from densecomm_core.zoo.tokenizer import build_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
-    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=36,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0})
-    model = wrap_model(Qwen3ForCausalLM(config).to(torch.bfloat16), tokenizer)
+    model = wrap_model(qwen3_4b_geometry_model(tokenizer), tokenizer)
     from densecomm_core.relay import sender_prefill
     from densecomm_core.zoo import tasks
 

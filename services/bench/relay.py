@@ -154,21 +154,16 @@ def latency_table(address: str, requests: int) -> list[dict]:
 
 def qwen3_4b_route(root: Path) -> dict:
     """Sender and receiver with Qwen3-4B's KV geometry (random weights, hidden 256) and an adapter between them."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
     from densecomm_core.adapter import AdapterConfig, DenseAdapter
     from densecomm_core.models import geometry_of
     from densecomm_core.zoo.tokenizer import build_tokenizer
+    from services.bench.codec import qwen3_4b_geometry_model
 
     tokenizer = build_tokenizer()
     geometries = []
     for i, name in enumerate(("sender", "receiver")):
         torch.manual_seed(i)
-        config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=36,
-                             num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=4096,
-                             rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0 * (i + 1)},
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
-        model = Qwen3ForCausalLM(config).to(torch.bfloat16)
+        model = qwen3_4b_geometry_model(tokenizer, rope_theta=1_000_000.0 * (i + 1))
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
         geometries.append(geometry_of(model))
