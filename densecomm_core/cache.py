@@ -117,6 +117,31 @@ class KVCache:
             mask=self.mask[:, :width], positions=self.positions[:, :width],
         )
 
+    @classmethod
+    def stack_rows(cls, caches: "list[KVCache]") -> "KVCache":
+        """One batch from several caches of the same geometry, each right-padded to the widest."""
+        if not caches:
+            raise CacheLayoutError("stack_rows needs at least one cache")
+        first = caches[0]
+        if any(c.rope_applied != first.rope_applied or c.fingerprint != first.fingerprint or c.num_layers != first.num_layers
+               for c in caches):
+            raise CacheLayoutError("stack_rows needs caches of one cache space (same layers, RoPE state and fingerprint)")
+        width = max(c.num_tokens for c in caches)
+
+        def pad(t: torch.Tensor, dim: int, value=0) -> torch.Tensor:
+            extra = width - t.shape[dim]
+            if extra == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = extra
+            return torch.cat([t, t.new_full(shape, value)], dim=dim)
+
+        keys = [torch.cat([pad(c.keys[i], 2) for c in caches]) for i in range(first.num_layers)]
+        values = [torch.cat([pad(c.values[i], 2) for c in caches]) for i in range(first.num_layers)]
+        mask = torch.cat([pad(c.mask, 1, False) for c in caches])
+        positions = torch.cat([pad(c.positions, 1) for c in caches])
+        return first.with_tensors(keys, values, mask=mask, positions=positions)
+
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "KVCache":
         return self.with_tensors(
             [k.to(device=device, dtype=dtype) for k in self.keys], [v.to(device=device, dtype=dtype) for v in self.values],

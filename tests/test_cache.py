@@ -69,3 +69,16 @@ def test_rows_and_trim():
     one = cache.rows([1]).trimmed()
     assert one.num_tokens == 3 and one.batch_size == 1
     assert torch.equal(one.keys[2], cache.keys[2][1:, :, :3])
+
+
+def test_stack_rows_rebuilds_the_padded_batch():
+    cache = random_cache()
+    rows = [cache.rows([b]).trimmed() for b in range(cache.batch_size)]
+    stacked = KVCache.stack_rows(rows)
+    assert torch.equal(stacked.mask, cache.mask)
+    assert torch.equal(stacked.positions[cache.mask], cache.positions[cache.mask])
+    for got, want in zip((*stacked.keys, *stacked.values), (*cache.keys, *cache.values)):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1, :, :3], want[1, :, :3])
+        assert not got[1, :, 3:].any()  # padding is zeros, never another row's data
+    with pytest.raises(CacheLayoutError, match="one cache space"):
+        KVCache.stack_rows([rows[0], KVCache(rows[1].keys, rows[1].values, rows[1].mask, rows[1].positions, fingerprint="other")])

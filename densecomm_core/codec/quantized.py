@@ -3,7 +3,7 @@
 Keys are quantized per channel (each channel's min/max over a group of ``group`` tokens: key
 outliers live in fixed channels), values per token (min/max over ``group`` consecutive channels).
 Each group stores its minimum and step in fp16, counted in the payload. With b bits the error of an
-element is at most step/2, step = (max − min)/(2^b − 1). Codes are bit-packed (8, 4 or 2 bits) and
+element is at most step/2, step = (max − min)/(2^b − 1). Codes are bit-packed (8, 4, 3 or 2 bits) and
 the sections go through zstd when it pays. Every chunk quantizes only its own tokens, so chunks stay
 independent.
 """
@@ -18,35 +18,42 @@ import torch
 from densecomm_core.codec.base import Codec, CodecError
 from densecomm_core.codec.zstd import pack_section, unpack_section
 
-SUPPORTED_BITS = (2, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 8)
+CODES_PER_WORD = 8  # codes are packed 8 at a time into ``bits`` bytes (one uint32 word for bits <= 4)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> bytes:
-    """uint8 codes in [0, 2^bits) -> bytes, 8/bits codes per byte (first code in the low bits)."""
-    per_byte = 8 // bits
+    """uint8 codes in [0, 2^bits) -> ceil(n * bits / 8) bytes, little-endian bit order (first code lowest)."""
     flat = codes.reshape(-1).numpy()
-    pad = (-flat.size) % per_byte
+    if bits == 8:
+        return flat.tobytes()
+    count = flat.size
+    pad = (-count) % CODES_PER_WORD
     if pad:
         flat = np.concatenate([flat, np.zeros(pad, dtype=np.uint8)])
-    if per_byte == 1:
-        return flat.tobytes()
-    grouped = flat.reshape(-1, per_byte)
-    packed = grouped[:, 0].copy()
-    for i in range(1, per_byte):
-        packed |= grouped[:, i] << np.uint8(bits * i)
-    return packed.tobytes()
+    octets = flat.reshape(-1, CODES_PER_WORD)
+    word = octets[:, 0].astype(np.uint32)
+    for i in range(1, CODES_PER_WORD):
+        word |= octets[:, i].astype(np.uint32) << np.uint32(bits * i)
+    packed = word.astype("<u4").view(np.uint8).reshape(-1, 4)[:, :bits]
+    return np.ascontiguousarray(packed).tobytes()[: packed_size(count, bits)]
 
 
 def unpack_codes(data: bytes | memoryview, count: int, bits: int) -> torch.Tensor:
-    per_byte = 8 // bits
     packed = np.frombuffer(data, dtype=np.uint8)
-    if per_byte == 1:
+    if bits == 8:
         return torch.from_numpy(packed[:count].copy())
-    mask = np.uint8((1 << bits) - 1)
-    codes = np.empty((packed.size, per_byte), dtype=np.uint8)
-    for i in range(per_byte):
-        codes[:, i] = (packed >> np.uint8(bits * i)) & mask
-    return torch.from_numpy(codes.reshape(-1)[:count].copy())
+    words = -(-count // CODES_PER_WORD)
+    flat = np.zeros(words * bits, dtype=np.uint8)  # the last word's missing bytes read as zero
+    flat[: packed.size] = packed[: flat.size]
+    octets = np.zeros((words, 4), dtype=np.uint8)
+    octets[:, :bits] = flat.reshape(words, bits)
+    word = octets.view("<u4").reshape(-1)
+    mask = np.uint32((1 << bits) - 1)
+    codes = np.empty((words, CODES_PER_WORD), dtype=np.uint8)
+    for i in range(CODES_PER_WORD):
+        codes[:, i] = (word >> np.uint32(bits * i)) & mask
+    return torch.from_numpy(codes.reshape(-1)[:count])
 
 
 def packed_size(count: int, bits: int) -> int:
@@ -90,8 +97,11 @@ class QuantizedCodec(Codec):
         return {"key_bits": self.key_bits, "value_bits": self.value_bits, "group": self.group, "level": self.level}
 
     def group_for(self, length: int) -> int:
-        """Groups never exceed the grouped axis (a 16-dim head quantizes values in groups of 16)."""
-        return max(1, min(self.group, length))
+        """The group size actually used along an axis of ``length``: at most ``group``, and balanced so
+        that the padded tail is shorter than one element per group (180 tokens in groups of at most 64
+        become 3 groups of 60, not 4 of 64 with 76 codes of padding)."""
+        groups = math.ceil(length / self.group)
+        return max(1, math.ceil(length / max(1, groups)))
 
     def _encode_one(self, x: torch.Tensor, bits: int) -> bytes:
         codes, low, step = quantize_lastdim(x, bits, self.group_for(x.shape[-1]))

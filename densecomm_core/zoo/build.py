@@ -71,6 +71,9 @@ class ZooTrainConfig:
     # emerge in sudden phase changes; a restarted rate lets a stalled one happen without starting over.
     restart_steps: int = 4000
     restart_lr: float = 2e-3
+    # Stage-1 share of each task family in the training stream (None = uniform). Lookup families
+    # (recall, choice) need far more examples than arithmetic before their induction circuits form.
+    family_weights: dict[str, float] | None = None
 
 
 @dataclass
@@ -194,7 +197,8 @@ def train_stage_1(spec: ZooModelSpec, config: ZooTrainConfig, out_dir: Path, pro
     tokenizer = build_tokenizer()
     model = build_model(spec, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
     started = time.perf_counter()
-    steps, accuracy = run_stage(model, tokenizer, config, config.seed, config.max_steps, config.lr, spec.name, progress)
+    steps, accuracy = run_stage(model, tokenizer, config, config.seed, config.max_steps, config.lr, spec.name, progress,
+                                config.family_weights)
     stages = [{"stage": 1, "steps": steps, "seconds": time.perf_counter() - started, "validation_accuracy": accuracy}]
     save_zoo_model(model, tokenizer, out_dir, spec, config, stages)
     return stages

@@ -130,12 +130,16 @@ def accuracy_through_codecs(per_family: int) -> list[dict]:
         codec = get_codec(name, **params)
         sizes = {"raw": 0, "wire": 0}
 
-        def channel(cache: KVCache, hop: int, codec=codec, sizes=sizes) -> KVCache:
+        def ship(cache: KVCache, hop: int, codec=codec, sizes=sizes) -> KVCache:
             shipped = cache.to(dtype=torch.bfloat16)  # what a deployment ships
             blob = encode_cache(shipped, codec if hop == 0 else codec.for_forwarding())
             sizes["raw"] += shipped.nbytes
             sizes["wire"] += len(blob)
             return decode_cache(blob, DecodeLimits()).to(dtype=cache.dtype)
+
+        def channel(cache: KVCache, hop: int, ship=ship) -> KVCache:
+            # One wire payload per request, without batch padding, as the services ship them.
+            return KVCache.stack_rows([ship(cache.rows([b]).trimmed(), hop) for b in range(cache.batch_size)])
 
         relay = DenseRelay(sender, receiver, adapter, channel=channel)
         row = {"codec": label}

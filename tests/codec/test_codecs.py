@@ -12,14 +12,20 @@ from densecomm_core.codec.quantized import pack_codes, quantize_lastdim, unpack_
 from tests.codec.test_wire import make_cache
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
-def test_bit_packing_round_trip(bits):
-    codes = torch.randint(0, 1 << bits, (1001,), dtype=torch.uint8)
-    assert torch.equal(unpack_codes(pack_codes(codes, bits), 1001, bits), codes)
-    assert len(pack_codes(codes, bits)) == -(-1001 * bits // 8)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("count", [1, 7, 8, 1001])
+def test_bit_packing_round_trip(bits, count):
+    codes = torch.randint(0, 1 << bits, (count,), dtype=torch.uint8)
+    assert torch.equal(unpack_codes(pack_codes(codes, bits), count, bits), codes)
+    assert len(pack_codes(codes, bits)) == -(-count * bits // 8)
 
 
-@pytest.mark.parametrize("key_bits, value_bits", [(8, 8), (4, 4), (4, 2), (2, 2)])
+@pytest.mark.parametrize("length, group, expected", [(180, 64, 60), (64, 64, 64), (65, 64, 33), (16, 64, 16), (7, 4, 4)])
+def test_groups_are_balanced_along_the_axis(length, group, expected):
+    assert get_codec("quantized", group=group).group_for(length) == expected
+
+
+@pytest.mark.parametrize("key_bits, value_bits", [(8, 8), (4, 4), (4, 3), (3, 3), (4, 2), (2, 2)])
 @pytest.mark.parametrize("tokens", [1, 7, 64, 100])
 def test_quantization_error_is_at_most_half_a_step(key_bits, value_bits, tokens):
     cache = make_cache(layers=2, heads=(2, 2), dims=(16, 16), tokens=tokens, dtype=torch.float32)
@@ -28,7 +34,7 @@ def test_quantization_error_is_at_most_half_a_step(key_bits, value_bits, tokens)
     for original, decoded, bits, by_channel in ((cache.keys, out.keys, key_bits, True), (cache.values, out.values, value_bits, False)):
         for x, y in zip(original, decoded):
             grouped = x.transpose(2, 3) if by_channel else x
-            _, _, step = quantize_lastdim(grouped, bits, min(32, grouped.shape[-1]))
+            _, _, step = quantize_lastdim(grouped, bits, codec.group_for(grouped.shape[-1]))
             bound = step.float().max().item() / 2 * 1.01 + 1e-3
             assert (x - y).abs().max().item() <= bound
 
@@ -36,14 +42,14 @@ def test_quantization_error_is_at_most_half_a_step(key_bits, value_bits, tokens)
 def test_more_bits_less_error_and_fewer_bytes_for_fewer_bits():
     cache = make_cache(layers=2, dims=(64, 64), tokens=64, dtype=torch.bfloat16)
     errors, sizes = [], []
-    for bits in (8, 4, 2):
+    for bits in (8, 4, 3, 2):
         blob = encode_cache(cache, get_codec("quantized", key_bits=bits, value_bits=bits, group=64))
         out = decode_cache(blob)
         errors.append(max((a.float() - b.float()).abs().max().item() for a, b in zip(cache.values, out.values)))
         sizes.append(len(blob))
-    assert errors[0] < errors[1] < errors[2]
-    assert sizes[0] > sizes[1] > sizes[2]
-    assert cache.nbytes / sizes[2] > 4  # int2 with 64-wide groups: ~3 bits per value all-in
+    assert errors[0] < errors[1] < errors[2] < errors[3]
+    assert sizes[0] > sizes[1] > sizes[2] > sizes[3]
+    assert cache.nbytes / sizes[3] > 4  # int2 with 64-wide groups: ~3 bits per value all-in
 
 
 def test_quantized_decoder_rejects_inconsistent_payloads():
@@ -96,7 +102,7 @@ def test_eviction_forwards_with_its_inner_codec():
 @pytest.mark.parametrize(
     "name, params, message",
     [
-        ("quantized", {"key_bits": 3}, "key_bits"),
+        ("quantized", {"key_bits": 5}, "key_bits"),
         ("quantized", {"group": 10**6}, "group"),
         ("eviction", {"keep": 0}, "keep"),
         ("eviction", {"inner": "eviction"}, "cannot wrap itself"),
