@@ -121,6 +121,7 @@ REGISTRY: dict[str, str] = {
     "raw": "densecomm_core.codec.raw:RawCodec",
     "lossless": "densecomm_core.codec.lossless:LosslessCodec",
     "quantized": "densecomm_core.codec.quantized:QuantizedCodec",
+    "ecsq": "densecomm_core.codec.ecsq:EntropyQuantizedCodec",
     "eviction": "densecomm_core.codec.eviction:EvictionCodec",
 }
 

@@ -60,12 +60,25 @@ def packed_size(count: int, bits: int) -> int:
     return math.ceil(count * bits / 8)
 
 
-def quantize_lastdim(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Group the last dim (padded to a multiple of ``group``); return codes (..., n, group), min and step (..., n) in fp16."""
+def balanced_group(length: int, group: int) -> int:
+    """The group size used along an axis of ``length``: at most ``group``, balanced so that the padded
+    tail is shorter than one element per group (180 tokens in groups of at most 64 become 3 groups of
+    60, not 4 of 64 with 76 codes of padding)."""
+    groups = math.ceil(length / group)
+    return max(1, math.ceil(length / max(1, groups)))
+
+
+def group_lastdim(x: torch.Tensor, group: int) -> torch.Tensor:
+    """(..., L) -> float32 (..., ceil(L / group), group); the tail repeats the edge value (no range widening)."""
     pad = (-x.shape[-1]) % group
     if pad:
-        x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1)  # repeat the edge: no range widening
-    x = x.reshape(*x.shape[:-1], -1, group).float()
+        x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1)
+    return x.reshape(*x.shape[:-1], -1, group).float()
+
+
+def quantize_lastdim(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group the last dim (padded to a multiple of ``group``); return codes (..., n, group), min and step (..., n) in fp16."""
+    x = group_lastdim(x, group)
     low = x.amin(dim=-1).to(torch.float16)
     step = ((x.amax(dim=-1) - low.float()) / ((1 << bits) - 1)).to(torch.float16)
     step = torch.where(step > 0, step, torch.ones_like(step))  # constant groups (and fp16 underflow)
@@ -97,11 +110,7 @@ class QuantizedCodec(Codec):
         return {"key_bits": self.key_bits, "value_bits": self.value_bits, "group": self.group, "level": self.level}
 
     def group_for(self, length: int) -> int:
-        """The group size actually used along an axis of ``length``: at most ``group``, and balanced so
-        that the padded tail is shorter than one element per group (180 tokens in groups of at most 64
-        become 3 groups of 60, not 4 of 64 with 76 codes of padding)."""
-        groups = math.ceil(length / self.group)
-        return max(1, math.ceil(length / max(1, groups)))
+        return balanced_group(length, self.group)
 
     def _encode_one(self, x: torch.Tensor, bits: int) -> bytes:
         codes, low, step = quantize_lastdim(x, bits, self.group_for(x.shape[-1]))

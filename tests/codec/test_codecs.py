@@ -52,6 +52,56 @@ def test_more_bits_less_error_and_fewer_bytes_for_fewer_bits():
     assert cache.nbytes / sizes[3] > 4  # int2 with 64-wide groups: ~3 bits per value all-in
 
 
+@pytest.mark.parametrize("tokens", [1, 7, 100])
+@pytest.mark.parametrize("rel_step", [0.1, 0.4, 1.5])
+def test_ecsq_error_is_at_most_half_a_step(tokens, rel_step):
+    from densecomm_core.codec.ecsq import quantize
+    from densecomm_core.codec.quantized import balanced_group
+
+    cache = make_cache(layers=2, heads=(2, 2), dims=(16, 16), tokens=tokens, dtype=torch.float32)
+    codec = get_codec("ecsq", key_step=rel_step, value_step=rel_step, group=32)
+    out = decode_cache(encode_cache(cache, codec))
+    for original, decoded, by_channel in ((cache.keys, out.keys, True), (cache.values, out.values, False)):
+        for x, y in zip(original, decoded):
+            grouped = x.transpose(2, 3) if by_channel else x
+            _, _, step = quantize(grouped, rel_step, balanced_group(grouped.shape[-1], 32))
+            assert (x - y).abs().max().item() <= step.float().max().item() / 2 * 1.01 + 1e-6
+
+
+def test_ecsq_beats_fixed_bits_on_heavy_tailed_values():
+    """KV values have heavy tails: entropy-coded codes are both smaller and more accurate than 3-bit ones."""
+    heavy = torch.distributions.StudentT(3.0)
+    torch.manual_seed(0)
+    cache = make_cache(layers=2, heads=(4, 4), dims=(128, 128), tokens=180, dtype=torch.bfloat16)
+    cache = cache.with_tensors([heavy.sample(k.shape).to(k.dtype) for k in cache.keys],
+                               [heavy.sample(v.shape).to(v.dtype) for v in cache.values])
+
+    def size_and_error(codec):
+        blob = encode_cache(cache, codec)
+        out = decode_cache(blob)
+        tensors = zip((*cache.keys, *cache.values), (*out.keys, *out.values))
+        err = sum((a.float() - b.float()).square().sum() for a, b in tensors)
+        return len(blob), float(err / sum(a.float().square().sum() for a in (*cache.keys, *cache.values)))
+
+    fixed_size, fixed_error = size_and_error(get_codec("quantized", key_bits=3, value_bits=3, group=64))
+    ecsq_size, ecsq_error = size_and_error(get_codec("ecsq", key_step=0.85, value_step=0.85, group=64))
+    assert ecsq_size < fixed_size and ecsq_error < 0.9 * fixed_error  # measured: 0.7 % fewer bytes, 12 % less error
+
+
+def test_ecsq_rejects_non_finite_input_and_hostile_steps():
+    cache = make_cache(layers=1, dtype=torch.float32)
+    cache.keys[0][0, 0, 0, 0] = float("inf")
+    with pytest.raises(CodecError, match="non-finite"):
+        encode_cache(cache, get_codec("ecsq"))
+    codec = get_codec("ecsq", level=3)
+    keys, values = make_cache(layers=1).keys[0], make_cache(layers=1).values[0]
+    payload = bytearray(codec.encode(keys, values))
+    with pytest.raises(CodecError):
+        codec.decode(bytes(payload) + b"\0", tuple(keys.shape), tuple(values.shape), keys.dtype)
+    with pytest.raises(CodecError):
+        codec.decode(bytes(payload), (1, 2, 12, 8), tuple(values.shape), keys.dtype)
+
+
 def test_quantized_decoder_rejects_inconsistent_payloads():
     cache = make_cache()
     codec = get_codec("quantized")
@@ -104,6 +154,9 @@ def test_eviction_forwards_with_its_inner_codec():
     [
         ("quantized", {"key_bits": 5}, "key_bits"),
         ("quantized", {"group": 10**6}, "group"),
+        ("ecsq", {"key_step": 0}, "key_step"),
+        ("ecsq", {"value_step": "big"}, "value_step"),
+        ("ecsq", {"group": 2}, "group"),
         ("eviction", {"keep": 0}, "keep"),
         ("eviction", {"inner": "eviction"}, "cannot wrap itself"),
         ("eviction", {"inner": "nope"}, "unknown codec"),

@@ -203,7 +203,7 @@ def test_fuzz_mutations_only_raise_codec_errors(zoo_pair):
     sender, _ = zoo_pair
     cache = sender_prefill(sender, [e.context for e in tasks.make_split("test", 1)]).to(dtype=torch.float16)
     streams = [encode_cache(cache, get_codec(name, **params), chunk_tokens=8) for name, params in
-               [("raw", {}), ("lossless", {}), ("quantized", {"key_bits": 4, "value_bits": 2}),
+               [("raw", {}), ("lossless", {}), ("quantized", {"key_bits": 4, "value_bits": 2}), ("ecsq", {}),
                 ("eviction", {"keep": 0.5, "inner": "quantized"})]]
     rng = random.Random(0)
     limits = DecodeLimits(max_raw_bytes=64 << 20)
