@@ -1,6 +1,7 @@
 """Codec interface, decoding limits, errors and the lazy codec registry.
 
     Codec.encode(keys, values) -> bytes       one chunk: K and V of one layer, a token range
+    Codec.encode_parts(keys, values) -> list  the same payload as buffers (fewer copies of big planes)
     Codec.decode(payload, k_shape, v_shape, dtype) -> (keys, values)
     Codec.prepare(cache) -> KVCache           optional cache-level step before chunking (eviction)
     Codec.for_forwarding() -> Codec           codec for later hops of the same request
@@ -110,6 +111,11 @@ class Codec(ABC):
     @abstractmethod
     def encode(self, keys: torch.Tensor, values: torch.Tensor) -> bytes:
         """keys (B, Hk, t, Dk), values (B, Hv, t, Dv) -> payload."""
+
+    def encode_parts(self, keys: torch.Tensor, values: torch.Tensor) -> list:
+        """The payload as buffers whose concatenation is ``encode``'s result; codecs that pass big
+        buffers through (stored byte planes) override it so the frame is assembled with one copy."""
+        return [self.encode(keys, values)]
 
     @abstractmethod
     def decode(self, payload: bytes, key_shape: tuple[int, ...], value_shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,9 +1,12 @@
 """`lossless`: bit-exact. Byte planes of the floats are split before zstd.
 
-The high byte of an fp16/bf16 value holds the sign and exponent, which vary little between
-neighbouring KV values; the low byte holds mantissa bits, which look random. Plain zstd over
+The high byte of an fp16/bf16 value holds the sign and most of the exponent, which vary little
+between neighbouring KV values; the low byte holds mantissa bits, which look random. Plain zstd over
 interleaved bytes sees neither pattern; per-plane zstd compresses the exponent plane well and stores
 the mantissa plane as is (compression is skipped where it does not pay, which also keeps it fast).
+
+Plane i holds byte i (little-endian) of every element. Two-byte dtypes split and merge with 16-bit
+shifts (one pass each, several times faster than strided byte gathers); fp32 uses the byte gather.
 """
 
 from __future__ import annotations
@@ -13,7 +16,31 @@ import torch
 
 from densecomm_core.codec.base import Codec, CodecError
 from densecomm_core.codec.bytes import tensor_from_bytes, tensor_uint8
-from densecomm_core.codec.zstd import pack_section, unpack_section
+from densecomm_core.codec.zstd import section_parts, unpack_section
+
+
+def byte_planes(tensor: torch.Tensor) -> list[np.ndarray]:
+    """The tensor's element bytes as itemsize contiguous uint8 planes, low byte first."""
+    if tensor.element_size() == 2:
+        words = tensor_uint8(tensor).view(np.uint16).reshape(-1)
+        return [words.astype(np.uint8), (words >> 8).astype(np.uint8)]
+    planes = tensor_uint8(tensor)  # (n, itemsize): column i = byte i of every element
+    return [np.ascontiguousarray(planes[:, i]) for i in range(planes.shape[1])]
+
+
+def merge_planes(planes: list, n: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of ``byte_planes``: a writable tensor of ``shape``/``dtype``."""
+    if dtype.itemsize == 2:
+        low, high = (np.frombuffer(p, dtype=np.uint8) for p in planes)
+        words = np.empty(n, dtype=np.uint16)
+        words[:] = high
+        words <<= 8
+        words |= low
+        return tensor_from_bytes(words.view(np.uint8), shape, dtype, copy=False)
+    interleaved = np.empty((n, dtype.itemsize), dtype=np.uint8)
+    for i, plane in enumerate(planes):
+        interleaved[:, i] = np.frombuffer(plane, dtype=np.uint8)
+    return tensor_from_bytes(interleaved, shape, dtype, copy=False)
 
 
 class LosslessCodec(Codec):
@@ -28,25 +55,23 @@ class LosslessCodec(Codec):
     def params(self) -> dict:
         return {"level": self.level}
 
+    def encode_parts(self, keys: torch.Tensor, values: torch.Tensor) -> list:
+        return [part for tensor in (keys, values) for plane in byte_planes(tensor) for part in section_parts(plane, self.level)]
+
     def encode(self, keys: torch.Tensor, values: torch.Tensor) -> bytes:
-        sections = []
-        for tensor in (keys, values):
-            planes = tensor_uint8(tensor)  # (n, itemsize): column i = byte i of every element
-            sections.extend(pack_section(np.ascontiguousarray(planes[:, i]), self.level) for i in range(planes.shape[1]))
-        return b"".join(sections)
+        return b"".join(self.encode_parts(keys, values))
 
     def decode(self, payload, key_shape, value_shape, dtype):
-        size = dtype.itemsize
         view = memoryview(payload)
         offset = 0
         out = []
         for shape in (key_shape, value_shape):
             n = int(np.prod(shape))
-            planes = np.empty((n, size), dtype=np.uint8)
-            for i in range(size):
+            planes = []
+            for _ in range(dtype.itemsize):
                 plane, offset = unpack_section(view, offset, n)
-                planes[:, i] = np.frombuffer(plane, dtype=np.uint8)
-            out.append(tensor_from_bytes(planes, shape, dtype, copy=False))
+                planes.append(plane)
+            out.append(merge_planes(planes, n, shape, dtype))
         if offset != len(view):
             raise CodecError(f"lossless payload has {len(view) - offset} trailing bytes")
         return out[0], out[1]

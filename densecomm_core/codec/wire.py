@@ -139,11 +139,13 @@ def header_frame(header: WireHeader) -> bytes:
     return HEADER_PREFIX.pack(HEADER_MAGIC, VERSION, 0, len(body)) + body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body))
 
 
-def chunk_frame(seq: int, layer: int, token_start: int, token_count: int, payload: bytes) -> bytes:
-    fields = CHUNK_FIELDS.pack(seq, layer, 0, token_start, token_count, len(payload))
+def chunk_parts(seq: int, layer: int, token_start: int, token_count: int, payload: list) -> list:
+    """A chunk frame as buffers: its prefix, then the payload's buffers (checksummed without joining)."""
+    fields = CHUNK_FIELDS.pack(seq, layer, 0, token_start, token_count, sum(len(memoryview(p).cast("B")) for p in payload))
     digest = xxhash.xxh3_64(fields)
-    digest.update(payload)
-    return CHUNK_MAGIC + fields + struct.pack("<Q", digest.intdigest()) + payload
+    for part in payload:
+        digest.update(part)
+    return [CHUNK_MAGIC + fields + struct.pack("<Q", digest.intdigest()), *payload]
 
 
 def layer_frames(header: WireHeader, codec: Codec, layer: int, keys: torch.Tensor, values: torch.Tensor) -> list[bytes]:
@@ -151,22 +153,23 @@ def layer_frames(header: WireHeader, codec: Codec, layer: int, keys: torch.Tenso
     frames = []
     for seq, (chunk_layer, start, count) in enumerate(header.chunk_ranges()):
         if chunk_layer == layer:
-            payload = codec.encode(keys[:, :, start : start + count], values[:, :, start : start + count])
-            frames.append(chunk_frame(seq, layer, start, count, payload))
+            payload = codec.encode_parts(keys[:, :, start : start + count], values[:, :, start : start + count])
+            frames.append(b"".join(chunk_parts(seq, layer, start, count, payload)))
     return frames
 
 
-def iter_encode(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, workers: int = 1) -> Iterator[bytes]:
-    """Yield the header frame, then chunk frames in sequence order (``workers`` encode chunks in parallel)."""
+def iter_encode_parts(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, workers: int = 1) -> Iterator[list]:
+    """Yield the header frame, then chunk frames in sequence order, each frame as a list of buffers
+    (``workers`` encode chunks in parallel)."""
     cache = codec.prepare(cache)
     header = make_header(cache, codec, chunk_tokens)
-    yield header_frame(header)
+    yield [header_frame(header)]
 
-    def encode_one(item: tuple[int, tuple[int, int, int]]) -> bytes:
+    def encode_one(item: tuple[int, tuple[int, int, int]]) -> list:
         seq, (layer, start, count) = item
         keys = cache.keys[layer][:, :, start : start + count]
         values = cache.values[layer][:, :, start : start + count]
-        return chunk_frame(seq, layer, start, count, codec.encode(keys, values))
+        return chunk_parts(seq, layer, start, count, codec.encode_parts(keys, values))
 
     items = list(enumerate(header.chunk_ranges()))
     if workers <= 1 or len(items) == 1:
@@ -175,9 +178,15 @@ def iter_encode(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, w
         yield from worker_pool(workers).map(encode_one, items)  # zstd and numpy release the GIL
 
 
+def iter_encode(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, workers: int = 1) -> Iterator[bytes]:
+    """Yield the header frame, then chunk frames in sequence order, each as one byte string."""
+    for parts in iter_encode_parts(cache, codec, chunk_tokens, workers):
+        yield b"".join(parts)
+
+
 def encode_cache(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, workers: int = 1) -> bytes:
-    """The whole stream as one byte string (frames concatenated)."""
-    return b"".join(iter_encode(cache, codec, chunk_tokens, workers))
+    """The whole stream as one byte string (frames concatenated; big buffers are copied once)."""
+    return b"".join(part for parts in iter_encode_parts(cache, codec, chunk_tokens, workers) for part in parts)
 
 
 # ---- decoding -------------------------------------------------------------------------------------

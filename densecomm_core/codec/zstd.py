@@ -53,19 +53,25 @@ def decompress(data: bytes | memoryview, expected_size: int) -> bytes:
 PROBE_BYTES = 16 << 10
 
 
-def pack_section(data, level: int | None) -> bytes:
-    """Compress when it pays (>= 2 % smaller), else store; prefixed with mode and length.
+def section_parts(data, level: int | None) -> list:
+    """One framed section as [prefix, body] buffers: compressed when it pays (>= 2 % smaller), else stored.
 
     Large sections are probed first: when their first 16 KiB do not shrink by 5 %, the whole section
-    is stored without a full compression attempt (mantissa bytes look random and never shrink).
+    is stored without a full compression attempt (mantissa bytes look random and never shrink). A
+    stored body is the caller's buffer itself, not a copy.
     """
     view = memoryview(data).cast("B")
     if level is not None:
         if len(view) <= 4 * PROBE_BYTES or len(compress(view[:PROBE_BYTES], level)) < 0.95 * PROBE_BYTES:
             packed = compress(view, level)
             if len(packed) < 0.98 * len(view):
-                return SECTION.pack(ZSTD, len(packed)) + packed
-    return SECTION.pack(STORED, len(view)) + view.tobytes()
+                return [SECTION.pack(ZSTD, len(packed)), packed]
+    return [SECTION.pack(STORED, len(view)), view]
+
+
+def pack_section(data, level: int | None) -> bytes:
+    """``section_parts`` joined into one byte string."""
+    return b"".join(section_parts(data, level))
 
 
 def unpack_section(payload: memoryview, offset: int, expected_size: int) -> tuple[bytes | memoryview, int]:
