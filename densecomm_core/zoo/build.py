@@ -83,6 +83,9 @@ class ZooTrainConfig:
     # Stage-1 share of each task family in the training stream (None = uniform). Lookup families
     # (recall, choice) need far more examples than arithmetic before their induction circuits form.
     family_weights: dict[str, float] | None = None
+    # Re-weight after every evaluation: each family's weight becomes its base weight x (error + 0.1),
+    # so families already solved stop crowding out those still failing (a self-paced curriculum).
+    adaptive_weights: bool = False
 
 
 @dataclass
@@ -165,6 +168,7 @@ def run_stage(
     from tqdm import tqdm
 
     rng = random.Random(seed)
+    base_weights = family_weights
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=config.weight_decay)
     validation = tasks.make_split("validation", config.eval_per_family)
     accuracy: dict[str, float] = {}
@@ -188,6 +192,10 @@ def run_stage(
             bar.write(f"{name} step {step + 1}: validation accuracy {accuracy}")
             if min(accuracy.values()) >= config.target_accuracy:
                 break
+            if config.adaptive_weights:
+                base = base_weights or {family: 1.0 for family in tasks.FAMILIES}
+                family_weights = {f: base[f] * (1.0 - accuracy[f] + 0.1) for f in base}
+                log.info("%s step %d family weights %s", name, step + 1, family_weights)
     model.eval()
     return step + 1, accuracy
 

@@ -31,8 +31,9 @@ CODECS: list[tuple[str, str, dict]] = [
     ("int4k/int3v", "quantized", {"key_bits": 4, "value_bits": 3, "group": 64}),
     ("int3", "quantized", {"key_bits": 3, "value_bits": 3, "group": 64}),
     ("int4k/int2v", "quantized", {"key_bits": 4, "value_bits": 2, "group": 64}),
+    ("ecsq 0.3", "ecsq", {"key_step": 0.3, "value_step": 0.3, "group": 64}),
+    ("ecsq 0.35", "ecsq", {"key_step": 0.35, "value_step": 0.35, "group": 64}),
     ("ecsq 0.4", "ecsq", {"key_step": 0.4, "value_step": 0.4, "group": 64}),
-    ("ecsq 0.6", "ecsq", {"key_step": 0.6, "value_step": 0.6, "group": 64}),
     ("evict50+lossless", "eviction", {"keep": 0.5}),
     ("evict50+obf+int4", "eviction", {"keep": 0.5, "obf_rank": 4, "inner": "quantized", "inner_params": {"key_bits": 4, "value_bits": 4, "group": 64}}),
 ]
