@@ -119,17 +119,14 @@ def dense_rows_through_services(rows, adapter_dir: Path, per_family: int, use_ra
 
 
 def cmd_zoo_build(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from densecomm_core.zoo.build import ZooTrainConfig, build_zoo
+    from densecomm_core.zoo.build import build_zoo
     from densecomm_core.zoo.pair import load_zoo_pair, train_zoo_adapter, zoo_adapter_dir
 
     root = Path(args.out) if args.out else None
     if not args.adapter_only:
         from densecomm_core.zoo.pair import zoo_root
 
-        config = replace(ZooTrainConfig(), seed=args.seed)
-        for result in build_zoo(root or zoo_root(), config):
+        for result in build_zoo(root or zoo_root(), seed=args.seed):
             print(f"{result.spec.name}: {result.steps} steps, {result.seconds:.0f} s, validation {result.validation_accuracy}")
     sender, receiver = load_zoo_pair(root)
     adapter = train_zoo_adapter(sender, receiver, work_dir=Path(args.work_dir))
