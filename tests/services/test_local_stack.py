@@ -66,6 +66,7 @@ def test_receiver_holds_layer_0_before_the_sender_sent_its_last_chunk(stack):
 
 
 @pytest.mark.parametrize("codec, params", [("raw", ""), ("quantized", '{"key_bits": 8, "value_bits": 8}'),
+                                            ("ecsq", '{"key_step": 0.35, "value_step": 0.35}'),
                                             ("eviction", '{"keep": 0.75, "inner": "quantized"}')])
 def test_every_codec_serves(stack, codec, params):
     stats = run(collect(stack.relay_address, build_request(EXAMPLES[0].context, codec=codec, codec_params=params)))[-1].stats
@@ -79,7 +80,7 @@ def test_every_codec_serves(stack, codec, params):
         ({"mode": "aware", "max_new_tokens": 10**6}, "max_new_tokens"),
         ({"codec": "gzip"}, "unknown codec"),
         ({"codec": "quantized", "codec_params": "{bad json"}, "params_json"),
-        ({"codec": "quantized", "codec_params": '{"key_bits": 3}'}, "key_bits"),
+        ({"codec": "quantized", "codec_params": '{"key_bits": 5}'}, "key_bits"),
         ({"top_p": 2.0}, "top_p"),
     ],
 )
