@@ -94,3 +94,27 @@ def test_resume_from_the_other_phase_is_refused(tmp_path, tiny_pair):
     with pytest.raises(CheckpointError, match="phase 'phase1', expected 'phase2'"):
         train_phase2(fresh_adapter(tiny_pair), sender, receiver, records, Phase2Config(steps=2), checkpoint=checkpoint,
                      resume=True, progress=False)
+
+
+def test_codec_aware_phase2_feeds_the_adapter_a_decoded_cache(zoo_pair, tiny_pair):
+    """With an input codec the loss sees the sender cache after a wire round trip: a coarse codec raises
+    the committed adapter's loss, a lossless one leaves it (up to the bf16 cast); training runs through it."""
+    from densecomm_core.codec import get_codec
+    from densecomm_core.zoo.pair import zoo_adapter_dir
+
+    sender, receiver = zoo_pair
+    adapter = DenseAdapter.load(zoo_adapter_dir(), sender.geometry, receiver.geometry)
+    records = [TraceRecord(e.context, e.answer, e.trace) for e in tasks.make_split("test", 4)]
+    modes = [ContextMode.UNAWARE] * len(records)
+    with torch.no_grad():
+        clean = generation_loss(adapter, sender, receiver, records, modes, PromptFormat())
+        coarse = generation_loss(adapter, sender, receiver, records, modes, PromptFormat(), get_codec("quantized", key_bits=2, value_bits=2))
+        lossless = generation_loss(adapter, sender, receiver, records, modes, PromptFormat(), get_codec("lossless"))
+    assert coarse > clean + 0.05
+    assert abs(lossless - clean) < 0.05
+
+    sender, receiver = tiny_pair
+    config = Phase2Config(steps=4, batch_size=3, eval_every=4, input_codec="quantized",
+                          input_codec_params={"key_bits": 4, "value_bits": 3}, p_input_codec=1.0)
+    history = train_phase2(fresh_adapter(tiny_pair), sender, receiver, records, config, progress=False)
+    assert history[-1]["step"] == 4 and torch.isfinite(torch.tensor(history[-1]["train_loss"]))

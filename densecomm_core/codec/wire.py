@@ -393,3 +393,18 @@ def decode_frames(
 def decode_cache(blob: bytes, limits: DecodeLimits = DecodeLimits(), workers: int = 1) -> KVCache:
     """Inverse of ``encode_cache``."""
     return decode_frames(split_frames(blob), limits, workers=workers)
+
+
+def round_trip(cache: KVCache, codec: Codec, dtype: torch.dtype = torch.bfloat16, on_payload=None) -> KVCache:
+    """``cache`` as a receiver gets it through ``codec``: one wire payload per request (no batch padding),
+    shipped in ``dtype``, decoded and re-batched in the cache's own dtype. ``on_payload(raw, wire)``
+    sees each request's byte counts."""
+    rows = []
+    for b in range(cache.batch_size):
+        shipped = cache.rows([b]).trimmed().to(dtype=dtype)
+        blob = encode_cache(shipped, codec)
+        if on_payload is not None:
+            on_payload(shipped.nbytes, len(blob))
+        rows.append(decode_cache(blob).to(dtype=cache.dtype))
+    return KVCache.stack_rows(rows)
+

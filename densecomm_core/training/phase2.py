@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from densecomm_core.adapter import DenseAdapter
+from densecomm_core.codec import Codec, get_codec, round_trip
 from densecomm_core.generation import forward_after_cache
 from densecomm_core.models import LoadedModel
 from densecomm_core.relay import ContextMode, PromptFormat, sender_prefill, transform_cache
@@ -35,6 +36,12 @@ class Phase2Config:
     p_aware: float = 0.5  # paper appendix A: context-aware with probability 0.5
     seed: int = 0
     eval_every: int = 200  # also the checkpoint interval
+    # Codec-aware training (ours, not the paper's): with probability ``p_input_codec`` a batch's sender
+    # cache reaches the adapter through this codec (a registry name and its parameters), one wire
+    # payload per request as the services ship it, so the adapter learns to read a compressed cache.
+    input_codec: str | None = None
+    input_codec_params: dict | None = None
+    p_input_codec: float = 0.5
 
 
 def receiver_batch(
@@ -64,10 +71,16 @@ def generation_loss(
     records: Sequence[TraceRecord],
     modes: Sequence[ContextMode],
     prompt_format: PromptFormat,
+    input_codec: Codec | None = None,
 ) -> torch.Tensor:
-    """Eq. 7: −Σ log p_R(y_t | y_<t, T_θ(C_S(X)), X_R), averaged over target tokens."""
+    """Eq. 7: −Σ log p_R(y_t | y_<t, T_θ(C_S(X)), X_R), averaged over target tokens.
+
+    With ``input_codec`` the sender's cache first makes a round trip through it (no gradient needed:
+    only the adapter learns, and it sits after the codec)."""
     with torch.no_grad():
         source = sender_prefill(sender, [prompt_format.sender.format(context=r.context) for r in records])
+        if input_codec is not None:
+            source = round_trip(source, input_codec)
     cache = transform_cache(adapter, source, sender, receiver)
     prompts = [prompt_format.receiver_prompt(m, r.context) for r, m in zip(records, modes)]
     ids, mask, labels = receiver_batch(receiver, prompts, [r.trace for r in records])
@@ -90,6 +103,7 @@ def train_phase2(
     """Optimise ``adapter`` on the mixed-regime generation loss; returns the evaluation history."""
     if not records:
         raise ValueError("phase 2 needs at least one trace record")
+    input_codec = get_codec(config.input_codec, **(config.input_codec_params or {})) if config.input_codec else None
     optimizer, rng, start = start_training("phase2", adapter, config, checkpoint, resume)
     if start:
         log.info("phase 2 resumed at step %d from %s", start, checkpoint)
@@ -99,7 +113,8 @@ def train_phase2(
     for step in bar:
         batch = rng.sample(list(records), min(config.batch_size, len(records)))
         modes = [ContextMode.AWARE if rng.random() < config.p_aware else ContextMode.UNAWARE for _ in batch]
-        loss = generation_loss(adapter, sender, receiver, batch, modes, prompt_format)
+        through_codec = input_codec is not None and rng.random() < config.p_input_codec
+        loss = generation_loss(adapter, sender, receiver, batch, modes, prompt_format, input_codec if through_codec else None)
         optimizer_step(optimizer, loss, cosine_lr(step, config.steps, config.lr, config.warmup_steps))
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:

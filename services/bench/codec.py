@@ -20,7 +20,7 @@ import torch
 import zstandard
 
 from densecomm_core.cache import KVCache
-from densecomm_core.codec import decode_cache, encode_cache, get_codec
+from densecomm_core.codec import decode_cache, encode_cache, get_codec, round_trip
 from densecomm_core.codec.bytes import tensor_bytes
 
 CODECS: list[tuple[str, str, dict]] = [
@@ -119,7 +119,6 @@ def measure(cache_name: str, caches: list[KVCache], repeats: int, workers: int) 
 def accuracy_through_codecs(per_family: int) -> list[dict]:
     """Dense context-unaware and -aware accuracy on the zoo test split, every cache hop through the codec."""
     from densecomm_core.adapter import DenseAdapter
-    from densecomm_core.codec import DecodeLimits
     from densecomm_core.relay import ContextMode, DenseRelay
     from densecomm_core.zoo import tasks
     from densecomm_core.zoo.pair import load_zoo_pair, relay_accuracy, zoo_adapter_dir
@@ -134,16 +133,13 @@ def accuracy_through_codecs(per_family: int) -> list[dict]:
         codec = get_codec(name, **params)
         sizes = {"raw": 0, "wire": 0}
 
-        def ship(cache: KVCache, hop: int, codec=codec, sizes=sizes) -> KVCache:
-            shipped = cache.to(dtype=torch.bfloat16)  # what a deployment ships
-            blob = encode_cache(shipped, codec if hop == 0 else codec.for_forwarding())
-            sizes["raw"] += shipped.nbytes
-            sizes["wire"] += len(blob)
-            return decode_cache(blob, DecodeLimits()).to(dtype=cache.dtype)
+        def count(raw: int, wire: int, sizes=sizes) -> None:
+            sizes["raw"] += raw
+            sizes["wire"] += wire
 
-        def channel(cache: KVCache, hop: int, ship=ship) -> KVCache:
-            # One wire payload per request, without batch padding, as the services ship them.
-            return KVCache.stack_rows([ship(cache.rows([b]).trimmed(), hop) for b in range(cache.batch_size)])
+        def channel(cache: KVCache, hop: int, codec=codec, count=count) -> KVCache:
+            # One bf16 wire payload per request, as the services ship them.
+            return round_trip(cache, codec if hop == 0 else codec.for_forwarding(), on_payload=count)
 
         relay = DenseRelay(sender, receiver, adapter, channel=channel)
         row = {"codec": label}
