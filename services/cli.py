@@ -143,14 +143,18 @@ def cmd_bench_codec(args: argparse.Namespace) -> int:
     torch_threads(args.workers)
     caches = {"zoo": bench.zoo_caches(), "qwen3-4b": [bench.qwen3_4b_geometry_cache(args.tokens)]}
     rows = [row for name, cache in caches.items() for row in bench.measure(name, cache, args.repeats, args.workers)]
-    accuracy = [] if args.skip_accuracy else bench.accuracy_through_codecs(args.per_family)
+    hops = tuple(sorted({int(h) for h in args.hops.split(",")}))
+    if not set(hops) <= {0, 1}:
+        raise SystemExit(f"--hops takes 0 (sender -> adapter), 1 (adapter -> receiver) or 0,1; got {args.hops!r}")
+    accuracy = [] if args.skip_accuracy else bench.accuracy_through_codecs(args.per_family, hops)
     if args.json:
         print(json.dumps({"throughput": [asdict(r) for r in rows], "accuracy": accuracy}, indent=2))
         return 0
     print(f"codec throughput: MB/s of raw KV, best of {args.repeats}, {args.workers} worker thread(s)\n")
     print(bench.render(rows))
     if accuracy:
-        print(f"\nzoo test split ({args.per_family} per family), every hop through the codec (bf16 on the wire)\n")
+        through = {(0, 1): "every hop", (0,): "only the sender -> adapter hop", (1,): "only the adapter -> receiver hop"}[hops]
+        print(f"\nzoo test split ({args.per_family} per family), {through} through the codec (bf16 on the wire)\n")
         print(bench.render_accuracy(accuracy))
     if args.profile:
         print("\nprofile of lossless encode + decode on the qwen3-4b cache (1 thread):\n")
@@ -305,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     codec.add_argument("--tokens", type=int, default=180, help="tokens of the Qwen3-4B-geometry cache")
     codec.add_argument("--per-family", type=int, default=100, help="zoo test examples per family for the accuracy table")
     codec.add_argument("--skip-accuracy", action="store_true")
+    codec.add_argument("--hops", default="0,1", help="hops the accuracy table sends through the codec: 0, 1 or 0,1")
     codec.add_argument("--profile", action="store_true", help="also print where lossless encode/decode time goes")
     codec.add_argument("--json", action="store_true")
     codec.set_defaults(func=cmd_bench_codec)

@@ -56,7 +56,7 @@ class ZooAdapterRecipe:
     # 3600 steps on 9000 traces: with 1800 on 3000 the unaware regime stopped at ~85 % on multiple
     # choice (the colour -> letter lookup over a transferred cache generalised last). Half the batches
     # reach the adapter through 4-bit-key / 3-bit-value quantization (codec-aware training): the
-    # sender -> adapter hop is where quantization costs accuracy, the adapter -> receiver hop barely.
+    # sender -> adapter hop is where quantization costs accuracy (`densecomm bench codec --hops 0`).
     phase2: Phase2Config = field(default_factory=lambda: Phase2Config(
         steps=3600, eval_every=600, input_codec="quantized", input_codec_params=dict(INPUT_CODEC_PARAMS)))
 

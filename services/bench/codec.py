@@ -116,8 +116,9 @@ def measure(cache_name: str, caches: list[KVCache], repeats: int, workers: int) 
     return rows
 
 
-def accuracy_through_codecs(per_family: int) -> list[dict]:
-    """Dense context-unaware and -aware accuracy on the zoo test split, every cache hop through the codec."""
+def accuracy_through_codecs(per_family: int, hops: tuple[int, ...] = (0, 1)) -> list[dict]:
+    """Dense context-unaware and -aware accuracy on the zoo test split, the given cache hops (0: sender ->
+    adapter, 1: adapter -> receiver) through the codec."""
     from densecomm_core.adapter import DenseAdapter
     from densecomm_core.relay import ContextMode, DenseRelay
     from densecomm_core.zoo import tasks
@@ -138,6 +139,8 @@ def accuracy_through_codecs(per_family: int) -> list[dict]:
             sizes["wire"] += wire
 
         def channel(cache: KVCache, hop: int, codec=codec, count=count) -> KVCache:
+            if hop not in hops:
+                return cache
             # One bf16 wire payload per request, as the services ship them.
             return round_trip(cache, codec if hop == 0 else codec.for_forwarding(), on_payload=count)
 
