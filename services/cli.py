@@ -191,12 +191,15 @@ def cmd_relay(args: argparse.Namespace) -> int:
 
     stats = asyncio.run(relay_once(
         args.address, args.text, mode=args.mode, route=args.route, codec=args.codec, codec_params=args.codec_params,
+        receiver_codec=args.receiver_codec, receiver_codec_params=args.receiver_codec_params,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
         receiver_prompt=args.receiver_prompt, timeout=args.timeout, on_text=lambda t: print(t, end="", flush=True),
     ))
     print()
     ratio = f"{stats.compression_ratio:.2f}x" if stats.compression_ratio else "-"
     print(f"\nroute {stats.route}  codec {stats.codec}  KV {stats.raw_bytes / 1e3:.1f} kB raw -> {stats.wire_bytes / 1e3:.1f} kB wire ({ratio})")
+    for hop in stats.hops:
+        print(f"  {hop.hop:18s} {hop.codec:10s} {hop.raw_bytes / 1e3:8.1f} kB raw -> {hop.wire_bytes / 1e3:8.1f} kB wire, {hop.chunks} chunks")
     print(f"tokens: sender prefill {stats.sender_prefill_tokens}, decode {stats.sender_decode_tokens}; "
           f"receiver prefill {stats.receiver_prefill_tokens}, decode {stats.receiver_decode_tokens}")
     total = stats.sender_flops + stats.adapter_flops + stats.receiver_flops
@@ -293,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     relay.add_argument("--route", default="")
     relay.add_argument("--codec", default="")
     relay.add_argument("--codec-params", default="", help='JSON, e.g. \'{"key_bits": 4}\'')
+    relay.add_argument("--receiver-codec", default="", help="codec of the adapter -> receiver hop (default: --codec's)")
+    relay.add_argument("--receiver-codec-params", default="", help="JSON parameters of --receiver-codec")
     relay.add_argument("--receiver-prompt", default="")
     relay.add_argument("--max-new-tokens", type=int, default=0)
     relay.add_argument("--temperature", type=float, default=0.0)

@@ -14,15 +14,19 @@ relay_pb2, relay_pb2_grpc, _, _ = protos.load()
 def build_request(
     text: str, mode: str = "unaware", route: str = "", codec: str = "", codec_params: str = "", max_new_tokens: int = 0,
     temperature: float = 0.0, top_p: float = 0.0, seed: int = 0, receiver_prompt: str = "",
+    receiver_codec: str = "", receiver_codec_params: str = "",
 ):
     modes = {"aware": relay_pb2.CONTEXT_MODE_AWARE, "unaware": relay_pb2.CONTEXT_MODE_UNAWARE}
     if mode not in modes:
         raise ValueError(f"mode must be 'aware' or 'unaware', got {mode!r}")
-    return relay_pb2.RelayRequest(
+    request = relay_pb2.RelayRequest(
         text=text, mode=modes[mode], route=route, receiver_prompt=receiver_prompt,
         codec=relay_pb2.CodecSpec(name=codec, params_json=codec_params),
         generation=relay_pb2.GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed),
     )
+    if receiver_codec or receiver_codec_params:  # unset = the first hop's codec forwards
+        request.receiver_codec.CopyFrom(relay_pb2.CodecSpec(name=receiver_codec, params_json=receiver_codec_params))
+    return request
 
 
 async def relay_stream(stub, request, timeout: float, on_text: Callable[[str], None] | None = None):

@@ -73,6 +73,17 @@ def codec_for(spec, config: ServeConfig) -> Codec:
     return get_codec(name, **params)
 
 
+def receiver_codec_for(request, config: ServeConfig) -> Codec:
+    """The adapter -> receiver hop's codec: ``receiver_codec`` when set, else ``codec``'s forwarding codec."""
+    if not request.HasField("receiver_codec"):
+        return codec_for(request.codec, config).for_forwarding()
+    codec = codec_for(request.receiver_codec, config)
+    if codec.for_forwarding() is not codec:
+        raise CodecError(f"{codec.name!r} cannot be used on the adapter -> receiver hop (it selects tokens once, "
+                         "at the sender); put it in codec instead")
+    return codec
+
+
 def validate_request(request, config: ServeConfig, pb) -> None:
     """Field checks shared by the ingress and the sender (pb: the relay_pb2 module)."""
     which = request.WhichOneof("input")
@@ -94,6 +105,10 @@ def validate_request(request, config: ServeConfig, pb) -> None:
         codec_for(request.codec, config)
     except CodecError as exc:
         raise RequestError(f"codec: {exc}") from exc
+    try:
+        receiver_codec_for(request, config)
+    except CodecError as exc:
+        raise RequestError(f"receiver_codec: {exc}") from exc
 
 
 def render_input(request, tokenizer, fmt: PromptFormat) -> str:

@@ -30,7 +30,15 @@ from services import protos
 from services.config import ServeConfig
 from services.errors import DownstreamError, RequestError, RouteNotFound, status_for
 from services.metrics import ServiceMetrics
-from services.runtime import codec_for, context_text, pick, render_input, route_name, validate_request
+from services.runtime import (
+    codec_for,
+    context_text,
+    pick,
+    receiver_codec_for,
+    render_input,
+    route_name,
+    validate_request,
+)
 
 relay_pb2, relay_pb2_grpc, kv_pb2, kv_pb2_grpc = protos.load()
 log = logging.getLogger(__name__)
@@ -217,7 +225,8 @@ class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
             receiver_layer0_unix=layer0_unix, text=out.texts[0],
         )
         if done is not None:
-            stats.hops.add(hop="adapter->receiver", raw_bytes=done.raw_bytes, wire_bytes=decoder.wire_bytes, chunks=done.chunks)
+            stats.hops.add(hop="adapter->receiver", raw_bytes=done.raw_bytes, wire_bytes=decoder.wire_bytes, chunks=done.chunks,
+                           codec=decoder.header.codec if decoder.header else "")
             self.metrics.observe_hop("adapter->receiver", done.raw_bytes, decoder.wire_bytes, done.chunks)
         for stage, seconds in (("decode", decode_s), ("transfer", transfer_s), ("first_token", first_token_s[0]), ("generate", generate_s)):
             latency(stats, stage, seconds)
@@ -243,7 +252,7 @@ class AdapterServicer(ServicerBase, kv_pb2_grpc.AdapterServicer):
         first = await read_setup(messages)
         request = first.setup.request
         _, route = pick(self.routes, request, self.config)
-        codec = codec_for(request.codec, self.config).for_forwarding()
+        codec = receiver_codec_for(request, self.config)
         streaming = StreamingAdapter(route.adapter, route.sender, route.receiver, codec,
                                      self.config.chunk_tokens or None, DecodeLimits(max_raw_bytes=self.config.max_cache_bytes))
         outgoing: asyncio.Queue = asyncio.Queue()
@@ -353,7 +362,8 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
             stats.codec = codec.name
             stats.raw_bytes, stats.wire_bytes = raw_bytes, info["wire"]
             stats.compression_ratio = raw_bytes / info["wire"] if info["wire"] else 0.0
-            stats.hops.insert(0, relay_pb2.HopBytes(hop="sender->adapter", raw_bytes=raw_bytes, wire_bytes=info["wire"], chunks=info["chunks"]))
+            stats.hops.insert(0, relay_pb2.HopBytes(hop="sender->adapter", raw_bytes=raw_bytes, wire_bytes=info["wire"], chunks=info["chunks"],
+                                                        codec=codec.name))
             stats.sender_prefill_tokens, stats.sender_decode_tokens = tokens, 0
             stats.sender_flops = 2.0 * n_s * tokens
             stats.sender_last_chunk_unix = info["last_unix"]

@@ -73,6 +73,17 @@ def test_every_codec_serves(stack, codec, params):
     assert stats.codec == codec and stats.text
 
 
+def test_receiver_codec_compresses_only_the_second_hop(stack):
+    request = build_request(EXAMPLES[0].context, codec="lossless", receiver_codec="quantized",
+                            receiver_codec_params='{"key_bits": 4, "value_bits": 3}')
+    stats = run(collect(stack.relay_address, request))[-1].stats
+    first, second = stats.hops
+    assert (first.hop, first.codec, second.hop, second.codec) == ("sender->adapter", "lossless", "adapter->receiver", "quantized")
+    assert first.raw_bytes / first.wire_bytes < 2 < second.raw_bytes / second.wire_bytes
+    forwarded = run(collect(stack.relay_address, build_request(EXAMPLES[0].context, codec="quantized")))[-1].stats
+    assert [hop.codec for hop in forwarded.hops] == ["quantized", "quantized"]  # unset: the first hop's codec forwards
+
+
 @pytest.mark.parametrize(
     "fields, fragment",
     [
@@ -82,6 +93,8 @@ def test_every_codec_serves(stack, codec, params):
         ({"codec": "quantized", "codec_params": "{bad json"}, "params_json"),
         ({"codec": "quantized", "codec_params": '{"key_bits": 5}'}, "key_bits"),
         ({"top_p": 2.0}, "top_p"),
+        ({"receiver_codec": "eviction"}, "receiver_codec"),
+        ({"receiver_codec": "quantized", "receiver_codec_params": '{"key_bits": 5}'}, "receiver_codec"),
     ],
 )
 def test_invalid_arguments_name_the_field(stack, fields, fragment):
