@@ -56,7 +56,7 @@ class LosslessCodec(Codec):
         return {"level": self.level}
 
     def encode_parts(self, keys: torch.Tensor, values: torch.Tensor) -> list:
-        return [part for tensor in (keys, values) for plane in byte_planes(tensor) for part in section_parts(plane, self.level)]
+        return [part for tensor in (keys, values) for plane in byte_planes(tensor) for part in section_parts(plane, self.level, float_planes=True)]
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor) -> bytes:
         return b"".join(self.encode_parts(keys, values))

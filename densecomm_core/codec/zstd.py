@@ -14,13 +14,26 @@ SECTION = struct.Struct("<BI")  # mode (0 stored, 1 zstd), length
 STORED, ZSTD = 0, 1
 
 
-def compressor(level: int) -> zstandard.ZstdCompressor:
+FLOAT_PLANE_MAX_LEVEL = 3
+
+
+def compressor(level: int, float_planes: bool = False) -> zstandard.ZstdCompressor:
+    """A per-thread compressor. ``float_planes`` tunes fast levels (<= 3) for byte planes of floats,
+    which hold almost no repeated strings: a tiny hash table and 7-byte minimum matches leave zstd to
+    its entropy stage (bf16 exponent planes: ~20 % faster and ~13 % smaller than stock level 1;
+    bit-packed integer codes, which do repeat, lose ~3 % with it, so they keep stock settings)."""
     cache = getattr(_local, "compressors", None)
     if cache is None:
         cache = _local.compressors = {}
-    if level not in cache:
-        cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
-    return cache[level]
+    key = (level, float_planes)
+    if key not in cache:
+        if float_planes and level <= FLOAT_PLANE_MAX_LEVEL:
+            params = zstandard.ZstdCompressionParameters.from_level(
+                level, hash_log=8, min_match=7, search_log=1, write_content_size=True, write_checksum=False)
+            cache[key] = zstandard.ZstdCompressor(compression_params=params)
+        else:  # stock level: zstd also sizes its tables to each input
+            cache[key] = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
+    return cache[key]
 
 
 def decompressor() -> zstandard.ZstdDecompressor:
@@ -29,8 +42,8 @@ def decompressor() -> zstandard.ZstdDecompressor:
     return _local.decompressor
 
 
-def compress(data: bytes | memoryview, level: int) -> bytes:
-    return compressor(level).compress(data)
+def compress(data: bytes | memoryview, level: int, float_planes: bool = False) -> bytes:
+    return compressor(level, float_planes).compress(data)
 
 
 def decompress(data: bytes | memoryview, expected_size: int) -> bytes:
@@ -53,7 +66,7 @@ def decompress(data: bytes | memoryview, expected_size: int) -> bytes:
 PROBE_BYTES = 16 << 10
 
 
-def section_parts(data, level: int | None) -> list:
+def section_parts(data, level: int | None, float_planes: bool = False) -> list:
     """One framed section as [prefix, body] buffers: compressed when it pays (>= 2 % smaller), else stored.
 
     Large sections are probed first: when their first 16 KiB do not shrink by 5 %, the whole section
@@ -62,8 +75,8 @@ def section_parts(data, level: int | None) -> list:
     """
     view = memoryview(data).cast("B")
     if level is not None:
-        if len(view) <= 4 * PROBE_BYTES or len(compress(view[:PROBE_BYTES], level)) < 0.95 * PROBE_BYTES:
-            packed = compress(view, level)
+        if len(view) <= 4 * PROBE_BYTES or len(compress(view[:PROBE_BYTES], level, float_planes)) < 0.95 * PROBE_BYTES:
+            packed = compress(view, level, float_planes)
             if len(packed) < 0.98 * len(view):
                 return [SECTION.pack(ZSTD, len(packed)), packed]
     return [SECTION.pack(STORED, len(view)), view]
