@@ -26,8 +26,6 @@ from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
-    Olmo2Config,
-    Olmo2ForCausalLM,
     PreTrainedModel,
     Qwen3Config,
     Qwen3ForCausalLM,
@@ -46,7 +44,7 @@ class ZooModelSpec:
     """Geometry of one tiny zoo LM; every field below differs between sender and receiver."""
 
     name: str
-    family: str  # "qwen3", "llama" or "olmo2": a different HF architecture per side
+    family: str  # "qwen3" or "llama": a different HF architecture per side
     hidden_size: int
     num_layers: int
     num_heads: int
@@ -122,9 +120,7 @@ def build_model(spec: ZooModelSpec, vocab_size: int, pad_id: int, bos_id: int, e
         return Qwen3ForCausalLM(Qwen3Config(**common))
     if spec.family == "llama":
         return LlamaForCausalLM(LlamaConfig(**common))
-    if spec.family == "olmo2":
-        return Olmo2ForCausalLM(Olmo2Config(**common))
-    raise ValueError(f"unknown zoo model family {spec.family!r}; expected 'qwen3', 'llama' or 'olmo2'")
+    raise ValueError(f"unknown zoo model family {spec.family!r}; expected 'qwen3' or 'llama'")
 
 
 def training_document(example: tasks.Example, rng: random.Random, config: ZooTrainConfig) -> tuple[str, int]:
