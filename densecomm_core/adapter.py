@@ -89,10 +89,10 @@ class AdapterConfig:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "AdapterConfig":
+    def from_dict(cls, data: dict) -> AdapterConfig:
         if data.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"adapter format_version {data.get('format_version')!r}, expected {FORMAT_VERSION}")
-        strip = lambda d: {k: v for k, v in d.items() if k != "fingerprint"}  # noqa: E731
+        strip = lambda d: {k: v for k, v in d.items() if k != "fingerprint"}
         return cls(
             sender=ModelGeometry.from_dict(strip(data["sender"])),
             receiver=ModelGeometry.from_dict(strip(data["receiver"])),
@@ -176,7 +176,7 @@ class DenseAdapter(nn.Module):
     @classmethod
     def load(
         cls, directory: str | Path, sender: ModelGeometry | None = None, receiver: ModelGeometry | None = None
-    ) -> "DenseAdapter":
+    ) -> DenseAdapter:
         """Load a checkpoint; with geometries given, refuse a pair other than the one it was trained for."""
         directory = Path(directory)
         config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE

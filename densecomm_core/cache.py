@@ -100,16 +100,16 @@ class KVCache:
                 )
 
     # ---- transformations ----------------------------------------------------------------------
-    def with_tensors(self, keys: list[torch.Tensor], values: list[torch.Tensor], **changes) -> "KVCache":
+    def with_tensors(self, keys: list[torch.Tensor], values: list[torch.Tensor], **changes) -> KVCache:
         return replace(self, keys=keys, values=values, **changes)
 
-    def rows(self, index: slice | list[int] | torch.Tensor) -> "KVCache":
+    def rows(self, index: slice | list[int] | torch.Tensor) -> KVCache:
         """A cache holding only the given batch rows (padding columns kept)."""
         return self.with_tensors(
             [k[index] for k in self.keys], [v[index] for v in self.values], mask=self.mask[index], positions=self.positions[index]
         )
 
-    def trimmed(self) -> "KVCache":
+    def trimmed(self) -> KVCache:
         """Drop padding columns that no row uses."""
         width = int(self.lengths.max())
         return self.with_tensors(
@@ -118,7 +118,7 @@ class KVCache:
         )
 
     @classmethod
-    def stack_rows(cls, caches: "list[KVCache]") -> "KVCache":
+    def stack_rows(cls, caches: list[KVCache]) -> KVCache:
         """One batch from several caches of the same geometry, each right-padded to the widest."""
         if not caches:
             raise CacheLayoutError("stack_rows needs at least one cache")
@@ -142,7 +142,7 @@ class KVCache:
         positions = torch.cat([pad(c.positions, 1) for c in caches])
         return first.with_tensors(keys, values, mask=mask, positions=positions)
 
-    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "KVCache":
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> KVCache:
         return self.with_tensors(
             [k.to(device=device, dtype=dtype) for k in self.keys], [v.to(device=device, dtype=dtype) for v in self.values],
             mask=self.mask.to(device), positions=self.positions.to(device),
@@ -158,7 +158,7 @@ class KVCache:
     @classmethod
     def from_dynamic_cache(
         cls, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor | None = None, fingerprint: str = ""
-    ) -> "KVCache":
+    ) -> KVCache:
         """Read ``cache.layers[i].keys/.values`` (transformers 5.x) into a KVCache."""
         keys = [layer.keys for layer in cache.layers]
         values = [layer.values for layer in cache.layers]

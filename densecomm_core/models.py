@@ -15,7 +15,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from densecomm_core.errors import IncompatiblePairError, ModelLoadError
 
@@ -42,7 +48,7 @@ class ModelGeometry:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelGeometry":
+    def from_dict(cls, data: dict) -> ModelGeometry:
         return cls(**data)
 
 

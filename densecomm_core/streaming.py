@@ -17,7 +17,13 @@ import torch
 
 from densecomm_core.adapter import DenseAdapter
 from densecomm_core.codec.base import Codec, CodecError, DecodeLimits
-from densecomm_core.codec.wire import StreamDecoder, WireHeader, header_frame, layer_frames, stream_header
+from densecomm_core.codec.wire import (
+    StreamDecoder,
+    WireHeader,
+    header_frame,
+    layer_frames,
+    stream_header,
+)
 from densecomm_core.errors import CacheLayoutError, GeometryMismatchError
 from densecomm_core.models import RopeModel
 from densecomm_core.rope import rotary_cos_sin, rotate_keys, unrotate_keys

@@ -21,7 +21,7 @@ def table_text(rows, families: list[str]) -> str:
              f"{row.flops_per_request / 1e6:.2f}"]
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    render = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    render = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([render(lines[0]), render(["-" * w for w in widths])] + [render(line) for line in lines[1:]])
 
 
@@ -45,7 +45,12 @@ def target_checks(rows) -> list[tuple[str, bool, str]]:
 def cmd_demo(args: argparse.Namespace) -> int:
     from densecomm_core.adapter import DenseAdapter
     from densecomm_core.zoo import tasks
-    from densecomm_core.zoo.pair import evaluate_pair, load_zoo_pair, train_zoo_adapter, zoo_adapter_dir
+    from densecomm_core.zoo.pair import (
+        evaluate_pair,
+        load_zoo_pair,
+        train_zoo_adapter,
+        zoo_adapter_dir,
+    )
 
     started = time.perf_counter()
     sender, receiver = load_zoo_pair()
@@ -120,7 +125,11 @@ def dense_rows_through_services(rows, adapter_dir: Path, per_family: int, use_ra
 
 def cmd_zoo_build(args: argparse.Namespace) -> int:
     from densecomm_core.zoo.build import build_zoo
-    from densecomm_core.zoo.pair import load_zoo_pair, train_zoo_adapter, zoo_adapter_dir
+    from densecomm_core.zoo.pair import (
+        load_zoo_pair,
+        train_zoo_adapter,
+        zoo_adapter_dir,
+    )
 
     root = Path(args.out) if args.out else None
     if not args.adapter_only:

@@ -23,7 +23,12 @@ from densecomm_core.codec.base import (
     OutOfOrderChunkError,
     TruncatedError,
 )
-from densecomm_core.errors import CacheLayoutError, DenseCommError, GeometryMismatchError, IncompatiblePairError
+from densecomm_core.errors import (
+    CacheLayoutError,
+    DenseCommError,
+    GeometryMismatchError,
+    IncompatiblePairError,
+)
 
 
 class RequestError(DenseCommError, ValueError):

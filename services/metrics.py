@@ -18,7 +18,13 @@ Byte histograms have buckets from 1 KiB to 1 GiB (factor 4).
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
 
 BYTE_BUCKETS = tuple(1024 * 4**i for i in range(11))  # 1 KiB ... 1 GiB
 SECOND_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)

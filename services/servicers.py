@@ -22,9 +22,14 @@ import torch
 
 from densecomm_core.codec.base import DecodeLimits
 from densecomm_core.codec.wire import StreamDecoder, iter_encode
-from densecomm_core.generation import GenerationConfig
-from densecomm_core.relay import ContextMode, PromptFormat, receiver_generate, sender_prefill
 from densecomm_core.errors import GeometryMismatchError
+from densecomm_core.generation import GenerationConfig
+from densecomm_core.relay import (
+    ContextMode,
+    PromptFormat,
+    receiver_generate,
+    sender_prefill,
+)
 from densecomm_core.streaming import StreamingAdapter
 from services import protos
 from services.config import ServeConfig
@@ -94,7 +99,7 @@ async def drain(requests) -> None:
     try:
         async for _ in requests:
             pass
-    except Exception:  # noqa: BLE001 - the stream may already be broken; the status still goes out
+    except Exception:
         pass
 
 
@@ -138,7 +143,7 @@ class ServicerBase:
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
-        except Exception as exc:  # noqa: BLE001 - mapped to a status, the server keeps serving
+        except Exception as exc:
             status, details = status_for(exc)
             code = status.name
             if status == grpc.StatusCode.INTERNAL:
@@ -274,7 +279,7 @@ class AdapterServicer(ServicerBase, kv_pb2_grpc.AdapterServicer):
                         raise RequestError(f"unexpected {kind} message inside a KV stream")
                 streaming.finish()
                 await outgoing.put(kv_pb2.KVMessage(done=kv_pb2.StreamDone(raw_bytes=streaming.raw_bytes_out, chunks=state["chunks_out"])))
-            except Exception as exc:  # noqa: BLE001 - surfaced below as this call's status
+            except Exception as exc:
                 state["error"] = exc
             finally:
                 await outgoing.put(None)

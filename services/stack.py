@@ -169,7 +169,7 @@ class LocalStack:
             if kind in self.hosts:
                 self.hosts.pop(kind).stop()
 
-    def __enter__(self) -> "LocalStack":
+    def __enter__(self) -> LocalStack:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -259,13 +259,13 @@ class RayStack:
             for actor in self.actors.pop(kind, []):
                 try:
                     ray.get(actor.stop.remote(), timeout=30)
-                except Exception:  # noqa: BLE001 - an actor that is already gone needs no stopping
+                except Exception:
                     pass
                 ray.kill(actor, no_restart=True)
         if self.started_ray and ray.is_initialized():
             ray.shutdown()
 
-    def __enter__(self) -> "RayStack":
+    def __enter__(self) -> RayStack:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -8,7 +8,13 @@ import json
 import pytest
 import torch
 
-from densecomm_core.adapter import CONFIG_FILE, AdapterConfig, DenseAdapter, group_map, layer_map
+from densecomm_core.adapter import (
+    CONFIG_FILE,
+    AdapterConfig,
+    DenseAdapter,
+    group_map,
+    layer_map,
+)
 from densecomm_core.errors import CheckpointError, GeometryMismatchError
 from densecomm_core.generation import forward_after_cache
 from densecomm_core.relay import encode, sender_prefill, transform_cache

@@ -61,8 +61,8 @@ def test_no_rotary_embedding(tmp_path):
 
 
 def test_pair_needs_a_shared_tokenizer(tiny_pair):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
     sender, receiver = tiny_pair
     other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "x": 1}, unk_token="<unk>")))

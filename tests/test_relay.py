@@ -5,11 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from densecomm_core.adapter import AdapterConfig, DenseAdapter
 from densecomm_core.errors import GeometryMismatchError
 from densecomm_core.generation import GenerationConfig, forward_after_cache
-from densecomm_core.relay import ContextMode, DenseRelay, encode, receiver_generate, sender_prefill
+from densecomm_core.relay import (
+    ContextMode,
+    DenseRelay,
+    encode,
+    receiver_generate,
+    sender_prefill,
+)
 from densecomm_core.rope import restore_rope, strip_rope
-from densecomm_core.adapter import AdapterConfig, DenseAdapter
 from densecomm_core.zoo import tasks
 
 EXAMPLES = tasks.make_split("test", 4)

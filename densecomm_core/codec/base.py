@@ -104,7 +104,7 @@ class Codec(ABC):
         """Cache-level step before chunking; identity unless the codec drops or merges tokens."""
         return cache
 
-    def for_forwarding(self) -> "Codec":
+    def for_forwarding(self) -> Codec:
         """The codec for later hops of the same request (eviction selects tokens once, at the first hop)."""
         return self
 

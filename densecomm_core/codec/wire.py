@@ -348,7 +348,7 @@ class StreamDecoder:
         return KVCache(list(self.keys), list(self.values), mask, positions, h.rope_applied, h.fingerprint)
 
 
-def _byte_view(tensor: torch.Tensor) -> "np.ndarray":
+def _byte_view(tensor: torch.Tensor) -> np.ndarray:
     """(B, H, T, D) tensor -> (B, H, T, D·itemsize) uint8 numpy view of the same memory."""
     return tensor.contiguous().view(torch.uint8).numpy()
 

@@ -17,7 +17,12 @@ from densecomm_core.adapter import DenseAdapter
 from densecomm_core.cache import KVCache
 from densecomm_core.models import LoadedModel
 from densecomm_core.relay import PromptFormat, sender_prefill, transform_cache
-from densecomm_core.training.common import cosine_lr, optimizer_step, save_training_state, start_training
+from densecomm_core.training.common import (
+    cosine_lr,
+    optimizer_step,
+    save_training_state,
+    start_training,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +73,7 @@ def train_phase1(
     optimizer, rng, start = start_training("phase1", adapter, config, checkpoint, resume)
     if start:
         log.info("phase 1 resumed at step %d from %s", start, checkpoint)
-    render = lambda cs: [prompt_format.sender.format(context=c) for c in cs]  # noqa: E731
+    render = lambda cs: [prompt_format.sender.format(context=c) for c in cs]
     history: list[dict] = []
     adapter.train()
     bar = tqdm(range(start, config.steps), desc="phase 1 (reconstruction)", disable=not progress, initial=start, total=config.steps)

@@ -19,8 +19,18 @@ from densecomm_core.adapter import DenseAdapter
 from densecomm_core.codec import Codec, get_codec, round_trip
 from densecomm_core.generation import forward_after_cache
 from densecomm_core.models import LoadedModel
-from densecomm_core.relay import ContextMode, PromptFormat, sender_prefill, transform_cache
-from densecomm_core.training.common import cosine_lr, optimizer_step, save_training_state, start_training
+from densecomm_core.relay import (
+    ContextMode,
+    PromptFormat,
+    sender_prefill,
+    transform_cache,
+)
+from densecomm_core.training.common import (
+    cosine_lr,
+    optimizer_step,
+    save_training_state,
+    start_training,
+)
 from densecomm_core.training.traces import TraceRecord
 
 log = logging.getLogger(__name__)

@@ -18,10 +18,21 @@ from densecomm_core.adapter import AdapterConfig, DenseAdapter
 from densecomm_core.evaluation.accuracy import accuracy_by_family
 from densecomm_core.generation import GenerationConfig
 from densecomm_core.models import LoadedModel, load_model
-from densecomm_core.relay import ContextMode, DenseRelay, RelayOutput, answer_with_input, answer_without_input
+from densecomm_core.relay import (
+    ContextMode,
+    DenseRelay,
+    RelayOutput,
+    answer_with_input,
+    answer_without_input,
+)
 from densecomm_core.training.phase1 import Phase1Config, train_phase1
 from densecomm_core.training.phase2 import Phase2Config, train_phase2
-from densecomm_core.training.traces import TraceRequest, generate_receiver_traces, save_traces, traces_fingerprint
+from densecomm_core.training.traces import (
+    TraceRequest,
+    generate_receiver_traces,
+    save_traces,
+    traces_fingerprint,
+)
 from densecomm_core.zoo import tasks
 from densecomm_core.zoo.build import RECEIVER_SPEC, SENDER_SPEC
 

@@ -12,7 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from densecomm_core.cache import KVCache
-from densecomm_core.codec import DecodeLimits, StreamDecoder, decode_cache, encode_cache, get_codec, iter_encode
+from densecomm_core.codec import (
+    DecodeLimits,
+    StreamDecoder,
+    decode_cache,
+    encode_cache,
+    get_codec,
+    iter_encode,
+)
 from densecomm_core.codec.base import (
     BadMagicError,
     ChecksumError,
@@ -26,7 +33,12 @@ from densecomm_core.codec.base import (
     UnknownCodecError,
     UnsupportedVersionError,
 )
-from densecomm_core.codec.wire import HEADER_PREFIX, header_frame, parse_header, split_frames
+from densecomm_core.codec.wire import (
+    HEADER_PREFIX,
+    header_frame,
+    parse_header,
+    split_frames,
+)
 
 
 def make_cache(layers=3, batch=1, heads=(2, 2), dims=(8, 8), tokens=11, dtype=torch.bfloat16, lengths=None, seed=0) -> KVCache:

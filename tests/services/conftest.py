@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from densecomm_core.adapter import AdapterConfig, DenseAdapter
+from densecomm_core.models import geometry_of
 from densecomm_core.zoo.build import RECEIVER_SPEC, SENDER_SPEC, build_model
 from densecomm_core.zoo.tokenizer import build_tokenizer
-from densecomm_core.models import geometry_of
 from services.config import load_config, zoo_route
 
 
