@@ -19,13 +19,11 @@ payload. Every chunk quantizes only its own tokens, so chunks stay independent.
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
 
-from densecomm_core.codec.base import Codec, CodecError
-from densecomm_core.codec.quantized import balanced_group, group_lastdim
+from densecomm_core.codec.base import CodecError
+from densecomm_core.codec.bytes import tensor_bytes, tensor_from_bytes
+from densecomm_core.codec.quantized import KiviGroupedCodec, group_lastdim
 from densecomm_core.codec.zstd import pack_section, unpack_section
 
 MAX_CODE = 127
@@ -52,17 +50,8 @@ def dequantize(codes: torch.Tensor, mean: torch.Tensor, step: torch.Tensor, leng
     return x.reshape(*x.shape[:-2], -1)[..., :length]
 
 
-def bf16_from_bytes(data: bytes | memoryview, shape: tuple[int, ...]) -> torch.Tensor:
-    return torch.from_numpy(np.frombuffer(data, dtype=np.int16).copy()).view(torch.bfloat16).reshape(shape)
-
-
-def bf16_bytes(x: torch.Tensor) -> bytes:
-    return x.contiguous().view(torch.int16).numpy().tobytes()
-
-
-class EntropyQuantizedCodec(Codec):
+class EntropyQuantizedCodec(KiviGroupedCodec):
     name = "ecsq"
-    lossless = False
 
     def __init__(self, key_step: float = 0.4, value_step: float = 0.4, group: int = 64, level: int = 1) -> None:
         for field, value in (("key_step", key_step), ("value_step", value_step)):
@@ -78,36 +67,17 @@ class EntropyQuantizedCodec(Codec):
     def params(self) -> dict:
         return {"key_step": self.key_step, "value_step": self.value_step, "group": self.group, "level": self.level}
 
-    def _encode_one(self, x: torch.Tensor, rel_step: float) -> bytes:
-        codes, mean, step = quantize(x, rel_step, balanced_group(x.shape[-1], self.group))
-        return b"".join([pack_section(codes.numpy().tobytes(), self.level),
-                         pack_section(bf16_bytes(mean), self.level), pack_section(bf16_bytes(step), self.level)])
+    def encode_grouped(self, x: torch.Tensor, key: bool) -> bytes:
+        codes, mean, step = quantize(x, self.key_step if key else self.value_step, self.group_for(x.shape[-1]))
+        return b"".join([pack_section(tensor_bytes(t), self.level) for t in (codes, mean, step)])
 
-    def encode(self, keys: torch.Tensor, values: torch.Tensor) -> bytes:
-        keys_by_channel = keys.transpose(2, 3)  # (B, H, D, t): groups run along tokens
-        return self._encode_one(keys_by_channel, self.key_step) + self._encode_one(values, self.value_step)
-
-    def _decode_one(self, view: memoryview, offset: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, int]:
+    def decode_grouped(self, view: memoryview, offset: int, shape: tuple[int, ...], key: bool) -> tuple[torch.Tensor, int]:
         *lead, length = shape
-        group = balanced_group(length, self.group)
-        groups = math.ceil(length / group)
-        n_groups = math.prod(lead) * groups
+        group, groups, n_groups = self.grouping(shape)
         codes_bytes, offset = unpack_section(view, offset, n_groups * group)
         mean_bytes, offset = unpack_section(view, offset, 2 * n_groups)
         step_bytes, offset = unpack_section(view, offset, 2 * n_groups)
-        codes = torch.from_numpy(np.frombuffer(codes_bytes, dtype=np.int8).copy()).reshape(*lead, groups, group)
-        mean = bf16_from_bytes(mean_bytes, (*lead, groups))
-        step = bf16_from_bytes(step_bytes, (*lead, groups))
+        codes = tensor_from_bytes(codes_bytes, (*lead, groups, group), torch.int8)
+        mean = tensor_from_bytes(mean_bytes, (*lead, groups), torch.bfloat16)
+        step = tensor_from_bytes(step_bytes, (*lead, groups), torch.bfloat16)
         return dequantize(codes, mean, step, length), offset
-
-    def decode(self, payload, key_shape, value_shape, dtype):
-        view = memoryview(payload)
-        b, h, t, d = key_shape
-        keys_by_channel, offset = self._decode_one(view, 0, (b, h, d, t))
-        values, offset = self._decode_one(view, offset, tuple(value_shape))
-        if offset != len(view):
-            raise CodecError(f"ecsq payload has {len(view) - offset} trailing bytes")
-        keys = keys_by_channel.transpose(2, 3)
-        if not (torch.isfinite(keys).all() and torch.isfinite(values).all()):
-            raise CodecError("ecsq payload decodes to non-finite values")
-        return keys.to(dtype).contiguous(), values.to(dtype).contiguous()

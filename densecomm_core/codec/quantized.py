@@ -11,11 +11,13 @@ independent.
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 
 import numpy as np
 import torch
 
 from densecomm_core.codec.base import Codec, CodecError
+from densecomm_core.codec.bytes import tensor_bytes, tensor_from_bytes
 from densecomm_core.codec.zstd import pack_section, unpack_section
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -91,9 +93,51 @@ def dequantize_lastdim(codes: torch.Tensor, low: torch.Tensor, step: torch.Tenso
     return x.reshape(*x.shape[:-2], -1)[..., :length]
 
 
-class QuantizedCodec(Codec):
-    name = "quantized"
+class KiviGroupedCodec(Codec):
+    """The frame both grouped quantizers share (KIVI): keys grouped per channel along tokens (key
+    outliers live in fixed channels), values per token along channels; key section, then value
+    section. Subclasses encode and decode one grouped tensor; ``key`` says which side it is."""
+
     lossless = False
+    group: int
+
+    def group_for(self, length: int) -> int:
+        return balanced_group(length, self.group)
+
+    def grouping(self, shape: tuple[int, ...]) -> tuple[int, int, int]:
+        """(group size, groups along the last axis, groups in all) of a grouped tensor of ``shape``."""
+        *lead, length = shape
+        group = self.group_for(length)
+        groups = math.ceil(length / group)
+        return group, groups, math.prod(lead) * groups
+
+    @abstractmethod
+    def encode_grouped(self, x: torch.Tensor, key: bool) -> bytes:
+        """(..., L) grouped along L -> payload section."""
+
+    @abstractmethod
+    def decode_grouped(self, view: memoryview, offset: int, shape: tuple[int, ...], key: bool) -> tuple[torch.Tensor, int]:
+        """The float32 tensor of ``shape`` stored at ``offset``, and the offset after it."""
+
+    def encode(self, keys: torch.Tensor, values: torch.Tensor) -> bytes:
+        keys_by_channel = keys.transpose(2, 3)  # (B, H, D, t): groups run along tokens
+        return self.encode_grouped(keys_by_channel, key=True) + self.encode_grouped(values, key=False)
+
+    def decode(self, payload, key_shape, value_shape, dtype):
+        view = memoryview(payload)
+        b, h, t, d = key_shape
+        keys_by_channel, offset = self.decode_grouped(view, 0, (b, h, d, t), key=True)
+        values, offset = self.decode_grouped(view, offset, tuple(value_shape), key=False)
+        if offset != len(view):
+            raise CodecError(f"{self.name} payload has {len(view) - offset} trailing bytes")
+        keys = keys_by_channel.transpose(2, 3)
+        if not (torch.isfinite(keys).all() and torch.isfinite(values).all()):
+            raise CodecError(f"{self.name} payload decodes to non-finite values")
+        return keys.to(dtype).contiguous(), values.to(dtype).contiguous()
+
+
+class QuantizedCodec(KiviGroupedCodec):
+    name = "quantized"
 
     def __init__(self, key_bits: int = 4, value_bits: int = 4, group: int = 32, level: int | None = 1) -> None:
         for field, bits in (("key_bits", key_bits), ("value_bits", value_bits)):
@@ -109,42 +153,23 @@ class QuantizedCodec(Codec):
     def params(self) -> dict:
         return {"key_bits": self.key_bits, "value_bits": self.value_bits, "group": self.group, "level": self.level}
 
-    def group_for(self, length: int) -> int:
-        return balanced_group(length, self.group)
-
-    def _encode_one(self, x: torch.Tensor, bits: int) -> bytes:
+    def encode_grouped(self, x: torch.Tensor, key: bool) -> bytes:
+        bits = self.key_bits if key else self.value_bits
         codes, low, step = quantize_lastdim(x, bits, self.group_for(x.shape[-1]))
         return b"".join(
             [pack_section(pack_codes(codes, bits), self.level),
-             pack_section(low.numpy().tobytes(), self.level),
-             pack_section(step.numpy().tobytes(), self.level)]
+             pack_section(tensor_bytes(low), self.level),
+             pack_section(tensor_bytes(step), self.level)]
         )
 
-    def encode(self, keys: torch.Tensor, values: torch.Tensor) -> bytes:
-        keys_by_channel = keys.transpose(2, 3)  # (B, H, D, t): groups run along tokens
-        return self._encode_one(keys_by_channel, self.key_bits) + self._encode_one(values, self.value_bits)
-
-    def _decode_one(self, view: memoryview, offset: int, shape: tuple[int, ...], bits: int) -> tuple[torch.Tensor, int]:
+    def decode_grouped(self, view: memoryview, offset: int, shape: tuple[int, ...], key: bool) -> tuple[torch.Tensor, int]:
+        bits = self.key_bits if key else self.value_bits
         *lead, length = shape
-        group = self.group_for(length)
-        groups = math.ceil(length / group)
-        n_groups = math.prod(lead) * groups
+        group, groups, n_groups = self.grouping(shape)
         codes_bytes, offset = unpack_section(view, offset, packed_size(n_groups * group, bits))
         low_bytes, offset = unpack_section(view, offset, 2 * n_groups)
         step_bytes, offset = unpack_section(view, offset, 2 * n_groups)
         codes = unpack_codes(codes_bytes, n_groups * group, bits).reshape(*lead, groups, group)
-        low = torch.from_numpy(np.frombuffer(low_bytes, dtype=np.float16).copy()).reshape(*lead, groups)
-        step = torch.from_numpy(np.frombuffer(step_bytes, dtype=np.float16).copy()).reshape(*lead, groups)
+        low = tensor_from_bytes(low_bytes, (*lead, groups), torch.float16)
+        step = tensor_from_bytes(step_bytes, (*lead, groups), torch.float16)
         return dequantize_lastdim(codes, low, step, length), offset
-
-    def decode(self, payload, key_shape, value_shape, dtype):
-        view = memoryview(payload)
-        b, h, t, d = key_shape
-        keys_by_channel, offset = self._decode_one(view, 0, (b, h, d, t), self.key_bits)
-        values, offset = self._decode_one(view, offset, tuple(value_shape), self.value_bits)
-        if offset != len(view):
-            raise CodecError(f"quantized payload has {len(view) - offset} trailing bytes")
-        keys = keys_by_channel.transpose(2, 3)
-        if not (torch.isfinite(keys).all() and torch.isfinite(values).all()):
-            raise CodecError("quantized payload decodes to non-finite values")
-        return keys.to(dtype).contiguous(), values.to(dtype).contiguous()

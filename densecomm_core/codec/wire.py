@@ -148,14 +148,16 @@ def chunk_parts(seq: int, layer: int, token_start: int, token_count: int, payloa
     return [CHUNK_MAGIC + fields + struct.pack("<Q", digest.intdigest()), *payload]
 
 
+def encode_chunk(codec: Codec, seq: int, layer: int, start: int, count: int, keys: torch.Tensor, values: torch.Tensor) -> list:
+    """Chunk ``seq`` as buffers: tokens [start, start + count) of one layer's full-width K, V."""
+    payload = codec.encode_parts(keys[:, :, start : start + count], values[:, :, start : start + count])
+    return chunk_parts(seq, layer, start, count, payload)
+
+
 def layer_frames(header: WireHeader, codec: Codec, layer: int, keys: torch.Tensor, values: torch.Tensor) -> list[bytes]:
     """The chunk frames of one layer (full-width K, V), with the sequence numbers the header assigns."""
-    frames = []
-    for seq, (chunk_layer, start, count) in enumerate(header.chunk_ranges()):
-        if chunk_layer == layer:
-            payload = codec.encode_parts(keys[:, :, start : start + count], values[:, :, start : start + count])
-            frames.append(b"".join(chunk_parts(seq, layer, start, count, payload)))
-    return frames
+    return [b"".join(encode_chunk(codec, seq, layer, start, count, keys, values))
+            for seq, (chunk_layer, start, count) in enumerate(header.chunk_ranges()) if chunk_layer == layer]
 
 
 def iter_encode_parts(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, workers: int = 1) -> Iterator[list]:
@@ -167,9 +169,7 @@ def iter_encode_parts(cache: KVCache, codec: Codec, chunk_tokens: int | None = N
 
     def encode_one(item: tuple[int, tuple[int, int, int]]) -> list:
         seq, (layer, start, count) = item
-        keys = cache.keys[layer][:, :, start : start + count]
-        values = cache.values[layer][:, :, start : start + count]
-        return chunk_parts(seq, layer, start, count, codec.encode_parts(keys, values))
+        return encode_chunk(codec, seq, layer, start, count, cache.keys[layer], cache.values[layer])
 
     items = list(enumerate(header.chunk_ranges()))
     if workers <= 1 or len(items) == 1:
