@@ -101,8 +101,10 @@ def sender_prefill(sender: LoadedModel, texts: Sequence[str]) -> KVCache:
 
 
 def transform_cache(adapter: DenseAdapter, cache: KVCache, sender: RopeModel, receiver: RopeModel) -> KVCache:
-    """Sender cache -> receiver-space cache: RemoveRoPE_S, T_θ, AddRoPE_R (differentiable in the adapter)."""
-    return restore_rope(adapter(strip_rope(cache, sender)), receiver)
+    """Sender cache -> receiver-space cache: RemoveRoPE_S, T_θ, AddRoPE_R (differentiable in the adapter).
+    A sender cache that arrives RoPE-stripped (``rope_applied`` false) goes to T_θ as it is."""
+    stripped = strip_rope(cache, sender) if cache.rope_applied else cache.to(dtype=torch.float32)
+    return restore_rope(adapter(stripped), receiver)
 
 
 def receiver_generate(

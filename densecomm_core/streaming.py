@@ -38,9 +38,10 @@ class StreamingAdapter:
         codec: Codec,
         chunk_tokens: int | None = None,
         limits: DecodeLimits = DecodeLimits(),
+        bases: tuple[str, ...] | None = None,
     ) -> None:
         self.adapter, self.sender, self.receiver = adapter, sender, receiver
-        self.codec, self.chunk_tokens = codec, chunk_tokens
+        self.codec, self.chunk_tokens, self.bases = codec, chunk_tokens, bases  # bases: pca candidates for the output
         self.decoder = StreamDecoder(limits)
         self.out_header: WireHeader | None = None
         self.next_layer = 0  # next receiver layer to emit
@@ -52,16 +53,18 @@ class StreamingAdapter:
         s, r = self.sender.geometry, self.receiver.geometry
         if header.fingerprint and header.fingerprint != s.fingerprint():
             raise GeometryMismatchError(f"incoming cache is from {header.fingerprint}, this adapter expects sender {s.fingerprint()}")
-        if not header.rope_applied:
-            raise CacheLayoutError("incoming sender cache must carry its RoPE (rope_applied = true)")
         expected = [[s.num_kv_heads, s.head_dim, s.num_kv_heads, s.head_dim]] * s.num_layers
         if header.layers != expected:
             raise CacheLayoutError(f"incoming cache layers {header.layers[:2]}... do not match sender geometry {expected[0]} x {s.num_layers}")
         positions = torch.tensor(header.positions, dtype=torch.long).reshape(header.batch, header.tokens)
         self._cos_sin = (rotary_cos_sin(self.sender, positions), rotary_cos_sin(self.receiver, positions))
+        # Either side may travel RoPE-stripped (codecs that code stripped keys): the incoming header says
+        # whether there is a rotation to remove; the outgoing codec says whether to apply the receiver's.
+        self.in_rotated, self.out_rotated = header.rope_applied, not self.codec.strips_rope
+        self.codec = self.codec.bind(r.fingerprint(), self.out_rotated, self.bases)
         self.out_header = stream_header(
             self.codec, self.receiver.dtype, [[r.num_kv_heads, r.head_dim, r.num_kv_heads, r.head_dim]] * r.num_layers,
-            header.lengths, header.positions, True, r.fingerprint(), self.chunk_tokens,
+            header.lengths, header.positions, self.out_rotated, r.fingerprint(), self.chunk_tokens,
         )
         return [header_frame(self.out_header)]
 
@@ -81,9 +84,13 @@ class StreamingAdapter:
                 and self.decoder.pending_per_layer[layer_map[self.next_layer]] == 0:
             layer, source = self.next_layer, layer_map[self.next_layer]
             started = time.perf_counter()
-            keys = unrotate_keys(self.decoder.keys[source].float(), s_cos, s_sin, self.sender)
+            keys = self.decoder.keys[source].float()
+            if self.in_rotated:
+                keys = unrotate_keys(keys, s_cos, s_sin, self.sender)
             k, v = self.adapter.transform_layer(layer, keys, self.decoder.values[source].float())
-            k = rotate_keys(k.float(), r_cos, r_sin, self.receiver).to(self.receiver.dtype)
+            if self.out_rotated:
+                k = rotate_keys(k.float(), r_cos, r_sin, self.receiver)
+            k = k.to(self.receiver.dtype)
             v = v.to(self.receiver.dtype)
             self.transform_seconds += time.perf_counter() - started
             self.raw_bytes_out += k.numel() * k.element_size() + v.numel() * v.element_size()

@@ -48,6 +48,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from densecomm_core.zoo.pair import (
         evaluate_pair,
         load_zoo_pair,
+        save_zoo_bases,
         train_zoo_adapter,
         zoo_adapter_dir,
     )
@@ -59,6 +60,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         work = Path(args.work_dir)
         adapter = train_zoo_adapter(sender, receiver, work_dir=work, progress=not args.json)
         adapter.save(work / "adapter")
+        save_zoo_bases(sender, receiver, adapter, work / "adapter")
         if not args.json:
             print(f"adapter trained and saved to {work / 'adapter'}")
     else:
@@ -127,6 +129,7 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
     from densecomm_core.zoo.build import build_zoo
     from densecomm_core.zoo.pair import (
         load_zoo_pair,
+        save_zoo_bases,
         train_zoo_adapter,
         zoo_adapter_dir,
     )
@@ -140,6 +143,7 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
     sender, receiver = load_zoo_pair(root)
     adapter = train_zoo_adapter(sender, receiver, work_dir=Path(args.work_dir))
     adapter.save(zoo_adapter_dir(root))
+    save_zoo_bases(sender, receiver, adapter, zoo_adapter_dir(root))
     print(f"adapter saved to {zoo_adapter_dir(root)}: {adapter.config.metrics}")
     return 0
 
@@ -150,8 +154,10 @@ def cmd_bench_codec(args: argparse.Namespace) -> int:
     from services.bench import codec as bench
 
     torch_threads(args.workers)
-    caches = {"zoo": bench.zoo_caches(), "qwen3-4b": [bench.qwen3_4b_geometry_cache(args.tokens)]}
-    rows = [row for name, cache in caches.items() for row in bench.measure(name, cache, args.repeats, args.workers)]
+    stand_in, big = bench.qwen3_4b_geometry(args.tokens)
+    bench.calibrate_stand_in(stand_in)
+    caches = {"zoo": bench.zoo_caches(), "qwen3-4b": (stand_in, [big])}
+    rows = [row for name, (model, cache) in caches.items() for row in bench.measure(name, model, cache, args.repeats, args.workers)]
     hops = tuple(sorted({int(h) for h in args.hops.split(",")}))
     if not set(hops) <= {0, 1}:
         raise SystemExit(f"--hops takes 0 (sender -> adapter), 1 (adapter -> receiver) or 0,1; got {args.hops!r}")
@@ -167,7 +173,7 @@ def cmd_bench_codec(args: argparse.Namespace) -> int:
         print(bench.render_accuracy(accuracy))
     if args.profile:
         print("\nprofile of lossless encode + decode on the qwen3-4b cache (1 thread):\n")
-        print(bench.profile_lossless(caches["qwen3-4b"][0], args.workers))
+        print(bench.profile_lossless(big, args.workers))
     return 0
 
 
@@ -215,6 +221,43 @@ def cmd_relay(args: argparse.Namespace) -> int:
     print(f"FLOPs: sender {stats.sender_flops:.3g}, adapter {stats.adapter_flops:.3g}, receiver {stats.receiver_flops:.3g}, "
           f"total {total:.3g} (text-to-text {stats.t2t_flops:.3g})")
     print("latency: " + ", ".join(f"{l.stage} {1e3 * l.seconds:.1f} ms" for l in stats.latencies))
+    return 0
+
+
+def cmd_codec_calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    from densecomm_core.codec.calibrate import calibrate
+    from densecomm_core.codec.transform import BASIS_FILE
+    from densecomm_core.models import load_model
+    from densecomm_core.zoo import tasks
+    from densecomm_core.zoo.build import RECEIVER_SPEC, SENDER_SPEC
+    from densecomm_core.zoo.pair import BASIS_CALIBRATION_PER_FAMILY, zoo_adapter_dir, zoo_root
+
+    dtype = getattr(torch, args.dtype)
+    if args.sender is None:  # the embedded pair, exactly as `densecomm zoo build` fits it
+        args.sender, args.adapter, args.receiver = (str(zoo_root() / SENDER_SPEC.name), str(zoo_adapter_dir()),
+                                                    str(zoo_root() / RECEIVER_SPEC.name))
+    if bool(args.adapter) != bool(args.receiver):
+        raise SystemExit("--adapter and --receiver go together")
+    if args.texts:
+        texts = [line.strip() for line in Path(args.texts).read_text().splitlines() if line.strip()]
+    else:
+        texts = [e.context for e in tasks.make_split("train", BASIS_CALIBRATION_PER_FAMILY)]
+    texts = texts[: args.limit]
+    sender = load_model(args.sender, dtype=dtype)
+    adapter = receiver = None
+    if args.adapter:
+        from densecomm_core.adapter import DenseAdapter
+
+        receiver = load_model(args.receiver, dtype=dtype)
+        adapter = DenseAdapter.load(args.adapter, sender.geometry, receiver.geometry).to(sender.model.device)
+    sender_basis, receiver_basis = calibrate(sender, texts, adapter, receiver, strip_rope=not args.keep_rope)
+    for basis, directory in ((sender_basis, args.sender), (receiver_basis, args.adapter)):
+        if basis is not None:
+            basis.save(Path(directory) / BASIS_FILE)
+            print(f"{Path(directory) / BASIS_FILE}: basis {basis.fingerprint} ({basis.num_layers} layers, "
+                  f"RoPE {'applied' if basis.rope_applied else 'stripped'}, {len(texts)} texts)")
     return 0
 
 
@@ -290,6 +333,17 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--adapter-only", action="store_true", help="keep the LMs, retrain only the adapter")
     build.add_argument("--work-dir", default="runs/zoo-build", help="adapter training checkpoints and traces")
     build.set_defaults(func=cmd_zoo_build)
+
+    codec_cmd = sub.add_parser("codec", help="KV codec tools").add_subparsers(dest="codec_command", required=True)
+    calibrate = codec_cmd.add_parser("calibrate", help="fit the pca codec's KV bases beside a sender (and its adapter)")
+    calibrate.add_argument("--sender", help="sender checkpoint directory (default: the embedded zoo sender)")
+    calibrate.add_argument("--adapter", help="adapter directory: also fit the receiver space it writes (needs --receiver)")
+    calibrate.add_argument("--receiver", help="receiver checkpoint directory (with --adapter)")
+    calibrate.add_argument("--texts", help="calibration texts, one per line (default: the zoo's train-split contexts)")
+    calibrate.add_argument("--limit", type=int, default=900, help="at most this many texts")
+    calibrate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    calibrate.add_argument("--keep-rope", action="store_true", help="fit on RoPE-applied keys (for strip_rope=false)")
+    calibrate.set_defaults(func=cmd_codec_calibrate)
 
     serve = sub.add_parser("serve", help="start sender, adapter, receiver and the Relay ingress (on Ray)")
     serve.add_argument("--config", help="TOML service config (default: the embedded zoo route on loopback)")

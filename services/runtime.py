@@ -15,6 +15,7 @@ import torch
 
 from densecomm_core.adapter import DenseAdapter
 from densecomm_core.codec.base import Codec, CodecError, get_codec
+from densecomm_core.codec.transform import load_bases
 from densecomm_core.models import LoadedModel, RopeModel, load_model, load_rope_model
 from densecomm_core.relay import PromptFormat
 from services.config import RouteConfig, ServeConfig
@@ -29,13 +30,33 @@ class AdapterRoute:
     sender: RopeModel
     receiver: RopeModel
     flops_per_token: int
+    bases: tuple[str, ...] = ()  # KV bases loaded with the route (pca's candidates)
+
+
+ROUTE_BASES: dict[str, tuple[str, ...]] = {}  # route name -> fingerprints of the KV bases loaded with it
+
+
+def load_route_bases(route: RouteConfig) -> tuple[str, ...]:
+    """Register the ``pca`` codec's KV bases found beside the route's models and adapter
+    (``kv_basis.safetensors``): every hop's encoder and decoder then agree on them by fingerprint, and
+    encoders bind only to their own route's (``route_bases``)."""
+    ROUTE_BASES[route.name] = tuple(load_bases(*(path for path in (route.sender, route.adapter, route.receiver) if path)))
+    return ROUTE_BASES[route.name]
+
+
+def route_bases(name: str) -> tuple[str, ...]:
+    return ROUTE_BASES.get(name, ())
 
 
 def load_sender_routes(config: ServeConfig) -> dict[str, LoadedModel]:
+    for route in config.all_routes():
+        load_route_bases(route)
     return {r.name: load_model(r.sender, DTYPES[r.dtype], r.device) for r in config.all_routes()}
 
 
 def load_receiver_routes(config: ServeConfig) -> dict[str, LoadedModel]:
+    for route in config.all_routes():
+        load_route_bases(route)
     return {r.name: load_model(r.receiver, DTYPES[r.dtype], r.device) for r in config.all_routes()}
 
 
@@ -44,7 +65,7 @@ def load_adapter_route(route: RouteConfig) -> AdapterRoute:
     sender, receiver = load_rope_model(route.sender, dtype), load_rope_model(route.receiver, dtype)
     adapter = DenseAdapter.load(route.adapter, sender.geometry, receiver.geometry).to(route.device)
     adapter.eval()
-    return AdapterRoute(adapter, sender, receiver, adapter.num_flops_per_token())
+    return AdapterRoute(adapter, sender, receiver, adapter.num_flops_per_token(), load_route_bases(route))
 
 
 def load_adapter_routes(config: ServeConfig) -> dict[str, AdapterRoute]:

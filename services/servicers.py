@@ -30,6 +30,7 @@ from densecomm_core.relay import (
     receiver_generate,
     sender_prefill,
 )
+from densecomm_core.rope import restore_rope, strip_rope
 from densecomm_core.streaming import StreamingAdapter
 from services import protos
 from services.config import ServeConfig
@@ -41,6 +42,7 @@ from services.runtime import (
     pick,
     receiver_codec_for,
     render_input,
+    route_bases,
     route_name,
     validate_request,
 )
@@ -192,6 +194,8 @@ class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
         transfer_s = time.perf_counter() - started
         if cache.fingerprint != receiver.geometry.fingerprint():
             raise GeometryMismatchError(f"received a cache for {cache.fingerprint}, this receiver is {receiver.geometry.fingerprint()}")
+        if not cache.rope_applied:  # shipped RoPE-stripped (the hop's codec codes stripped keys)
+            cache = restore_rope(cache, receiver)
         cache = cache.to(dtype=receiver.dtype, device=receiver.model.device)
         mode = mode_of(request)
         prompt = request.receiver_prompt if (mode is ContextMode.AWARE and request.receiver_prompt) else FORMAT.receiver_prompt(mode, context_text(request))
@@ -259,7 +263,8 @@ class AdapterServicer(ServicerBase, kv_pb2_grpc.AdapterServicer):
         _, route = pick(self.routes, request, self.config)
         codec = receiver_codec_for(request, self.config)
         streaming = StreamingAdapter(route.adapter, route.sender, route.receiver, codec,
-                                     self.config.chunk_tokens or None, DecodeLimits(max_raw_bytes=self.config.max_cache_bytes))
+                                     self.config.chunk_tokens or None, DecodeLimits(max_raw_bytes=self.config.max_cache_bytes),
+                                     route.bases)
         outgoing: asyncio.Queue = asyncio.Queue()
         state = {"sender_done": None, "chunks_out": 0, "wire_out": 0, "error": None}
 
@@ -339,6 +344,9 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
         text = render_input(request, sender.tokenizer, FORMAT)
         t = time.perf_counter()
         cache = await asyncio.to_thread(sender_prefill, sender, [text])
+        if codec.strips_rope:  # the codec codes RoPE-stripped keys; the adapter reads the header's rope_applied
+            cache = strip_rope(cache, sender).to(dtype=cache.dtype)
+        codec = codec.bind(cache.fingerprint, cache.rope_applied, route_bases(name))
         prefill_s = time.perf_counter() - t
         tokens = int(cache.lengths.sum())
         raw_bytes = cache.nbytes

@@ -104,6 +104,22 @@ class Codec(ABC):
         """Cache-level step before chunking; identity unless the codec drops or merges tokens."""
         return cache
 
+    @property
+    def strips_rope(self) -> bool:
+        """Whether the codec codes RoPE-stripped keys: callers strip their model's rotation before encoding
+        and the receiving side re-applies its own (the header records ``rope_applied``)."""
+        return False
+
+    def bind(self, cache_fingerprint: str, rope_applied: bool, candidates: tuple[str, ...] | None = None) -> Codec:
+        """The codec as it encodes a stream of that cache space (``KVCache.fingerprint``) and RoPE state;
+        identity unless the codec depends on them (``pca`` picks that space's basis, among ``candidates``
+        when given, and names it in the header)."""
+        return self
+
+    def for_layer(self, layer: int) -> Codec:
+        """The codec for one layer's chunks; identity unless it holds per-layer state (``pca``'s bases)."""
+        return self
+
     def for_forwarding(self) -> Codec:
         """The codec for later hops of the same request (eviction selects tokens once, at the first hop)."""
         return self
@@ -129,6 +145,7 @@ REGISTRY: dict[str, str] = {
     "quantized": "densecomm_core.codec.quantized:QuantizedCodec",
     "ecsq": "densecomm_core.codec.ecsq:EntropyQuantizedCodec",
     "eviction": "densecomm_core.codec.eviction:EvictionCodec",
+    "pca": "densecomm_core.codec.transform:TransformCodec",
 }
 
 

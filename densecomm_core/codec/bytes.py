@@ -14,6 +14,12 @@ def tensor_bytes(tensor: torch.Tensor) -> bytes:
     return flat.view(torch.uint8).numpy().tobytes()
 
 
+def tensor_buffer(tensor: torch.Tensor) -> memoryview:
+    """The tensor's element bytes as a flat memoryview, sharing memory when already contiguous on CPU
+    (the view keeps the tensor alive)."""
+    return memoryview(tensor_uint8(tensor).reshape(-1))
+
+
 def tensor_uint8(tensor: torch.Tensor) -> np.ndarray:
     """A (numel, itemsize) uint8 view of the tensor's bytes (no copy when already contiguous on CPU)."""
     flat = tensor.detach().contiguous().cpu().reshape(-1)

@@ -99,6 +99,9 @@ class EvictionCodec(Codec):
         self.keep, self.window, self.obf_rank = float(keep), window, obf_rank
         self.inner_name, self.inner_params = inner, dict(inner_params or {})
         self.inner = get_codec(inner, **self.inner_params)
+        if self.inner.strips_rope:
+            raise CodecError(f"eviction scores attention on RoPE-applied keys; its inner {inner!r} codec must not strip RoPE "
+                             "(pass strip_rope=false in inner_params)")
 
     @property
     def params(self) -> dict:
@@ -130,6 +133,15 @@ class EvictionCodec(Codec):
 
     def for_forwarding(self) -> Codec:
         return self.inner
+
+    def bind(self, cache_fingerprint: str, rope_applied: bool, candidates: tuple[str, ...] | None = None) -> Codec:
+        inner = self.inner.bind(cache_fingerprint, rope_applied, candidates)
+        if inner is self.inner:
+            return self
+        return EvictionCodec(self.keep, self.window, self.obf_rank, self.inner_name, inner.params)
+
+    def for_layer(self, layer: int) -> Codec:
+        return self.inner.for_layer(layer)  # kept tokens are coded by the inner codec
 
     def encode(self, keys, values):
         return self.inner.encode(keys, values)

@@ -32,10 +32,8 @@ def merge_planes(planes: list, n: int, shape: tuple[int, ...], dtype: torch.dtyp
     """Inverse of ``byte_planes``: a writable tensor of ``shape``/``dtype``."""
     if dtype.itemsize == 2:
         low, high = (np.frombuffer(p, dtype=np.uint8) for p in planes)
-        words = np.empty(n, dtype=np.uint16)
-        words[:] = high
-        words <<= 8
-        words |= low
+        words = np.left_shift(high, 8, dtype=np.uint16)  # two passes, no temporaries
+        np.bitwise_or(words, low, out=words)
         return tensor_from_bytes(words.view(np.uint8), shape, dtype, copy=False)
     interleaved = np.empty((n, dtype.itemsize), dtype=np.uint8)
     for i, plane in enumerate(planes):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from densecomm_core.codec.base import Codec, TruncatedError
-from densecomm_core.codec.bytes import tensor_bytes, tensor_from_bytes
+from densecomm_core.codec.bytes import tensor_buffer, tensor_bytes, tensor_from_bytes
 
 
 class RawCodec(Codec):
@@ -13,6 +13,9 @@ class RawCodec(Codec):
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor) -> bytes:
         return tensor_bytes(keys) + tensor_bytes(values)
+
+    def encode_parts(self, keys: torch.Tensor, values: torch.Tensor) -> list:
+        return [tensor_buffer(keys), tensor_buffer(values)]  # the frame is the only copy
 
     def decode(self, payload, key_shape, value_shape, dtype):
         size = dtype.itemsize

@@ -150,7 +150,7 @@ def chunk_parts(seq: int, layer: int, token_start: int, token_count: int, payloa
 
 def encode_chunk(codec: Codec, seq: int, layer: int, start: int, count: int, keys: torch.Tensor, values: torch.Tensor) -> list:
     """Chunk ``seq`` as buffers: tokens [start, start + count) of one layer's full-width K, V."""
-    payload = codec.encode_parts(keys[:, :, start : start + count], values[:, :, start : start + count])
+    payload = codec.for_layer(layer).encode_parts(keys[:, :, start : start + count], values[:, :, start : start + count])
     return chunk_parts(seq, layer, start, count, payload)
 
 
@@ -164,6 +164,7 @@ def iter_encode_parts(cache: KVCache, codec: Codec, chunk_tokens: int | None = N
     """Yield the header frame, then chunk frames in sequence order, each frame as a list of buffers
     (``workers`` encode chunks in parallel)."""
     cache = codec.prepare(cache)
+    codec = codec.bind(cache.fingerprint, cache.rope_applied)
     header = make_header(cache, codec, chunk_tokens)
     yield [header_frame(header)]
 
@@ -305,7 +306,7 @@ class StreamDecoder:
         _require((layer, start, count) == want, f"chunk {seq} covers (layer, start, count) = {(layer, start, count)}, header says {want}", ShapeMismatchError)
         key_shape, value_shape = h.chunk_shapes(layer, count)
         try:
-            keys, values = self.codec.decode(frame[CHUNK_PREFIX_SIZE:], key_shape, value_shape, h.torch_dtype)
+            keys, values = self.codec.for_layer(layer).decode(frame[CHUNK_PREFIX_SIZE:], key_shape, value_shape, h.torch_dtype)
         except CodecError:
             raise
         except Exception as exc:  # a codec bug must still surface as a codec error, never crash a service
@@ -321,6 +322,17 @@ class StreamDecoder:
         _require(seq not in self.received, f"chunk {seq} arrived twice", DuplicateChunkError)
         if self.strict_order:
             _require(seq == len(self.received), f"chunk {seq} arrived out of order (expected {len(self.received)})", OutOfOrderChunkError)
+        if count == h.tokens:  # the chunk is the whole layer: keep the decoded tensors, no copy
+            self.keys[layer], self.values[layer] = event.keys, event.values
+        else:
+            self._write(layer, start, count, event)
+        self.received.add(seq)
+        self.pending_per_layer[layer] -= 1
+        event.layer_complete = self.pending_per_layer[layer] == 0
+        return event
+
+    def _write(self, layer: int, start: int, count: int, event: ChunkEvent) -> None:
+        h = self.header
         if self.keys[layer] is None:
             full_k, full_v = h.chunk_shapes(layer, h.tokens)
             self.keys[layer] = torch.empty(full_k, dtype=h.torch_dtype)
@@ -328,10 +340,6 @@ class StreamDecoder:
         # Byte-level numpy copies: single-threaded memcpy, no intra-op thread pool wake-ups per chunk.
         _byte_view(self.keys[layer])[:, :, start : start + count] = _byte_view(event.keys)
         _byte_view(self.values[layer])[:, :, start : start + count] = _byte_view(event.values)
-        self.received.add(seq)
-        self.pending_per_layer[layer] -= 1
-        event.layer_complete = self.pending_per_layer[layer] == 0
-        return event
 
     @property
     def complete(self) -> bool:
@@ -395,10 +403,17 @@ def decode_cache(blob: bytes, limits: DecodeLimits = DecodeLimits(), workers: in
     return decode_frames(split_frames(blob), limits, workers=workers)
 
 
-def round_trip(cache: KVCache, codec: Codec, dtype: torch.dtype = torch.bfloat16, on_payload=None) -> KVCache:
+def round_trip(cache: KVCache, codec: Codec, dtype: torch.dtype = torch.bfloat16, on_payload=None, model=None) -> KVCache:
     """``cache`` as a receiver gets it through ``codec``: one wire payload per request (no batch padding),
     shipped in ``dtype``, decoded and re-batched in the cache's own dtype. ``on_payload(raw, wire)``
-    sees each request's byte counts."""
+    sees each request's byte counts. A codec that codes RoPE-stripped keys needs the cache's ``model``
+    (a RopeModel): its rotation is stripped before encoding and re-applied after, as the services do."""
+    if codec.strips_rope and cache.rope_applied:
+        if model is None:
+            raise CodecError(f"{codec.name} codes RoPE-stripped keys: round_trip needs the cache's model to strip and restore RoPE")
+        from densecomm_core.rope import restore_rope, strip_rope
+
+        return restore_rope(round_trip(strip_rope(cache, model), codec, dtype, on_payload), model, dtype=cache.dtype)
     rows = []
     for b in range(cache.batch_size):
         shipped = cache.rows([b]).trimmed().to(dtype=dtype)

@@ -90,7 +90,7 @@ def generation_loss(
     with torch.no_grad():
         source = sender_prefill(sender, [prompt_format.sender.format(context=r.context) for r in records])
         if input_codec is not None:
-            source = round_trip(source, input_codec)
+            source = round_trip(source, input_codec, model=sender)
     cache = transform_cache(adapter, source, sender, receiver)
     prompts = [prompt_format.receiver_prompt(m, r.context) for r, m in zip(records, modes)]
     ids, mask, labels = receiver_batch(receiver, prompts, [r.trace for r in records])

@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 ADAPTER_NAME = f"adapter-{SENDER_SPEC.name}-to-{RECEIVER_SPEC.name}"
 GREEDY = GenerationConfig(max_new_tokens=24)
-INPUT_CODEC_PARAMS = {"key_bits": 4, "value_bits": 3, "group": 64}  # phase II's codec-aware batches
+INPUT_CODEC, INPUT_CODEC_PARAMS = "quantized", {"key_bits": 4, "value_bits": 3, "group": 64}  # phase II's codec-aware batches
+BASIS_CALIBRATION_PER_FAMILY = 300  # train-split contexts per family the pca codec's bases are fitted on
 
 
 def zoo_root() -> Path:
@@ -67,9 +68,10 @@ class ZooAdapterRecipe:
     # 3600 steps on 9000 traces: with 1800 on 3000 the unaware regime stopped at ~85 % on multiple
     # choice (the colour -> letter lookup over a transferred cache generalised last). Half the batches
     # reach the adapter through 4-bit-key / 3-bit-value quantization (codec-aware training): the
-    # sender -> adapter hop is where quantization costs accuracy (`densecomm bench codec --hops 0`).
+    # sender -> adapter hop is where lossy codecs cost accuracy (`densecomm bench codec --hops 0`).
+    # (The same recipe with pca in those batches left unaware multiple choice at 94.5 %: not kept.)
     phase2: Phase2Config = field(default_factory=lambda: Phase2Config(
-        steps=3600, eval_every=600, input_codec="quantized", input_codec_params=dict(INPUT_CODEC_PARAMS)))
+        steps=3600, eval_every=600, input_codec=INPUT_CODEC, input_codec_params=dict(INPUT_CODEC_PARAMS)))
 
 
 def batched(items: list, size: int):
@@ -80,6 +82,24 @@ def batched(items: list, size: int):
 def relay_accuracy(relay: DenseRelay, examples: list[tasks.Example], mode: ContextMode, batch_size: int = 128) -> tuple[dict[str, float], list[RelayOutput]]:
     outputs = [relay.run([e.context for e in chunk], mode, GREEDY) for chunk in batched(examples, batch_size)]
     return accuracy_by_family(examples, [t for o in outputs for t in o.texts]), outputs
+
+
+def fit_zoo_bases(sender: LoadedModel, receiver: LoadedModel, adapter: DenseAdapter | None = None):
+    """The pca codec's KV bases of the sender's space (and, with ``adapter``, of the receiver space it
+    writes), fitted on train-split contexts: (sender basis, receiver-space basis or None)."""
+    from densecomm_core.codec.calibrate import calibrate
+
+    texts = [e.context for e in tasks.make_split("train", BASIS_CALIBRATION_PER_FAMILY)]
+    return calibrate(sender, texts, adapter, receiver if adapter is not None else None)
+
+
+def save_zoo_bases(sender: LoadedModel, receiver: LoadedModel, adapter: DenseAdapter, adapter_dir: Path) -> None:
+    """Fit both bases and write them beside the sender's weights and the adapter's."""
+    from densecomm_core.codec.transform import BASIS_FILE
+
+    sender_basis, receiver_basis = fit_zoo_bases(sender, receiver, adapter)
+    sender_basis.save(Path(sender.path) / BASIS_FILE)
+    receiver_basis.save(Path(adapter_dir) / BASIS_FILE)
 
 
 def train_zoo_adapter(
@@ -108,6 +128,10 @@ def train_zoo_adapter(
     log.info("receiver-self traces: %s", trace_stats)
     if work_dir:
         save_traces(records, work_dir / "receiver_traces.jsonl")
+    if recipe.phase2.input_codec == "pca":  # codec-aware batches through pca need the sender's basis
+        from densecomm_core.codec.transform import register_basis
+
+        register_basis(fit_zoo_bases(sender, receiver)[0])
     relay = DenseRelay(sender, receiver, adapter)
 
     def evaluate() -> dict:

@@ -5,6 +5,11 @@ Caches measured, in one run:
   deployment ships);
 - ``qwen3-4b``: a cache with Qwen3-4B's KV geometry (36 layers x 8 KV heads x 128, bf16, 180 tokens,
   ~25 MB) from a real forward pass of a Qwen3 model with that geometry and a small hidden size.
+The ``pca`` rows use KV bases calibrated on other inputs of the same model (the zoo's committed
+``kv_basis.safetensors``; for the Qwen3-4B stand-in, fitted here on 90 train-split contexts), and
+ship keys RoPE-stripped as the services do (stripping is the sender's work, outside the timing). The
+stand-in's weights are random, so its KV is close to isotropic: the least favourable case for a
+transform codec (a trained model's KV concentrates in few directions; the zoo's does).
 Throughput is MB/s of raw KV (best of ``repeats``), encode and decode, with ``workers`` threads.
 """
 
@@ -34,6 +39,9 @@ CODECS: list[tuple[str, str, dict]] = [
     ("ecsq 0.3", "ecsq", {"key_step": 0.3, "value_step": 0.3, "group": 64}),
     ("ecsq 0.35", "ecsq", {"key_step": 0.35, "value_step": 0.35, "group": 64}),
     ("ecsq 0.4", "ecsq", {"key_step": 0.4, "value_step": 0.4, "group": 64}),
+    ("pca k.15/v.35", "pca", {"key_step": 0.15, "value_step": 0.35}),
+    ("pca k.25/v.35", "pca", {"key_step": 0.25, "value_step": 0.35}),
+    ("pca k.25/v.5", "pca", {"key_step": 0.25, "value_step": 0.5}),
     ("evict50+lossless", "eviction", {"keep": 0.5}),
     ("evict50+obf+int4", "eviction", {"keep": 0.5, "obf_rank": 4, "inner": "quantized", "inner_params": {"key_bits": 4, "value_bits": 4, "group": 64}}),
 ]
@@ -62,30 +70,53 @@ def qwen3_4b_geometry_model(tokenizer, rope_theta: float = 1_000_000.0):
 
 def qwen3_4b_geometry_cache(tokens: int = 180, seed: int = 0) -> KVCache:
     """A real prefill through a Qwen3 model with Qwen3-4B's KV layout (hidden shrunk to 256)."""
+    return qwen3_4b_geometry(tokens, seed)[1]
+
+
+def qwen3_4b_geometry(tokens: int = 180, seed: int = 0):
+    """(the wrapped Qwen3-4B-geometry model, its cache of a ``tokens``-token test-split text)."""
     from densecomm_core.models import wrap_model
+    from densecomm_core.relay import sender_prefill
+    from densecomm_core.zoo import tasks
     from densecomm_core.zoo.tokenizer import build_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     model = wrap_model(qwen3_4b_geometry_model(tokenizer), tokenizer)
-    from densecomm_core.relay import sender_prefill
-    from densecomm_core.zoo import tasks
 
     text, examples = "", iter(tasks.make_split("test", 100))
     while len(tokenizer(text)["input_ids"]) < tokens:
         text += " " + next(examples).context
     text = " ".join(text.split()[: tokens - 1])  # BOS + tokens-1 words
-    return sender_prefill(model, [text])
+    return model, sender_prefill(model, [text])
 
 
-def zoo_caches(per_family: int = 20) -> list[KVCache]:
-    """One cache per test input (batch 1, no padding), as the services ship them."""
+def calibrate_stand_in(model, per_family: int = 30) -> None:
+    """Fit and register the stand-in's KV basis (pca rows) on train-split contexts, not the measured text."""
+    from densecomm_core.codec.calibrate import calibrate
+    from densecomm_core.codec.transform import register_basis
+    from densecomm_core.zoo import tasks
+
+    register_basis(calibrate(model, [e.context for e in tasks.make_split("train", per_family)])[0])
+
+
+def load_zoo_bases() -> None:
+    from densecomm_core.codec.transform import load_bases
+    from densecomm_core.zoo.build import SENDER_SPEC
+    from densecomm_core.zoo.pair import zoo_adapter_dir, zoo_root
+
+    load_bases(zoo_root() / SENDER_SPEC.name, zoo_adapter_dir())
+
+
+def zoo_caches(per_family: int = 20):
+    """(the zoo sender, one cache per test input: batch 1, no padding, as the services ship them)."""
     from densecomm_core.relay import sender_prefill
     from densecomm_core.zoo import tasks
     from densecomm_core.zoo.pair import load_zoo_pair
 
     sender, _ = load_zoo_pair()
-    return [sender_prefill(sender, [e.context]).to(dtype=torch.bfloat16) for e in tasks.make_split("test", per_family)]
+    load_zoo_bases()
+    return sender, [sender_prefill(sender, [e.context]).to(dtype=torch.bfloat16) for e in tasks.make_split("test", per_family)]
 
 
 def best_of(repeats: int, fn) -> tuple[float, object]:
@@ -97,13 +128,17 @@ def best_of(repeats: int, fn) -> tuple[float, object]:
     return best, result
 
 
-def measure(cache_name: str, caches: list[KVCache], repeats: int, workers: int) -> list[CodecRow]:
-    """Every codec over ``caches`` (each one request), then zstd -1 over each cache's raw bytes."""
+def measure(cache_name: str, model, caches: list[KVCache], repeats: int, workers: int) -> list[CodecRow]:
+    """Every codec over ``caches`` of ``model`` (each one request), then zstd -1 over each cache's raw bytes."""
+    from densecomm_core.rope import strip_rope
+
     raw_bytes = sum(c.nbytes for c in caches)
+    stripped = [strip_rope(c, model).to(dtype=c.dtype) for c in caches]
     rows = []
     for label, name, params in CODECS:
         codec = get_codec(name, **params)
-        encode_s, blobs = best_of(repeats, lambda: [encode_cache(c, codec, workers=workers) for c in caches])
+        shipped = stripped if codec.strips_rope else caches
+        encode_s, blobs = best_of(repeats, lambda: [encode_cache(c, codec, workers=workers) for c in shipped])
         decode_s, _ = best_of(repeats, lambda: [decode_cache(b, workers=workers) for b in blobs])
         wire = sum(len(b) for b in blobs)
         rows.append(CodecRow(cache_name, label, raw_bytes / 1e6, raw_bytes / wire, raw_bytes / encode_s / 1e6, raw_bytes / decode_s / 1e6))
@@ -126,6 +161,7 @@ def accuracy_through_codecs(per_family: int, hops: tuple[int, ...] = (0, 1)) -> 
 
     sender, receiver = load_zoo_pair()
     adapter = DenseAdapter.load(zoo_adapter_dir(), sender.geometry, receiver.geometry)
+    load_zoo_bases()
     examples = tasks.make_split("test", per_family)
     results = []
     for label, name, params in CODECS:
@@ -142,7 +178,8 @@ def accuracy_through_codecs(per_family: int, hops: tuple[int, ...] = (0, 1)) -> 
             if hop not in hops:
                 return cache
             # One bf16 wire payload per request, as the services ship them.
-            return round_trip(cache, codec if hop == 0 else codec.for_forwarding(), on_payload=count)
+            return round_trip(cache, codec if hop == 0 else codec.for_forwarding(), on_payload=count,
+                              model=sender if hop == 0 else receiver)
 
         relay = DenseRelay(sender, receiver, adapter, channel=channel)
         row = {"codec": label}

@@ -212,11 +212,17 @@ def test_fuzz_mutations_only_raise_codec_errors(zoo_pair):
     from densecomm_core.relay import sender_prefill
     from densecomm_core.zoo import tasks
 
+    from densecomm_core.codec.transform import load_bases
+    from densecomm_core.rope import strip_rope
+    from densecomm_core.zoo.pair import zoo_root
+
     sender, _ = zoo_pair
+    load_bases(zoo_root() / sender.path.split("/")[-1])
     cache = sender_prefill(sender, [e.context for e in tasks.make_split("test", 1)]).to(dtype=torch.float16)
     streams = [encode_cache(cache, get_codec(name, **params), chunk_tokens=8) for name, params in
                [("raw", {}), ("lossless", {}), ("quantized", {"key_bits": 4, "value_bits": 2}), ("ecsq", {}),
                 ("eviction", {"keep": 0.5, "inner": "quantized"})]]
+    streams.append(encode_cache(strip_rope(cache, sender).to(dtype=torch.float16), get_codec("pca"), chunk_tokens=8))
     rng = random.Random(0)
     limits = DecodeLimits(max_raw_bytes=64 << 20)
     outcomes = {"ok": 0, "error": 0}

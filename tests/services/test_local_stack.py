@@ -73,6 +73,28 @@ def test_every_codec_serves(stack, codec, params):
     assert stats.codec == codec and stats.text
 
 
+def test_pca_ships_stripped_keys_and_answers_like_the_in_process_relay(stack, zoo_pair, zoo_adapter):
+    """Both hops through the transform codec: the sender strips its RoPE, the adapter reads and writes
+    stripped keys, the receiver restores its own; answers equal the in-process relay through the same codec."""
+    import torch
+
+    from densecomm_core.codec import round_trip
+
+    sender, receiver = zoo_pair
+    codec = get_codec("pca")  # the zoo's committed bases are loaded with the route (and by this process's stack)
+
+    def channel(cache, hop):
+        return round_trip(cache, codec, dtype=torch.float32, model=sender if hop == 0 else receiver)
+
+    relay = DenseRelay(sender, receiver, zoo_adapter, channel=channel)
+    expected = relay.run([e.context for e in EXAMPLES], ContextMode.UNAWARE, GenerationConfig(max_new_tokens=24)).texts
+    for example, want in zip(EXAMPLES, expected):
+        stats = run(collect(stack.relay_address, build_request(example.context, codec="pca", max_new_tokens=24)))[-1].stats
+        assert stats.text == want
+        assert [hop.codec for hop in stats.hops] == ["pca", "pca"]
+        assert all(hop.wire_bytes * 3 < hop.raw_bytes for hop in stats.hops)
+
+
 def test_receiver_codec_compresses_only_the_second_hop(stack):
     request = build_request(EXAMPLES[0].context, codec="lossless", receiver_codec="quantized",
                             receiver_codec_params='{"key_bits": 4, "value_bits": 3}')
@@ -95,6 +117,8 @@ def test_receiver_codec_compresses_only_the_second_hop(stack):
         ({"top_p": 2.0}, "top_p"),
         ({"receiver_codec": "eviction"}, "receiver_codec"),
         ({"receiver_codec": "quantized", "receiver_codec_params": '{"key_bits": 5}'}, "receiver_codec"),
+        ({"route": "random", "codec": "pca"}, "no KV basis is loaded"),  # that route ships no kv_basis.safetensors
+        ({"codec": "pca", "codec_params": '{"basis": "0123abcd"}'}, "not loaded here"),
     ],
 )
 def test_invalid_arguments_name_the_field(stack, fields, fragment):
