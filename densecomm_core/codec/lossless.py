@@ -23,7 +23,10 @@ def byte_planes(tensor: torch.Tensor) -> list[np.ndarray]:
     """The tensor's element bytes as itemsize contiguous uint8 planes, low byte first."""
     if tensor.element_size() == 2:
         words = tensor_uint8(tensor).view(np.uint16).reshape(-1)
-        return [words.astype(np.uint8), (words >> 8).astype(np.uint8)]
+        low, high = np.empty(words.size, dtype=np.uint8), np.empty(words.size, dtype=np.uint8)
+        np.copyto(low, words, casting="unsafe")  # one pass each, into preallocated planes
+        np.right_shift(words, 8, out=high, casting="unsafe")
+        return [low, high]
     planes = tensor_uint8(tensor)  # (n, itemsize): column i = byte i of every element
     return [np.ascontiguousarray(planes[:, i]) for i in range(planes.shape[1])]
 
@@ -54,7 +57,12 @@ class LosslessCodec(Codec):
         return {"level": self.level}
 
     def encode_parts(self, keys: torch.Tensor, values: torch.Tensor) -> list:
-        return [part for tensor in (keys, values) for plane in byte_planes(tensor) for part in section_parts(plane, self.level, float_planes=True)]
+        parts = []
+        for tensor in (keys, values):
+            planes = byte_planes(tensor)
+            for i, plane in enumerate(planes):  # the top plane (sign, exponent) always shrinks: no probe
+                parts.extend(section_parts(plane, self.level, float_planes=True, probe=i < len(planes) - 1))
+        return parts
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor) -> bytes:
         return b"".join(self.encode_parts(keys, values))

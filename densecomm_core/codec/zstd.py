@@ -29,7 +29,7 @@ def compressor(level: int, float_planes: bool = False) -> zstandard.ZstdCompress
     if key not in cache:
         if float_planes and level <= FLOAT_PLANE_MAX_LEVEL:
             params = zstandard.ZstdCompressionParameters.from_level(
-                level, hash_log=8, min_match=7, search_log=1, write_content_size=True, write_checksum=False)
+                level, hash_log=6, min_match=7, search_log=1, write_content_size=True, write_checksum=False)
             cache[key] = zstandard.ZstdCompressor(compression_params=params)
         else:  # stock level: zstd also sizes its tables to each input
             cache[key] = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
@@ -63,19 +63,20 @@ def decompress(data: bytes | memoryview, expected_size: int) -> bytes:
     return out
 
 
-PROBE_BYTES = 16 << 10
+PROBE_BYTES = 8 << 10
 
 
-def section_parts(data, level: int | None, float_planes: bool = False) -> list:
+def section_parts(data, level: int | None, float_planes: bool = False, probe: bool = True) -> list:
     """One framed section as [prefix, body] buffers: compressed when it pays (>= 2 % smaller), else stored.
 
-    Large sections are probed first: when their first 16 KiB do not shrink by 5 %, the whole section
-    is stored without a full compression attempt (mantissa bytes look random and never shrink). A
-    stored body is the caller's buffer itself, not a copy.
+    Large sections are probed first (unless ``probe`` is false: the caller expects them to shrink):
+    when their first 8 KiB do not shrink by 5 %, the whole section is stored without a full compression
+    attempt (mantissa bytes look random and never shrink). A stored body is the caller's buffer itself,
+    not a copy.
     """
     view = memoryview(data).cast("B")
     if level is not None:
-        if len(view) <= 4 * PROBE_BYTES or len(compress(view[:PROBE_BYTES], level, float_planes)) < 0.95 * PROBE_BYTES:
+        if not probe or len(view) <= 8 * PROBE_BYTES or len(compress(view[:PROBE_BYTES], level, float_planes)) < 0.95 * PROBE_BYTES:
             packed = compress(view, level, float_planes)
             if len(packed) < 0.98 * len(view):
                 return [SECTION.pack(ZSTD, len(packed)), packed]

@@ -8,10 +8,21 @@ import pytest
 import torch
 
 from densecomm_core.cache import KVCache
-from densecomm_core.codec import decode_cache, encode_cache, get_codec, round_trip
-from densecomm_core.codec import transform
+from densecomm_core.codec import (
+    decode_cache,
+    encode_cache,
+    get_codec,
+    round_trip,
+    transform,
+)
 from densecomm_core.codec.base import CodecError
-from densecomm_core.codec.transform import BASIS_FILE, KVBasis, UnknownBasisError, load_bases, register_basis
+from densecomm_core.codec.transform import (
+    BASIS_FILE,
+    KVBasis,
+    UnknownBasisError,
+    load_bases,
+    register_basis,
+)
 from densecomm_core.codec.wire import split_frames
 from densecomm_core.rope import restore_rope, strip_rope
 

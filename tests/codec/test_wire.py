@@ -209,11 +209,10 @@ def test_wire_stream_refuses_left_padded_caches():
 
 def test_fuzz_mutations_only_raise_codec_errors(zoo_pair):
     """Thousands of mutated, truncated and spliced real payloads: only CodecError, never anything else."""
-    from densecomm_core.relay import sender_prefill
-    from densecomm_core.zoo import tasks
-
     from densecomm_core.codec.transform import load_bases
+    from densecomm_core.relay import sender_prefill
     from densecomm_core.rope import strip_rope
+    from densecomm_core.zoo import tasks
     from densecomm_core.zoo.pair import zoo_root
 
     sender, _ = zoo_pair
