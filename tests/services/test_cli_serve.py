@@ -38,3 +38,34 @@ def test_serve_relay_and_clean_shutdown(sig):
     finally:
         if server.poll() is None:
             server.kill()
+
+
+def test_codec_calibrate_writes_both_bases_and_the_route_then_relays_through_pca(random_route, tmp_path):
+    """`densecomm codec calibrate` on saved checkpoints: bases beside the sender and the adapter, for the
+    spaces each hop ships (RoPE stripped); a stack serving that route then relays with codec pca."""
+    import shutil
+
+    from densecomm_core.codec.transform import BASIS_FILE, KVBasis
+    from densecomm_core.models import load_model
+    from densecomm_core.zoo import tasks
+    from services.cli import main
+    from services.client import build_request
+    from services.config import load_config
+    from services.stack import LocalStack
+    from tests.services.conftest import collect, run
+
+    route = {key: (str(shutil.copytree(path, tmp_path / key)) if key != "name" else path) for key, path in random_route.items()}
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(e.context for e in tasks.make_split("train", 4)) + "\n")
+    assert main(["codec", "calibrate", "--sender", route["sender"], "--adapter", route["adapter"],
+                 "--receiver", route["receiver"], "--texts", str(texts)]) == 0
+    sender_basis = KVBasis.load(f"{route['sender']}/{BASIS_FILE}")
+    receiver_basis = KVBasis.load(f"{route['adapter']}/{BASIS_FILE}")
+    assert sender_basis.cache_fingerprint == load_model(route["sender"]).geometry.fingerprint()
+    assert receiver_basis.cache_fingerprint == load_model(route["receiver"]).geometry.fingerprint()
+    assert not sender_basis.rope_applied and not receiver_basis.rope_applied
+    route["name"] = "calibrated"
+    with LocalStack(load_config(None, relay_port=0, routes=[route], default_route="calibrated")) as stack:
+        stats = run(collect(stack.relay_address, build_request("recall ann 3 , bob 7 . bob ?", route="calibrated",
+                                                                codec="pca", max_new_tokens=4)))[-1].stats
+    assert [hop.codec for hop in stats.hops] == ["pca", "pca"] and stats.hops[0].wire_bytes < stats.hops[0].raw_bytes
