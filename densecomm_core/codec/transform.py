@@ -1,8 +1,8 @@
 """`pca`: transform coding of KV caches (in the spirit of KVTC): decorrelate, quantize uniformly, entropy-code.
 
 A model's keys and values are far from isotropic: per layer and KV head a few principal directions
-carry almost all of the variance (on the embedded sender 16 of 32 carry 90-98 %). Quantizing in the
-principal basis instead of the channel basis is classic transform coding:
+carry most of the variance. Quantizing in the principal basis instead of the channel basis is classic
+transform coding:
 
     y = (x − mean) · U                     U: the (layer, head)'s orthonormal PCA basis, by variance
     code = round(y / step)                 one step per layer: step = rel_step · rms(y) (calibration)
@@ -22,9 +22,9 @@ registered basis of the cache's own space when the stream is encoded (``Codec.bi
 spec serves both hops of a relay.
 
 Keys are coded RoPE-stripped by default (``strip_rope``): the position-dependent rotation smears each
-principal direction over a plane, and on the embedded pair stripped keys cost about a sixth fewer bits
-at a fraction of the error (post-RoPE k 0.25 / v 0.35 loses 2.8 points of context-unaware accuracy,
-stripped 0.8). Chunks carry no positions, so the codec does not rotate: the sending side strips its
+principal direction over a plane, so rotated keys cost more bits for more error (the ``rotated`` row
+of ``densecomm bench codec`` against the default one). Chunks carry no positions, so the codec does not
+rotate: the sending side strips its
 own model's RoPE before encoding (the header says ``rope_applied: false``) and the receiving side,
 which knows its model, re-applies it (``round_trip(..., model=)`` in process; the services do it per hop).
 """

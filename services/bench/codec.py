@@ -41,6 +41,7 @@ CODECS: list[tuple[str, str, dict]] = [
     ("ecsq 0.4", "ecsq", {"key_step": 0.4, "value_step": 0.4, "group": 64}),
     ("pca k.15/v.35", "pca", {"key_step": 0.15, "value_step": 0.35}),
     ("pca k.25/v.35", "pca", {"key_step": 0.25, "value_step": 0.35}),
+    ("pca k.25/v.35 rotated", "pca", {"key_step": 0.25, "value_step": 0.35, "strip_rope": False}),
     ("pca k.25/v.5", "pca", {"key_step": 0.25, "value_step": 0.5}),
     ("evict50+lossless", "eviction", {"keep": 0.5}),
     ("evict50+obf+int4", "eviction", {"keep": 0.5, "obf_rank": 4, "inner": "quantized", "inner_params": {"key_bits": 4, "value_bits": 4, "group": 64}}),
@@ -92,19 +93,32 @@ def qwen3_4b_geometry(tokens: int = 180, seed: int = 0):
 
 
 def calibrate_stand_in(model, per_family: int = 30) -> None:
-    """Fit and register the stand-in's KV basis (pca rows) on train-split contexts, not the measured text."""
+    """Fit and register the stand-in's KV bases (pca rows; stripped and rotated keys) on train-split
+    contexts, not the measured text."""
     from densecomm_core.codec.calibrate import calibrate
     from densecomm_core.codec.transform import register_basis
     from densecomm_core.zoo import tasks
 
-    register_basis(calibrate(model, [e.context for e in tasks.make_split("train", per_family)])[0])
+    texts = [e.context for e in tasks.make_split("train", per_family)]
+    for strip in (False, True):
+        register_basis(calibrate(model, texts, strip_rope=strip)[0])
 
 
 def load_zoo_bases() -> None:
-    from densecomm_core.codec.transform import load_bases
+    """The committed bases (RoPE-stripped keys), plus bases of rotated keys fitted here the same way
+    (for the ``rotated`` row)."""
+    from densecomm_core.adapter import DenseAdapter
+    from densecomm_core.codec.calibrate import calibrate
+    from densecomm_core.codec.transform import load_bases, register_basis
+    from densecomm_core.zoo import tasks
     from densecomm_core.zoo.build import SENDER_SPEC
-    from densecomm_core.zoo.pair import zoo_adapter_dir, zoo_root
+    from densecomm_core.zoo.pair import BASIS_CALIBRATION_PER_FAMILY, load_zoo_pair, zoo_adapter_dir, zoo_root
 
+    sender, receiver = load_zoo_pair()
+    adapter = DenseAdapter.load(zoo_adapter_dir(), sender.geometry, receiver.geometry)
+    texts = [e.context for e in tasks.make_split("train", BASIS_CALIBRATION_PER_FAMILY)]
+    for basis in calibrate(sender, texts, adapter, receiver, strip_rope=False):
+        register_basis(basis)
     load_bases(zoo_root() / SENDER_SPEC.name, zoo_adapter_dir())
 
 
