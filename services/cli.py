@@ -376,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks that print ours vs the baseline, measured in one run")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     codec = bench_sub.add_parser("codec", help="ratio and MB/s of every codec vs zstd -1; accuracy through lossy codecs")
-    codec.add_argument("--repeats", type=int, default=5)
+    codec.add_argument("--repeats", type=int, default=10)
     codec.add_argument("--workers", type=int, default=2, help="threads for chunk-parallel encode/decode")
     codec.add_argument("--tokens", type=int, default=180, help="tokens of the Qwen3-4B-geometry cache")
     codec.add_argument("--per-family", type=int, default=100, help="zoo test examples per family for the accuracy table")

@@ -23,7 +23,7 @@ spec serves both hops of a relay.
 
 Keys are coded RoPE-stripped by default (``strip_rope``): the position-dependent rotation smears each
 principal direction over a plane, so rotated keys cost more bits for more error (the ``rotated`` row
-of ``densecomm bench codec`` against the default one). Chunks carry no positions, so the codec does not
+of ``densecomm bench codec``, "rot.", against the default one). Chunks carry no positions, so the codec does not
 rotate: the sending side strips its
 own model's RoPE before encoding (the header says ``rope_applied: false``) and the receiving side,
 which knows its model, re-applies it (``round_trip(..., model=)`` in process; the services do it per hop).

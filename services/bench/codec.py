@@ -41,7 +41,7 @@ CODECS: list[tuple[str, str, dict]] = [
     ("ecsq 0.4", "ecsq", {"key_step": 0.4, "value_step": 0.4, "group": 64}),
     ("pca k.15/v.35", "pca", {"key_step": 0.15, "value_step": 0.35}),
     ("pca k.25/v.35", "pca", {"key_step": 0.25, "value_step": 0.35}),
-    ("pca k.25/v.35 rotated", "pca", {"key_step": 0.25, "value_step": 0.35, "strip_rope": False}),
+    ("pca k.25/v.35 rot.", "pca", {"key_step": 0.25, "value_step": 0.35, "strip_rope": False}),
     ("pca k.25/v.5", "pca", {"key_step": 0.25, "value_step": 0.5}),
     ("evict50+lossless", "eviction", {"keep": 0.5}),
     ("evict50+obf+int4", "eviction", {"keep": 0.5, "obf_rank": 4, "inner": "quantized", "inner_params": {"key_bits": 4, "value_bits": 4, "group": 64}}),
