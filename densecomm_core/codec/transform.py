@@ -107,7 +107,7 @@ class KVBasis:
                 centred = (rows - mean).transpose(0, 1)  # (H, N, D)
                 eigenvalues, vectors = torch.linalg.eigh(centred.transpose(1, 2) @ centred / rows.shape[0])
                 rms = float(eigenvalues.clamp_min(0).mean().sqrt())
-                layers.append(SideBasis(mean.float(), vectors.flip(-1).float().contiguous(), rms))
+                layers.append(SideBasis(mean.float().cpu(), vectors.flip(-1).float().contiguous().cpu(), rms))
             sides.append(layers)
         return cls(first.fingerprint, first.rope_applied, sides[0], sides[1])
 
@@ -246,8 +246,9 @@ class TransformCodec(Codec):
             x = x.float()
             if not torch.isfinite(x).all():
                 raise CodecError("pca cannot code non-finite values; use a lossless codec for such caches")
-            coefficients = (x - side.mean[None, :, None]) @ side.basis[None]  # (B, H, t, D)
-            codes = torch.round(coefficients.transpose(2, 3) / (rel * side.rms))  # component-major (B, H, D, t)
+            mean, basis = side.mean.to(x.device), side.basis.to(x.device)  # a CUDA cache is coded on its GPU
+            coefficients = (x - mean[None, :, None]) @ basis[None]  # (B, H, t, D)
+            codes = torch.round(coefficients.transpose(2, 3) / (rel * side.rms)).cpu()  # component-major (B, H, D, t)
             peak = float(codes.abs().max()) if codes.numel() else 0.0
             width = next((w for w in CODE_WIDTHS if peak < 2 ** (8 * w - 1)), None)
             if width is None:
