@@ -31,7 +31,7 @@ def calibrate(sender, texts: Sequence[str], adapter=None, receiver=None, strip_r
     for start in range(0, len(texts), batch_size):
         cache = sender_prefill(sender, list(texts[start : start + batch_size])).to(dtype=torch.float32)
         sent.append(strip(cache, sender) if strip_rope else cache)
-        if adapter is not None:
-            out = transform_cache(adapter, cache, sender, receiver).to(dtype=torch.float32)
+        if adapter is not None:  # transform_cache takes a stripped cache as it is
+            out = transform_cache(adapter, sent[-1], sender, receiver).to(dtype=torch.float32)
             transformed.append(strip(out, receiver) if strip_rope else out)
     return KVBasis.fit(sent), KVBasis.fit(transformed) if adapter is not None else None

@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
 import xxhash
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from densecomm_core.cache import KVCache
 from densecomm_core.codec.base import Codec, CodecError
@@ -77,9 +78,9 @@ class KVBasis:
     def num_layers(self) -> int:
         return len(self.keys)
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
-        """Content hash: what the wire header names."""
+        """Content hash: what the wire header names (hashed once: every stream's bind asks for it)."""
         digest = xxhash.xxh3_128(f"{self.cache_fingerprint}/rope={self.rope_applied}".encode())
         for side in (*self.keys, *self.values):
             for tensor in (side.mean, side.basis):
@@ -127,7 +128,7 @@ class KVBasis:
 
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-        tensors = load_file(str(path))
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
         try:
             layers = int(metadata["layers"])
             sides = [[SideBasis(tensors[f"{name}.{i}.mean"], tensors[f"{name}.{i}.basis"], float(tensors[f"{name}.{i}.rms"][0]))
@@ -260,7 +261,7 @@ class TransformCodec(Codec):
         return parts
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor) -> bytes:
-        return b"".join(bytes(memoryview(p).cast("B")) for p in self.encode_parts(keys, values))
+        return b"".join(self.encode_parts(keys, values))
 
     def decode(self, payload, key_shape, value_shape, dtype):
         view, offset, out = memoryview(payload), 0, []

@@ -16,6 +16,7 @@ Throughput is MB/s of raw KV (best of ``repeats``), encode and decode, with ``wo
 from __future__ import annotations
 
 import cProfile
+import functools
 import io
 import pstats
 import time
@@ -104,6 +105,7 @@ def calibrate_stand_in(model, per_family: int = 30) -> None:
         register_basis(calibrate(model, texts, strip_rope=strip)[0])
 
 
+@functools.cache
 def load_zoo_bases() -> None:
     """The committed bases (RoPE-stripped keys), plus bases of rotated keys fitted here the same way
     (for the ``rotated`` row)."""
