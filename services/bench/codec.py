@@ -114,7 +114,12 @@ def load_zoo_bases() -> None:
     from densecomm_core.codec.transform import load_bases, register_basis
     from densecomm_core.zoo import tasks
     from densecomm_core.zoo.build import SENDER_SPEC
-    from densecomm_core.zoo.pair import BASIS_CALIBRATION_PER_FAMILY, load_zoo_pair, zoo_adapter_dir, zoo_root
+    from densecomm_core.zoo.pair import (
+        BASIS_CALIBRATION_PER_FAMILY,
+        load_zoo_pair,
+        zoo_adapter_dir,
+        zoo_root,
+    )
 
     sender, receiver = load_zoo_pair()
     adapter = DenseAdapter.load(zoo_adapter_dir(), sender.geometry, receiver.geometry)
