@@ -275,6 +275,8 @@ def load_train_config(path: str | Path | None, **overrides) -> TrainConfig:
     base = TrainConfig()
     sections = {name: _typed(cls, data.pop(name, {}), f"[{name}]", getattr(base, name)) for name, cls in SECTIONS.items()}
     top = _typed(TrainConfig, data, "the top level", base)
+    # Absolute before anything runs: Ray Train workers start in their own working directory.
+    top = replace(top, output_dir=str(Path(top.output_dir).expanduser().resolve()) if top.output_dir else "")
     return validate(replace(top, **sections))
 
 
