@@ -166,6 +166,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from services.bench import train as bench
+    from services.train.config import load_train_config
+
+    config = load_train_config(args.config)
+    rows = bench.measure(config, args.steps, tuple(int(w) for w in args.workers.split(",")))
+    print(f"\n{args.config}: {args.steps} steps per phase, global batch {config.phase1.batch_size} / "
+          f"{config.phase2.batch_size}, {config.workers.cpus_per_worker} CPU and {config.workers.torch_threads} thread(s) per worker\n")
+    print(bench.render(rows))
+    return 0
+
+
 def cmd_bench_codec(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
@@ -357,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=cmd_zoo_build)
 
     train = sub.add_parser("train", help="train an adapter for a local model pair: traces, phase I, phase II as Ray Train jobs")
-    train.add_argument("--config", required=True, help="TOML run config (services/train/config.py; configs/zoo.toml)")
+    train.add_argument("--config", required=True, help="TOML run config (services/train/config.py; zoo)")
     train.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
     train.add_argument("--dry-run", action="store_true", help="check the config and the data, print the plan, start nothing")
     train.add_argument("--stage", action="append", choices=["traces", "phase1", "phase2", "finalize"],
@@ -414,6 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
     codec.add_argument("--profile", action="store_true", help="also print where lossless encode/decode time goes")
     codec.add_argument("--json", action="store_true")
     codec.set_defaults(func=cmd_bench_codec)
+    train_bench = bench_sub.add_parser("train", help="seconds per training step with 1 vs 2 Ray Train workers (same global batch)")
+    train_bench.add_argument("--config", default="zoo")
+    train_bench.add_argument("--steps", type=int, default=100, help="steps per phase and worker count")
+    train_bench.add_argument("--workers", default="1,2", help="worker counts to compare")
+    train_bench.set_defaults(func=cmd_bench_train)
     relay_bench = bench_sub.add_parser("relay", help="hop throughput vs in-process copy, Relay p50/p99, time to layer 0")
     relay_bench.add_argument("--repeats", type=int, default=3)
     relay_bench.add_argument("--workers", type=int, default=2)

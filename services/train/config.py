@@ -26,7 +26,7 @@ Example (``densecomm train --config run.toml``; every field below is optional ex
     steps = 2000
 
 Unknown keys and bad values raise ``TrainConfigError`` naming the field (``[phase1].lr``) and what it
-accepts. ``configs/zoo.toml`` is the embedded pair's recipe.
+accepts. ``--config zoo`` is the embedded pair's recipe (``services/train/zoo.toml``).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 DATA_SOURCES = ("zoo", "gsm8k", "math", "arc", "jsonl")
 ANSWER_KINDS = ("word", "number", "letter")
 STAGES = ("traces", "phase1", "phase2", "finalize")
+BUILTIN = {"zoo": Path(__file__).with_name("zoo.toml")}  # configs shipped with the package, by name
 
 
 class TrainConfigError(DenseCommError, ValueError):
@@ -264,6 +265,8 @@ def validate(config: TrainConfig) -> TrainConfig:
 def load_train_config(path: str | Path | None, **overrides) -> TrainConfig:
     """Defaults, then the TOML file, then top-level overrides; validated."""
     data: dict = {}
+    if path is not None and str(path) in BUILTIN:
+        path = BUILTIN[str(path)]
     if path is not None:
         try:
             data = tomllib.loads(Path(path).read_text())

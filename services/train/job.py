@@ -130,6 +130,8 @@ def progress_line(record: dict) -> str:
         line += f"  validation loss {record['validation_loss']:.4f}"
     if "validation_unaware_mean" in record:
         line += f"  validation aware {record['validation_aware_mean']:.3f} unaware {record['validation_unaware_mean']:.3f}"
+    if "peak_rss_mib" in record:
+        line += "  peak RSS " + "/".join(f"{r:.0f}" for r in record["peak_rss_mib"]) + " MiB"
     if "gate_median" in record:
         line += f"  gates {record['gate_min']:.2f}/{record['gate_median']:.2f}/{record['gate_max']:.2f}"
     return line

@@ -15,7 +15,7 @@ def write(tmp_path, text: str):
 
 
 def test_zoo_config_loads_and_round_trips():
-    config = load_train_config("configs/zoo.toml")
+    config = load_train_config("zoo")
     assert config.workers.num_workers == 2 and config.phase2.input_codec == "pca"
     assert config_from_dict(config.to_dict()) == config
 
@@ -62,7 +62,7 @@ def test_missing_and_malformed_files(tmp_path):
 def test_dry_run_plan_checks_the_data_and_starts_nothing(tmp_path):
     import ray
 
-    config = load_train_config("configs/zoo.toml", output_dir=str(tmp_path / "out"))
+    config = load_train_config("zoo", output_dir=str(tmp_path / "out"))
     text = plan(config)
     assert "train 9000, validation 150, test 600" in text
     assert "16 per worker" in text and "DDP over the adapter" in text
@@ -72,7 +72,7 @@ def test_dry_run_plan_checks_the_data_and_starts_nothing(tmp_path):
 def test_cli_dry_run_and_error_exit(tmp_path, capsys):
     from services.cli import main
 
-    assert main(["train", "--config", "configs/zoo.toml", "--dry-run", "--output-dir", str(tmp_path / "o")]) == 0
+    assert main(["train", "--config", "zoo", "--dry-run", "--output-dir", str(tmp_path / "o")]) == 0
     assert "phase2: 3600 steps" in capsys.readouterr().out
     assert main(["train", "--config", str(write(tmp_path, "[phase1]\nlr = 0.0"))]) == 2
     assert "[phase1].lr must be > 0" in capsys.readouterr().err
