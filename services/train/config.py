@@ -39,8 +39,8 @@ from typing import Any
 from densecomm_core.errors import DenseCommError
 
 DTYPES = ("float32", "bfloat16", "float16")
-DATA_SOURCES = ("zoo", "gsm8k", "math", "arc", "jsonl")
-ANSWER_KINDS = ("word", "number", "letter")
+DATA_SOURCES = ("zoo", "gsm8k", "math", "arc", "mmlu-redux", "medqa", "openbookqa", "jsonl")  # densecomm_core.data.FORMATS
+ANSWER_KINDS = ("word", "number", "letter", "boxed")
 STAGES = ("traces", "phase1", "phase2", "finalize")
 BUILTIN = {"zoo": Path(__file__).with_name("zoo.toml")}  # configs shipped with the package, by name
 
@@ -70,13 +70,17 @@ class PromptsConfig:
     unaware: str = "=>"  # receiver prompt after the cache, context-unaware
     with_input: str = "{context} =>"  # a model answering from X alone
     guided: str = "{context} hint {answer} =>"  # receiver-self trace construction: X plus the gold answer
-    answer_kind: str = "word"  # reading a final answer: word (the zoo's "answer X"), number (last number), letter
+    # reading a final answer: word (the zoo's "answer X"), number (the last number), letter (the canonical
+    # answer-letter form), boxed (the last \\boxed{}, else the last number)
+    answer_kind: str = "word"
     answer_template: str = "answer {answer}"  # the canonical final answer statement (multiple-choice relabelling)
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "zoo"  # zoo | gsm8k | math | arc | jsonl (generic question/answer(/choices) rows)
+    # zoo | gsm8k | math | arc | mmlu-redux | medqa | openbookqa (their public JSONL formats) | jsonl (generic
+    # question/answer(/choices) rows). Files are read locally, every row checked; nothing is downloaded.
+    source: str = "zoo"
     train: str = ""  # JSONL path (required unless source = "zoo")
     validation: str = ""  # JSONL path; empty = carved from train by a hash of the question
     test: str = ""  # JSONL path, evaluated once at the end (never used to choose anything)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from services.train.config import TrainConfigError, config_from_dict, load_train_config
@@ -76,3 +78,38 @@ def test_cli_dry_run_and_error_exit(tmp_path, capsys):
     assert "phase2: 3600 steps" in capsys.readouterr().out
     assert main(["train", "--config", str(write(tmp_path, "[phase1]\nlr = 0.0"))]) == 2
     assert "[phase1].lr must be > 0" in capsys.readouterr().err
+
+
+def test_gsm8k_file_config_plans_and_bad_rows_name_file_and_line(tmp_path, capsys):
+    from services.cli import main
+
+    text = f"""
+[data]
+source = "gsm8k"
+train = "{tmp_path / 'train.jsonl'}"
+validation = "tests/data/gsm8k.jsonl"
+train_size = 0
+[prompts]
+sender = "Question: {{context}}"
+aware = "Question: {{context}} Answer:"
+unaware = "Answer:"
+with_input = "Question: {{context}} Answer:"
+guided = "Question: {{context}} The answer is {{answer}}. Solution:"
+answer_kind = "number"
+answer_template = "#### {{answer}}"
+"""
+    extra = '{"question": "Tom has 2 cats and gets 3 more. How many cats?", "answer": "2 + 3 = 5\\n#### 5"}\n'
+    (tmp_path / "train.jsonl").write_text(Path("tests/data/gsm8k.jsonl").read_text() + extra)
+    config = write(tmp_path, text)
+    assert main(["train", "--config", str(config), "--dry-run", "--output-dir", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    from densecomm_core.data import load_task_file
+
+    n_validation = len(load_task_file("tests/data/gsm8k.jsonl", "gsm8k"))
+    assert f"data: gsm8k; train 1, validation {n_validation}," in out  # the validation file's questions are never trained on
+    (tmp_path / "train.jsonl").write_text(Path("tests/data/gsm8k.jsonl").read_text())
+    assert main(["train", "--config", str(config), "--dry-run", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "yields no training examples" in capsys.readouterr().err
+    (tmp_path / "train.jsonl").write_text('{"question": "q?", "answer": "no final marker"}\n')
+    assert main(["train", "--config", str(config), "--dry-run", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "train.jsonl:1" in capsys.readouterr().err
