@@ -23,8 +23,19 @@ import torch.distributed as dist
 from densecomm_core.adapter import AdapterConfig, DenseAdapter
 from densecomm_core.models import LoadedModel, load_model
 from densecomm_core.relay import ContextMode, DenseRelay
-from densecomm_core.training.loop import LoopConfig, TrainingState, build_optimizer, run_steps, shard
-from densecomm_core.training.phase1 import Phase1Config, batch_loss, phase1_batch, phase1_step
+from densecomm_core.training.loop import (
+    LoopConfig,
+    TrainingState,
+    build_optimizer,
+    run_steps,
+    shard,
+)
+from densecomm_core.training.phase1 import (
+    Phase1Config,
+    batch_loss,
+    phase1_batch,
+    phase1_step,
+)
 from densecomm_core.training.phase2 import Phase2Config, phase2_batch, phase2_step
 from densecomm_core.training.traces import load_traces, match_traces
 from services.train.config import TrainConfig, config_from_dict
