@@ -202,13 +202,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_relay(args: argparse.Namespace) -> int:
     import asyncio
 
-    from services.client import relay_once
+    import os
 
+    from services.client import TLSOptions, relay_once
+
+    token = args.token or os.environ.get("DENSECOMM_TOKEN") or None
+    tls = TLSOptions(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name, enabled=args.tls)
     stats = asyncio.run(relay_once(
         args.address, args.text, mode=args.mode, route=args.route, codec=args.codec, codec_params=args.codec_params,
         receiver_codec=args.receiver_codec, receiver_codec_params=args.receiver_codec_params,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
         receiver_prompt=args.receiver_prompt, timeout=args.timeout, on_text=lambda t: print(t, end="", flush=True),
+        token=token, tls=tls, on_cache_failure=args.on_cache_failure,
     ))
     print()
     ratio = f"{stats.compression_ratio:.2f}x" if stats.compression_ratio else "-"
@@ -371,6 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
     relay.add_argument("--top-p", type=float, default=0.0)
     relay.add_argument("--seed", type=int, default=0)
     relay.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds")
+    relay.add_argument("--on-cache-failure", choices=["", "error", "text"], default="",
+                       help="when the cache path fails: error, or text (the receiver reads the input); empty = the route's policy")
+    relay.add_argument("--token", default="", help="bearer token (default: $DENSECOMM_TOKEN)")
+    relay.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --tls-ca)")
+    relay.add_argument("--tls-ca", default="", help="PEM CA that signed the Relay's certificate (implies --tls)")
+    relay.add_argument("--tls-cert", default="", help="PEM client certificate, for a Relay that asks for mTLS")
+    relay.add_argument("--tls-key", default="", help="PEM key of --tls-cert")
+    relay.add_argument("--tls-server-name", default="", help="name to verify in the Relay's certificate (default: the address's host)")
     relay.set_defaults(func=cmd_relay)
 
     bench = sub.add_parser("bench", help="benchmarks that print ours vs the baseline, measured in one run")

@@ -32,7 +32,7 @@ from densecomm_core.relay import (
 )
 from densecomm_core.rope import restore_rope, strip_rope
 from densecomm_core.streaming import StreamingAdapter
-from services import protos
+from services import protos, security
 from services.config import ServeConfig
 from services.errors import DownstreamError, RequestError, RouteNotFound, status_for
 from services.metrics import ServiceMetrics
@@ -65,7 +65,7 @@ class Downstream:
         if not addresses:
             raise ValueError("a downstream service needs at least one address")
         self.addresses = list(addresses)
-        self.channels = [grpc.aio.insecure_channel(a, options=channel_options(config)) for a in addresses]
+        self.channels = [security.internal_channel(a, channel_options(config), config) for a in addresses]
         self.stubs = [stub_class(c) for c in self.channels]
         self.next = 0
 

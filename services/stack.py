@@ -18,8 +18,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services import protos
+from services import protos, security
 from services.config import ServeConfig
+from services.limits import Admission
 from services.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
@@ -88,18 +89,21 @@ class ServiceHost:
         options = [("grpc.max_send_message_length", self.config.max_message_bytes),
                    ("grpc.max_receive_message_length", self.config.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
-        server = grpc.aio.server(futures.ThreadPoolExecutor(max_workers=4), options=options)
+        # auth first (strangers never hold a slot), then bounded admission (and refusal while draining)
+        self.admission = Admission(self.kind, self.config.max_in_flight)
+        interceptors = [*security.server_interceptors(self.kind, self.config), self.admission]
+        server = grpc.aio.server(futures.ThreadPoolExecutor(max_workers=4), options=options, interceptors=interceptors)
         ADD_SERVICER[self.kind](servicer, server)
         health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((SERVICE_NAMES[self.kind], health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        self.port = server.add_insecure_port(f"{self.bind_host}:{self.port}")
+        self.port = security.add_port(server, f"{self.bind_host}:{self.port}", self.kind, self.config)
         await server.start()
         for name in ("", SERVICE_NAMES[self.kind]):
             result = health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
             if asyncio.iscoroutine(result):
                 await result
-        self.server, self.servicer = server, servicer
+        self.server, self.servicer, self.health = server, servicer, health_servicer
         log.info("%s listening on %s:%d (metrics %d)", self.kind, self.config.host, self.port, self.metrics_port)
 
     @property
@@ -107,10 +111,27 @@ class ServiceHost:
         host = self.config.host if self.bind_host in ("0.0.0.0", "::", "[::]") else self.bind_host
         return f"{host}:{self.port}"
 
-    def stop(self, grace: float = 2.0) -> None:
+    async def drain(self, grace: float) -> int:
+        """Graceful drain: health NOT_SERVING first, new calls UNAVAILABLE, admitted calls get up to
+        ``grace`` s to finish; returns how many were still running (they are cancelled by the stop)."""
+        for name in ("", SERVICE_NAMES[self.kind]):
+            result = self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            if asyncio.iscoroutine(result):
+                await result
+        left = await self.admission.drain(grace)
+        if left:
+            log.warning("%s: %d call(s) still running after the %.1f s drain grace; cancelling them", self.kind, left, grace)
+        return left
+
+    def stop(self, grace: float | None = None) -> None:
+        """Drain (``grace`` s, default the config's drain_grace_s; 0 = stop at once), then stop."""
+        grace = self.config.drain_grace_s if grace is None else grace
+
         async def _stop() -> None:
             if self.server is not None:
-                await self.server.stop(grace)
+                if grace > 0:
+                    await self.drain(grace)
+                await self.server.stop(0)
             downstream = getattr(getattr(self, "servicer", None), "receivers", None) or getattr(getattr(self, "servicer", None), "adapters", None) \
                 or getattr(getattr(self, "servicer", None), "senders", None)
             if downstream is not None:
@@ -228,6 +249,12 @@ class RayStack:
     def metrics_ports(self) -> dict[str, int]:
         return {kind: ports[0] for kind, ports in self.ports.items()}
 
+    def pids(self, kind: str) -> list[int]:
+        """Process ids of one service's actors (fault injection and RSS in `bench load`)."""
+        import ray
+
+        return ray.get([a.pid.remote() for a in self.actors[kind]], timeout=60)
+
     def crash(self, kind: str) -> None:
         """Kill one service's actors as a crash would; Ray restarts them at the same address."""
         import ray
@@ -258,7 +285,7 @@ class RayStack:
         for kind in reversed(KINDS):
             for actor in self.actors.pop(kind, []):
                 try:
-                    ray.get(actor.stop.remote(), timeout=30)
+                    ray.get(actor.stop.remote(), timeout=30 + self.config.drain_grace_s)
                 except Exception:
                     pass
                 ray.kill(actor, no_restart=True)
@@ -281,6 +308,11 @@ class ServiceActor:
 
     def info(self) -> tuple[str, int]:
         return self.host.address, self.host.metrics_port
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
 
     def stop(self) -> None:
         self.host.stop()
