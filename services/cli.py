@@ -313,6 +313,16 @@ def cmd_bench_relay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_load(args: argparse.Namespace) -> int:
+    from services.bench import load
+
+    quiet = lambda *_: None  # noqa: E731
+    report = load.run_bench(args.requests, args.concurrency, not args.no_ray, args.faults, args.fault_requests,
+                            args.tls_requests, args.timeout, args.max_seconds, progress=quiet if args.json else print)
+    print(json.dumps(report, indent=2) if args.json else "\n" + load.render_report(report))
+    return 0
+
+
 def torch_threads(workers: int) -> None:
     import torch
 
@@ -408,6 +418,17 @@ def build_parser() -> argparse.ArgumentParser:
     relay_bench.add_argument("--profile", action="store_true", help="also print where one raw hop spends its time")
     relay_bench.add_argument("--json", action="store_true")
     relay_bench.set_defaults(func=cmd_bench_relay)
+    load_bench = bench_sub.add_parser("load", help="Relay under load: throughput, p50/p95/p99, statuses, RSS, kills, TLS cost")
+    load_bench.add_argument("--requests", type=int, default=2000, help="mixed calls (good, bad, client-cancelled), in two halves")
+    load_bench.add_argument("--concurrency", type=int, default=32)
+    load_bench.add_argument("--timeout", type=float, default=20.0, help="every call's deadline, s")
+    load_bench.add_argument("--max-seconds", type=float, default=600.0, help="wall-clock bound of the whole load")
+    load_bench.add_argument("--faults", action="store_true", help="kill sender, adapter, receiver in turn under load (Ray only)")
+    load_bench.add_argument("--fault-requests", type=int, default=300, help="calls per kill run")
+    load_bench.add_argument("--tls-requests", type=int, default=300, help="good calls per side of TLS on vs off (0 = skip)")
+    load_bench.add_argument("--no-ray", action="store_true", help="host the services in this process")
+    load_bench.add_argument("--json", action="store_true")
+    load_bench.set_defaults(func=cmd_bench_load)
     return parser
 
 

@@ -48,6 +48,7 @@ class RouteConfig:
     max_input_bytes: int = 0
     max_input_tokens: int = 0
     max_cache_bytes: int = 0
+    context_window: int = 0  # tokens the receiver attends over (0 = the checkpoints' max_position_embeddings)
     on_cache_failure: str = ""  # "error" | "text"; a request's own on_cache_failure wins
 
 
@@ -73,7 +74,7 @@ class ServeConfig:
     max_new_tokens_limit: int = 4096
     chunk_tokens: int = 0  # tokens per chunk (0 = one chunk per layer)
     max_message_bytes: int = 64 << 20  # gRPC send/receive limit per message (one frame)
-    max_cache_bytes: int = 4 << 30  # decoded cache limit per request
+    max_cache_bytes: int = 4 << 30  # KV bytes per request: the sender's estimate before prefill, every decoder
     hop_deadline_s: float = 120.0  # deadline of every internal call (never later than the client's own)
     # --- limits, checked before any model work starts (services/limits.py); routes may lower them ---
     max_input_bytes: int = 256 << 10  # UTF-8 bytes of the input X (text or messages) -> INVALID_ARGUMENT

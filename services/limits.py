@@ -58,8 +58,11 @@ class RouteLimits:
     @classmethod
     def for_route(cls, config: ServeConfig, name: str) -> RouteLimits:
         route = config.route(name)
-        windows = [w for w in (context_window(route.sender), context_window(route.receiver)) if w]
-        receiver_window = context_window(route.receiver) or config.max_input_tokens + config.max_new_tokens_limit
+        if route.context_window:
+            windows = [route.context_window]
+        else:
+            windows = [w for w in (context_window(route.sender), context_window(route.receiver)) if w]
+        receiver_window = route.context_window or context_window(route.receiver) or config.max_input_tokens + config.max_new_tokens_limit
         cap = route.max_input_tokens or config.max_input_tokens
         return cls(name, route.max_input_bytes or config.max_input_bytes, min([cap, *windows]), receiver_window,
                    route.max_cache_bytes or config.max_cache_bytes)

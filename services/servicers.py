@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
 
@@ -32,7 +33,7 @@ from densecomm_core.relay import (
 )
 from densecomm_core.rope import restore_rope, strip_rope
 from densecomm_core.streaming import StreamingAdapter
-from services import protos, security
+from services import limits, protos, security
 from services.config import ServeConfig
 from services.errors import DownstreamError, RequestError, RouteNotFound, status_for
 from services.metrics import ServiceMetrics
@@ -86,6 +87,41 @@ class Downstream:
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.channels))
+
+
+def hop_timeout(context, config: ServeConfig) -> float:
+    """An internal call's deadline: the hop deadline, never later than our own caller's."""
+    remaining = context.time_remaining() if context is not None else None
+    return min(config.hop_deadline_s, remaining) if remaining is not None else config.hop_deadline_s
+
+
+async def in_thread(stop: threading.Event, function, *args, **kwargs):
+    """``function`` in a worker thread with ``should_stop=stop.is_set``. If this coroutine is cancelled
+    (the caller went away), ``stop`` is set, so the thread abandons its work at its next check."""
+    task = asyncio.ensure_future(asyncio.to_thread(function, *args, should_stop=stop.is_set, **kwargs))
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # a stopped thread's error is expected
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        stop.set()
+        raise
+
+
+# A cache-path failure that on_cache_failure = text answers by letting the receiver read the input.
+CACHE_PATH_FAILURES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS, grpc.StatusCode.FAILED_PRECONDITION,
+                       grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+
+
+def cache_failure_policy(request, config: ServeConfig) -> str:
+    """``error`` or ``text``: the request's own policy, else its route's, else the service default."""
+    if request.on_cache_failure == relay_pb2.CACHE_FAILURE_POLICY_TEXT:
+        return "text"
+    if request.on_cache_failure == relay_pb2.CACHE_FAILURE_POLICY_ERROR:
+        return "error"
+    try:
+        return config.route(route_name(request, config)).on_cache_failure or config.on_cache_failure
+    except KeyError:
+        return config.on_cache_failure
 
 
 def mode_of(request) -> ContextMode:
@@ -173,7 +209,11 @@ class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
         first = await read_setup(messages)
         request = first.setup.request
         name, receiver = pick(self.routes, request, self.config)
-        decoder = StreamDecoder(DecodeLimits(max_raw_bytes=self.config.max_cache_bytes))
+        if first.setup.text_only:  # on_cache_failure = text: no cache, the receiver reads X itself
+            async for event in self._generate_from(name, receiver, request, None, None, 0.0, 0.0, 0.0):
+                yield event
+            return
+        decoder = StreamDecoder(DecodeLimits(max_raw_bytes=limits.RouteLimits.for_route(self.config, name).max_cache_bytes))
         started = time.perf_counter()
         layer0_unix = 0.0
         done = None
@@ -197,11 +237,23 @@ class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
         if not cache.rope_applied:  # shipped RoPE-stripped (the hop's codec codes stripped keys)
             cache = restore_rope(cache, receiver)
         cache = cache.to(dtype=receiver.dtype, device=receiver.model.device)
+        async for event in self._generate_from(name, receiver, request, cache, decoder, decode_s,
+                                               transfer_s, layer0_unix, done):
+            yield event
+
+    async def _generate_from(self, name, receiver, request, cache, decoder, decode_s, transfer_s, layer0_unix, done=None):
+        """Generate after ``cache`` (None: the text path, X in the prompt) and stream tokens, then stats."""
         mode = mode_of(request)
-        prompt = request.receiver_prompt if (mode is ContextMode.AWARE and request.receiver_prompt) else FORMAT.receiver_prompt(mode, context_text(request))
+        if cache is None:
+            prompt = FORMAT.with_input.format(context=context_text(request))
+        else:
+            prompt = request.receiver_prompt if (mode is ContextMode.AWARE and request.receiver_prompt) else FORMAT.receiver_prompt(mode, context_text(request))
         g = request.generation
         config = GenerationConfig(max_new_tokens=g.max_new_tokens or self.config.default_max_new_tokens,
                                   temperature=g.temperature, top_p=g.top_p or 1.0, seed=g.seed)
+        prompt_tokens = len(receiver.tokenizer(prompt, add_special_tokens=cache is None)["input_ids"])
+        limits.check_window(int(cache.next_positions.max()) if cache is not None else 0, prompt_tokens, config.max_new_tokens,
+                            limits.RouteLimits.for_route(self.config, name).receiver_window, name)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         eos = receiver.tokenizer.eos_token_id
@@ -215,25 +267,30 @@ class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
             if token != eos:
                 loop.call_soon_threadsafe(queue.put_nowait, (step, token))
 
-        task = asyncio.create_task(asyncio.to_thread(receiver_generate, receiver, cache, [prompt], config, on_token))
+        stop = threading.Event()
+        task = asyncio.ensure_future(in_thread(stop, receiver_generate, receiver, cache, [prompt], config, on_token))
         task.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
         previous = ""
         ids: list[int] = []
-        while (item := await queue.get()) is not None:
-            step, token = item
-            ids.append(token)
-            text = receiver.tokenizer.decode(ids, skip_special_tokens=True)
-            yield relay_pb2.RelayEvent(token=relay_pb2.TokenEvent(index=step, token_id=token, text=text[len(previous):]))
-            previous = text
-        out = await task
+        try:
+            while (item := await queue.get()) is not None:
+                step, token = item
+                ids.append(token)
+                text = receiver.tokenizer.decode(ids, skip_special_tokens=True)
+                yield relay_pb2.RelayEvent(token=relay_pb2.TokenEvent(index=step, token_id=token, text=text[len(previous):]))
+                previous = text
+            out = await task
+        finally:
+            stop.set()  # the caller went away (or we are done): the generation thread stops at its next step
+            task.cancel()
         generate_s = time.perf_counter() - gen_started
         n_r = receiver.non_embedding_params
         stats = relay_pb2.RelayStats(
             route=name, receiver_prefill_tokens=out.counts.receiver_prefill, receiver_decode_tokens=out.counts.receiver_decode,
             receiver_flops=2.0 * n_r * (out.counts.receiver_prefill + out.counts.receiver_decode),
-            receiver_layer0_unix=layer0_unix, text=out.texts[0],
+            receiver_layer0_unix=layer0_unix, text=out.texts[0], served_by="cache" if cache is not None else "text",
         )
-        if done is not None:
+        if done is not None and decoder is not None:
             stats.hops.add(hop="adapter->receiver", raw_bytes=done.raw_bytes, wire_bytes=decoder.wire_bytes, chunks=done.chunks,
                            codec=decoder.header.codec if decoder.header else "")
             self.metrics.observe_hop("adapter->receiver", done.raw_bytes, decoder.wire_bytes, done.chunks)
@@ -333,17 +390,33 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
         self.routes, self.adapters = routes, adapters
 
     async def Prefill(self, request, context):
-        async for event in self.guarded(context, route_name(request.request, self.config), self._prefill(request)):
+        async for event in self.guarded(context, route_name(request.request, self.config), self._prefill(request, context)):
             yield event
 
-    async def _prefill(self, setup):
+    def check_limits(self, name: str, sender, request, text: str) -> None:
+        """Every limit that the input can break, before any model work: bytes, tokens, the receiver's
+        window, the cache's bytes (tokens x the sender's KV bytes per token)."""
+        route_limits = limits.RouteLimits.for_route(self.config, name)
+        limits.check_input_bytes(request, route_limits)
+        tokens = len(sender.tokenizer(text, add_special_tokens=True)["input_ids"])
+        mode = mode_of(request)
+        prompt = request.receiver_prompt if (mode is ContextMode.AWARE and request.receiver_prompt) else FORMAT.receiver_prompt(mode, context_text(request))
+        prompt_tokens = len(sender.tokenizer(prompt, add_special_tokens=False)["input_ids"])  # the route's tokenizer is shared
+        max_new = request.generation.max_new_tokens or self.config.default_max_new_tokens
+        limits.check_tokens(tokens, prompt_tokens, max_new, route_limits)
+        g = sender.geometry
+        limits.check_cache_bytes(tokens, g.num_layers * 2 * g.num_kv_heads * g.head_dim * sender.dtype.itemsize, route_limits)
+
+    async def _prefill(self, setup, context=None):
         request = setup.request
         validate_request(request, self.config, relay_pb2)
         name, sender = pick(self.routes, request, self.config)
         codec = codec_for(request.codec, self.config)
+        limits.check_input_bytes(request, limits.RouteLimits.for_route(self.config, name))  # before rendering a huge X
         text = render_input(request, sender.tokenizer, FORMAT)
+        self.check_limits(name, sender, request, text)
         t = time.perf_counter()
-        cache = await asyncio.to_thread(sender_prefill, sender, [text])
+        cache = await in_thread(threading.Event(), sender_prefill, sender, [text], chunk_tokens=self.config.prefill_chunk_tokens)
         if codec.strips_rope:  # the codec codes RoPE-stripped keys; the adapter reads the header's rope_applied
             cache = strip_rope(cache, sender).to(dtype=cache.dtype)
         codec = codec.bind(cache.fingerprint, cache.rope_applied, route_bases(name))
@@ -392,7 +465,7 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
             self.metrics.tokens.labels(self.service, "sender", "prefill").inc(tokens)
             self.metrics.flops.labels(self.service, "sender").inc(stats.sender_flops)
 
-        call = (await self.adapters.stub()).Transform(frames(), timeout=self.config.hop_deadline_s)
+        call = (await self.adapters.stub()).Transform(frames(), timeout=hop_timeout(context, self.config))
         async for event in relay_events(call, on_stats):
             yield event
 
@@ -400,9 +473,10 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
 class RelayServicer(ServicerBase, relay_pb2_grpc.RelayServicer):
     service = "relay"
 
-    def __init__(self, config, metrics, senders: Downstream) -> None:
+    def __init__(self, config, metrics, senders: Downstream, receivers: Downstream | None = None) -> None:
         super().__init__(config, metrics)
         self.senders = senders
+        self.receivers = receivers  # the text path of on_cache_failure = text (None: not wired)
 
     async def Relay(self, request, context):
         async for event in self.guarded(context, route_name(request, self.config), self._relay(request, context)):
@@ -413,16 +487,36 @@ class RelayServicer(ServicerBase, relay_pb2_grpc.RelayServicer):
         names = [r.name for r in self.config.all_routes()]
         if route_name(request, self.config) not in names:
             raise RouteNotFound(f"unknown route {route_name(request, self.config)!r}; known routes: {names}")
+        limits.check_input_bytes(request, limits.RouteLimits.for_route(self.config, route_name(request, self.config)))
         started = time.perf_counter()
-        remaining = context.time_remaining()
-        timeout = min(self.config.hop_deadline_s, remaining) if remaining is not None else self.config.hop_deadline_s
         setup = kv_pb2.HopSetup(request_id=uuid.uuid4().hex, request=request)
-        call = (await self.senders.stub()).Prefill(setup, timeout=timeout)
+        reason = ""
 
         def on_stats(stats) -> None:
             e2e = time.perf_counter() - started
             latency(stats, "end_to_end", e2e)
             self.metrics.observe_stage("end_to_end", e2e)
+            stats.served_by = stats.served_by or "cache"
+            stats.fallback_reason = reason
 
+        tokens = 0
+        try:
+            call = (await self.senders.stub()).Prefill(setup, timeout=hop_timeout(context, self.config))
+            async for event in relay_events(call, on_stats):
+                tokens += event.HasField("token")
+                yield event
+            return
+        except DownstreamError as exc:
+            # Only before the first token: an answer is never spliced from two paths.
+            if tokens or exc.code not in CACHE_PATH_FAILURES or self.receivers is None \
+                    or cache_failure_policy(request, self.config) != "text":
+                raise
+            reason = f"{exc.code.name}: {exc.details}"
+            log.warning("relay: cache path failed (%s); serving request %s as text", reason, setup.request_id)
+
+        async def text_only():
+            yield kv_pb2.KVMessage(setup=kv_pb2.HopSetup(request_id=setup.request_id, request=request, text_only=True))
+
+        call = (await self.receivers.stub()).Generate(text_only(), timeout=hop_timeout(context, self.config))
         async for event in relay_events(call, on_stats):
             yield event

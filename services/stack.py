@@ -34,7 +34,7 @@ SERVICE_NAMES = {
 }
 
 
-def make_servicer(kind: str, config: ServeConfig, metrics: ServiceMetrics, downstream: list[str]):
+def make_servicer(kind: str, config: ServeConfig, metrics: ServiceMetrics, downstream: list[str], receivers: list[str] = ()):
     from services import runtime, servicers
 
     if kind == "receiver":
@@ -46,7 +46,8 @@ def make_servicer(kind: str, config: ServeConfig, metrics: ServiceMetrics, downs
         return servicers.SenderServicer(config, metrics, runtime.load_sender_routes(config),
                                         servicers.Downstream(downstream, kv_pb2_grpc.AdapterStub, config))
     if kind == "relay":
-        return servicers.RelayServicer(config, metrics, servicers.Downstream(downstream, kv_pb2_grpc.SenderStub, config))
+        return servicers.RelayServicer(config, metrics, servicers.Downstream(downstream, kv_pb2_grpc.SenderStub, config),
+                                       servicers.Downstream(receivers, kv_pb2_grpc.ReceiverStub, config) if receivers else None)
     raise ValueError(f"unknown service kind {kind!r}; expected one of {KINDS}")
 
 
@@ -69,8 +70,10 @@ def metrics_port_for(config: ServeConfig, kind: str, replica: int) -> int:
 class ServiceHost:
     """One service: its own asyncio loop in a daemon thread, a grpc.aio server, a metrics endpoint."""
 
-    def __init__(self, kind: str, config: ServeConfig, downstream: list[str], port: int = 0, replica: int = 0) -> None:
-        self.kind, self.config, self.downstream = kind, config, downstream
+    def __init__(self, kind: str, config: ServeConfig, downstream: list[str], port: int = 0, replica: int = 0,
+                 receivers: list[str] = ()) -> None:
+        """``receivers``: the relay's direct line to the receivers (on_cache_failure = text)."""
+        self.kind, self.config, self.downstream, self.receivers = kind, config, downstream, list(receivers)
         self.metrics = ServiceMetrics(kind)
         self.port = port
         self.bind_host = (config.relay_host or config.host) if kind == "relay" else config.host
@@ -85,7 +88,7 @@ class ServiceHost:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
     async def _start(self) -> None:
-        servicer = make_servicer(self.kind, self.config, self.metrics, self.downstream)
+        servicer = make_servicer(self.kind, self.config, self.metrics, self.downstream, self.receivers)
         options = [("grpc.max_send_message_length", self.config.max_message_bytes),
                    ("grpc.max_receive_message_length", self.config.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
@@ -132,10 +135,11 @@ class ServiceHost:
                 if grace > 0:
                     await self.drain(grace)
                 await self.server.stop(0)
-            downstream = getattr(getattr(self, "servicer", None), "receivers", None) or getattr(getattr(self, "servicer", None), "adapters", None) \
-                or getattr(getattr(self, "servicer", None), "senders", None)
-            if downstream is not None:
-                await downstream.close()
+            servicer = getattr(self, "servicer", None)
+            for name in ("receivers", "adapters", "senders"):
+                downstream = getattr(servicer, name, None)
+                if downstream is not None:
+                    await downstream.close()
 
         try:
             self.run(_stop(), timeout=grace + 10)
@@ -163,7 +167,8 @@ class LocalStack:
         try:
             for kind in KINDS:
                 port = config.relay_port if kind == "relay" else 0
-                self.hosts[kind] = ServiceHost(kind, config, downstream, port=port)
+                receivers = [self.hosts["receiver"].address] if kind == "relay" else []
+                self.hosts[kind] = ServiceHost(kind, config, downstream, port=port, receivers=receivers)
                 downstream = [self.hosts[kind].address]
         except BaseException:
             self.close()
@@ -183,7 +188,7 @@ class LocalStack:
 
     def restart(self, kind: str) -> None:
         old = self.hosts[kind]
-        self.hosts[kind] = ServiceHost(kind, self.config, old.downstream, port=old.port)
+        self.hosts[kind] = ServiceHost(kind, self.config, old.downstream, port=old.port, receivers=old.receivers)
 
     def close(self) -> None:
         for kind in reversed(KINDS):
@@ -230,8 +235,9 @@ class RayStack:
                 res = getattr(config, kind)
                 replicas = 1 if kind == "relay" else res.replicas
                 ports = [config.relay_port if kind == "relay" and config.relay_port else free_port(config.host) for _ in range(replicas)]
+                receivers = self.addresses["receiver"] if kind == "relay" else []
                 actors = [actor_class.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus).remote(
-                    kind, config, downstream, port, replica) for replica, port in enumerate(ports)]
+                    kind, config, downstream, port, replica, receivers) for replica, port in enumerate(ports)]
                 info = ray.get([a.info.remote() for a in actors], timeout=900)
                 self.actors[kind] = actors
                 self.addresses[kind] = [i[0] for i in info]
@@ -302,9 +308,10 @@ class RayStack:
 class ServiceActor:
     """Body of a Ray actor hosting one service (wrapped with ray.remote by RayStack)."""
 
-    def __init__(self, kind: str, config: ServeConfig, downstream: list[str], port: int, replica: int = 0) -> None:
+    def __init__(self, kind: str, config: ServeConfig, downstream: list[str], port: int, replica: int = 0,
+                 receivers: list[str] = ()) -> None:
         logging.basicConfig(level=logging.WARNING)
-        self.host = ServiceHost(kind, config, downstream, port=port, replica=replica)
+        self.host = ServiceHost(kind, config, downstream, port=port, replica=replica, receivers=receivers)
 
     def info(self) -> tuple[str, int]:
         return self.host.address, self.host.metrics_port
