@@ -100,8 +100,8 @@ async def one_call(stub, kind: str, request, plan: LoadPlan, rng: random.Random,
 
 
 async def run_load(address: str, plan: LoadPlan, texts: list[str], client: TLSClient | None = None,
-                   on_result=None) -> tuple[list[CallResult], float]:
-    """Runs ``plan``; returns every call's result and the wall-clock seconds."""
+                   on_result=None, until=None) -> tuple[list[CallResult], float]:
+    """Runs ``plan`` (no new call once ``until()`` is true); returns every call's result and the wall-clock seconds."""
     client = client or TLSClient()
     rng = random.Random(plan.seed)
     kinds = ["bad" if (u := rng.random()) < plan.bad_share else "cancel" if u < plan.bad_share + plan.cancel_share else "good"
@@ -117,7 +117,7 @@ async def run_load(address: str, plan: LoadPlan, texts: list[str], client: TLSCl
 
         async def worker(index: int) -> None:
             local = random.Random(plan.seed * 1000 + index)
-            while time.monotonic() - started < plan.max_seconds:
+            while time.monotonic() - started < plan.max_seconds and not (until is not None and until()):
                 try:
                     kind = queue.get_nowait()
                 except asyncio.QueueEmpty:
@@ -188,11 +188,17 @@ def kill(stack, kind: str) -> None:
     stack.restart(kind)
 
 
-async def fault_run(stack, plan: LoadPlan, texts: list[str], kind: str, kill_after_s: float = 2.0) -> dict:
+async def fault_run(stack, plan: LoadPlan, texts: list[str], kind: str, kill_after_s: float = 2.0, settle: int = 20) -> dict:
     """Load while ``kind`` is killed ``kill_after_s`` into the run. Reports the statuses of calls that
     were in flight at the kill, calls past their deadline, and the recovery time: from the kill until
-    the start of the first good call after which every good call succeeded."""
+    the start of the first good call after which every good call succeeded. The load stops early once
+    ``settle`` calls in a row started after the kill succeeded (or at the plan's bounds)."""
     killed_at: list[float] = []
+    streak = [0]
+
+    def on_result(result: CallResult) -> None:
+        if killed_at and result.started > killed_at[0]:
+            streak[0] = streak[0] + 1 if result.code == "OK" else 0
 
     async def killer() -> None:
         await asyncio.sleep(kill_after_s)
@@ -200,7 +206,7 @@ async def fault_run(stack, plan: LoadPlan, texts: list[str], kind: str, kill_aft
         await asyncio.to_thread(kill, stack, kind)
 
     task = asyncio.create_task(killer())
-    results, seconds = await run_load(stack.relay_address, plan, texts)
+    results, seconds = await run_load(stack.relay_address, plan, texts, on_result=on_result, until=lambda: streak[0] >= settle)
     await task
     at = killed_at[0]
     in_flight = Counter(r.code for r in results if r.started < at < r.started + r.seconds and r.kind == "good")
