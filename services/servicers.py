@@ -311,10 +311,10 @@ class AdapterServicer(ServicerBase, kv_pb2_grpc.AdapterServicer):
         self.routes, self.receivers = routes, receivers
 
     async def Transform(self, request_iterator, context):
-        async for event in self.guarded(context, "-", self._transform(request_iterator), request_iterator):
+        async for event in self.guarded(context, "-", self._transform(request_iterator, context), request_iterator):
             yield event
 
-    async def _transform(self, messages):
+    async def _transform(self, messages, context=None):
         first = await read_setup(messages)
         request = first.setup.request
         _, route = pick(self.routes, request, self.config)
@@ -355,7 +355,7 @@ class AdapterServicer(ServicerBase, kv_pb2_grpc.AdapterServicer):
 
         stub = await self.receivers.stub()  # before reading on: a dead receiver fails fast and cleanly
         pump_task = asyncio.create_task(pump())
-        call = stub.Generate(forward(), timeout=self.config.hop_deadline_s)
+        call = stub.Generate(forward(), timeout=hop_timeout(context, self.config))
 
         def on_stats(stats) -> None:
             done = state["sender_done"]

@@ -33,6 +33,7 @@ EXPECTED = {
     "good": {"OK"},
     "bad": {"INVALID_ARGUMENT", "NOT_FOUND"},
     "cancel": {"CANCELLED", "OK"},  # OK: it finished before the client's cancel came
+    "long": {"OK"},  # a valid input near the zoo's token limit
 }
 
 
@@ -44,6 +45,7 @@ class LoadPlan:
     max_seconds: float = 300.0  # no new call starts after this
     bad_share: float = 0.1
     cancel_share: float = 0.1
+    long_share: float = 0.05
     max_new_tokens: int = 8
     seed: int = 0
     oversize_bytes: int = 300 << 10  # an input above the default max_input_bytes (256 KiB)
@@ -71,6 +73,9 @@ def make_request(kind: str, rng: random.Random, texts: list[str], plan: LoadPlan
     if kind == "bad":
         return rng.choice([build_request(""), build_request("x" * plan.oversize_bytes),
                            build_request(text, route="no-such-route")])
+    if kind == "long":  # ~190 tokens: with the prompt and the answer just inside the zoo's 256-token window
+        facts = " , ".join(f"{name}{i} {i % 10}" for i in range(60) for name in ("ann",))
+        return build_request(f"recall {facts} . ann7 ?", max_new_tokens=plan.max_new_tokens)
     return build_request(text, max_new_tokens=plan.max_new_tokens)
 
 
@@ -104,8 +109,9 @@ async def run_load(address: str, plan: LoadPlan, texts: list[str], client: TLSCl
     """Runs ``plan`` (no new call once ``until()`` is true); returns every call's result and the wall-clock seconds."""
     client = client or TLSClient()
     rng = random.Random(plan.seed)
-    kinds = ["bad" if (u := rng.random()) < plan.bad_share else "cancel" if u < plan.bad_share + plan.cancel_share else "good"
-             for _ in range(plan.requests)]
+    edges = (("bad", plan.bad_share), ("cancel", plan.bad_share + plan.cancel_share),
+             ("long", plan.bad_share + plan.cancel_share + plan.long_share))
+    kinds = [next((kind for kind, edge in edges if u < edge), "good") for u in (rng.random() for _ in range(plan.requests))]
     metadata = token_metadata(client.token or None)
     results: list[CallResult] = []
     started = time.monotonic()
@@ -234,11 +240,11 @@ def render(title: str, summary: dict) -> str:
 def render_rss(rows: dict[str, dict[str, float]]) -> str:
     stages = list(rows)
     kinds = list(next(iter(rows.values())))
-    lines = [f"  {'service':20s}" + "".join(f"{s:>12s}" for s in stages) + f"{'growth 2nd half':>17s}"]
+    lines = [f"  {'service':18s}" + "".join(f"{s:>20s}" for s in stages) + f"{'growth 2nd half':>17s}"]
     for kind in kinds:
         values = [rows[s][kind] for s in stages]
         growth = (values[-1] - values[-2]) / values[-2] * 100 if len(values) >= 2 and values[-2] else float("nan")
-        lines.append(f"  {kind:20s}" + "".join(f"{v:12.1f}" for v in values) + f"{growth:16.1f}%")
+        lines.append(f"  {kind:18s}" + "".join(f"{v:20.1f}" for v in values) + f"{growth:16.1f}%")
     return "\n".join(lines)
 
 
@@ -274,7 +280,7 @@ def run_bench(requests: int, concurrency: int, use_ray: bool, faults: bool, faul
     make = (lambda config: RayStack(config)) if use_ray else LocalStack
     half = LoadPlan(requests=requests // 2, concurrency=concurrency, timeout_s=timeout_s, max_seconds=max_seconds / 2)
     clean = LoadPlan(requests=tls_requests, concurrency=concurrency, timeout_s=timeout_s, max_seconds=max_seconds / 4,
-                     bad_share=0.0, cancel_share=0.0, seed=1)
+                     bad_share=0.0, cancel_share=0.0, long_share=0.0, seed=1)
     with make(load_config(None, relay_port=0)) as stack:
         pids = stack_pids(stack)
         rss = {"before": rss_of(pids)}
@@ -292,7 +298,7 @@ def run_bench(requests: int, concurrency: int, use_ray: bool, faults: bool, faul
             progress(render("TLS off, good requests only", report["tls_off"]))
         if faults and use_ray:
             fault_plan = LoadPlan(requests=fault_requests, concurrency=min(concurrency, 8), timeout_s=timeout_s,
-                                  max_seconds=max_seconds / 4, bad_share=0.0, cancel_share=0.0, seed=2)
+                                  max_seconds=max_seconds / 4, bad_share=0.0, cancel_share=0.0, long_share=0.0, seed=2)
             report["faults"] = []
             for kind in ("sender", "adapter", "receiver"):
                 row = asyncio.run(fault_run(stack, fault_plan, texts, kind))
@@ -324,7 +330,7 @@ def render_report(report: dict) -> str:
     if "tls_on" in report:
         off, on = report["tls_off"], report["tls_on"]
         cost = (1 - on["good_ok_per_s"] / off["good_ok_per_s"]) * 100 if off["good_ok_per_s"] else float("nan")
-        out += ["", "TLS on every hop vs plaintext (good requests only, same plan, fresh stacks)",
+        out += ["", "TLS on every hop vs plaintext (good requests only, same plan; plaintext on the stack above, TLS on a fresh one)",
                 f"  {'':10s} {'good OK/s':>10s} {'p50 ms':>8s} {'p99 ms':>8s}",
                 f"  {'plaintext':10s} {off['good_ok_per_s']:10.2f} {off['p50_ms']:8.1f} {off['p99_ms']:8.1f}",
                 f"  {'TLS':10s} {on['good_ok_per_s']:10.2f} {on['p50_ms']:8.1f} {on['p99_ms']:8.1f}",
