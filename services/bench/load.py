@@ -276,6 +276,11 @@ def run_bench(requests: int, concurrency: int, use_ray: bool, faults: bool, faul
     from services.stack import LocalStack, RayStack
 
     texts = [e.context for e in tasks.make_split("test", 40)]
+    try:
+        import cryptography  # noqa: F401  (the throw-away certificates of the TLS side)
+    except ImportError:
+        progress("TLS on vs off skipped: the certificates need the cryptography package (pip install cryptography)")
+        tls_requests = 0
     report: dict = {"hosting": "Ray actors" if use_ray else "one process (LocalStack)", "requests": requests, "concurrency": concurrency}
     make = (lambda config: RayStack(config)) if use_ray else LocalStack
     half = LoadPlan(requests=requests // 2, concurrency=concurrency, timeout_s=timeout_s, max_seconds=max_seconds / 2)
