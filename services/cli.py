@@ -148,6 +148,24 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from services.train.config import STAGES, load_train_config
+    from services.train.job import plan, run
+
+    overrides = {"output_dir": args.output_dir, "seed": args.seed, "name": args.name}
+    config = load_train_config(args.config, **overrides)
+    if args.dry_run:
+        print(plan(config))
+        return 0
+    stages = tuple(args.stage) if args.stage else STAGES
+    state = run(config, stages, resume=args.resume)
+    done = state["stages"]
+    if "finalize" in done:
+        print(f"adapter ready: {done['finalize']['adapter']}  (densecomm serve loads it as a route's adapter)")
+    print(f"run state: {config.output_path / 'run_state.json'}")
+    return 0
+
+
 def cmd_bench_codec(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
@@ -352,6 +370,17 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--adapter-only", action="store_true", help="keep the LMs, retrain only the adapter")
     build.add_argument("--work-dir", default="runs/zoo-build", help="adapter training checkpoints and traces")
     build.set_defaults(func=cmd_zoo_build)
+
+    train = sub.add_parser("train", help="train an adapter for a local model pair: traces, phase I, phase II as Ray Train jobs")
+    train.add_argument("--config", required=True, help="TOML run config (services/train/config.py; configs/zoo.toml)")
+    train.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
+    train.add_argument("--dry-run", action="store_true", help="check the config and the data, print the plan, start nothing")
+    train.add_argument("--stage", action="append", choices=["traces", "phase1", "phase2", "finalize"],
+                       help="run only this stage (repeatable); default: all, in order")
+    train.add_argument("--output-dir", help="override output_dir")
+    train.add_argument("--seed", type=int, help="override seed")
+    train.add_argument("--name", help="override name")
+    train.set_defaults(func=cmd_train)
 
     codec_cmd = sub.add_parser("codec", help="KV codec tools").add_subparsers(dest="codec_command", required=True)
     calibrate = codec_cmd.add_parser("calibrate", help="fit the pca codec's KV bases beside a sender (and its adapter)")

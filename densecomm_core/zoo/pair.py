@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 ADAPTER_NAME = f"adapter-{SENDER_SPEC.name}-to-{RECEIVER_SPEC.name}"
 GREEDY = GenerationConfig(max_new_tokens=24)
+ANSWER_TEMPLATE = f"{tasks.ANSWER_WORD} {{answer}}"  # the zoo's canonical final answer statement
 # Phase II's codec-aware batches read the sender cache through the codec the relay is meant to ship:
 # transform coding with RoPE-stripped keys, on the sender basis fitted before phase II.
 INPUT_CODEC, INPUT_CODEC_PARAMS = "pca", {"key_step": 0.25, "value_step": 0.35}
@@ -127,10 +128,11 @@ def train_zoo_adapter(
         TraceRequest(e.context, e.answer, tasks.prompt_guided(e), e.family, multiple_choice=e.family == "choice")
         for e in train
     ]
-    records, trace_stats = generate_receiver_traces(receiver, requests, tasks.extract_answer, tasks.ANSWER_WORD)
+    all_records, trace_stats = generate_receiver_traces(receiver, requests, tasks.extract_answer, ANSWER_TEMPLATE)
     log.info("receiver-self traces: %s", trace_stats)
     if work_dir:
-        save_traces(records, work_dir / "receiver_traces.jsonl")
+        save_traces(all_records, work_dir / "receiver_traces.jsonl")
+    records = [r for r in all_records if r.usable]
     if recipe.phase2.input_codec == "pca":  # codec-aware batches through pca need the sender's basis
         from densecomm_core.codec.transform import register_basis
 
