@@ -106,8 +106,8 @@ class Admission(grpc.aio.ServerInterceptor):
     """At most ``max_in_flight`` of this service's calls at once, refused at once beyond that (no
     unbounded waiting); health and reflection are always answered. ``drain()`` refuses new calls."""
 
-    def __init__(self, service: str, max_in_flight: int) -> None:
-        self.service, self.max_in_flight = service, max_in_flight
+    def __init__(self, service: str, max_in_flight: int, refused=None) -> None:
+        self.service, self.max_in_flight, self.refused = service, max_in_flight, refused
         self.in_flight = 0
         self.draining = False
         self._idle: asyncio.Event | None = None
@@ -130,7 +130,7 @@ class Admission(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or not details.method.startswith(GUARDED_PREFIX):
             return handler
-        return guard_handler(handler, self.check, self.release)
+        return guard_handler(handler, self.check, self.release, self.refused)
 
     async def drain(self, grace: float) -> int:
         """Refuse new calls, wait up to ``grace`` s for the admitted ones; returns how many are left."""

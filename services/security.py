@@ -37,9 +37,11 @@ GUARDED_PREFIX = "/densecomm.v1."  # our RPCs; grpc.health and reflection are no
 Check = Callable[[grpc.aio.ServicerContext, object], Awaitable[tuple[grpc.StatusCode, str] | None]]
 
 
-def guard_handler(handler: grpc.RpcMethodHandler, check: Check, after: Callable[[], None] | None = None) -> grpc.RpcMethodHandler:
-    """The same handler with ``check`` run first (refusals abort with its status); ``after`` runs when
-    an admitted call ends, however it ends. Works for the streaming-response methods our services have."""
+def guard_handler(handler: grpc.RpcMethodHandler, check: Check, after: Callable[[], None] | None = None,
+                  refused: Callable[[grpc.StatusCode], None] | None = None) -> grpc.RpcMethodHandler:
+    """The same handler with ``check`` run first (refusals abort with its status, reported to
+    ``refused``); ``after`` runs when an admitted call ends, however it ends. Works for the
+    streaming-response methods our services have."""
     if handler.unary_stream is not None:
         behavior, make = handler.unary_stream, grpc.unary_stream_rpc_method_handler
     elif handler.stream_stream is not None:
@@ -50,6 +52,8 @@ def guard_handler(handler: grpc.RpcMethodHandler, check: Check, after: Callable[
     async def guarded(request, context):
         refusal = await check(context, request if handler.request_streaming is False else None)
         if refusal is not None:
+            if refused is not None:
+                refused(refusal[0])
             await context.abort(*refusal)
         try:
             async for response in behavior(request, context):
@@ -115,8 +119,8 @@ def bearer(metadata) -> str | None:
 class RelayAuth(grpc.aio.ServerInterceptor):
     """Bearer-token auth on the public Relay API (the ``authorization: Bearer <token>`` metadata)."""
 
-    def __init__(self, tokens: tuple[Token, ...], default_route: str) -> None:
-        self.tokens, self.default_route = tokens, default_route
+    def __init__(self, tokens: tuple[Token, ...], default_route: str, refused=None) -> None:
+        self.tokens, self.default_route, self.refused = tokens, default_route, refused
 
     def match(self, credential: str) -> Token | None:
         found = None
@@ -141,7 +145,7 @@ class RelayAuth(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or not details.method.startswith(GUARDED_PREFIX):
             return handler
-        return guard_handler(handler, self.check)
+        return guard_handler(handler, self.check, refused=self.refused)
 
 
 # ---------------------------------------------------------------- internal hops
@@ -161,8 +165,8 @@ def internal_secret(config: ServeConfig) -> bytes | None:
 class InternalAuth(grpc.aio.ServerInterceptor):
     """Internal services answer only callers that present the stack's shared secret."""
 
-    def __init__(self, secret: bytes) -> None:
-        self.secret = secret
+    def __init__(self, secret: bytes, refused=None) -> None:
+        self.secret, self.refused = secret, refused
 
     async def check(self, context, request):
         presented = next((str(v) for k, v in context.invocation_metadata() or () if k == SECRET_HEADER), "")
@@ -174,7 +178,7 @@ class InternalAuth(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or not details.method.startswith(GUARDED_PREFIX):
             return handler
-        return guard_handler(handler, self.check)
+        return guard_handler(handler, self.check, refused=self.refused)
 
 
 def _with_secret(details, secret: bytes):
@@ -244,12 +248,13 @@ def server_credentials(kind: str, config: ServeConfig) -> grpc.ServerCredentials
                                        require_client_auth=True)
 
 
-def server_interceptors(kind: str, config: ServeConfig) -> list[grpc.aio.ServerInterceptor]:
+def server_interceptors(kind: str, config: ServeConfig, refused=None) -> list[grpc.aio.ServerInterceptor]:
+    """Auth of one service's port; ``refused(status)`` hears of every call it turns away (metrics)."""
     if kind == "relay":
         tokens = load_tokens(config)
-        return [RelayAuth(tokens, config.default_route)] if tokens else []
+        return [RelayAuth(tokens, config.default_route, refused)] if tokens else []
     secret = internal_secret(config)
-    return [InternalAuth(secret)] if secret else []
+    return [InternalAuth(secret, refused)] if secret else []
 
 
 def add_port(server: grpc.aio.Server, address: str, kind: str, config: ServeConfig) -> int:

@@ -93,8 +93,9 @@ class ServiceHost:
                    ("grpc.max_receive_message_length", self.config.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
         # auth first (strangers never hold a slot), then bounded admission (and refusal while draining)
-        self.admission = Admission(self.kind, self.config.max_in_flight)
-        interceptors = [*security.server_interceptors(self.kind, self.config), self.admission]
+        refused = lambda code: self.metrics.finished("-", code.name)  # noqa: E731  (counted like any other status)
+        self.admission = Admission(self.kind, self.config.max_in_flight, refused)
+        interceptors = [*security.server_interceptors(self.kind, self.config, refused), self.admission]
         server = grpc.aio.server(futures.ThreadPoolExecutor(max_workers=4), options=options, interceptors=interceptors)
         ADD_SERVICER[self.kind](servicer, server)
         health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()

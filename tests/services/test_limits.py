@@ -80,6 +80,8 @@ def test_in_flight_beyond_the_limit_is_refused_at_once_and_the_slots_come_back(s
     (code, details, seconds), after = run(scenario())
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_in_flight=2" in details and seconds < 1.0
     assert after[-1].HasField("stats") and after[-1].stats.text  # the cancelled calls gave their slots back
+    refused = stack.hosts["relay"].metrics.errors.labels("relay", "RESOURCE_EXHAUSTED")._value.get()
+    assert refused >= 1  # refusals are counted in densecomm_errors_total like any other status
 
 
 def test_config_checks_policy_and_limits():
