@@ -11,7 +11,12 @@ from pathlib import Path
 import torch
 
 from densecomm_core.adapter import DenseAdapter
-from densecomm_core.training.loop import TrainingState, build_optimizer, cosine_lr, optimizer_step
+from densecomm_core.training.loop import (
+    TrainingState,
+    build_optimizer,
+    cosine_lr,
+    optimizer_step,
+)
 
 __all__ = ["cosine_lr", "optimizer_step", "start_training", "local_checkpoint"]
 

@@ -21,7 +21,13 @@ from densecomm_core.cache import KVCache
 from densecomm_core.models import LoadedModel
 from densecomm_core.relay import PromptFormat, sender_prefill, transform_cache
 from densecomm_core.training.common import local_checkpoint, start_training
-from densecomm_core.training.loop import LoopConfig, StepResult, batch_rng, run_steps, shard
+from densecomm_core.training.loop import (
+    LoopConfig,
+    StepResult,
+    batch_rng,
+    run_steps,
+    shard,
+)
 
 log = logging.getLogger(__name__)
 

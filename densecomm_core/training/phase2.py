@@ -29,7 +29,13 @@ from densecomm_core.relay import (
     transform_cache,
 )
 from densecomm_core.training.common import local_checkpoint, start_training
-from densecomm_core.training.loop import LoopConfig, StepResult, batch_rng, run_steps, shard
+from densecomm_core.training.loop import (
+    LoopConfig,
+    StepResult,
+    batch_rng,
+    run_steps,
+    shard,
+)
 from densecomm_core.training.traces import TraceRecord
 
 log = logging.getLogger(__name__)

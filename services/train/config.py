@@ -26,7 +26,7 @@ Example (``densecomm train --config run.toml``; every field below is optional ex
     steps = 2000
 
 Unknown keys and bad values raise ``TrainConfigError`` naming the field (``[phase1].lr``) and what it
-accepts. ``configs/zoo.toml`` is the embedded pair's recipe.
+accepts. ``--config zoo`` is the embedded pair's recipe (``services/train/zoo.toml``).
 """
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ from typing import Any
 from densecomm_core.errors import DenseCommError
 
 DTYPES = ("float32", "bfloat16", "float16")
-DATA_SOURCES = ("zoo", "gsm8k", "math", "arc", "jsonl")
-ANSWER_KINDS = ("word", "number", "letter")
+DATA_SOURCES = ("zoo", "gsm8k", "math", "arc", "mmlu-redux", "medqa", "openbookqa", "jsonl")  # densecomm_core.data.FORMATS
+ANSWER_KINDS = ("word", "number", "letter", "boxed")
 STAGES = ("traces", "phase1", "phase2", "finalize")
+BUILTIN = {"zoo": Path(__file__).with_name("zoo.toml")}  # configs shipped with the package, by name
 
 
 class TrainConfigError(DenseCommError, ValueError):
@@ -69,13 +70,17 @@ class PromptsConfig:
     unaware: str = "=>"  # receiver prompt after the cache, context-unaware
     with_input: str = "{context} =>"  # a model answering from X alone
     guided: str = "{context} hint {answer} =>"  # receiver-self trace construction: X plus the gold answer
-    answer_kind: str = "word"  # reading a final answer: word (the zoo's "answer X"), number (last number), letter
+    # reading a final answer: word (the zoo's "answer X"), number (the last number), letter (the canonical
+    # answer-letter form), boxed (the last \\boxed{}, else the last number)
+    answer_kind: str = "word"
     answer_template: str = "answer {answer}"  # the canonical final answer statement (multiple-choice relabelling)
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "zoo"  # zoo | gsm8k | math | arc | jsonl (generic question/answer(/choices) rows)
+    # zoo | gsm8k | math | arc | mmlu-redux | medqa | openbookqa (their public JSONL formats) | jsonl (generic
+    # question/answer(/choices) rows). Files are read locally, every row checked; nothing is downloaded.
+    source: str = "zoo"
     train: str = ""  # JSONL path (required unless source = "zoo")
     validation: str = ""  # JSONL path; empty = carved from train by a hash of the question
     test: str = ""  # JSONL path, evaluated once at the end (never used to choose anything)
@@ -264,6 +269,8 @@ def validate(config: TrainConfig) -> TrainConfig:
 def load_train_config(path: str | Path | None, **overrides) -> TrainConfig:
     """Defaults, then the TOML file, then top-level overrides; validated."""
     data: dict = {}
+    if path is not None and str(path) in BUILTIN:
+        path = BUILTIN[str(path)]
     if path is not None:
         try:
             data = tomllib.loads(Path(path).read_text())
@@ -275,6 +282,8 @@ def load_train_config(path: str | Path | None, **overrides) -> TrainConfig:
     base = TrainConfig()
     sections = {name: _typed(cls, data.pop(name, {}), f"[{name}]", getattr(base, name)) for name, cls in SECTIONS.items()}
     top = _typed(TrainConfig, data, "the top level", base)
+    # Absolute before anything runs: Ray Train workers start in their own working directory.
+    top = replace(top, output_dir=str(Path(top.output_dir).expanduser().resolve()) if top.output_dir else "")
     return validate(replace(top, **sections))
 
 

@@ -23,7 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.train.config import STAGES, TrainConfig, TrainConfigError
-from services.train.data import Splits, examples_fingerprint, load_splits, trace_requests
+from services.train.data import (
+    Splits,
+    load_splits,
+    trace_requests,
+)
 
 STATE_FILE = "run_state.json"
 
@@ -130,6 +134,8 @@ def progress_line(record: dict) -> str:
         line += f"  validation loss {record['validation_loss']:.4f}"
     if "validation_unaware_mean" in record:
         line += f"  validation aware {record['validation_aware_mean']:.3f} unaware {record['validation_unaware_mean']:.3f}"
+    if "peak_rss_mib" in record:
+        line += "  peak RSS " + "/".join(f"{r:.0f}" for r in record["peak_rss_mib"]) + " MiB"
     if "gate_median" in record:
         line += f"  gates {record['gate_min']:.2f}/{record['gate_median']:.2f}/{record['gate_max']:.2f}"
     return line
@@ -282,7 +288,6 @@ def _finalize_task(config_dict: dict, adapter_dir: str, out_dir: str, worker_gpu
     import torch
 
     from densecomm_core.adapter import DenseAdapter
-    from densecomm_core.generation import GenerationConfig
     from densecomm_core.relay import ContextMode, DenseRelay
     from services.train.config import config_from_dict
     from services.train.data import answer_reader, load_splits, prompt_format
@@ -393,3 +398,18 @@ def run(config: TrainConfig, stages: tuple[str, ...] = STAGES, resume: bool = Fa
 
             ray.shutdown()
     return state.data
+
+
+def train_zoo_adapter(work_dir: str | Path, root: Path | None = None, seed: int | None = None, resume: bool = False) -> Path:
+    """The zoo recipe (``--config zoo``) on the zoo LMs under ``root`` (default: the committed ones);
+    returns the finished adapter directory (``<work_dir>/adapter``)."""
+    from dataclasses import replace
+
+    from densecomm_core.zoo.build import RECEIVER_SPEC, SENDER_SPEC
+    from services.train.config import load_train_config
+
+    config = load_train_config("zoo", output_dir=str(work_dir), seed=seed)
+    if root is not None:
+        config = replace(config, models=replace(config.models, sender=str(root / SENDER_SPEC.name),
+                                                receiver=str(root / RECEIVER_SPEC.name)))
+    return Path(run(config, STAGES, resume=resume)["stages"]["finalize"]["adapter"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -22,8 +23,19 @@ import torch.distributed as dist
 from densecomm_core.adapter import AdapterConfig, DenseAdapter
 from densecomm_core.models import LoadedModel, load_model
 from densecomm_core.relay import ContextMode, DenseRelay
-from densecomm_core.training.loop import LoopConfig, TrainingState, build_optimizer, run_steps, shard
-from densecomm_core.training.phase1 import Phase1Config, batch_loss, phase1_batch, phase1_step
+from densecomm_core.training.loop import (
+    LoopConfig,
+    TrainingState,
+    build_optimizer,
+    run_steps,
+    shard,
+)
+from densecomm_core.training.phase1 import (
+    Phase1Config,
+    batch_loss,
+    phase1_batch,
+    phase1_step,
+)
 from densecomm_core.training.phase2 import Phase2Config, phase2_batch, phase2_step
 from densecomm_core.training.traces import load_traces, match_traces
 from services.train.config import TrainConfig, config_from_dict
@@ -195,10 +207,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
         return step_loss(step)
 
     def on_record(record: dict) -> None:
-        """Rank 0 appends the record to metrics.jsonl (the driver prints it as a progress line)."""
+        """Rank 0 appends the record to metrics.jsonl (the driver prints it as a progress line).
+        Every rank contributes its peak RSS first (all ranks reach this call at the same steps)."""
+        rss = [0.0] * world
+        rss[rank] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+        rss = collective.sum(rss)
         if rank != 0:
             return
-        record = record | {"steps": ph.steps, "workers": world, "elapsed_s": time.perf_counter() - started}
+        record = record | {"steps": ph.steps, "workers": world, "elapsed_s": time.perf_counter() - started,
+                           "peak_rss_mib": [round(r, 1) for r in rss]}
         with (output / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
         if config.output.tensorboard:
