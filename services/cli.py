@@ -155,9 +155,8 @@ def cmd_bench_codec(args: argparse.Namespace) -> int:
 
     torch_threads(args.workers)
     stand_in, big = bench.qwen3_4b_geometry(args.tokens)
-    bench.calibrate_stand_in(stand_in)
-    caches = {"zoo": bench.zoo_caches(), "qwen3-4b": (stand_in, [big])}
-    rows = [row for name, (model, cache) in caches.items() for row in bench.measure(name, model, cache, args.repeats, args.workers)]
+    caches = {"zoo": (*bench.zoo_caches(), bench.load_zoo_bases()), "qwen3-4b": (stand_in, [big], bench.calibrate_stand_in(stand_in))}
+    rows = [row for name, (model, cache, bases) in caches.items() for row in bench.measure(name, model, cache, args.repeats, args.workers, bases)]
     hops = tuple(sorted({int(h) for h in args.hops.split(",")}))
     if not set(hops) <= {0, 1}:
         raise SystemExit(f"--hops takes 0 (sender -> adapter), 1 (adapter -> receiver) or 0,1; got {args.hops!r}")

@@ -4,6 +4,7 @@
                                             holds one; LocalStack holds four)
     LocalStack(config)                      receiver, adapter, sender and relay in this process
     RayStack(config)                        the same four as Ray actors with their own resources
+    SERVICE_KINDS                           the one table of service kinds (proto service, servicer, downstream)
 Both stacks expose ``relay_address`` and ``metrics_ports`` and shut down cleanly.
 """
 
@@ -12,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -23,38 +26,44 @@ from services.config import ServeConfig
 from services.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
-KINDS = ("receiver", "adapter", "sender", "relay")  # start order: downstream first
 relay_pb2, relay_pb2_grpc, kv_pb2, kv_pb2_grpc = protos.load()
-SERVICE_NAMES = {
-    "relay": relay_pb2.DESCRIPTOR.services_by_name["Relay"].full_name,
-    "sender": kv_pb2.DESCRIPTOR.services_by_name["Sender"].full_name,
-    "adapter": kv_pb2.DESCRIPTOR.services_by_name["Adapter"].full_name,
-    "receiver": kv_pb2.DESCRIPTOR.services_by_name["Receiver"].full_name,
-}
+
+
+@dataclass(frozen=True)
+class ServiceKind:
+    """One kind of service: its gRPC service, how to add a servicer to a server, how to call it, which
+    servicer class implements it (``services.servicers``) and which kind it calls next."""
+
+    name: str
+    proto_service: str  # full name, for health checking and reflection
+    add_to_server: Callable  # (servicer, server) -> None
+    stub: Callable  # channel -> a client stub of this service
+    servicer: str  # class name in services.servicers
+    downstream: str | None  # the kind this one calls, None for the last
+
+
+SERVICE_KINDS: dict[str, ServiceKind] = {kind.name: kind for kind in (  # start order: downstream first
+    ServiceKind("receiver", kv_pb2.DESCRIPTOR.services_by_name["Receiver"].full_name, kv_pb2_grpc.add_ReceiverServicer_to_server,
+                kv_pb2_grpc.ReceiverStub, "ReceiverServicer", None),
+    ServiceKind("adapter", kv_pb2.DESCRIPTOR.services_by_name["Adapter"].full_name, kv_pb2_grpc.add_AdapterServicer_to_server,
+                kv_pb2_grpc.AdapterStub, "AdapterServicer", "receiver"),
+    ServiceKind("sender", kv_pb2.DESCRIPTOR.services_by_name["Sender"].full_name, kv_pb2_grpc.add_SenderServicer_to_server,
+                kv_pb2_grpc.SenderStub, "SenderServicer", "adapter"),
+    ServiceKind("relay", relay_pb2.DESCRIPTOR.services_by_name["Relay"].full_name, relay_pb2_grpc.add_RelayServicer_to_server,
+                relay_pb2_grpc.RelayStub, "RelayServicer", "sender"),
+)}
+KINDS = tuple(SERVICE_KINDS)
 
 
 def make_servicer(kind: str, config: ServeConfig, metrics: ServiceMetrics, downstream: list[str]):
-    from services import runtime, servicers
+    """The servicer of ``kind`` with what it loads (routes, bases) and a channel to each downstream replica."""
+    from services import servicers
 
-    if kind == "receiver":
-        return servicers.ReceiverServicer(config, metrics, runtime.load_receiver_routes(config))
-    if kind == "adapter":
-        return servicers.AdapterServicer(config, metrics, runtime.load_adapter_routes(config),
-                                         servicers.Downstream(downstream, kv_pb2_grpc.ReceiverStub, config))
-    if kind == "sender":
-        return servicers.SenderServicer(config, metrics, runtime.load_sender_routes(config),
-                                        servicers.Downstream(downstream, kv_pb2_grpc.AdapterStub, config))
-    if kind == "relay":
-        return servicers.RelayServicer(config, metrics, servicers.Downstream(downstream, kv_pb2_grpc.SenderStub, config))
-    raise ValueError(f"unknown service kind {kind!r}; expected one of {KINDS}")
-
-
-ADD_SERVICER = {
-    "relay": lambda s, srv: relay_pb2_grpc.add_RelayServicer_to_server(s, srv),
-    "sender": lambda s, srv: kv_pb2_grpc.add_SenderServicer_to_server(s, srv),
-    "adapter": lambda s, srv: kv_pb2_grpc.add_AdapterServicer_to_server(s, srv),
-    "receiver": lambda s, srv: kv_pb2_grpc.add_ReceiverServicer_to_server(s, srv),
-}
+    if kind not in SERVICE_KINDS:
+        raise ValueError(f"unknown service kind {kind!r}; expected one of {KINDS}")
+    spec = SERVICE_KINDS[kind]
+    channels = servicers.Downstream(downstream, SERVICE_KINDS[spec.downstream].stub, config) if spec.downstream else None
+    return getattr(servicers, spec.servicer).build(config, metrics, channels)
 
 
 def metrics_port_for(config: ServeConfig, kind: str, replica: int) -> int:
@@ -78,6 +87,7 @@ class ServiceHost:
         self.thread = threading.Thread(target=self.loop.run_forever, name=f"densecomm-{kind}", daemon=True)
         self.thread.start()
         self.server: grpc.aio.Server | None = None
+        self.servicer = None
         self.run(self._start())
 
     def run(self, coroutine, timeout: float | None = 600):
@@ -89,13 +99,14 @@ class ServiceHost:
                    ("grpc.max_receive_message_length", self.config.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
         server = grpc.aio.server(futures.ThreadPoolExecutor(max_workers=4), options=options)
-        ADD_SERVICER[self.kind](servicer, server)
+        spec = SERVICE_KINDS[self.kind]
+        spec.add_to_server(servicer, server)
         health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection((SERVICE_NAMES[self.kind], health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        reflection.enable_server_reflection((spec.proto_service, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         self.port = server.add_insecure_port(f"{self.bind_host}:{self.port}")
         await server.start()
-        for name in ("", SERVICE_NAMES[self.kind]):
+        for name in ("", spec.proto_service):
             result = health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
             if asyncio.iscoroutine(result):
                 await result
@@ -111,10 +122,8 @@ class ServiceHost:
         async def _stop() -> None:
             if self.server is not None:
                 await self.server.stop(grace)
-            downstream = getattr(getattr(self, "servicer", None), "receivers", None) or getattr(getattr(self, "servicer", None), "adapters", None) \
-                or getattr(getattr(self, "servicer", None), "senders", None)
-            if downstream is not None:
-                await downstream.close()
+            if self.servicer is not None:
+                await self.servicer.close()
 
         try:
             self.run(_stop(), timeout=grace + 10)

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from densecomm_core.cache import KVCache
-from densecomm_core.codec import StreamDecoder, get_codec, iter_encode
+from densecomm_core.codec import get_codec
+from densecomm_core.hop import HopDecoder, HopEncoder
 from services import protos
 
 relay_pb2, relay_pb2_grpc, kv_pb2, kv_pb2_grpc = protos.load()
@@ -43,7 +44,7 @@ class SinkServicer(kv_pb2_grpc.ReceiverServicer):
         self.decode = decode
 
     async def Generate(self, request_iterator, context):
-        decoder = StreamDecoder()
+        decoder = HopDecoder()
         wire = 0
         async for message in request_iterator:
             if message.HasField("frame"):
@@ -51,7 +52,7 @@ class SinkServicer(kv_pb2_grpc.ReceiverServicer):
                 if self.decode:
                     await asyncio.to_thread(decoder.feed, message.frame.frame)
         if self.decode:
-            decoder.finish()
+            await asyncio.to_thread(decoder.finish)
         yield relay_pb2.RelayEvent(stats=relay_pb2.RelayStats(wire_bytes=wire))
 
 
@@ -68,7 +69,7 @@ async def one_hop(cache: KVCache, codec_name: str, params: dict, decode: bool, w
 
             async def messages():
                 yield kv_pb2.KVMessage(setup=kv_pb2.HopSetup(request_id="bench"))
-                encoder = iter_encode(cache, codec, workers=workers)
+                encoder = HopEncoder(codec, workers=workers).frames(cache)
                 while (frame := await asyncio.to_thread(next, encoder, None)) is not None:
                     yield kv_pb2.KVMessage(frame=kv_pb2.KVFrame(frame=frame))
 
