@@ -138,6 +138,63 @@ async def drain(requests) -> None:
         pass
 
 
+_END = object()
+
+
+async def ahead(iterator, depth: int = 2):
+    """Yield a blocking iterator's items, each computed in a worker thread while the consumer still handles
+    the previous ones (up to ``depth`` ahead): encoding chunk i+1 overlaps sending chunk i."""
+    queue: asyncio.Queue = asyncio.Queue(depth)
+
+    async def produce() -> None:
+        try:
+            while (item := await asyncio.to_thread(next, iterator, _END)) is not _END:
+                await queue.put((item, None))
+            await queue.put((_END, None))
+        except Exception as exc:  # handed to the consumer, which raises it in its own context
+            await queue.put((_END, exc))
+
+    task = asyncio.create_task(produce())
+    try:
+        while True:
+            item, error = await queue.get()
+            if error is not None:
+                raise error
+            if item is _END:
+                return
+            yield item
+    finally:
+        task.cancel()
+
+
+class OverlappedDecode:
+    """Feed frames to a decoder in a worker thread while the next message is being received: ``submit``
+    starts decoding one frame after the previous one finished; ``drain`` waits for the last."""
+
+    def __init__(self, feed, on_event=None) -> None:
+        self.feed, self.on_event = feed, on_event
+        self.pending: asyncio.Future | None = None
+
+    def _feed(self, frame):
+        event = self.feed(frame)
+        if self.on_event is not None:  # in the worker thread, the moment the frame is decoded
+            self.on_event(event)
+        return event
+
+    async def submit(self, frame) -> None:
+        await self.drain()
+        self.pending = asyncio.ensure_future(asyncio.to_thread(self._feed, frame))
+
+    async def drain(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            await pending
+
+    def cancel(self) -> None:
+        if self.pending is not None:
+            self.pending.cancel()
+
+
 async def read_setup(messages):
     """The first message of a KV stream, which must carry the hop setup."""
     first = await anext(messages, None)
@@ -222,18 +279,26 @@ class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
         receiver = route.model
         decoder = HopDecoder(receiver, route.bases, self.limits, device=receiver.model.device)
         started = time.perf_counter()
-        layer0_unix = 0.0
+        layer0_unix = [0.0]
         done = None
-        async for message in messages:
-            kind = message.WhichOneof("message")
-            if kind == "frame":
-                event = await asyncio.to_thread(decoder.feed, message.frame.frame)
-                if event is not None and event.layer == 0 and event.layer_complete:
-                    layer0_unix = time.time()
-            elif kind == "done":
-                done = message.done
-            else:
-                raise RequestError(f"unexpected {kind} message inside a KV stream")
+
+        def on_event(event) -> None:
+            if event is not None and event.layer == 0 and event.layer_complete:
+                layer0_unix[0] = time.time()
+
+        decoding = OverlappedDecode(decoder.feed, on_event)  # decode frame i while frame i+1 arrives
+        try:
+            async for message in messages:
+                kind = message.WhichOneof("message")
+                if kind == "frame":
+                    await decoding.submit(message.frame.frame)
+                elif kind == "done":
+                    done = message.done
+                else:
+                    raise RequestError(f"unexpected {kind} message inside a KV stream")
+            await decoding.drain()
+        finally:
+            decoding.cancel()
         cache = await asyncio.to_thread(decoder.finish)  # the receiver's space, RoPE, dtype and device
         transfer_s = time.perf_counter() - started
         mode = mode_of(request)
@@ -267,7 +332,7 @@ class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
         out = await task
         stages = {"decode": decoder.report.decode_s, "transfer": transfer_s, "first_token": first_token_s[0],
                   "generate": time.perf_counter() - gen_started}
-        stats = final_stats(name, done, decoder.report, out, receiver.non_embedding_params, layer0_unix, stages)
+        stats = final_stats(name, done, decoder.report, out, receiver.non_embedding_params, layer0_unix[0], stages)
         last = stats.hops[-1]
         self.metrics.observe_hop(last.hop, last.raw_bytes, last.wire_bytes, last.chunks)
         for stage, seconds in stages.items():
@@ -388,8 +453,7 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
         async def frames():
             yield kv_pb2.KVMessage(setup=setup)
             yield kv_pb2.KVMessage(frame=kv_pb2.KVFrame(frame=header))
-            chunks = encoder.chunks()
-            while (frame := await asyncio.to_thread(next, chunks, None)) is not None:
+            async for frame in ahead(encoder.chunks()):  # chunk i+1 is encoded while chunk i is sent
                 yield kv_pb2.KVMessage(frame=kv_pb2.KVFrame(frame=frame))
             report = encoder.report
             done = kv_pb2.StreamDone(last_chunk_unix=time.time(), prefill_tokens=tokens, sender_flops=sender_flops,

@@ -28,6 +28,7 @@ from densecomm_core.cache import KVCache
 from densecomm_core.codec import get_codec
 from densecomm_core.hop import HopDecoder, HopEncoder
 from services import protos
+from services.servicers import OverlappedDecode, ahead
 
 relay_pb2, relay_pb2_grpc, kv_pb2, kv_pb2_grpc = protos.load()
 HOP_CODECS = [
@@ -37,6 +38,7 @@ HOP_CODECS = [
     ("int4k/int2v", "quantized", {"key_bits": 4, "value_bits": 2, "group": 64}),
 ]
 MAX_MESSAGE = 64 << 20
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
 
 
 class SinkServicer(kv_pb2_grpc.ReceiverServicer):
@@ -47,13 +49,15 @@ class SinkServicer(kv_pb2_grpc.ReceiverServicer):
 
     async def Generate(self, request_iterator, context):
         decoder = HopDecoder()
+        decoding = OverlappedDecode(decoder.feed)  # as the receiver does: decode frame i while frame i+1 arrives
         wire = 0
         async for message in request_iterator:
             if message.HasField("frame"):
                 wire += len(message.frame.frame)
                 if self.decode:
-                    await asyncio.to_thread(decoder.feed, message.frame.frame)
+                    await decoding.submit(message.frame.frame)
         if self.decode:
+            await decoding.drain()
             await asyncio.to_thread(decoder.finish)
         yield relay_pb2.RelayEvent(stats=relay_pb2.RelayStats(wire_bytes=wire))
 
@@ -71,8 +75,7 @@ async def one_hop(cache: KVCache, codec_name: str, params: dict, decode: bool, w
 
             async def messages():
                 yield kv_pb2.KVMessage(setup=kv_pb2.HopSetup(request_id="bench"))
-                encoder = HopEncoder(codec, workers=workers).frames(cache)
-                while (frame := await asyncio.to_thread(next, encoder, None)) is not None:
+                async for frame in ahead(HopEncoder(codec, workers=workers).frames(cache)):  # as the sender does
                     yield kv_pb2.KVMessage(frame=kv_pb2.KVFrame(frame=frame))
 
             started = time.perf_counter()
@@ -82,7 +85,6 @@ async def one_hop(cache: KVCache, codec_name: str, params: dict, decode: bool, w
         await server.stop(0)
 
 
-CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
 CEILING_SIZES = (64 << 10, 256 << 10, 1 << 20, 4 << 20)  # message sizes the bare stream is measured at
 
 

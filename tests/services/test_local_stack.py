@@ -60,7 +60,20 @@ def test_final_stats_account_for_bytes_tokens_flops_and_stages(stack, zoo_pair):
     assert stages >= {"prefill", "encode", "transfer", "transform", "decode", "first_token", "generate", "end_to_end"}
 
 
-def test_receiver_holds_layer_0_before_the_sender_sent_its_last_chunk(stack):
+def test_receiver_holds_layer_0_before_the_sender_sent_its_last_chunk(stack, monkeypatch):
+    """Layers stream: while the sender is still encoding later chunks, the receiver already holds layer 0.
+    The zoo's whole cache (~50 KB) fits in gRPC's flow-control window, so an overlapped sender would hand
+    it all over at once; each chunk costs 5 ms of encoding here, as a large cache's chunks do."""
+    from densecomm_core.hop import HopEncoder
+
+    encode = HopEncoder.chunk_parts
+
+    def slow_chunk_parts(self):
+        for parts in encode(self):
+            time.sleep(0.005)
+            yield parts
+
+    monkeypatch.setattr(HopEncoder, "chunk_parts", slow_chunk_parts)
     stats = run(collect(stack.relay_address, build_request(EXAMPLES[2].context, max_new_tokens=4)))[-1].stats
     assert stats.hops[0].chunks > 8  # chunk_tokens=4: many chunks per request
     assert 0 < stats.receiver_layer0_unix < stats.sender_last_chunk_unix
