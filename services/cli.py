@@ -180,9 +180,8 @@ def cmd_bench_codec(args: argparse.Namespace) -> int:
 
     torch_threads(args.workers)
     stand_in, big = bench.qwen3_4b_geometry(args.tokens)
-    bench.calibrate_stand_in(stand_in)
-    caches = {"zoo": bench.zoo_caches(), "qwen3-4b": (stand_in, [big])}
-    rows = [row for name, (model, cache) in caches.items() for row in bench.measure(name, model, cache, args.repeats, args.workers)]
+    caches = {"zoo": (*bench.zoo_caches(), bench.load_zoo_bases()), "qwen3-4b": (stand_in, [big], bench.calibrate_stand_in(stand_in))}
+    rows = [row for name, (model, cache, bases) in caches.items() for row in bench.measure(name, model, cache, args.repeats, args.workers, bases)]
     hops = tuple(sorted({int(h) for h in args.hops.split(",")}))
     if not set(hops) <= {0, 1}:
         raise SystemExit(f"--hops takes 0 (sender -> adapter), 1 (adapter -> receiver) or 0,1; got {args.hops!r}")
@@ -307,6 +306,7 @@ def cmd_bench_relay(args: argparse.Namespace) -> int:
     report: dict = {}
     cache = bench_codec.qwen3_4b_geometry_cache(args.tokens)
     report["hop"] = bench.hop_table(cache, args.repeats, args.workers)
+    report["ceiling"] = bench.ceiling_table(cache.nbytes, args.repeats)
     root = bench.temporary_route_dir()
     try:
         big = bench.qwen3_4b_route(root)
@@ -321,9 +321,7 @@ def cmd_bench_relay(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(f"1. one loopback gRPC hop, {cache.nbytes / 1e6:.1f} MB Qwen3-4B-geometry cache (MB/s of raw KV, best of {args.repeats})\n")
-    print(f"{'path':32s} {'codec':12s} {'wire MB':>8s} {'MB/s':>8s}")
-    for row in report["hop"]:
-        print(f"{row['path']:32s} {row['codec']:12s} {row['wire_mb']:8.2f} {row['mb_s']:8.0f}")
+    print(bench.render_hop(report["hop"], report["ceiling"]))
     print(f"\n2. Relay end to end on the zoo ({report['hosting']}, {args.requests} requests per level, lossless codec)\n")
     print(f"{'concurrency':>11s} {'p50 ms':>8s} {'p99 ms':>8s} {'mean ms':>8s} {'req/s':>7s}")
     for row in report["latency"]:

@@ -7,7 +7,11 @@
     ReceiverServicer.Generate  assemble the cache as chunks arrive, generate, stream tokens + stats
 
 KV flows forward in client streams; token events and the final stats flow back along the same calls.
-Every downstream call carries a deadline; model work runs in worker threads so the event loop stays free.
+Moving a cache across a hop is ``densecomm_core.hop`` (HopEncoder / HopDecoder); each hop's sending end
+reports it in the stream's ``StreamDone``, and the receiver assembles the final stats once from those
+reports (``final_stats``). Every downstream call carries a deadline; model work runs in worker threads
+so the event loop stays free. ``Servicer.build(config, metrics, downstream)`` loads what a service
+holds; ``close()`` releases its downstream channels.
 """
 
 from __future__ import annotations
@@ -22,18 +26,16 @@ import grpc
 import torch
 
 from densecomm_core.codec.base import DecodeLimits
-from densecomm_core.codec.wire import StreamDecoder, iter_encode
-from densecomm_core.errors import GeometryMismatchError
 from densecomm_core.generation import GenerationConfig
+from densecomm_core.hop import HopDecoder, HopEncoder, HopReport
 from densecomm_core.relay import (
     ContextMode,
     PromptFormat,
     receiver_generate,
     sender_prefill,
 )
-from densecomm_core.rope import restore_rope, strip_rope
 from densecomm_core.streaming import StreamingAdapter
-from services import limits, protos, security
+from services import limits, protos, runtime, security
 from services.config import ServeConfig
 from services.errors import DownstreamError, RequestError, RouteNotFound, status_for
 from services.metrics import ServiceMetrics
@@ -43,7 +45,6 @@ from services.runtime import (
     pick,
     receiver_codec_for,
     render_input,
-    route_bases,
     route_name,
     validate_request,
 )
@@ -124,12 +125,52 @@ def cache_failure_policy(request, config: ServeConfig) -> str:
         return config.on_cache_failure
 
 
+def receiver_prompt(request, text_only: bool) -> str:
+    """The receiver's prompt: after a cache (by mode), or X itself on the text path."""
+    if text_only:
+        return FORMAT.with_input.format(context=context_text(request))
+    mode = mode_of(request)
+    return request.receiver_prompt if (mode is ContextMode.AWARE and request.receiver_prompt) else FORMAT.receiver_prompt(mode, context_text(request))
+
+
 def mode_of(request) -> ContextMode:
     return ContextMode.AWARE if request.mode == relay_pb2.CONTEXT_MODE_AWARE else ContextMode.UNAWARE
 
 
 def latency(stats, stage: str, seconds: float) -> None:
     stats.latencies.add(stage=stage, seconds=seconds)
+
+
+def hop_bytes(hop: str, report: HopReport):
+    return relay_pb2.HopBytes(hop=hop, raw_bytes=report.raw_bytes, wire_bytes=report.wire_bytes, chunks=report.chunks,
+                              codec=report.codec, transport=report.transport)
+
+
+def final_stats(route: str, done, received: HopReport, out, receiver_params: int, layer0_unix: float, stages: dict):
+    """The Relay's stats, assembled once from the hops' reports (``done``: what the adapter forwarded; None
+    when a client fed the receiver directly) and the receiver's own counts and stages."""
+    hops = list(done.hops) if done is not None else []
+    if len(hops) < 2:  # no sending end reported the last hop: the receiving end's view of it
+        hops.append(hop_bytes("adapter->receiver", received))
+    first = hops[0]
+    tokens = done.prefill_tokens if done is not None else 0
+    r_tokens = out.counts.receiver_prefill + out.counts.receiver_decode
+    stats = relay_pb2.RelayStats(
+        route=route, codec=first.codec, hops=hops, raw_bytes=first.raw_bytes, wire_bytes=first.wire_bytes,
+        compression_ratio=first.raw_bytes / first.wire_bytes if first.wire_bytes else 0.0,
+        sender_prefill_tokens=tokens, sender_decode_tokens=0,
+        receiver_prefill_tokens=out.counts.receiver_prefill, receiver_decode_tokens=out.counts.receiver_decode,
+        sender_flops=done.sender_flops if done is not None else 0.0, adapter_flops=done.adapter_flops if done is not None else 0.0,
+        receiver_flops=2.0 * receiver_params * r_tokens, receiver_layer0_unix=layer0_unix,
+        sender_last_chunk_unix=done.last_chunk_unix if done is not None else 0.0, text=out.texts[0],
+        latencies=list(done.latencies) if done is not None else [],
+    )
+    # Text-to-text: the sender decodes a message as long as X (2·N_s per token: its prefill FLOPs again),
+    # the receiver re-reads it with its own prompt and decodes the same answer (paper appendix B.1).
+    stats.t2t_flops = 2.0 * stats.sender_flops + 2.0 * receiver_params * (tokens + r_tokens)
+    for stage, seconds in stages.items():
+        latency(stats, stage, seconds)
+    return stats
 
 
 async def drain(requests) -> None:
@@ -139,6 +180,63 @@ async def drain(requests) -> None:
             pass
     except Exception:
         pass
+
+
+_END = object()
+
+
+async def ahead(iterator, depth: int = 2):
+    """Yield a blocking iterator's items, each computed in a worker thread while the consumer still handles
+    the previous ones (up to ``depth`` ahead): encoding chunk i+1 overlaps sending chunk i."""
+    queue: asyncio.Queue = asyncio.Queue(depth)
+
+    async def produce() -> None:
+        try:
+            while (item := await asyncio.to_thread(next, iterator, _END)) is not _END:
+                await queue.put((item, None))
+            await queue.put((_END, None))
+        except Exception as exc:  # handed to the consumer, which raises it in its own context
+            await queue.put((_END, exc))
+
+    task = asyncio.create_task(produce())
+    try:
+        while True:
+            item, error = await queue.get()
+            if error is not None:
+                raise error
+            if item is _END:
+                return
+            yield item
+    finally:
+        task.cancel()
+
+
+class OverlappedDecode:
+    """Feed frames to a decoder in a worker thread while the next message is being received: ``submit``
+    starts decoding one frame after the previous one finished; ``drain`` waits for the last."""
+
+    def __init__(self, feed, on_event=None) -> None:
+        self.feed, self.on_event = feed, on_event
+        self.pending: asyncio.Future | None = None
+
+    def _feed(self, frame):
+        event = self.feed(frame)
+        if self.on_event is not None:  # in the worker thread, the moment the frame is decoded
+            self.on_event(event)
+        return event
+
+    async def submit(self, frame) -> None:
+        await self.drain()
+        self.pending = asyncio.ensure_future(asyncio.to_thread(self._feed, frame))
+
+    async def drain(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            await pending
+
+    def cancel(self) -> None:
+        if self.pending is not None:
+            self.pending.cancel()
 
 
 async def read_setup(messages):
@@ -163,8 +261,17 @@ async def relay_events(call, on_stats=None):
 class ServicerBase:
     service = ""
 
-    def __init__(self, config: ServeConfig, metrics: ServiceMetrics) -> None:
-        self.config, self.metrics = config, metrics
+    def __init__(self, config: ServeConfig, metrics: ServiceMetrics, downstream: Downstream | None = None) -> None:
+        self.config, self.metrics, self.downstream = config, metrics, downstream
+
+    async def close(self) -> None:
+        """Release what the servicer holds (its downstream channels)."""
+        if self.downstream is not None:
+            await self.downstream.close()
+
+    @property
+    def limits(self) -> DecodeLimits:
+        return DecodeLimits(max_raw_bytes=self.config.max_cache_bytes)
 
     async def guarded(self, context, route: str, body, requests=None):
         """Run an event stream; count it; turn any exception into the mapped gRPC status (never crash).
@@ -197,9 +304,13 @@ class ServicerBase:
 class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
     service = "receiver"
 
-    def __init__(self, config, metrics, routes) -> None:
+    def __init__(self, config, metrics, routes: dict[str, runtime.ModelRoute]) -> None:
         super().__init__(config, metrics)
         self.routes = routes
+
+    @classmethod
+    def build(cls, config: ServeConfig, metrics: ServiceMetrics, downstream: Downstream | None = None) -> ReceiverServicer:
+        return cls(config, metrics, runtime.load_receiver_routes(config))
 
     async def Generate(self, request_iterator, context):
         async for event in self.guarded(context, "-", self._generate(request_iterator), request_iterator):
@@ -208,52 +319,42 @@ class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
     async def _generate(self, messages):
         first = await read_setup(messages)
         request = first.setup.request
-        name, receiver = pick(self.routes, request, self.config)
-        if first.setup.text_only:  # on_cache_failure = text: no cache, the receiver reads X itself
-            async for event in self._generate_from(name, receiver, request, None, None, 0.0, 0.0, 0.0):
-                yield event
-            return
-        decoder = StreamDecoder(DecodeLimits(max_raw_bytes=limits.RouteLimits.for_route(self.config, name).max_cache_bytes))
+        name, route = pick(self.routes, request, self.config)
+        receiver = route.model
+        route_limits = limits.RouteLimits.for_route(self.config, name)
+        decoder = HopDecoder(receiver, route.bases, DecodeLimits(max_raw_bytes=route_limits.max_cache_bytes), device=receiver.model.device)
         started = time.perf_counter()
-        layer0_unix = 0.0
+        layer0_unix = [0.0]
         done = None
-        decode_s = 0.0
-        async for message in messages:
-            kind = message.WhichOneof("message")
-            if kind == "frame":
-                t = time.perf_counter()
-                event = await asyncio.to_thread(decoder.feed, message.frame.frame)
-                decode_s += time.perf_counter() - t
-                if event is not None and event.layer == 0 and event.layer_complete:
-                    layer0_unix = time.time()
-            elif kind == "done":
-                done = message.done
-            else:
-                raise RequestError(f"unexpected {kind} message inside a KV stream")
-        cache = decoder.finish()
-        transfer_s = time.perf_counter() - started
-        if cache.fingerprint != receiver.geometry.fingerprint():
-            raise GeometryMismatchError(f"received a cache for {cache.fingerprint}, this receiver is {receiver.geometry.fingerprint()}")
-        if not cache.rope_applied:  # shipped RoPE-stripped (the hop's codec codes stripped keys)
-            cache = restore_rope(cache, receiver)
-        cache = cache.to(dtype=receiver.dtype, device=receiver.model.device)
-        async for event in self._generate_from(name, receiver, request, cache, decoder, decode_s,
-                                               transfer_s, layer0_unix, done):
-            yield event
+        text_only = first.setup.text_only  # on_cache_failure = text: no cache, the receiver reads X itself
 
-    async def _generate_from(self, name, receiver, request, cache, decoder, decode_s, transfer_s, layer0_unix, done=None):
-        """Generate after ``cache`` (None: the text path, X in the prompt) and stream tokens, then stats."""
-        mode = mode_of(request)
-        if cache is None:
-            prompt = FORMAT.with_input.format(context=context_text(request))
-        else:
-            prompt = request.receiver_prompt if (mode is ContextMode.AWARE and request.receiver_prompt) else FORMAT.receiver_prompt(mode, context_text(request))
+        def on_event(event) -> None:
+            if event is not None and event.layer == 0 and event.layer_complete:
+                layer0_unix[0] = time.time()
+
+        decoding = OverlappedDecode(decoder.feed, on_event)  # decode frame i while frame i+1 arrives
+        try:
+            async for message in messages:
+                kind = message.WhichOneof("message")
+                if kind == "frame":
+                    await decoding.submit(message.frame.frame)
+                elif kind == "done":
+                    done = message.done
+                else:
+                    raise RequestError(f"unexpected {kind} message inside a KV stream")
+            await decoding.drain()
+        finally:
+            decoding.cancel()
+        # the receiver's space, RoPE, dtype and device
+        cache = None if text_only else await asyncio.to_thread(decoder.finish)
+        transfer_s = time.perf_counter() - started
+        prompt = receiver_prompt(request, text_only)
         g = request.generation
         config = GenerationConfig(max_new_tokens=g.max_new_tokens or self.config.default_max_new_tokens,
                                   temperature=g.temperature, top_p=g.top_p or 1.0, seed=g.seed)
         prompt_tokens = len(receiver.tokenizer(prompt, add_special_tokens=cache is None)["input_ids"])
         limits.check_window(int(cache.next_positions.max()) if cache is not None else 0, prompt_tokens, config.max_new_tokens,
-                            limits.RouteLimits.for_route(self.config, name).receiver_window, name)
+                            route_limits.receiver_window, name)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         eos = receiver.tokenizer.eos_token_id
@@ -283,19 +384,16 @@ class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
         finally:
             stop.set()  # the caller went away (or we are done): the generation thread stops at its next step
             task.cancel()
-        generate_s = time.perf_counter() - gen_started
-        n_r = receiver.non_embedding_params
-        stats = relay_pb2.RelayStats(
-            route=name, receiver_prefill_tokens=out.counts.receiver_prefill, receiver_decode_tokens=out.counts.receiver_decode,
-            receiver_flops=2.0 * n_r * (out.counts.receiver_prefill + out.counts.receiver_decode),
-            receiver_layer0_unix=layer0_unix, text=out.texts[0], served_by="cache" if cache is not None else "text",
-        )
-        if done is not None and decoder is not None:
-            stats.hops.add(hop="adapter->receiver", raw_bytes=done.raw_bytes, wire_bytes=decoder.wire_bytes, chunks=done.chunks,
-                           codec=decoder.header.codec if decoder.header else "")
-            self.metrics.observe_hop("adapter->receiver", done.raw_bytes, decoder.wire_bytes, done.chunks)
-        for stage, seconds in (("decode", decode_s), ("transfer", transfer_s), ("first_token", first_token_s[0]), ("generate", generate_s)):
-            latency(stats, stage, seconds)
+        stages = {"decode": decoder.report.decode_s, "transfer": transfer_s, "first_token": first_token_s[0],
+                  "generate": time.perf_counter() - gen_started}
+        stats = final_stats(name, done, decoder.report, out, receiver.non_embedding_params, layer0_unix[0], stages)
+        stats.served_by = "text" if text_only else "cache"
+        if text_only:  # no KV crossed a hop
+            del stats.hops[:]
+        else:
+            last = stats.hops[-1]
+            self.metrics.observe_hop(last.hop, last.raw_bytes, last.wire_bytes, last.chunks)
+        for stage, seconds in stages.items():
             self.metrics.observe_stage(stage, seconds)
         self.metrics.tokens.labels(self.service, "receiver", "prefill").inc(out.counts.receiver_prefill)
         self.metrics.tokens.labels(self.service, "receiver", "decode").inc(out.counts.receiver_decode)
@@ -306,9 +404,13 @@ class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
 class AdapterServicer(ServicerBase, kv_pb2_grpc.AdapterServicer):
     service = "adapter"
 
-    def __init__(self, config, metrics, routes, receivers: Downstream) -> None:
-        super().__init__(config, metrics)
+    def __init__(self, config, metrics, routes: dict[str, runtime.AdapterRoute], receivers: Downstream) -> None:
+        super().__init__(config, metrics, receivers)
         self.routes, self.receivers = routes, receivers
+
+    @classmethod
+    def build(cls, config: ServeConfig, metrics: ServiceMetrics, downstream: Downstream | None = None) -> AdapterServicer:
+        return cls(config, metrics, runtime.load_adapter_routes(config), downstream)
 
     async def Transform(self, request_iterator, context):
         async for event in self.guarded(context, "-", self._transform(request_iterator, context), request_iterator):
@@ -320,27 +422,32 @@ class AdapterServicer(ServicerBase, kv_pb2_grpc.AdapterServicer):
         _, route = pick(self.routes, request, self.config)
         codec = receiver_codec_for(request, self.config)
         streaming = StreamingAdapter(route.adapter, route.sender, route.receiver, codec,
-                                     self.config.chunk_tokens or None, DecodeLimits(max_raw_bytes=self.config.max_cache_bytes),
-                                     route.bases)
+                                     self.config.chunk_tokens or None, self.limits, route.bases)
         outgoing: asyncio.Queue = asyncio.Queue()
-        state = {"sender_done": None, "chunks_out": 0, "wire_out": 0, "error": None}
+        state = {"error": None}
 
         async def pump() -> None:
             try:
+                upstream = None
                 async for message in messages:
                     kind = message.WhichOneof("message")
                     if kind == "frame":
                         for frame in await asyncio.to_thread(streaming.feed, message.frame.frame):
-                            if frame[:4] == b"DCCH":
-                                state["chunks_out"] += 1
-                            state["wire_out"] += len(frame)
                             await outgoing.put(kv_pb2.KVMessage(frame=kv_pb2.KVFrame(frame=frame)))
                     elif kind == "done":
-                        state["sender_done"] = message.done
+                        upstream = message.done
                     else:
                         raise RequestError(f"unexpected {kind} message inside a KV stream")
                 streaming.finish()
-                await outgoing.put(kv_pb2.KVMessage(done=kv_pb2.StreamDone(raw_bytes=streaming.raw_bytes_out, chunks=state["chunks_out"])))
+                done = kv_pb2.StreamDone()
+                if upstream is not None:
+                    done.CopyFrom(upstream)
+                done.hops.append(hop_bytes("adapter->receiver", streaming.output_report))
+                done.latencies.add(stage="transform", seconds=streaming.transform_seconds)
+                done.adapter_flops = float(route.flops_per_token * done.prefill_tokens)
+                self.metrics.observe_stage("transform", streaming.transform_seconds)
+                self.metrics.flops.labels(self.service, "adapter").inc(done.adapter_flops)
+                await outgoing.put(kv_pb2.KVMessage(done=done))
             except Exception as exc:
                 state["error"] = exc
             finally:
@@ -356,18 +463,8 @@ class AdapterServicer(ServicerBase, kv_pb2_grpc.AdapterServicer):
         stub = await self.receivers.stub()  # before reading on: a dead receiver fails fast and cleanly
         pump_task = asyncio.create_task(pump())
         call = stub.Generate(forward(), timeout=hop_timeout(context, self.config))
-
-        def on_stats(stats) -> None:
-            done = state["sender_done"]
-            stats.adapter_flops = float(route.flops_per_token * (done.prefill_tokens if done else 0))
-            latency(stats, "transform", streaming.transform_seconds)
-            self.metrics.observe_stage("transform", streaming.transform_seconds)
-            self.metrics.flops.labels(self.service, "adapter").inc(stats.adapter_flops)
-            if done is not None:
-                stats.sender_last_chunk_unix = done.last_chunk_unix
-
         try:
-            async for event in relay_events(call, on_stats):
+            async for event in relay_events(call):
                 yield event
         except DownstreamError:
             if state["error"] is not None:  # our input broke first: that is the precise cause
@@ -385,9 +482,13 @@ class AdapterServicer(ServicerBase, kv_pb2_grpc.AdapterServicer):
 class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
     service = "sender"
 
-    def __init__(self, config, metrics, routes, adapters: Downstream) -> None:
-        super().__init__(config, metrics)
+    def __init__(self, config, metrics, routes: dict[str, runtime.ModelRoute], adapters: Downstream) -> None:
+        super().__init__(config, metrics, adapters)
         self.routes, self.adapters = routes, adapters
+
+    @classmethod
+    def build(cls, config: ServeConfig, metrics: ServiceMetrics, downstream: Downstream | None = None) -> SenderServicer:
+        return cls(config, metrics, runtime.load_sender_routes(config), downstream)
 
     async def Prefill(self, request, context):
         async for event in self.guarded(context, route_name(request.request, self.config), self._prefill(request, context)):
@@ -397,11 +498,8 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
         """Every limit that the input can break, before any model work: bytes, tokens, the receiver's
         window, the cache's bytes (tokens x the sender's KV bytes per token)."""
         route_limits = limits.RouteLimits.for_route(self.config, name)
-        limits.check_input_bytes(request, route_limits)
         tokens = len(sender.tokenizer(text, add_special_tokens=True)["input_ids"])
-        mode = mode_of(request)
-        prompt = request.receiver_prompt if (mode is ContextMode.AWARE and request.receiver_prompt) else FORMAT.receiver_prompt(mode, context_text(request))
-        prompt_tokens = len(sender.tokenizer(prompt, add_special_tokens=False)["input_ids"])  # the route's tokenizer is shared
+        prompt_tokens = len(sender.tokenizer(receiver_prompt(request, False), add_special_tokens=False)["input_ids"])  # shared tokenizer
         max_new = request.generation.max_new_tokens or self.config.default_max_new_tokens
         limits.check_tokens(tokens, prompt_tokens, max_new, route_limits)
         g = sender.geometry
@@ -410,63 +508,38 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
     async def _prefill(self, setup, context=None):
         request = setup.request
         validate_request(request, self.config, relay_pb2)
-        name, sender = pick(self.routes, request, self.config)
-        codec = codec_for(request.codec, self.config)
+        name, route = pick(self.routes, request, self.config)
+        sender = route.model
+        encoder = HopEncoder(codec_for(request.codec, self.config), route.bases, sender, self.config.chunk_tokens or None)
         limits.check_input_bytes(request, limits.RouteLimits.for_route(self.config, name))  # before rendering a huge X
         text = render_input(request, sender.tokenizer, FORMAT)
         self.check_limits(name, sender, request, text)
         t = time.perf_counter()
         cache = await in_thread(threading.Event(), sender_prefill, sender, [text], chunk_tokens=self.config.prefill_chunk_tokens)
-        if codec.strips_rope:  # the codec codes RoPE-stripped keys; the adapter reads the header's rope_applied
-            cache = strip_rope(cache, sender).to(dtype=cache.dtype)
-        codec = codec.bind(cache.fingerprint, cache.rope_applied, route_bases(name))
         prefill_s = time.perf_counter() - t
         tokens = int(cache.lengths.sum())
-        raw_bytes = cache.nbytes
-        info = {"wire": 0, "chunks": 0, "encode_s": 0.0, "last_unix": 0.0}
+        header = await asyncio.to_thread(encoder.start, cache)  # strip RoPE, bind the bases: fails before the call
+        sender_flops = 2.0 * sender.non_embedding_params * tokens
 
         async def frames():
             yield kv_pb2.KVMessage(setup=setup)
-            encoder = iter_encode(cache, codec, self.config.chunk_tokens or None)
-            while True:
-                t = time.perf_counter()
-                frame = await asyncio.to_thread(next, encoder, None)
-                info["encode_s"] += time.perf_counter() - t
-                if frame is None:
-                    break
-                info["wire"] += len(frame)
-                info["chunks"] += frame[:4] == b"DCCH"
+            yield kv_pb2.KVMessage(frame=kv_pb2.KVFrame(frame=header))
+            async for frame in ahead(encoder.chunks()):  # chunk i+1 is encoded while chunk i is sent
                 yield kv_pb2.KVMessage(frame=kv_pb2.KVFrame(frame=frame))
-            info["last_unix"] = time.time()
-            yield kv_pb2.KVMessage(done=kv_pb2.StreamDone(
-                last_chunk_unix=info["last_unix"], prefill_tokens=tokens, raw_bytes=raw_bytes, wire_bytes=info["wire"],
-                chunks=info["chunks"], prefill_seconds=prefill_s, encode_seconds=info["encode_s"]))
-
-        n_s = sender.non_embedding_params
-
-        def on_stats(stats) -> None:
-            stats.codec = codec.name
-            stats.raw_bytes, stats.wire_bytes = raw_bytes, info["wire"]
-            stats.compression_ratio = raw_bytes / info["wire"] if info["wire"] else 0.0
-            stats.hops.insert(0, relay_pb2.HopBytes(hop="sender->adapter", raw_bytes=raw_bytes, wire_bytes=info["wire"], chunks=info["chunks"],
-                                                        codec=codec.name))
-            stats.sender_prefill_tokens, stats.sender_decode_tokens = tokens, 0
-            stats.sender_flops = 2.0 * n_s * tokens
-            stats.sender_last_chunk_unix = info["last_unix"]
-            # Text-to-text: the sender decodes a message as long as X, the receiver re-reads it with its
-            # own prompt and decodes the same answer (paper appendix B.1's recipe, message length assumed).
-            n_r = stats.receiver_flops / max(1, stats.receiver_prefill_tokens + stats.receiver_decode_tokens) / 2
-            stats.t2t_flops = 2.0 * n_s * 2 * tokens + 2.0 * n_r * (tokens + stats.receiver_prefill_tokens + stats.receiver_decode_tokens)
-            latency(stats, "prefill", prefill_s)
-            latency(stats, "encode", info["encode_s"])
+            report = encoder.report
+            done = kv_pb2.StreamDone(last_chunk_unix=time.time(), prefill_tokens=tokens, sender_flops=sender_flops,
+                                     hops=[hop_bytes("sender->adapter", report)])
+            done.latencies.add(stage="prefill", seconds=prefill_s)
+            done.latencies.add(stage="encode", seconds=report.encode_s)
             self.metrics.observe_stage("prefill", prefill_s)
-            self.metrics.observe_stage("encode", info["encode_s"])
-            self.metrics.observe_hop("sender->adapter", raw_bytes, info["wire"], info["chunks"])
+            self.metrics.observe_stage("encode", report.encode_s)
+            self.metrics.observe_hop("sender->adapter", report.raw_bytes, report.wire_bytes, report.chunks)
             self.metrics.tokens.labels(self.service, "sender", "prefill").inc(tokens)
-            self.metrics.flops.labels(self.service, "sender").inc(stats.sender_flops)
+            self.metrics.flops.labels(self.service, "sender").inc(sender_flops)
+            yield kv_pb2.KVMessage(done=done)
 
         call = (await self.adapters.stub()).Transform(frames(), timeout=hop_timeout(context, self.config))
-        async for event in relay_events(call, on_stats):
+        async for event in relay_events(call):
             yield event
 
 
@@ -474,16 +547,26 @@ class RelayServicer(ServicerBase, relay_pb2_grpc.RelayServicer):
     service = "relay"
 
     def __init__(self, config, metrics, senders: Downstream, receivers: Downstream | None = None) -> None:
-        super().__init__(config, metrics)
+        super().__init__(config, metrics, senders)
         self.senders = senders
         self.receivers = receivers  # the text path of on_cache_failure = text (None: not wired)
+
+    @classmethod
+    def build(cls, config: ServeConfig, metrics: ServiceMetrics, downstream: Downstream | None = None,
+              receivers: Downstream | None = None) -> RelayServicer:
+        return cls(config, metrics, downstream, receivers)
+
+    async def close(self) -> None:
+        await super().close()
+        if self.receivers is not None:
+            await self.receivers.close()
 
     async def Relay(self, request, context):
         async for event in self.guarded(context, route_name(request, self.config), self._relay(request, context)):
             yield event
 
     async def _relay(self, request, context):
-        validate_request(request, self.config, relay_pb2)
+        validate_request(request, self.config, relay_pb2)  # needs no model and no bases: any replica of the ingress
         names = [r.name for r in self.config.all_routes()]
         if route_name(request, self.config) not in names:
             raise RouteNotFound(f"unknown route {route_name(request, self.config)!r}; known routes: {names}")
@@ -492,7 +575,7 @@ class RelayServicer(ServicerBase, relay_pb2_grpc.RelayServicer):
         setup = kv_pb2.HopSetup(request_id=uuid.uuid4().hex, request=request)
         reason = ""
 
-        def on_stats(stats) -> None:
+        def on_stats(stats) -> None:  # the one stage only the ingress can measure
             e2e = time.perf_counter() - started
             latency(stats, "end_to_end", e2e)
             self.metrics.observe_stage("end_to_end", e2e)

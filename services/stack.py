@@ -4,6 +4,7 @@
                                             holds one; LocalStack holds four)
     LocalStack(config)                      receiver, adapter, sender and relay in this process
     RayStack(config)                        the same four as Ray actors with their own resources
+    SERVICE_KINDS                           the one table of service kinds (proto service, servicer, downstream)
 Both stacks expose ``relay_address`` and ``metrics_ports`` and shut down cleanly.
 """
 
@@ -12,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -24,39 +27,47 @@ from services.limits import Admission
 from services.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
-KINDS = ("receiver", "adapter", "sender", "relay")  # start order: downstream first
 relay_pb2, relay_pb2_grpc, kv_pb2, kv_pb2_grpc = protos.load()
-SERVICE_NAMES = {
-    "relay": relay_pb2.DESCRIPTOR.services_by_name["Relay"].full_name,
-    "sender": kv_pb2.DESCRIPTOR.services_by_name["Sender"].full_name,
-    "adapter": kv_pb2.DESCRIPTOR.services_by_name["Adapter"].full_name,
-    "receiver": kv_pb2.DESCRIPTOR.services_by_name["Receiver"].full_name,
-}
+
+
+@dataclass(frozen=True)
+class ServiceKind:
+    """One kind of service: its gRPC service, how to add a servicer to a server, how to call it, which
+    servicer class implements it (``services.servicers``) and which kind it calls next."""
+
+    name: str
+    proto_service: str  # full name, for health checking and reflection
+    add_to_server: Callable  # (servicer, server) -> None
+    stub: Callable  # channel -> a client stub of this service
+    servicer: str  # class name in services.servicers
+    downstream: str | None  # the kind this one calls, None for the last
+
+
+SERVICE_KINDS: dict[str, ServiceKind] = {kind.name: kind for kind in (  # start order: downstream first
+    ServiceKind("receiver", kv_pb2.DESCRIPTOR.services_by_name["Receiver"].full_name, kv_pb2_grpc.add_ReceiverServicer_to_server,
+                kv_pb2_grpc.ReceiverStub, "ReceiverServicer", None),
+    ServiceKind("adapter", kv_pb2.DESCRIPTOR.services_by_name["Adapter"].full_name, kv_pb2_grpc.add_AdapterServicer_to_server,
+                kv_pb2_grpc.AdapterStub, "AdapterServicer", "receiver"),
+    ServiceKind("sender", kv_pb2.DESCRIPTOR.services_by_name["Sender"].full_name, kv_pb2_grpc.add_SenderServicer_to_server,
+                kv_pb2_grpc.SenderStub, "SenderServicer", "adapter"),
+    ServiceKind("relay", relay_pb2.DESCRIPTOR.services_by_name["Relay"].full_name, relay_pb2_grpc.add_RelayServicer_to_server,
+                relay_pb2_grpc.RelayStub, "RelayServicer", "sender"),
+)}
+KINDS = tuple(SERVICE_KINDS)
 
 
 def make_servicer(kind: str, config: ServeConfig, metrics: ServiceMetrics, downstream: list[str], receivers: list[str] = ()):
-    from services import runtime, servicers
+    """The servicer of ``kind`` with what it loads (routes, bases) and a channel to each downstream replica
+    (``receivers``: the relay's direct line to the receivers, for on_cache_failure = text)."""
+    from services import servicers
 
-    if kind == "receiver":
-        return servicers.ReceiverServicer(config, metrics, runtime.load_receiver_routes(config))
-    if kind == "adapter":
-        return servicers.AdapterServicer(config, metrics, runtime.load_adapter_routes(config),
-                                         servicers.Downstream(downstream, kv_pb2_grpc.ReceiverStub, config))
-    if kind == "sender":
-        return servicers.SenderServicer(config, metrics, runtime.load_sender_routes(config),
-                                        servicers.Downstream(downstream, kv_pb2_grpc.AdapterStub, config))
-    if kind == "relay":
-        return servicers.RelayServicer(config, metrics, servicers.Downstream(downstream, kv_pb2_grpc.SenderStub, config),
-                                       servicers.Downstream(receivers, kv_pb2_grpc.ReceiverStub, config) if receivers else None)
-    raise ValueError(f"unknown service kind {kind!r}; expected one of {KINDS}")
-
-
-ADD_SERVICER = {
-    "relay": lambda s, srv: relay_pb2_grpc.add_RelayServicer_to_server(s, srv),
-    "sender": lambda s, srv: kv_pb2_grpc.add_SenderServicer_to_server(s, srv),
-    "adapter": lambda s, srv: kv_pb2_grpc.add_AdapterServicer_to_server(s, srv),
-    "receiver": lambda s, srv: kv_pb2_grpc.add_ReceiverServicer_to_server(s, srv),
-}
+    if kind not in SERVICE_KINDS:
+        raise ValueError(f"unknown service kind {kind!r}; expected one of {KINDS}")
+    spec = SERVICE_KINDS[kind]
+    channels = servicers.Downstream(downstream, SERVICE_KINDS[spec.downstream].stub, config) if spec.downstream else None
+    if kind == "relay" and receivers:
+        return servicers.RelayServicer.build(config, metrics, channels, servicers.Downstream(receivers, SERVICE_KINDS["receiver"].stub, config))
+    return getattr(servicers, spec.servicer).build(config, metrics, channels)
 
 
 def metrics_port_for(config: ServeConfig, kind: str, replica: int) -> int:
@@ -82,6 +93,7 @@ class ServiceHost:
         self.thread = threading.Thread(target=self.loop.run_forever, name=f"densecomm-{kind}", daemon=True)
         self.thread.start()
         self.server: grpc.aio.Server | None = None
+        self.servicer = None
         self.run(self._start())
 
     def run(self, coroutine, timeout: float | None = 600):
@@ -97,13 +109,14 @@ class ServiceHost:
         self.admission = Admission(self.kind, self.config.max_in_flight, refused)
         interceptors = [*security.server_interceptors(self.kind, self.config, refused), self.admission]
         server = grpc.aio.server(futures.ThreadPoolExecutor(max_workers=4), options=options, interceptors=interceptors)
-        ADD_SERVICER[self.kind](servicer, server)
+        spec = SERVICE_KINDS[self.kind]
+        spec.add_to_server(servicer, server)
         health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection((SERVICE_NAMES[self.kind], health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        reflection.enable_server_reflection((spec.proto_service, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         self.port = security.add_port(server, f"{self.bind_host}:{self.port}", self.kind, self.config)
         await server.start()
-        for name in ("", SERVICE_NAMES[self.kind]):
+        for name in ("", spec.proto_service):
             result = health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
             if asyncio.iscoroutine(result):
                 await result
@@ -118,7 +131,7 @@ class ServiceHost:
     async def drain(self, grace: float) -> int:
         """Graceful drain: health NOT_SERVING first, new calls UNAVAILABLE, admitted calls get up to
         ``grace`` s to finish; returns how many were still running (they are cancelled by the stop)."""
-        for name in ("", SERVICE_NAMES[self.kind]):
+        for name in ("", SERVICE_KINDS[self.kind].proto_service):
             result = self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
             if asyncio.iscoroutine(result):
                 await result
@@ -136,11 +149,8 @@ class ServiceHost:
                 if grace > 0:
                     await self.drain(grace)
                 await self.server.stop(0)
-            servicer = getattr(self, "servicer", None)
-            for name in ("receivers", "adapters", "senders"):
-                downstream = getattr(servicer, name, None)
-                if downstream is not None:
-                    await downstream.close()
+            if self.servicer is not None:
+                await self.servicer.close()
 
         try:
             self.run(_stop(), timeout=grace + 10)
