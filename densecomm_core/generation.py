@@ -1,4 +1,4 @@
-"""Decoding as a few small functions: ``forward_after_cache``, ``sample_next``, ``generate``.
+"""Decoding as a few small functions: ``prefill``, ``forward_after_cache``, ``sample_next``, ``generate``.
 
 Every call passes explicit ``position_ids`` and a 2-D attention mask that spans the past cache and the
 new tokens, so a prompt can continue after a transferred (possibly right-padded) cache at the right
@@ -11,6 +11,12 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
+
+from densecomm_core.errors import DenseCommError
+
+
+class GenerationStopped(DenseCommError):
+    """``should_stop()`` asked a prefill or a generation to stop (its caller went away)."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,33 @@ def forward_after_cache(
     return out.logits, out.past_key_values
 
 
+@torch.no_grad()
+def prefill(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    token_mask: torch.Tensor,
+    positions: torch.Tensor,
+    chunk_tokens: int = 0,
+    should_stop=None,
+) -> DynamicCache:
+    """Prefill right-padded ``input_ids`` (B, T) in pieces of ``chunk_tokens`` (0 = one piece); between
+    pieces ``should_stop()`` may end it with GenerationStopped, so a long prefill is abandoned quickly.
+
+    Causal attention makes the pieces' result the one-piece result: piece [s, e) attends to the cache of
+    [0, s) and itself through ``token_mask[:, :e]``; ``positions`` (B, T) are the logical positions.
+    """
+    cache = DynamicCache()
+    length = input_ids.shape[1]
+    step = chunk_tokens if chunk_tokens > 0 else length
+    for start in range(0, length, step):
+        if should_stop is not None and should_stop():
+            raise GenerationStopped(f"prefill stopped after {start} of {length} tokens")
+        end = min(length, start + step)
+        cache = model(input_ids=input_ids[:, start:end], attention_mask=token_mask[:, :end], position_ids=positions[:, start:end],
+                      past_key_values=cache, use_cache=True, logits_to_keep=1).past_key_values
+    return cache
+
+
 def sample_next(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
     """Pick the next token from last-position logits (B, vocab): greedy, or temperature + top-p."""
     if config.temperature == 0:
@@ -103,12 +136,14 @@ def generate(
     past_mask: torch.Tensor | None = None,
     on_token=None,
     past_next_positions: torch.Tensor | None = None,
+    should_stop=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode up to ``config.max_new_tokens`` after a left-padded prompt (and an optional past cache).
 
     Returns (tokens (B, n), lengths (B,)): tokens after a row's EOS are ``eos_token_id`` and lengths
     count generated tokens up to and including EOS. ``on_token(step, tokens (B,))`` is called as tokens
-    are produced, for streaming.
+    are produced, for streaming. ``should_stop()``, checked before every step, ends the loop with
+    GenerationStopped (the caller went away).
     """
     if input_ids.shape[1] == 0:
         raise ValueError("the receiver prompt must contain at least one token")
@@ -132,6 +167,8 @@ def generate(
         finished |= next_tokens == eos_token_id
         if bool(finished.all()) or step == config.max_new_tokens - 1:
             break
+        if should_stop is not None and should_stop():
+            raise GenerationStopped(f"generation stopped after {step + 1} tokens")
         positions = next_positions[:, None]
         next_positions = next_positions + 1
         mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long)], dim=1)

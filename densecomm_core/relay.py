@@ -21,7 +21,7 @@ import torch
 from densecomm_core.adapter import DenseAdapter
 from densecomm_core.cache import KVCache
 from densecomm_core.errors import GeometryMismatchError
-from densecomm_core.generation import GenerationConfig, generate
+from densecomm_core.generation import GenerationConfig, generate, prefill
 from densecomm_core.models import LoadedModel, RopeModel, check_shared_tokenizer
 from densecomm_core.rope import restore_rope, strip_rope
 
@@ -90,14 +90,15 @@ def decode_generated(tokenizer, tokens: torch.Tensor, lengths: torch.Tensor) -> 
 
 
 @torch.no_grad()
-def sender_prefill(sender: LoadedModel, texts: Sequence[str]) -> KVCache:
-    """Prefill the sender on ``texts`` (right-padded) and return its cache; the sender decodes nothing."""
+def sender_prefill(sender: LoadedModel, texts: Sequence[str], chunk_tokens: int = 0, should_stop=None) -> KVCache:
+    """Prefill the sender on ``texts`` (right-padded) and return its cache; the sender decodes nothing.
+    ``chunk_tokens`` / ``should_stop``: a prefill in pieces that a caller can abandon (``generation.prefill``)."""
     ids, mask = encode(sender.tokenizer, texts, "right", add_special_tokens=True)
     device = sender.model.device
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    out = sender.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    return KVCache.from_dynamic_cache(out.past_key_values, mask.bool(), positions, sender.geometry.fingerprint())
+    past = prefill(sender.model, ids, mask, positions, chunk_tokens, should_stop)
+    return KVCache.from_dynamic_cache(past, mask.bool(), positions, sender.geometry.fingerprint())
 
 
 def transform_cache(adapter: DenseAdapter, cache: KVCache, sender: RopeModel, receiver: RopeModel) -> KVCache:
@@ -113,6 +114,7 @@ def receiver_generate(
     prompts: Sequence[str],
     config: GenerationConfig,
     on_token=None,
+    should_stop=None,
 ) -> RelayOutput:
     """Generate after an optional receiver-space cache; prompts continue it without a new BOS."""
     tokenizer = receiver.tokenizer
@@ -126,7 +128,8 @@ def receiver_generate(
         past, past_mask, past_next = cache.to_dynamic_cache(), cache.mask, cache.next_positions
     else:
         past_next = None
-    tokens, lengths = generate(receiver.model, ids, mask, config, tokenizer.eos_token_id, past, past_mask, on_token, past_next)
+    tokens, lengths = generate(receiver.model, ids, mask, config, tokenizer.eos_token_id, past, past_mask, on_token, past_next,
+                               should_stop)
     texts = decode_generated(tokenizer, tokens, lengths)
     counts = TokenCounts(receiver_prefill=int(mask.sum()), receiver_decode=int(lengths.sum()))
     return RelayOutput(texts, tokens, lengths, counts)

@@ -6,7 +6,8 @@
     StreamingAdapter.finish()                check the input stream was complete
 
 Receiver layers go out in order l = 0, 1, ... as soon as their source layer is in, so the receiver can
-hold layer 0 while the sender is still sending later layers.
+hold layer 0 while the sender is still sending later layers. Both sides of the adapter are hops
+(``densecomm_core.hop``): ``input_report`` and ``output_report`` say what each carried.
 """
 
 from __future__ import annotations
@@ -17,14 +18,9 @@ import torch
 
 from densecomm_core.adapter import DenseAdapter
 from densecomm_core.codec.base import Codec, CodecError, DecodeLimits
-from densecomm_core.codec.wire import (
-    StreamDecoder,
-    WireHeader,
-    header_frame,
-    layer_frames,
-    stream_header,
-)
+from densecomm_core.codec.wire import WireHeader
 from densecomm_core.errors import CacheLayoutError, GeometryMismatchError
+from densecomm_core.hop import HopDecoder, HopEncoder, HopReport
 from densecomm_core.models import RopeModel
 from densecomm_core.rope import rotary_cos_sin, rotate_keys, unrotate_keys
 
@@ -38,16 +34,28 @@ class StreamingAdapter:
         codec: Codec,
         chunk_tokens: int | None = None,
         limits: DecodeLimits = DecodeLimits(),
-        bases: tuple[str, ...] | None = None,
+        bases=None,
     ) -> None:
+        """``bases``: the route's ``KVBases`` (the incoming stream's and the outgoing one's pca bases)."""
         self.adapter, self.sender, self.receiver = adapter, sender, receiver
-        self.codec, self.chunk_tokens, self.bases = codec, chunk_tokens, bases  # bases: pca candidates for the output
-        self.decoder = StreamDecoder(limits)
-        self.out_header: WireHeader | None = None
+        self.incoming = HopDecoder(sender, bases, limits)
+        self.outgoing = HopEncoder(codec, bases, receiver, chunk_tokens)
+        self.decoder = self.incoming.stream
         self.next_layer = 0  # next receiver layer to emit
-        self.raw_bytes_out = 0
         self.transform_seconds = 0.0
         self._cos_sin = None
+
+    @property
+    def input_report(self) -> HopReport:
+        return self.incoming.report
+
+    @property
+    def output_report(self) -> HopReport:
+        return self.outgoing.report
+
+    @property
+    def raw_bytes_out(self) -> int:
+        return self.outgoing.report.raw_bytes
 
     def _start(self, header: WireHeader) -> list[bytes]:
         s, r = self.sender.geometry, self.receiver.geometry
@@ -60,21 +68,17 @@ class StreamingAdapter:
         self._cos_sin = (rotary_cos_sin(self.sender, positions), rotary_cos_sin(self.receiver, positions))
         # Either side may travel RoPE-stripped (codecs that code stripped keys): the incoming header says
         # whether there is a rotation to remove; the outgoing codec says whether to apply the receiver's.
-        self.in_rotated, self.out_rotated = header.rope_applied, not self.codec.strips_rope
-        self.codec = self.codec.bind(r.fingerprint(), self.out_rotated, self.bases)
-        self.out_header = stream_header(
-            self.codec, self.receiver.dtype, [[r.num_kv_heads, r.head_dim, r.num_kv_heads, r.head_dim]] * r.num_layers,
-            header.lengths, header.positions, self.out_rotated, r.fingerprint(), self.chunk_tokens,
-        )
-        return [header_frame(self.out_header)]
+        self.in_rotated, self.out_rotated = header.rope_applied, not self.outgoing.codec.strips_rope
+        return [self.outgoing.begin(self.receiver.dtype, [[r.num_kv_heads, r.head_dim, r.num_kv_heads, r.head_dim]] * r.num_layers,
+                                    header.lengths, header.positions, self.out_rotated, r.fingerprint())]
 
     @torch.no_grad()
     def feed(self, frame: bytes) -> list[bytes]:
         """Consume one incoming frame; return the outgoing frames it made ready (possibly none)."""
         if self.decoder.header is None:
-            self.decoder.feed(frame)
+            self.incoming.feed(frame)
             return self._start(self.decoder.header)
-        event = self.decoder.feed(frame)
+        event = self.incoming.feed(frame)
         if not event.layer_complete:
             return []
         out: list[bytes] = []
@@ -93,13 +97,12 @@ class StreamingAdapter:
             k = k.to(self.receiver.dtype)
             v = v.to(self.receiver.dtype)
             self.transform_seconds += time.perf_counter() - started
-            self.raw_bytes_out += k.numel() * k.element_size() + v.numel() * v.element_size()
-            out.extend(layer_frames(self.out_header, self.codec, layer, k, v))
+            out.extend(self.outgoing.layer(layer, k, v))
             self.next_layer += 1
         return out
 
     def finish(self) -> None:
         """Raise the codec's MissingChunkError (etc.) unless every input chunk arrived and every layer went out."""
-        self.decoder.finish()
+        self.decoder.finish()  # the input's completeness (the adapter reads its layers as they come)
         if self.next_layer != len(self.adapter.config.layer_map):
             raise CodecError(f"only {self.next_layer} of {len(self.adapter.config.layer_map)} receiver layers were produced")

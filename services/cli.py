@@ -180,9 +180,8 @@ def cmd_bench_codec(args: argparse.Namespace) -> int:
 
     torch_threads(args.workers)
     stand_in, big = bench.qwen3_4b_geometry(args.tokens)
-    bench.calibrate_stand_in(stand_in)
-    caches = {"zoo": bench.zoo_caches(), "qwen3-4b": (stand_in, [big])}
-    rows = [row for name, (model, cache) in caches.items() for row in bench.measure(name, model, cache, args.repeats, args.workers)]
+    caches = {"zoo": (*bench.zoo_caches(), bench.load_zoo_bases()), "qwen3-4b": (stand_in, [big], bench.calibrate_stand_in(stand_in))}
+    rows = [row for name, (model, cache, bases) in caches.items() for row in bench.measure(name, model, cache, args.repeats, args.workers, bases)]
     hops = tuple(sorted({int(h) for h in args.hops.split(",")}))
     if not set(hops) <= {0, 1}:
         raise SystemExit(f"--hops takes 0 (sender -> adapter), 1 (adapter -> receiver) or 0,1; got {args.hops!r}")
@@ -227,13 +226,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_relay(args: argparse.Namespace) -> int:
     import asyncio
 
-    from services.client import relay_once
+    import os
 
+    from services.client import TLSOptions, relay_once
+
+    token = args.token or os.environ.get("DENSECOMM_TOKEN") or None
+    tls = TLSOptions(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name, enabled=args.tls)
     stats = asyncio.run(relay_once(
         args.address, args.text, mode=args.mode, route=args.route, codec=args.codec, codec_params=args.codec_params,
         receiver_codec=args.receiver_codec, receiver_codec_params=args.receiver_codec_params,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
         receiver_prompt=args.receiver_prompt, timeout=args.timeout, on_text=lambda t: print(t, end="", flush=True),
+        token=token, tls=tls, on_cache_failure=args.on_cache_failure,
     ))
     print()
     ratio = f"{stats.compression_ratio:.2f}x" if stats.compression_ratio else "-"
@@ -302,6 +306,7 @@ def cmd_bench_relay(args: argparse.Namespace) -> int:
     report: dict = {}
     cache = bench_codec.qwen3_4b_geometry_cache(args.tokens)
     report["hop"] = bench.hop_table(cache, args.repeats, args.workers)
+    report["ceiling"] = bench.ceiling_table(cache.nbytes, args.repeats)
     root = bench.temporary_route_dir()
     try:
         big = bench.qwen3_4b_route(root)
@@ -316,9 +321,7 @@ def cmd_bench_relay(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(f"1. one loopback gRPC hop, {cache.nbytes / 1e6:.1f} MB Qwen3-4B-geometry cache (MB/s of raw KV, best of {args.repeats})\n")
-    print(f"{'path':32s} {'codec':12s} {'wire MB':>8s} {'MB/s':>8s}")
-    for row in report["hop"]:
-        print(f"{row['path']:32s} {row['codec']:12s} {row['wire_mb']:8.2f} {row['mb_s']:8.0f}")
+    print(bench.render_hop(report["hop"], report["ceiling"]))
     print(f"\n2. Relay end to end on the zoo ({report['hosting']}, {args.requests} requests per level, lossless codec)\n")
     print(f"{'concurrency':>11s} {'p50 ms':>8s} {'p99 ms':>8s} {'mean ms':>8s} {'req/s':>7s}")
     for row in report["latency"]:
@@ -330,6 +333,16 @@ def cmd_bench_relay(args: argparse.Namespace) -> int:
     if args.profile:
         print("\nprofile of one raw hop (encode + gRPC stream + verify/decode, client and sink in one process):\n")
         print(bench.profile_hop(cache, args.workers))
+    return 0
+
+
+def cmd_bench_load(args: argparse.Namespace) -> int:
+    from services.bench import load
+
+    quiet = lambda *_: None  # noqa: E731
+    report = load.run_bench(args.requests, args.concurrency, not args.no_ray, args.faults, args.fault_requests,
+                            args.tls_requests, args.timeout, args.max_seconds, progress=quiet if args.json else print)
+    print(json.dumps(report, indent=2) if args.json else "\n" + load.render_report(report))
     return 0
 
 
@@ -409,6 +422,14 @@ def build_parser() -> argparse.ArgumentParser:
     relay.add_argument("--top-p", type=float, default=0.0)
     relay.add_argument("--seed", type=int, default=0)
     relay.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds")
+    relay.add_argument("--on-cache-failure", choices=["", "error", "text"], default="",
+                       help="when the cache path fails: error, or text (the receiver reads the input); empty = the route's policy")
+    relay.add_argument("--token", default="", help="bearer token (default: $DENSECOMM_TOKEN)")
+    relay.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --tls-ca)")
+    relay.add_argument("--tls-ca", default="", help="PEM CA that signed the Relay's certificate (implies --tls)")
+    relay.add_argument("--tls-cert", default="", help="PEM client certificate, for a Relay that asks for mTLS")
+    relay.add_argument("--tls-key", default="", help="PEM key of --tls-cert")
+    relay.add_argument("--tls-server-name", default="", help="name to verify in the Relay's certificate (default: the address's host)")
     relay.set_defaults(func=cmd_relay)
 
     bench = sub.add_parser("bench", help="benchmarks that print ours vs the baseline, measured in one run")
@@ -438,6 +459,17 @@ def build_parser() -> argparse.ArgumentParser:
     relay_bench.add_argument("--profile", action="store_true", help="also print where one raw hop spends its time")
     relay_bench.add_argument("--json", action="store_true")
     relay_bench.set_defaults(func=cmd_bench_relay)
+    load_bench = bench_sub.add_parser("load", help="Relay under load: throughput, p50/p95/p99, statuses, RSS, kills, TLS cost")
+    load_bench.add_argument("--requests", type=int, default=2000, help="mixed calls (good, bad, client-cancelled), in two halves")
+    load_bench.add_argument("--concurrency", type=int, default=32)
+    load_bench.add_argument("--timeout", type=float, default=20.0, help="every call's deadline, s")
+    load_bench.add_argument("--max-seconds", type=float, default=600.0, help="wall-clock bound of the whole load")
+    load_bench.add_argument("--faults", action="store_true", help="kill sender, adapter, receiver in turn under load (Ray only)")
+    load_bench.add_argument("--fault-requests", type=int, default=300, help="calls per kill run")
+    load_bench.add_argument("--tls-requests", type=int, default=300, help="good calls per side of TLS on vs off (0 = skip)")
+    load_bench.add_argument("--no-ray", action="store_true", help="host the services in this process")
+    load_bench.add_argument("--json", action="store_true")
+    load_bench.set_defaults(func=cmd_bench_load)
     return parser
 
 

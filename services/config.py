@@ -44,6 +44,12 @@ class RouteConfig:
     adapter: str
     dtype: str = "float32"  # float32 | bfloat16 | float16
     device: str = "cpu"
+    # Per-route limits and policy; 0 / "" = the service-wide value of the same name (see ServeConfig).
+    max_input_bytes: int = 0
+    max_input_tokens: int = 0
+    max_cache_bytes: int = 0
+    context_window: int = 0  # tokens the receiver attends over (0 = the checkpoints' max_position_embeddings)
+    on_cache_failure: str = ""  # "error" | "text"; a request's own on_cache_failure wins
 
 
 @dataclass(frozen=True)
@@ -68,8 +74,26 @@ class ServeConfig:
     max_new_tokens_limit: int = 4096
     chunk_tokens: int = 0  # tokens per chunk (0 = one chunk per layer)
     max_message_bytes: int = 64 << 20  # gRPC send/receive limit per message (one frame)
-    max_cache_bytes: int = 4 << 30  # decoded cache limit per request
-    hop_deadline_s: float = 120.0  # deadline of every internal call
+    max_cache_bytes: int = 4 << 30  # KV bytes per request: the sender's estimate before prefill, every decoder
+    hop_deadline_s: float = 120.0  # deadline of every internal call (never later than the client's own)
+    # --- limits, checked before any model work starts (services/limits.py); routes may lower them ---
+    max_input_bytes: int = 256 << 10  # UTF-8 bytes of the input X (text or messages) -> INVALID_ARGUMENT
+    max_input_tokens: int = 8192  # cap on X's tokens; the limit is the smaller of this and both models' windows
+    max_in_flight: int = 64  # calls a service holds at once (running + queued); one more -> RESOURCE_EXHAUSTED
+    prefill_chunk_tokens: int = 512  # the sender prefills in pieces of this many tokens, checking for cancellation
+    on_cache_failure: str = "error"  # "error" | "text": when the cache path fails, the receiver reads X itself
+    drain_grace_s: float = 10.0  # SIGTERM: NOT_SERVING, refuse new calls, let in-flight ones finish this long
+    # --- security, all off by default (the local quick start binds loopback only; services/security.py) ---
+    tls_cert_file: str = ""  # PEM certificate of the public Relay port; with tls_key_file the Relay serves TLS
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""  # PEM CA: Relay clients must present a certificate it signed (mTLS)
+    internal_tls_cert_file: str = ""  # PEM certificate each internal service presents as server and as client
+    internal_tls_key_file: str = ""
+    internal_tls_ca_file: str = ""  # the CA of the internal certificates; the three together = mTLS on every hop
+    internal_tls_server_name: str = ""  # name to verify in internal certificates (empty = the address's host)
+    internal_secret_file: str = ""  # shared secret on every internal call ($DENSECOMM_INTERNAL_SECRET otherwise)
+    auth_tokens_file: str = ""  # Relay bearer tokens: a file, one "TOKEN [route ...]" per line, or a directory
+    # (a Kubernetes secret mount: one token per file); $DENSECOMM_AUTH_TOKENS adds "TOKEN[:route+route]" items
     sender: Resources = field(default_factory=Resources)
     adapter: Resources = field(default_factory=Resources)
     receiver: Resources = field(default_factory=Resources)
@@ -124,4 +148,11 @@ def load_config(path: str | Path | None = None, **overrides) -> ServeConfig:
     for r in config.all_routes():
         if r.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"route {r.name!r}: dtype {r.dtype!r} must be float32, bfloat16 or float16")
+        if r.on_cache_failure not in ("", "error", "text"):
+            raise ConfigError(f"route {r.name!r}: on_cache_failure {r.on_cache_failure!r} must be 'error' or 'text'")
+    if config.on_cache_failure not in ("error", "text"):
+        raise ConfigError(f"on_cache_failure {config.on_cache_failure!r} must be 'error' or 'text'")
+    for name in ("max_input_bytes", "max_input_tokens", "max_in_flight", "max_cache_bytes"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
     return config

@@ -1,42 +1,32 @@
-"""The one place where exceptions become gRPC status codes.
+"""The one place where exceptions become gRPC status codes: each project exception names its status.
 
-    RequestError (bad request fields)            INVALID_ARGUMENT
-    RouteNotFound                                NOT_FOUND
-    GeometryMismatchError, IncompatiblePair      FAILED_PRECONDITION
-    ChecksumError, MissingChunk, Truncated, ...  DATA_LOSS
-    LimitExceededError                           RESOURCE_EXHAUSTED
-    other CodecError, CacheLayoutError           INVALID_ARGUMENT
-    a downstream call's own status               passed through (UNAVAILABLE, DEADLINE_EXCEEDED, ...)
-    anything else                                INTERNAL
+    RequestError (bad request fields)                INVALID_ARGUMENT
+    RouteNotFound                                    NOT_FOUND
+    GeometryMismatchError, IncompatiblePairError     FAILED_PRECONDITION
+    DataLossError (checksum, missing chunk, ...)     DATA_LOSS
+    LimitExceededError                               RESOURCE_EXHAUSTED
+    other CodecError, CacheLayoutError               INVALID_ARGUMENT
+    a downstream call's own status                   passed through (UNAVAILABLE, DEADLINE_EXCEEDED, ...)
+    anything else (an unexpected ValueError too)     INTERNAL
 """
 
 from __future__ import annotations
 
 import grpc
 
-from densecomm_core.codec.base import (
-    ChecksumError,
-    CodecError,
-    DuplicateChunkError,
-    LimitExceededError,
-    MissingChunkError,
-    OutOfOrderChunkError,
-    TruncatedError,
-)
-from densecomm_core.errors import (
-    CacheLayoutError,
-    DenseCommError,
-    GeometryMismatchError,
-    IncompatiblePairError,
-)
+from densecomm_core.errors import DenseCommError
 
 
 class RequestError(DenseCommError, ValueError):
     """A request field is missing or out of range; the message names the field and what is expected."""
 
+    status = "INVALID_ARGUMENT"
+
 
 class RouteNotFound(DenseCommError, KeyError):
     """The request names a route the service does not host."""
+
+    status = "NOT_FOUND"
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
@@ -55,14 +45,6 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return exc.code, exc.details
     if isinstance(exc, grpc.aio.AioRpcError):
         return exc.code(), exc.details() or str(exc.code())
-    if isinstance(exc, RouteNotFound):
-        return grpc.StatusCode.NOT_FOUND, str(exc)
-    if isinstance(exc, (GeometryMismatchError, IncompatiblePairError)):
-        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
-    if isinstance(exc, (ChecksumError, MissingChunkError, TruncatedError, DuplicateChunkError, OutOfOrderChunkError)):
-        return grpc.StatusCode.DATA_LOSS, str(exc)
-    if isinstance(exc, LimitExceededError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-    if isinstance(exc, (RequestError, CodecError, CacheLayoutError, ValueError)):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, DenseCommError):
+        return getattr(grpc.StatusCode, exc.status, grpc.StatusCode.INTERNAL), str(exc)
     return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"

@@ -1,6 +1,7 @@
 """What each service loads per route, and the request checks every hop shares.
 
-    load_sender_routes / load_adapter_routes / load_receiver_routes   route name -> loaded objects
+    load_sender_routes / load_adapter_routes / load_receiver_routes   route name -> loaded objects (with the
+                                                                      route's KV bases, passed to every hop)
     validate_request(request, config)                                 RequestError naming the field
     codec_for(spec, config)                                           the request's codec (CodecError if bad)
     render_input(request, tokenizer, fmt)                             the sender's text for X
@@ -9,13 +10,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from densecomm_core.adapter import DenseAdapter
 from densecomm_core.codec.base import Codec, CodecError, get_codec
-from densecomm_core.codec.transform import load_bases
+from densecomm_core.codec.transform import KVBases
 from densecomm_core.models import LoadedModel, RopeModel, load_model, load_rope_model
 from densecomm_core.relay import PromptFormat
 from services.config import RouteConfig, ServeConfig
@@ -25,39 +26,35 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 @dataclass
+class ModelRoute:
+    """A sender's or receiver's route: the model and the KV bases its hops code with."""
+
+    model: LoadedModel
+    bases: KVBases
+
+
+@dataclass
 class AdapterRoute:
     adapter: DenseAdapter
     sender: RopeModel
     receiver: RopeModel
     flops_per_token: int
-    bases: tuple[str, ...] = ()  # KV bases loaded with the route (pca's candidates)
+    bases: KVBases = field(default_factory=KVBases)  # both hops' pca bases
 
 
-ROUTE_BASES: dict[str, tuple[str, ...]] = {}  # route name -> fingerprints of the KV bases loaded with it
+def route_bases(route: RouteConfig) -> KVBases:
+    """The ``pca`` codec's KV bases found beside the route's models and adapter (``kv_basis.safetensors``):
+    every hop's encoder and decoder agree on them by fingerprint. Each service holds its own routes'
+    bases and passes them to its hops; nothing is registered process-wide."""
+    return KVBases.load(*(path for path in (route.sender, route.adapter, route.receiver) if path))
 
 
-def load_route_bases(route: RouteConfig) -> tuple[str, ...]:
-    """Register the ``pca`` codec's KV bases found beside the route's models and adapter
-    (``kv_basis.safetensors``): every hop's encoder and decoder then agree on them by fingerprint, and
-    encoders bind only to their own route's (``route_bases``)."""
-    ROUTE_BASES[route.name] = tuple(load_bases(*(path for path in (route.sender, route.adapter, route.receiver) if path)))
-    return ROUTE_BASES[route.name]
+def load_sender_routes(config: ServeConfig) -> dict[str, ModelRoute]:
+    return {r.name: ModelRoute(load_model(r.sender, DTYPES[r.dtype], r.device), route_bases(r)) for r in config.all_routes()}
 
 
-def route_bases(name: str) -> tuple[str, ...]:
-    return ROUTE_BASES.get(name, ())
-
-
-def load_sender_routes(config: ServeConfig) -> dict[str, LoadedModel]:
-    for route in config.all_routes():
-        load_route_bases(route)
-    return {r.name: load_model(r.sender, DTYPES[r.dtype], r.device) for r in config.all_routes()}
-
-
-def load_receiver_routes(config: ServeConfig) -> dict[str, LoadedModel]:
-    for route in config.all_routes():
-        load_route_bases(route)
-    return {r.name: load_model(r.receiver, DTYPES[r.dtype], r.device) for r in config.all_routes()}
+def load_receiver_routes(config: ServeConfig) -> dict[str, ModelRoute]:
+    return {r.name: ModelRoute(load_model(r.receiver, DTYPES[r.dtype], r.device), route_bases(r)) for r in config.all_routes()}
 
 
 def load_adapter_route(route: RouteConfig) -> AdapterRoute:
@@ -65,7 +62,7 @@ def load_adapter_route(route: RouteConfig) -> AdapterRoute:
     sender, receiver = load_rope_model(route.sender, dtype), load_rope_model(route.receiver, dtype)
     adapter = DenseAdapter.load(route.adapter, sender.geometry, receiver.geometry).to(route.device)
     adapter.eval()
-    return AdapterRoute(adapter, sender, receiver, adapter.num_flops_per_token(), load_route_bases(route))
+    return AdapterRoute(adapter, sender, receiver, adapter.num_flops_per_token(), route_bases(route))
 
 
 def load_adapter_routes(config: ServeConfig) -> dict[str, AdapterRoute]:

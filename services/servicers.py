@@ -7,13 +7,18 @@
     ReceiverServicer.Generate  assemble the cache as chunks arrive, generate, stream tokens + stats
 
 KV flows forward in client streams; token events and the final stats flow back along the same calls.
-Every downstream call carries a deadline; model work runs in worker threads so the event loop stays free.
+Moving a cache across a hop is ``densecomm_core.hop`` (HopEncoder / HopDecoder); each hop's sending end
+reports it in the stream's ``StreamDone``, and the receiver assembles the final stats once from those
+reports (``final_stats``). Every downstream call carries a deadline; model work runs in worker threads
+so the event loop stays free. ``Servicer.build(config, metrics, downstream)`` loads what a service
+holds; ``close()`` releases its downstream channels.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
 
@@ -21,18 +26,16 @@ import grpc
 import torch
 
 from densecomm_core.codec.base import DecodeLimits
-from densecomm_core.codec.wire import StreamDecoder, iter_encode
-from densecomm_core.errors import GeometryMismatchError
 from densecomm_core.generation import GenerationConfig
+from densecomm_core.hop import HopDecoder, HopEncoder, HopReport
 from densecomm_core.relay import (
     ContextMode,
     PromptFormat,
     receiver_generate,
     sender_prefill,
 )
-from densecomm_core.rope import restore_rope, strip_rope
 from densecomm_core.streaming import StreamingAdapter
-from services import protos
+from services import limits, protos, runtime, security
 from services.config import ServeConfig
 from services.errors import DownstreamError, RequestError, RouteNotFound, status_for
 from services.metrics import ServiceMetrics
@@ -42,7 +45,6 @@ from services.runtime import (
     pick,
     receiver_codec_for,
     render_input,
-    route_bases,
     route_name,
     validate_request,
 )
@@ -65,7 +67,7 @@ class Downstream:
         if not addresses:
             raise ValueError("a downstream service needs at least one address")
         self.addresses = list(addresses)
-        self.channels = [grpc.aio.insecure_channel(a, options=channel_options(config)) for a in addresses]
+        self.channels = [security.internal_channel(a, channel_options(config), config) for a in addresses]
         self.stubs = [stub_class(c) for c in self.channels]
         self.next = 0
 
@@ -88,12 +90,87 @@ class Downstream:
         await asyncio.gather(*(c.close() for c in self.channels))
 
 
+def hop_timeout(context, config: ServeConfig) -> float:
+    """An internal call's deadline: the hop deadline, never later than our own caller's."""
+    remaining = context.time_remaining() if context is not None else None
+    return min(config.hop_deadline_s, remaining) if remaining is not None else config.hop_deadline_s
+
+
+async def in_thread(stop: threading.Event, function, *args, **kwargs):
+    """``function`` in a worker thread with ``should_stop=stop.is_set``. If this coroutine is cancelled
+    (the caller went away), ``stop`` is set, so the thread abandons its work at its next check."""
+    task = asyncio.ensure_future(asyncio.to_thread(function, *args, should_stop=stop.is_set, **kwargs))
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # a stopped thread's error is expected
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        stop.set()
+        raise
+
+
+# A cache-path failure that on_cache_failure = text answers by letting the receiver read the input.
+CACHE_PATH_FAILURES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS, grpc.StatusCode.FAILED_PRECONDITION,
+                       grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+
+
+def cache_failure_policy(request, config: ServeConfig) -> str:
+    """``error`` or ``text``: the request's own policy, else its route's, else the service default."""
+    if request.on_cache_failure == relay_pb2.CACHE_FAILURE_POLICY_TEXT:
+        return "text"
+    if request.on_cache_failure == relay_pb2.CACHE_FAILURE_POLICY_ERROR:
+        return "error"
+    try:
+        return config.route(route_name(request, config)).on_cache_failure or config.on_cache_failure
+    except KeyError:
+        return config.on_cache_failure
+
+
+def receiver_prompt(request, text_only: bool) -> str:
+    """The receiver's prompt: after a cache (by mode), or X itself on the text path."""
+    if text_only:
+        return FORMAT.with_input.format(context=context_text(request))
+    mode = mode_of(request)
+    return request.receiver_prompt if (mode is ContextMode.AWARE and request.receiver_prompt) else FORMAT.receiver_prompt(mode, context_text(request))
+
+
 def mode_of(request) -> ContextMode:
     return ContextMode.AWARE if request.mode == relay_pb2.CONTEXT_MODE_AWARE else ContextMode.UNAWARE
 
 
 def latency(stats, stage: str, seconds: float) -> None:
     stats.latencies.add(stage=stage, seconds=seconds)
+
+
+def hop_bytes(hop: str, report: HopReport):
+    return relay_pb2.HopBytes(hop=hop, raw_bytes=report.raw_bytes, wire_bytes=report.wire_bytes, chunks=report.chunks,
+                              codec=report.codec, transport=report.transport)
+
+
+def final_stats(route: str, done, received: HopReport, out, receiver_params: int, layer0_unix: float, stages: dict):
+    """The Relay's stats, assembled once from the hops' reports (``done``: what the adapter forwarded; None
+    when a client fed the receiver directly) and the receiver's own counts and stages."""
+    hops = list(done.hops) if done is not None else []
+    if len(hops) < 2:  # no sending end reported the last hop: the receiving end's view of it
+        hops.append(hop_bytes("adapter->receiver", received))
+    first = hops[0]
+    tokens = done.prefill_tokens if done is not None else 0
+    r_tokens = out.counts.receiver_prefill + out.counts.receiver_decode
+    stats = relay_pb2.RelayStats(
+        route=route, codec=first.codec, hops=hops, raw_bytes=first.raw_bytes, wire_bytes=first.wire_bytes,
+        compression_ratio=first.raw_bytes / first.wire_bytes if first.wire_bytes else 0.0,
+        sender_prefill_tokens=tokens, sender_decode_tokens=0,
+        receiver_prefill_tokens=out.counts.receiver_prefill, receiver_decode_tokens=out.counts.receiver_decode,
+        sender_flops=done.sender_flops if done is not None else 0.0, adapter_flops=done.adapter_flops if done is not None else 0.0,
+        receiver_flops=2.0 * receiver_params * r_tokens, receiver_layer0_unix=layer0_unix,
+        sender_last_chunk_unix=done.last_chunk_unix if done is not None else 0.0, text=out.texts[0],
+        latencies=list(done.latencies) if done is not None else [],
+    )
+    # Text-to-text: the sender decodes a message as long as X (2·N_s per token: its prefill FLOPs again),
+    # the receiver re-reads it with its own prompt and decodes the same answer (paper appendix B.1).
+    stats.t2t_flops = 2.0 * stats.sender_flops + 2.0 * receiver_params * (tokens + r_tokens)
+    for stage, seconds in stages.items():
+        latency(stats, stage, seconds)
+    return stats
 
 
 async def drain(requests) -> None:
@@ -103,6 +180,63 @@ async def drain(requests) -> None:
             pass
     except Exception:
         pass
+
+
+_END = object()
+
+
+async def ahead(iterator, depth: int = 2):
+    """Yield a blocking iterator's items, each computed in a worker thread while the consumer still handles
+    the previous ones (up to ``depth`` ahead): encoding chunk i+1 overlaps sending chunk i."""
+    queue: asyncio.Queue = asyncio.Queue(depth)
+
+    async def produce() -> None:
+        try:
+            while (item := await asyncio.to_thread(next, iterator, _END)) is not _END:
+                await queue.put((item, None))
+            await queue.put((_END, None))
+        except Exception as exc:  # handed to the consumer, which raises it in its own context
+            await queue.put((_END, exc))
+
+    task = asyncio.create_task(produce())
+    try:
+        while True:
+            item, error = await queue.get()
+            if error is not None:
+                raise error
+            if item is _END:
+                return
+            yield item
+    finally:
+        task.cancel()
+
+
+class OverlappedDecode:
+    """Feed frames to a decoder in a worker thread while the next message is being received: ``submit``
+    starts decoding one frame after the previous one finished; ``drain`` waits for the last."""
+
+    def __init__(self, feed, on_event=None) -> None:
+        self.feed, self.on_event = feed, on_event
+        self.pending: asyncio.Future | None = None
+
+    def _feed(self, frame):
+        event = self.feed(frame)
+        if self.on_event is not None:  # in the worker thread, the moment the frame is decoded
+            self.on_event(event)
+        return event
+
+    async def submit(self, frame) -> None:
+        await self.drain()
+        self.pending = asyncio.ensure_future(asyncio.to_thread(self._feed, frame))
+
+    async def drain(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            await pending
+
+    def cancel(self) -> None:
+        if self.pending is not None:
+            self.pending.cancel()
 
 
 async def read_setup(messages):
@@ -127,8 +261,17 @@ async def relay_events(call, on_stats=None):
 class ServicerBase:
     service = ""
 
-    def __init__(self, config: ServeConfig, metrics: ServiceMetrics) -> None:
-        self.config, self.metrics = config, metrics
+    def __init__(self, config: ServeConfig, metrics: ServiceMetrics, downstream: Downstream | None = None) -> None:
+        self.config, self.metrics, self.downstream = config, metrics, downstream
+
+    async def close(self) -> None:
+        """Release what the servicer holds (its downstream channels)."""
+        if self.downstream is not None:
+            await self.downstream.close()
+
+    @property
+    def limits(self) -> DecodeLimits:
+        return DecodeLimits(max_raw_bytes=self.config.max_cache_bytes)
 
     async def guarded(self, context, route: str, body, requests=None):
         """Run an event stream; count it; turn any exception into the mapped gRPC status (never crash).
@@ -161,9 +304,13 @@ class ServicerBase:
 class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
     service = "receiver"
 
-    def __init__(self, config, metrics, routes) -> None:
+    def __init__(self, config, metrics, routes: dict[str, runtime.ModelRoute]) -> None:
         super().__init__(config, metrics)
         self.routes = routes
+
+    @classmethod
+    def build(cls, config: ServeConfig, metrics: ServiceMetrics, downstream: Downstream | None = None) -> ReceiverServicer:
+        return cls(config, metrics, runtime.load_receiver_routes(config))
 
     async def Generate(self, request_iterator, context):
         async for event in self.guarded(context, "-", self._generate(request_iterator), request_iterator):
@@ -172,36 +319,42 @@ class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
     async def _generate(self, messages):
         first = await read_setup(messages)
         request = first.setup.request
-        name, receiver = pick(self.routes, request, self.config)
-        decoder = StreamDecoder(DecodeLimits(max_raw_bytes=self.config.max_cache_bytes))
+        name, route = pick(self.routes, request, self.config)
+        receiver = route.model
+        route_limits = limits.RouteLimits.for_route(self.config, name)
+        decoder = HopDecoder(receiver, route.bases, DecodeLimits(max_raw_bytes=route_limits.max_cache_bytes), device=receiver.model.device)
         started = time.perf_counter()
-        layer0_unix = 0.0
+        layer0_unix = [0.0]
         done = None
-        decode_s = 0.0
-        async for message in messages:
-            kind = message.WhichOneof("message")
-            if kind == "frame":
-                t = time.perf_counter()
-                event = await asyncio.to_thread(decoder.feed, message.frame.frame)
-                decode_s += time.perf_counter() - t
-                if event is not None and event.layer == 0 and event.layer_complete:
-                    layer0_unix = time.time()
-            elif kind == "done":
-                done = message.done
-            else:
-                raise RequestError(f"unexpected {kind} message inside a KV stream")
-        cache = decoder.finish()
+        text_only = first.setup.text_only  # on_cache_failure = text: no cache, the receiver reads X itself
+
+        def on_event(event) -> None:
+            if event is not None and event.layer == 0 and event.layer_complete:
+                layer0_unix[0] = time.time()
+
+        decoding = OverlappedDecode(decoder.feed, on_event)  # decode frame i while frame i+1 arrives
+        try:
+            async for message in messages:
+                kind = message.WhichOneof("message")
+                if kind == "frame":
+                    await decoding.submit(message.frame.frame)
+                elif kind == "done":
+                    done = message.done
+                else:
+                    raise RequestError(f"unexpected {kind} message inside a KV stream")
+            await decoding.drain()
+        finally:
+            decoding.cancel()
+        # the receiver's space, RoPE, dtype and device
+        cache = None if text_only else await asyncio.to_thread(decoder.finish)
         transfer_s = time.perf_counter() - started
-        if cache.fingerprint != receiver.geometry.fingerprint():
-            raise GeometryMismatchError(f"received a cache for {cache.fingerprint}, this receiver is {receiver.geometry.fingerprint()}")
-        if not cache.rope_applied:  # shipped RoPE-stripped (the hop's codec codes stripped keys)
-            cache = restore_rope(cache, receiver)
-        cache = cache.to(dtype=receiver.dtype, device=receiver.model.device)
-        mode = mode_of(request)
-        prompt = request.receiver_prompt if (mode is ContextMode.AWARE and request.receiver_prompt) else FORMAT.receiver_prompt(mode, context_text(request))
+        prompt = receiver_prompt(request, text_only)
         g = request.generation
         config = GenerationConfig(max_new_tokens=g.max_new_tokens or self.config.default_max_new_tokens,
                                   temperature=g.temperature, top_p=g.top_p or 1.0, seed=g.seed)
+        prompt_tokens = len(receiver.tokenizer(prompt, add_special_tokens=cache is None)["input_ids"])
+        limits.check_window(int(cache.next_positions.max()) if cache is not None else 0, prompt_tokens, config.max_new_tokens,
+                            route_limits.receiver_window, name)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         eos = receiver.tokenizer.eos_token_id
@@ -215,30 +368,32 @@ class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
             if token != eos:
                 loop.call_soon_threadsafe(queue.put_nowait, (step, token))
 
-        task = asyncio.create_task(asyncio.to_thread(receiver_generate, receiver, cache, [prompt], config, on_token))
+        stop = threading.Event()
+        task = asyncio.ensure_future(in_thread(stop, receiver_generate, receiver, cache, [prompt], config, on_token))
         task.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
         previous = ""
         ids: list[int] = []
-        while (item := await queue.get()) is not None:
-            step, token = item
-            ids.append(token)
-            text = receiver.tokenizer.decode(ids, skip_special_tokens=True)
-            yield relay_pb2.RelayEvent(token=relay_pb2.TokenEvent(index=step, token_id=token, text=text[len(previous):]))
-            previous = text
-        out = await task
-        generate_s = time.perf_counter() - gen_started
-        n_r = receiver.non_embedding_params
-        stats = relay_pb2.RelayStats(
-            route=name, receiver_prefill_tokens=out.counts.receiver_prefill, receiver_decode_tokens=out.counts.receiver_decode,
-            receiver_flops=2.0 * n_r * (out.counts.receiver_prefill + out.counts.receiver_decode),
-            receiver_layer0_unix=layer0_unix, text=out.texts[0],
-        )
-        if done is not None:
-            stats.hops.add(hop="adapter->receiver", raw_bytes=done.raw_bytes, wire_bytes=decoder.wire_bytes, chunks=done.chunks,
-                           codec=decoder.header.codec if decoder.header else "")
-            self.metrics.observe_hop("adapter->receiver", done.raw_bytes, decoder.wire_bytes, done.chunks)
-        for stage, seconds in (("decode", decode_s), ("transfer", transfer_s), ("first_token", first_token_s[0]), ("generate", generate_s)):
-            latency(stats, stage, seconds)
+        try:
+            while (item := await queue.get()) is not None:
+                step, token = item
+                ids.append(token)
+                text = receiver.tokenizer.decode(ids, skip_special_tokens=True)
+                yield relay_pb2.RelayEvent(token=relay_pb2.TokenEvent(index=step, token_id=token, text=text[len(previous):]))
+                previous = text
+            out = await task
+        finally:
+            stop.set()  # the caller went away (or we are done): the generation thread stops at its next step
+            task.cancel()
+        stages = {"decode": decoder.report.decode_s, "transfer": transfer_s, "first_token": first_token_s[0],
+                  "generate": time.perf_counter() - gen_started}
+        stats = final_stats(name, done, decoder.report, out, receiver.non_embedding_params, layer0_unix[0], stages)
+        stats.served_by = "text" if text_only else "cache"
+        if text_only:  # no KV crossed a hop
+            del stats.hops[:]
+        else:
+            last = stats.hops[-1]
+            self.metrics.observe_hop(last.hop, last.raw_bytes, last.wire_bytes, last.chunks)
+        for stage, seconds in stages.items():
             self.metrics.observe_stage(stage, seconds)
         self.metrics.tokens.labels(self.service, "receiver", "prefill").inc(out.counts.receiver_prefill)
         self.metrics.tokens.labels(self.service, "receiver", "decode").inc(out.counts.receiver_decode)
@@ -249,41 +404,50 @@ class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
 class AdapterServicer(ServicerBase, kv_pb2_grpc.AdapterServicer):
     service = "adapter"
 
-    def __init__(self, config, metrics, routes, receivers: Downstream) -> None:
-        super().__init__(config, metrics)
+    def __init__(self, config, metrics, routes: dict[str, runtime.AdapterRoute], receivers: Downstream) -> None:
+        super().__init__(config, metrics, receivers)
         self.routes, self.receivers = routes, receivers
 
+    @classmethod
+    def build(cls, config: ServeConfig, metrics: ServiceMetrics, downstream: Downstream | None = None) -> AdapterServicer:
+        return cls(config, metrics, runtime.load_adapter_routes(config), downstream)
+
     async def Transform(self, request_iterator, context):
-        async for event in self.guarded(context, "-", self._transform(request_iterator), request_iterator):
+        async for event in self.guarded(context, "-", self._transform(request_iterator, context), request_iterator):
             yield event
 
-    async def _transform(self, messages):
+    async def _transform(self, messages, context=None):
         first = await read_setup(messages)
         request = first.setup.request
         _, route = pick(self.routes, request, self.config)
         codec = receiver_codec_for(request, self.config)
         streaming = StreamingAdapter(route.adapter, route.sender, route.receiver, codec,
-                                     self.config.chunk_tokens or None, DecodeLimits(max_raw_bytes=self.config.max_cache_bytes),
-                                     route.bases)
+                                     self.config.chunk_tokens or None, self.limits, route.bases)
         outgoing: asyncio.Queue = asyncio.Queue()
-        state = {"sender_done": None, "chunks_out": 0, "wire_out": 0, "error": None}
+        state = {"error": None}
 
         async def pump() -> None:
             try:
+                upstream = None
                 async for message in messages:
                     kind = message.WhichOneof("message")
                     if kind == "frame":
                         for frame in await asyncio.to_thread(streaming.feed, message.frame.frame):
-                            if frame[:4] == b"DCCH":
-                                state["chunks_out"] += 1
-                            state["wire_out"] += len(frame)
                             await outgoing.put(kv_pb2.KVMessage(frame=kv_pb2.KVFrame(frame=frame)))
                     elif kind == "done":
-                        state["sender_done"] = message.done
+                        upstream = message.done
                     else:
                         raise RequestError(f"unexpected {kind} message inside a KV stream")
                 streaming.finish()
-                await outgoing.put(kv_pb2.KVMessage(done=kv_pb2.StreamDone(raw_bytes=streaming.raw_bytes_out, chunks=state["chunks_out"])))
+                done = kv_pb2.StreamDone()
+                if upstream is not None:
+                    done.CopyFrom(upstream)
+                done.hops.append(hop_bytes("adapter->receiver", streaming.output_report))
+                done.latencies.add(stage="transform", seconds=streaming.transform_seconds)
+                done.adapter_flops = float(route.flops_per_token * done.prefill_tokens)
+                self.metrics.observe_stage("transform", streaming.transform_seconds)
+                self.metrics.flops.labels(self.service, "adapter").inc(done.adapter_flops)
+                await outgoing.put(kv_pb2.KVMessage(done=done))
             except Exception as exc:
                 state["error"] = exc
             finally:
@@ -298,19 +462,9 @@ class AdapterServicer(ServicerBase, kv_pb2_grpc.AdapterServicer):
 
         stub = await self.receivers.stub()  # before reading on: a dead receiver fails fast and cleanly
         pump_task = asyncio.create_task(pump())
-        call = stub.Generate(forward(), timeout=self.config.hop_deadline_s)
-
-        def on_stats(stats) -> None:
-            done = state["sender_done"]
-            stats.adapter_flops = float(route.flops_per_token * (done.prefill_tokens if done else 0))
-            latency(stats, "transform", streaming.transform_seconds)
-            self.metrics.observe_stage("transform", streaming.transform_seconds)
-            self.metrics.flops.labels(self.service, "adapter").inc(stats.adapter_flops)
-            if done is not None:
-                stats.sender_last_chunk_unix = done.last_chunk_unix
-
+        call = stub.Generate(forward(), timeout=hop_timeout(context, self.config))
         try:
-            async for event in relay_events(call, on_stats):
+            async for event in relay_events(call):
                 yield event
         except DownstreamError:
             if state["error"] is not None:  # our input broke first: that is the precise cause
@@ -328,101 +482,124 @@ class AdapterServicer(ServicerBase, kv_pb2_grpc.AdapterServicer):
 class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
     service = "sender"
 
-    def __init__(self, config, metrics, routes, adapters: Downstream) -> None:
-        super().__init__(config, metrics)
+    def __init__(self, config, metrics, routes: dict[str, runtime.ModelRoute], adapters: Downstream) -> None:
+        super().__init__(config, metrics, adapters)
         self.routes, self.adapters = routes, adapters
 
+    @classmethod
+    def build(cls, config: ServeConfig, metrics: ServiceMetrics, downstream: Downstream | None = None) -> SenderServicer:
+        return cls(config, metrics, runtime.load_sender_routes(config), downstream)
+
     async def Prefill(self, request, context):
-        async for event in self.guarded(context, route_name(request.request, self.config), self._prefill(request)):
+        async for event in self.guarded(context, route_name(request.request, self.config), self._prefill(request, context)):
             yield event
 
-    async def _prefill(self, setup):
+    def check_limits(self, name: str, sender, request, text: str) -> None:
+        """Every limit that the input can break, before any model work: bytes, tokens, the receiver's
+        window, the cache's bytes (tokens x the sender's KV bytes per token)."""
+        route_limits = limits.RouteLimits.for_route(self.config, name)
+        tokens = len(sender.tokenizer(text, add_special_tokens=True)["input_ids"])
+        prompt_tokens = len(sender.tokenizer(receiver_prompt(request, False), add_special_tokens=False)["input_ids"])  # shared tokenizer
+        max_new = request.generation.max_new_tokens or self.config.default_max_new_tokens
+        limits.check_tokens(tokens, prompt_tokens, max_new, route_limits)
+        g = sender.geometry
+        limits.check_cache_bytes(tokens, g.num_layers * 2 * g.num_kv_heads * g.head_dim * sender.dtype.itemsize, route_limits)
+
+    async def _prefill(self, setup, context=None):
         request = setup.request
         validate_request(request, self.config, relay_pb2)
-        name, sender = pick(self.routes, request, self.config)
-        codec = codec_for(request.codec, self.config)
+        name, route = pick(self.routes, request, self.config)
+        sender = route.model
+        encoder = HopEncoder(codec_for(request.codec, self.config), route.bases, sender, self.config.chunk_tokens or None)
+        limits.check_input_bytes(request, limits.RouteLimits.for_route(self.config, name))  # before rendering a huge X
         text = render_input(request, sender.tokenizer, FORMAT)
+        self.check_limits(name, sender, request, text)
         t = time.perf_counter()
-        cache = await asyncio.to_thread(sender_prefill, sender, [text])
-        if codec.strips_rope:  # the codec codes RoPE-stripped keys; the adapter reads the header's rope_applied
-            cache = strip_rope(cache, sender).to(dtype=cache.dtype)
-        codec = codec.bind(cache.fingerprint, cache.rope_applied, route_bases(name))
+        cache = await in_thread(threading.Event(), sender_prefill, sender, [text], chunk_tokens=self.config.prefill_chunk_tokens)
         prefill_s = time.perf_counter() - t
         tokens = int(cache.lengths.sum())
-        raw_bytes = cache.nbytes
-        info = {"wire": 0, "chunks": 0, "encode_s": 0.0, "last_unix": 0.0}
+        header = await asyncio.to_thread(encoder.start, cache)  # strip RoPE, bind the bases: fails before the call
+        sender_flops = 2.0 * sender.non_embedding_params * tokens
 
         async def frames():
             yield kv_pb2.KVMessage(setup=setup)
-            encoder = iter_encode(cache, codec, self.config.chunk_tokens or None)
-            while True:
-                t = time.perf_counter()
-                frame = await asyncio.to_thread(next, encoder, None)
-                info["encode_s"] += time.perf_counter() - t
-                if frame is None:
-                    break
-                info["wire"] += len(frame)
-                info["chunks"] += frame[:4] == b"DCCH"
+            yield kv_pb2.KVMessage(frame=kv_pb2.KVFrame(frame=header))
+            async for frame in ahead(encoder.chunks()):  # chunk i+1 is encoded while chunk i is sent
                 yield kv_pb2.KVMessage(frame=kv_pb2.KVFrame(frame=frame))
-            info["last_unix"] = time.time()
-            yield kv_pb2.KVMessage(done=kv_pb2.StreamDone(
-                last_chunk_unix=info["last_unix"], prefill_tokens=tokens, raw_bytes=raw_bytes, wire_bytes=info["wire"],
-                chunks=info["chunks"], prefill_seconds=prefill_s, encode_seconds=info["encode_s"]))
-
-        n_s = sender.non_embedding_params
-
-        def on_stats(stats) -> None:
-            stats.codec = codec.name
-            stats.raw_bytes, stats.wire_bytes = raw_bytes, info["wire"]
-            stats.compression_ratio = raw_bytes / info["wire"] if info["wire"] else 0.0
-            stats.hops.insert(0, relay_pb2.HopBytes(hop="sender->adapter", raw_bytes=raw_bytes, wire_bytes=info["wire"], chunks=info["chunks"],
-                                                        codec=codec.name))
-            stats.sender_prefill_tokens, stats.sender_decode_tokens = tokens, 0
-            stats.sender_flops = 2.0 * n_s * tokens
-            stats.sender_last_chunk_unix = info["last_unix"]
-            # Text-to-text: the sender decodes a message as long as X, the receiver re-reads it with its
-            # own prompt and decodes the same answer (paper appendix B.1's recipe, message length assumed).
-            n_r = stats.receiver_flops / max(1, stats.receiver_prefill_tokens + stats.receiver_decode_tokens) / 2
-            stats.t2t_flops = 2.0 * n_s * 2 * tokens + 2.0 * n_r * (tokens + stats.receiver_prefill_tokens + stats.receiver_decode_tokens)
-            latency(stats, "prefill", prefill_s)
-            latency(stats, "encode", info["encode_s"])
+            report = encoder.report
+            done = kv_pb2.StreamDone(last_chunk_unix=time.time(), prefill_tokens=tokens, sender_flops=sender_flops,
+                                     hops=[hop_bytes("sender->adapter", report)])
+            done.latencies.add(stage="prefill", seconds=prefill_s)
+            done.latencies.add(stage="encode", seconds=report.encode_s)
             self.metrics.observe_stage("prefill", prefill_s)
-            self.metrics.observe_stage("encode", info["encode_s"])
-            self.metrics.observe_hop("sender->adapter", raw_bytes, info["wire"], info["chunks"])
+            self.metrics.observe_stage("encode", report.encode_s)
+            self.metrics.observe_hop("sender->adapter", report.raw_bytes, report.wire_bytes, report.chunks)
             self.metrics.tokens.labels(self.service, "sender", "prefill").inc(tokens)
-            self.metrics.flops.labels(self.service, "sender").inc(stats.sender_flops)
+            self.metrics.flops.labels(self.service, "sender").inc(sender_flops)
+            yield kv_pb2.KVMessage(done=done)
 
-        call = (await self.adapters.stub()).Transform(frames(), timeout=self.config.hop_deadline_s)
-        async for event in relay_events(call, on_stats):
+        call = (await self.adapters.stub()).Transform(frames(), timeout=hop_timeout(context, self.config))
+        async for event in relay_events(call):
             yield event
 
 
 class RelayServicer(ServicerBase, relay_pb2_grpc.RelayServicer):
     service = "relay"
 
-    def __init__(self, config, metrics, senders: Downstream) -> None:
-        super().__init__(config, metrics)
+    def __init__(self, config, metrics, senders: Downstream, receivers: Downstream | None = None) -> None:
+        super().__init__(config, metrics, senders)
         self.senders = senders
+        self.receivers = receivers  # the text path of on_cache_failure = text (None: not wired)
+
+    @classmethod
+    def build(cls, config: ServeConfig, metrics: ServiceMetrics, downstream: Downstream | None = None,
+              receivers: Downstream | None = None) -> RelayServicer:
+        return cls(config, metrics, downstream, receivers)
+
+    async def close(self) -> None:
+        await super().close()
+        if self.receivers is not None:
+            await self.receivers.close()
 
     async def Relay(self, request, context):
         async for event in self.guarded(context, route_name(request, self.config), self._relay(request, context)):
             yield event
 
     async def _relay(self, request, context):
-        validate_request(request, self.config, relay_pb2)
+        validate_request(request, self.config, relay_pb2)  # needs no model and no bases: any replica of the ingress
         names = [r.name for r in self.config.all_routes()]
         if route_name(request, self.config) not in names:
             raise RouteNotFound(f"unknown route {route_name(request, self.config)!r}; known routes: {names}")
+        limits.check_input_bytes(request, limits.RouteLimits.for_route(self.config, route_name(request, self.config)))
         started = time.perf_counter()
-        remaining = context.time_remaining()
-        timeout = min(self.config.hop_deadline_s, remaining) if remaining is not None else self.config.hop_deadline_s
         setup = kv_pb2.HopSetup(request_id=uuid.uuid4().hex, request=request)
-        call = (await self.senders.stub()).Prefill(setup, timeout=timeout)
+        reason = ""
 
-        def on_stats(stats) -> None:
+        def on_stats(stats) -> None:  # the one stage only the ingress can measure
             e2e = time.perf_counter() - started
             latency(stats, "end_to_end", e2e)
             self.metrics.observe_stage("end_to_end", e2e)
+            stats.served_by = stats.served_by or "cache"
+            stats.fallback_reason = reason
 
+        tokens = 0
+        try:
+            call = (await self.senders.stub()).Prefill(setup, timeout=hop_timeout(context, self.config))
+            async for event in relay_events(call, on_stats):
+                tokens += event.HasField("token")
+                yield event
+            return
+        except DownstreamError as exc:
+            # Only before the first token: an answer is never spliced from two paths.
+            if tokens or exc.code not in CACHE_PATH_FAILURES or self.receivers is None \
+                    or cache_failure_policy(request, self.config) != "text":
+                raise
+            reason = f"{exc.code.name}: {exc.details}"
+            log.warning("relay: cache path failed (%s); serving request %s as text", reason, setup.request_id)
+
+        async def text_only():
+            yield kv_pb2.KVMessage(setup=kv_pb2.HopSetup(request_id=setup.request_id, request=request, text_only=True))
+
+        call = (await self.receivers.stub()).Generate(text_only(), timeout=hop_timeout(context, self.config))
         async for event in relay_events(call, on_stats):
             yield event

@@ -4,6 +4,7 @@
                                             holds one; LocalStack holds four)
     LocalStack(config)                      receiver, adapter, sender and relay in this process
     RayStack(config)                        the same four as Ray actors with their own resources
+    SERVICE_KINDS                           the one table of service kinds (proto service, servicer, downstream)
 Both stacks expose ``relay_address`` and ``metrics_ports`` and shut down cleanly.
 """
 
@@ -12,49 +13,61 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services import protos
+from services import protos, security
 from services.config import ServeConfig
+from services.limits import Admission
 from services.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
-KINDS = ("receiver", "adapter", "sender", "relay")  # start order: downstream first
 relay_pb2, relay_pb2_grpc, kv_pb2, kv_pb2_grpc = protos.load()
-SERVICE_NAMES = {
-    "relay": relay_pb2.DESCRIPTOR.services_by_name["Relay"].full_name,
-    "sender": kv_pb2.DESCRIPTOR.services_by_name["Sender"].full_name,
-    "adapter": kv_pb2.DESCRIPTOR.services_by_name["Adapter"].full_name,
-    "receiver": kv_pb2.DESCRIPTOR.services_by_name["Receiver"].full_name,
-}
 
 
-def make_servicer(kind: str, config: ServeConfig, metrics: ServiceMetrics, downstream: list[str]):
-    from services import runtime, servicers
+@dataclass(frozen=True)
+class ServiceKind:
+    """One kind of service: its gRPC service, how to add a servicer to a server, how to call it, which
+    servicer class implements it (``services.servicers``) and which kind it calls next."""
 
-    if kind == "receiver":
-        return servicers.ReceiverServicer(config, metrics, runtime.load_receiver_routes(config))
-    if kind == "adapter":
-        return servicers.AdapterServicer(config, metrics, runtime.load_adapter_routes(config),
-                                         servicers.Downstream(downstream, kv_pb2_grpc.ReceiverStub, config))
-    if kind == "sender":
-        return servicers.SenderServicer(config, metrics, runtime.load_sender_routes(config),
-                                        servicers.Downstream(downstream, kv_pb2_grpc.AdapterStub, config))
-    if kind == "relay":
-        return servicers.RelayServicer(config, metrics, servicers.Downstream(downstream, kv_pb2_grpc.SenderStub, config))
-    raise ValueError(f"unknown service kind {kind!r}; expected one of {KINDS}")
+    name: str
+    proto_service: str  # full name, for health checking and reflection
+    add_to_server: Callable  # (servicer, server) -> None
+    stub: Callable  # channel -> a client stub of this service
+    servicer: str  # class name in services.servicers
+    downstream: str | None  # the kind this one calls, None for the last
 
 
-ADD_SERVICER = {
-    "relay": lambda s, srv: relay_pb2_grpc.add_RelayServicer_to_server(s, srv),
-    "sender": lambda s, srv: kv_pb2_grpc.add_SenderServicer_to_server(s, srv),
-    "adapter": lambda s, srv: kv_pb2_grpc.add_AdapterServicer_to_server(s, srv),
-    "receiver": lambda s, srv: kv_pb2_grpc.add_ReceiverServicer_to_server(s, srv),
-}
+SERVICE_KINDS: dict[str, ServiceKind] = {kind.name: kind for kind in (  # start order: downstream first
+    ServiceKind("receiver", kv_pb2.DESCRIPTOR.services_by_name["Receiver"].full_name, kv_pb2_grpc.add_ReceiverServicer_to_server,
+                kv_pb2_grpc.ReceiverStub, "ReceiverServicer", None),
+    ServiceKind("adapter", kv_pb2.DESCRIPTOR.services_by_name["Adapter"].full_name, kv_pb2_grpc.add_AdapterServicer_to_server,
+                kv_pb2_grpc.AdapterStub, "AdapterServicer", "receiver"),
+    ServiceKind("sender", kv_pb2.DESCRIPTOR.services_by_name["Sender"].full_name, kv_pb2_grpc.add_SenderServicer_to_server,
+                kv_pb2_grpc.SenderStub, "SenderServicer", "adapter"),
+    ServiceKind("relay", relay_pb2.DESCRIPTOR.services_by_name["Relay"].full_name, relay_pb2_grpc.add_RelayServicer_to_server,
+                relay_pb2_grpc.RelayStub, "RelayServicer", "sender"),
+)}
+KINDS = tuple(SERVICE_KINDS)
+
+
+def make_servicer(kind: str, config: ServeConfig, metrics: ServiceMetrics, downstream: list[str], receivers: list[str] = ()):
+    """The servicer of ``kind`` with what it loads (routes, bases) and a channel to each downstream replica
+    (``receivers``: the relay's direct line to the receivers, for on_cache_failure = text)."""
+    from services import servicers
+
+    if kind not in SERVICE_KINDS:
+        raise ValueError(f"unknown service kind {kind!r}; expected one of {KINDS}")
+    spec = SERVICE_KINDS[kind]
+    channels = servicers.Downstream(downstream, SERVICE_KINDS[spec.downstream].stub, config) if spec.downstream else None
+    if kind == "relay" and receivers:
+        return servicers.RelayServicer.build(config, metrics, channels, servicers.Downstream(receivers, SERVICE_KINDS["receiver"].stub, config))
+    return getattr(servicers, spec.servicer).build(config, metrics, channels)
 
 
 def metrics_port_for(config: ServeConfig, kind: str, replica: int) -> int:
@@ -68,8 +81,10 @@ def metrics_port_for(config: ServeConfig, kind: str, replica: int) -> int:
 class ServiceHost:
     """One service: its own asyncio loop in a daemon thread, a grpc.aio server, a metrics endpoint."""
 
-    def __init__(self, kind: str, config: ServeConfig, downstream: list[str], port: int = 0, replica: int = 0) -> None:
-        self.kind, self.config, self.downstream = kind, config, downstream
+    def __init__(self, kind: str, config: ServeConfig, downstream: list[str], port: int = 0, replica: int = 0,
+                 receivers: list[str] = ()) -> None:
+        """``receivers``: the relay's direct line to the receivers (on_cache_failure = text)."""
+        self.kind, self.config, self.downstream, self.receivers = kind, config, downstream, list(receivers)
         self.metrics = ServiceMetrics(kind)
         self.port = port
         self.bind_host = (config.relay_host or config.host) if kind == "relay" else config.host
@@ -78,28 +93,34 @@ class ServiceHost:
         self.thread = threading.Thread(target=self.loop.run_forever, name=f"densecomm-{kind}", daemon=True)
         self.thread.start()
         self.server: grpc.aio.Server | None = None
+        self.servicer = None
         self.run(self._start())
 
     def run(self, coroutine, timeout: float | None = 600):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
     async def _start(self) -> None:
-        servicer = make_servicer(self.kind, self.config, self.metrics, self.downstream)
+        servicer = make_servicer(self.kind, self.config, self.metrics, self.downstream, self.receivers)
         options = [("grpc.max_send_message_length", self.config.max_message_bytes),
                    ("grpc.max_receive_message_length", self.config.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
-        server = grpc.aio.server(futures.ThreadPoolExecutor(max_workers=4), options=options)
-        ADD_SERVICER[self.kind](servicer, server)
+        # auth first (strangers never hold a slot), then bounded admission (and refusal while draining)
+        refused = lambda code: self.metrics.finished("-", code.name)  # noqa: E731  (counted like any other status)
+        self.admission = Admission(self.kind, self.config.max_in_flight, refused)
+        interceptors = [*security.server_interceptors(self.kind, self.config, refused), self.admission]
+        server = grpc.aio.server(futures.ThreadPoolExecutor(max_workers=4), options=options, interceptors=interceptors)
+        spec = SERVICE_KINDS[self.kind]
+        spec.add_to_server(servicer, server)
         health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection((SERVICE_NAMES[self.kind], health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        self.port = server.add_insecure_port(f"{self.bind_host}:{self.port}")
+        reflection.enable_server_reflection((spec.proto_service, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        self.port = security.add_port(server, f"{self.bind_host}:{self.port}", self.kind, self.config)
         await server.start()
-        for name in ("", SERVICE_NAMES[self.kind]):
+        for name in ("", spec.proto_service):
             result = health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
             if asyncio.iscoroutine(result):
                 await result
-        self.server, self.servicer = server, servicer
+        self.server, self.servicer, self.health = server, servicer, health_servicer
         log.info("%s listening on %s:%d (metrics %d)", self.kind, self.config.host, self.port, self.metrics_port)
 
     @property
@@ -107,14 +128,29 @@ class ServiceHost:
         host = self.config.host if self.bind_host in ("0.0.0.0", "::", "[::]") else self.bind_host
         return f"{host}:{self.port}"
 
-    def stop(self, grace: float = 2.0) -> None:
+    async def drain(self, grace: float) -> int:
+        """Graceful drain: health NOT_SERVING first, new calls UNAVAILABLE, admitted calls get up to
+        ``grace`` s to finish; returns how many were still running (they are cancelled by the stop)."""
+        for name in ("", SERVICE_KINDS[self.kind].proto_service):
+            result = self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            if asyncio.iscoroutine(result):
+                await result
+        left = await self.admission.drain(grace)
+        if left:
+            log.warning("%s: %d call(s) still running after the %.1f s drain grace; cancelling them", self.kind, left, grace)
+        return left
+
+    def stop(self, grace: float | None = None) -> None:
+        """Drain (``grace`` s, default the config's drain_grace_s; 0 = stop at once), then stop."""
+        grace = self.config.drain_grace_s if grace is None else grace
+
         async def _stop() -> None:
             if self.server is not None:
-                await self.server.stop(grace)
-            downstream = getattr(getattr(self, "servicer", None), "receivers", None) or getattr(getattr(self, "servicer", None), "adapters", None) \
-                or getattr(getattr(self, "servicer", None), "senders", None)
-            if downstream is not None:
-                await downstream.close()
+                if grace > 0:
+                    await self.drain(grace)
+                await self.server.stop(0)
+            if self.servicer is not None:
+                await self.servicer.close()
 
         try:
             self.run(_stop(), timeout=grace + 10)
@@ -142,7 +178,8 @@ class LocalStack:
         try:
             for kind in KINDS:
                 port = config.relay_port if kind == "relay" else 0
-                self.hosts[kind] = ServiceHost(kind, config, downstream, port=port)
+                receivers = [self.hosts["receiver"].address] if kind == "relay" else []
+                self.hosts[kind] = ServiceHost(kind, config, downstream, port=port, receivers=receivers)
                 downstream = [self.hosts[kind].address]
         except BaseException:
             self.close()
@@ -162,7 +199,7 @@ class LocalStack:
 
     def restart(self, kind: str) -> None:
         old = self.hosts[kind]
-        self.hosts[kind] = ServiceHost(kind, self.config, old.downstream, port=old.port)
+        self.hosts[kind] = ServiceHost(kind, self.config, old.downstream, port=old.port, receivers=old.receivers)
 
     def close(self) -> None:
         for kind in reversed(KINDS):
@@ -209,8 +246,9 @@ class RayStack:
                 res = getattr(config, kind)
                 replicas = 1 if kind == "relay" else res.replicas
                 ports = [config.relay_port if kind == "relay" and config.relay_port else free_port(config.host) for _ in range(replicas)]
+                receivers = self.addresses["receiver"] if kind == "relay" else []
                 actors = [actor_class.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus).remote(
-                    kind, config, downstream, port, replica) for replica, port in enumerate(ports)]
+                    kind, config, downstream, port, replica, receivers) for replica, port in enumerate(ports)]
                 info = ray.get([a.info.remote() for a in actors], timeout=900)
                 self.actors[kind] = actors
                 self.addresses[kind] = [i[0] for i in info]
@@ -227,6 +265,12 @@ class RayStack:
     @property
     def metrics_ports(self) -> dict[str, int]:
         return {kind: ports[0] for kind, ports in self.ports.items()}
+
+    def pids(self, kind: str) -> list[int]:
+        """Process ids of one service's actors (fault injection and RSS in `bench load`)."""
+        import ray
+
+        return ray.get([a.pid.remote() for a in self.actors[kind]], timeout=60)
 
     def crash(self, kind: str) -> None:
         """Kill one service's actors as a crash would; Ray restarts them at the same address."""
@@ -258,7 +302,7 @@ class RayStack:
         for kind in reversed(KINDS):
             for actor in self.actors.pop(kind, []):
                 try:
-                    ray.get(actor.stop.remote(), timeout=30)
+                    ray.get(actor.stop.remote(), timeout=30 + self.config.drain_grace_s)
                 except Exception:
                     pass
                 ray.kill(actor, no_restart=True)
@@ -275,12 +319,18 @@ class RayStack:
 class ServiceActor:
     """Body of a Ray actor hosting one service (wrapped with ray.remote by RayStack)."""
 
-    def __init__(self, kind: str, config: ServeConfig, downstream: list[str], port: int, replica: int = 0) -> None:
+    def __init__(self, kind: str, config: ServeConfig, downstream: list[str], port: int, replica: int = 0,
+                 receivers: list[str] = ()) -> None:
         logging.basicConfig(level=logging.WARNING)
-        self.host = ServiceHost(kind, config, downstream, port=port, replica=replica)
+        self.host = ServiceHost(kind, config, downstream, port=port, replica=replica, receivers=receivers)
 
     def info(self) -> tuple[str, int]:
         return self.host.address, self.host.metrics_port
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
 
     def stop(self) -> None:
         self.host.stop()

@@ -6,6 +6,7 @@
     Codec.prepare(cache) -> KVCache           optional cache-level step before chunking (eviction)
     Codec.for_forwarding() -> Codec           codec for later hops of the same request
     Codec.params -> dict                      what the wire header records to rebuild the codec
+    Codec.bind(cache_fp, rope_applied, bases) the codec for one stream (pca: its basis, from explicit bases)
     get_codec(name, **params)                 registry lookup; CodecError on an unknown name
 
 A chunk is independent: decoding it needs only the header and its own bytes. Decoders treat every
@@ -25,11 +26,13 @@ from densecomm_core.errors import DenseCommError
 
 
 class CodecError(DenseCommError, ValueError):
-    """Base of every wire-format or codec failure."""
+    """Base of every wire-format or codec failure (a request's codec or its parameters are wrong)."""
+
+    status = "INVALID_ARGUMENT"
 
 
 class BadMagicError(CodecError):
-    pass
+    status = "DATA_LOSS"
 
 
 class UnsupportedVersionError(CodecError):
@@ -40,23 +43,29 @@ class UnknownCodecError(CodecError):
     pass
 
 
-class ChecksumError(CodecError):
+class DataLossError(CodecError):
+    """The bytes of a stream were damaged or lost on the way (checksum, truncation, missing chunks)."""
+
+    status = "DATA_LOSS"
+
+
+class ChecksumError(DataLossError):
     pass
 
 
-class TruncatedError(CodecError):
+class TruncatedError(DataLossError):
     pass
 
 
-class MissingChunkError(CodecError):
+class MissingChunkError(DataLossError):
     pass
 
 
-class DuplicateChunkError(CodecError):
+class DuplicateChunkError(DataLossError):
     pass
 
 
-class OutOfOrderChunkError(CodecError):
+class OutOfOrderChunkError(DataLossError):
     pass
 
 
@@ -65,7 +74,7 @@ class ShapeMismatchError(CodecError):
 
 
 class LimitExceededError(CodecError):
-    pass
+    status = "RESOURCE_EXHAUSTED"
 
 
 @dataclass(frozen=True)
@@ -110,10 +119,11 @@ class Codec(ABC):
         and the receiving side re-applies its own (the header records ``rope_applied``)."""
         return False
 
-    def bind(self, cache_fingerprint: str, rope_applied: bool, candidates: tuple[str, ...] | None = None) -> Codec:
-        """The codec as it encodes a stream of that cache space (``KVCache.fingerprint``) and RoPE state;
-        identity unless the codec depends on them (``pca`` picks that space's basis, among ``candidates``
-        when given, and names it in the header)."""
+    def bind(self, cache_fingerprint: str, rope_applied: bool, bases=None) -> Codec:
+        """The codec as it codes a stream of that cache space (``KVCache.fingerprint``) and RoPE state;
+        identity unless the codec depends on them (``pca`` resolves its basis among ``bases``, a
+        ``transform.KVBases``, and names it in the header). Encoders bind before the header, decoders
+        after reading it."""
         return self
 
     def for_layer(self, layer: int) -> Codec:

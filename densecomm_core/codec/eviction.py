@@ -16,6 +16,7 @@ Encoding of the kept tokens is delegated to an inner codec (``lossless`` by defa
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -134,11 +135,13 @@ class EvictionCodec(Codec):
     def for_forwarding(self) -> Codec:
         return self.inner
 
-    def bind(self, cache_fingerprint: str, rope_applied: bool, candidates: tuple[str, ...] | None = None) -> Codec:
-        inner = self.inner.bind(cache_fingerprint, rope_applied, candidates)
+    def bind(self, cache_fingerprint: str, rope_applied: bool, bases=None) -> Codec:
+        inner = self.inner.bind(cache_fingerprint, rope_applied, bases)
         if inner is self.inner:
             return self
-        return EvictionCodec(self.keep, self.window, self.obf_rank, self.inner_name, inner.params)
+        bound = copy.copy(self)
+        bound.inner, bound.inner_params = inner, dict(inner.params)
+        return bound
 
     def for_layer(self, layer: int) -> Codec:
         return self.inner.for_layer(layer)  # kept tokens are coded by the inner codec

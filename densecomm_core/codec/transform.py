@@ -15,11 +15,13 @@ component-major codes, int8 unless a chunk needs wider) stores those runs in nex
 bits go where the variance is without any explicit allocation.
 
 The bases come from calibration (``KVBasis.fit`` on a model's own caches, ``densecomm codec calibrate``)
-and live beside the model as ``kv_basis.safetensors``; both ends of a hop load them
-(``register_basis``). The wire header names the basis by its content fingerprint, never by path, and
-a decoder without that basis refuses the stream (``UnknownBasisError``). ``basis="auto"`` picks the
-registered basis of the cache's own space when the stream is encoded (``Codec.bind``), so one codec
-spec serves both hops of a relay.
+and live beside the model as ``kv_basis.safetensors``; both ends of a hop load them into a ``KVBases``
+that is passed to the encoder and decoder (``Codec.bind``; ``register_basis`` fills a process-wide
+default for callers that pass none). The wire header names the basis by its content fingerprint,
+never by path, and a decoder without that basis refuses the stream (``UnknownBasisError``).
+``basis="auto"`` picks the basis of the cache's own space when the stream is encoded, so one codec
+spec serves both hops of a relay. Building the codec resolves nothing: a relay ingress that holds no
+bases validates a request naming a basis as well as the sender that holds it.
 
 Keys are coded RoPE-stripped by default (``strip_rope``): the position-dependent rotation smears each
 principal direction over a plane, so rotated keys cost more bits for more error (the ``rotated`` row
@@ -31,8 +33,10 @@ which knows its model, re-applies it (``round_trip(..., model=)`` in process; th
 
 from __future__ import annotations
 
+import copy
+import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -143,12 +147,56 @@ class KVBasis:
         return basis
 
 
+@dataclass(frozen=True)
+class KVBases:
+    """The KV bases one side of a hop holds (its route's), by fingerprint: passed to encoders and decoders
+    explicitly, so what a process can code never depends on what else it happened to load."""
+
+    by_fingerprint: dict = field(default_factory=dict)  # fingerprint -> KVBasis, in load order
+
+    @classmethod
+    def of(cls, *bases: KVBasis) -> KVBases:
+        return cls({b.fingerprint: b for b in bases})
+
+    @classmethod
+    def load(cls, *directories: str | Path) -> KVBases:
+        """The ``kv_basis.safetensors`` of each directory that has one (model or adapter dirs)."""
+        return cls.of(*(KVBasis.load(Path(d) / BASIS_FILE) for d in directories if (Path(d) / BASIS_FILE).is_file()))
+
+    @property
+    def fingerprints(self) -> tuple[str, ...]:
+        return tuple(self.by_fingerprint)
+
+    def __len__(self) -> int:
+        return len(self.by_fingerprint)
+
+    def __contains__(self, fingerprint: str) -> bool:
+        return fingerprint in self.by_fingerprint
+
+    def get(self, fingerprint: str) -> KVBasis:
+        basis = self.by_fingerprint.get(fingerprint)
+        if basis is None:
+            raise UnknownBasisError(f"KV basis {fingerprint!r} is not loaded here; load the sender's or adapter's {BASIS_FILE}")
+        return basis
+
+    def for_space(self, cache_fingerprint: str, rope_applied: bool) -> KVBasis:
+        """The most recently added basis fitted on that cache space in that RoPE state."""
+        matches = [b for b in self.by_fingerprint.values() if (b.cache_fingerprint, b.rope_applied) == (cache_fingerprint, rope_applied)]
+        if not matches:
+            state = "RoPE applied" if rope_applied else "RoPE stripped"
+            raise UnknownBasisError(f"no KV basis is loaded for cache space {cache_fingerprint!r} with {state}; "
+                                    f"calibrate one (densecomm codec calibrate) and load its {BASIS_FILE}")
+        return matches[-1]
+
+
+# A process-wide default for callers that pass no ``KVBases`` (notebooks, training scripts): thin
+# wrappers over one dict. Services never use it: each hop gets its route's bases explicitly.
 _REGISTRY: dict[str, KVBasis] = {}
 _LOCK = threading.Lock()
 
 
 def register_basis(basis: KVBasis) -> str:
-    """Make ``basis`` available to encoders (``basis="auto"`` on its cache space) and decoders; returns its fingerprint."""
+    """Add ``basis`` to the process-wide default bases; returns its fingerprint."""
     with _LOCK:
         _REGISTRY[basis.fingerprint] = basis
     return basis.fingerprint
@@ -156,29 +204,17 @@ def register_basis(basis: KVBasis) -> str:
 
 def load_bases(*directories: str | Path) -> list[str]:
     """Register the ``kv_basis.safetensors`` of each directory that has one (model or adapter dirs)."""
-    return [register_basis(KVBasis.load(Path(d) / BASIS_FILE)) for d in directories if (Path(d) / BASIS_FILE).is_file()]
+    return [register_basis(b) for b in KVBases.load(*directories).by_fingerprint.values()]
+
+
+def default_bases() -> KVBases:
+    """A snapshot of the process-wide default bases."""
+    with _LOCK:
+        return KVBases(dict(_REGISTRY))
 
 
 def registered_basis(fingerprint: str) -> KVBasis:
-    with _LOCK:
-        basis = _REGISTRY.get(fingerprint)
-    if basis is None:
-        raise UnknownBasisError(f"KV basis {fingerprint!r} is not loaded here; load the sender's or adapter's {BASIS_FILE}")
-    return basis
-
-
-def basis_for_space(cache_fingerprint: str, rope_applied: bool, candidates: tuple[str, ...] | None = None) -> KVBasis:
-    """The most recently registered basis fitted on that cache space in that RoPE state (only among
-    ``candidates`` when given: a service binds to its own route's bases, not another model's of the same
-    geometry)."""
-    with _LOCK:
-        matches = [b for fp, b in _REGISTRY.items() if (b.cache_fingerprint, b.rope_applied) == (cache_fingerprint, rope_applied)
-                   and (candidates is None or fp in candidates)]
-    if not matches:
-        state = "RoPE applied" if rope_applied else "RoPE stripped"
-        raise UnknownBasisError(f"no KV basis is loaded for cache space {cache_fingerprint!r} with {state}; "
-                                f"calibrate one (densecomm codec calibrate) and load its {BASIS_FILE}")
-    return matches[-1]
+    return default_bases().get(fingerprint)
 
 
 class TransformCodec(Codec):
@@ -192,16 +228,13 @@ class TransformCodec(Codec):
                 raise CodecError(f"{field} must be a number in [0.001, 10] (step / rms of the layer's coefficients), got {value!r}")
         if not isinstance(strip_rope, bool):
             raise CodecError(f"strip_rope must be true or false, got {strip_rope!r}")
-        if not isinstance(basis, str) or not basis:
-            raise CodecError(f"basis must be 'auto' or a basis fingerprint, got {basis!r}")
+        if not isinstance(basis, str) or not (basis == "auto" or re.fullmatch(r"[0-9a-f]{1,64}", basis)):
+            raise CodecError(f"basis must be 'auto' or a basis fingerprint (hex digits), got {basis!r}")
         if not isinstance(level, int) or not -7 <= level <= 19:
             raise CodecError(f"level must be an integer in [-7, 19], got {level!r}")
         self.key_step, self.value_step, self.strip_rope, self.level = float(key_step), float(value_step), strip_rope, level
         self.basis_name, self.layer = basis, layer
-        self.kv_basis = None if basis == "auto" else registered_basis(basis)
-        if self.kv_basis is not None and self.kv_basis.rope_applied == strip_rope:
-            raise CodecError(f"basis {basis!r} was fitted on keys with RoPE {'applied' if strip_rope else 'stripped'}, "
-                             f"but strip_rope={str(strip_rope).lower()}")
+        self.kv_basis: KVBasis | None = None  # resolved by bind, from the bases the caller holds
 
     @property
     def params(self) -> dict:
@@ -212,23 +245,35 @@ class TransformCodec(Codec):
     def strips_rope(self) -> bool:
         return self.strip_rope
 
-    def _with(self, basis: str, layer: int | None = None) -> TransformCodec:
-        return TransformCodec(self.key_step, self.value_step, self.strip_rope, basis, self.level, layer)
-
-    def bind(self, cache_fingerprint: str, rope_applied: bool, candidates: tuple[str, ...] | None = None) -> Codec:
+    def bind(self, cache_fingerprint: str, rope_applied: bool, bases: KVBases | None = None) -> Codec:
+        """Resolve the basis among ``bases`` (the process-wide default when None): the named one, which
+        must be fitted on this cache space, or with ``basis="auto"`` that space's latest."""
         if rope_applied and self.strip_rope:
             raise CodecError("pca (strip_rope=true) codes RoPE-stripped keys: ship the cache stripped "
                              "(rope.strip_rope; the receiving side re-applies its rotation) or set strip_rope=false")
-        if self.kv_basis is not None:
-            return self
-        return self._with(basis_for_space(cache_fingerprint, rope_applied, candidates).fingerprint)
+        bases = default_bases() if bases is None else bases
+        if self.basis_name == "auto":
+            kv_basis = bases.for_space(cache_fingerprint, rope_applied)
+        else:
+            kv_basis = bases.get(self.basis_name)
+            if kv_basis.rope_applied == self.strip_rope:
+                raise CodecError(f"basis {self.basis_name!r} was fitted on keys with RoPE {'applied' if self.strip_rope else 'stripped'}, "
+                                 f"but strip_rope={str(self.strip_rope).lower()}")
+            if (kv_basis.cache_fingerprint, kv_basis.rope_applied) != (cache_fingerprint, rope_applied):
+                raise CodecError(f"basis {self.basis_name!r} was fitted on cache space {kv_basis.cache_fingerprint!r}, "
+                                 f"this stream is {cache_fingerprint!r}: name each hop's own basis (or basis='auto')")
+        bound = copy.copy(self)
+        bound.basis_name, bound.kv_basis = kv_basis.fingerprint, kv_basis
+        return bound
 
     def for_layer(self, layer: int) -> Codec:
         if self.kv_basis is None:
             raise CodecError("the pca codec must be bound to a basis before encoding (basis='auto' is resolved per stream)")
         if not 0 <= layer < self.kv_basis.num_layers:
             raise CodecError(f"layer {layer} is outside the KV basis's {self.kv_basis.num_layers} layers")
-        return self._with(self.basis_name, layer)
+        bound = copy.copy(self)
+        bound.layer = layer
+        return bound
 
     def _sides(self) -> tuple[SideBasis, SideBasis]:
         if self.layer is None:

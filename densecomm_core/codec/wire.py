@@ -161,14 +161,17 @@ def layer_frames(header: WireHeader, codec: Codec, layer: int, keys: torch.Tenso
             for seq, (chunk_layer, start, count) in enumerate(header.chunk_ranges()) if chunk_layer == layer]
 
 
-def iter_encode_parts(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, workers: int = 1) -> Iterator[list]:
-    """Yield the header frame, then chunk frames in sequence order, each frame as a list of buffers
-    (``workers`` encode chunks in parallel)."""
+def start_stream(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, bases=None) -> tuple[KVCache, Codec, WireHeader]:
+    """(the cache as coded, the codec bound to its space among ``bases``, the header): what the first
+    frame needs, computed eagerly so a bad codec or a missing basis fails before any frame is sent."""
     cache = codec.prepare(cache)
-    codec = codec.bind(cache.fingerprint, cache.rope_applied)
-    header = make_header(cache, codec, chunk_tokens)
-    yield [header_frame(header)]
+    codec = codec.bind(cache.fingerprint, cache.rope_applied, bases)
+    return cache, codec, make_header(cache, codec, chunk_tokens)
 
+
+def iter_chunk_parts(cache: KVCache, codec: Codec, header: WireHeader, workers: int = 1) -> Iterator[list]:
+    """The chunk frames of a started stream in sequence order, each as a list of buffers
+    (``workers`` encode chunks in parallel)."""
     def encode_one(item: tuple[int, tuple[int, int, int]]) -> list:
         seq, (layer, start, count) = item
         return encode_chunk(codec, seq, layer, start, count, cache.keys[layer], cache.values[layer])
@@ -180,15 +183,33 @@ def iter_encode_parts(cache: KVCache, codec: Codec, chunk_tokens: int | None = N
         yield from worker_pool(workers).map(encode_one, items)  # zstd and numpy release the GIL
 
 
-def iter_encode(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, workers: int = 1) -> Iterator[bytes]:
+def iter_encode_parts(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, workers: int = 1, bases=None) -> Iterator[list]:
+    """Yield the header frame, then chunk frames in sequence order, each frame as a list of buffers
+    (``workers`` encode chunks in parallel)."""
+    cache, codec, header = start_stream(cache, codec, chunk_tokens, bases)
+    yield [header_frame(header)]
+    yield from iter_chunk_parts(cache, codec, header, workers)
+
+
+def iter_encode(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, workers: int = 1, bases=None) -> Iterator[bytes]:
     """Yield the header frame, then chunk frames in sequence order, each as one byte string."""
-    for parts in iter_encode_parts(cache, codec, chunk_tokens, workers):
+    for parts in iter_encode_parts(cache, codec, chunk_tokens, workers, bases):
         yield b"".join(parts)
 
 
-def encode_cache(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, workers: int = 1) -> bytes:
+def encode_cache(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, workers: int = 1, bases=None) -> bytes:
     """The whole stream as one byte string (frames concatenated; big buffers are copied once)."""
-    return b"".join(part for parts in iter_encode_parts(cache, codec, chunk_tokens, workers) for part in parts)
+    return b"".join(part for parts in iter_encode_parts(cache, codec, chunk_tokens, workers, bases) for part in parts)
+
+
+def is_chunk(frame: bytes | memoryview) -> bool:
+    """Whether ``frame`` is a chunk frame (by its magic; its checksum is checked when it is decoded)."""
+    return bytes(frame[:4]) == CHUNK_MAGIC
+
+
+def is_header(frame: bytes | memoryview) -> bool:
+    """Whether ``frame`` is a header frame (by its magic)."""
+    return bytes(frame[:4]) == HEADER_MAGIC
 
 
 # ---- decoding -------------------------------------------------------------------------------------
@@ -264,8 +285,10 @@ class ChunkEvent:
 class StreamDecoder:
     """Feed frames one at a time (header first); get chunk events; ``finish()`` returns the KVCache."""
 
-    def __init__(self, limits: DecodeLimits = DecodeLimits(), strict_order: bool = True) -> None:
-        self.limits, self.strict_order = limits, strict_order
+    def __init__(self, limits: DecodeLimits = DecodeLimits(), strict_order: bool = True, bases=None) -> None:
+        """``bases``: the ``transform.KVBases`` a pca stream's basis is looked up in (the process-wide
+        default when None)."""
+        self.limits, self.strict_order, self.bases = limits, strict_order, bases
         self.header: WireHeader | None = None
         self.codec: Codec | None = None
         self.keys: list[torch.Tensor | None] = []
@@ -278,7 +301,7 @@ class StreamDecoder:
         self.wire_bytes += len(frame)
         if self.header is None:
             self.header = parse_header(bytes(frame), self.limits)
-            self.codec = get_codec(self.header.codec, **self.header.params)
+            self.codec = get_codec(self.header.codec, **self.header.params).bind(self.header.fingerprint, self.header.rope_applied, self.bases)
             self.keys = [None] * len(self.header.layers)
             self.values = [None] * len(self.header.layers)
             self.pending_per_layer = [0] * len(self.header.layers)
@@ -382,10 +405,11 @@ def split_frames(blob: bytes | memoryview) -> Iterator[memoryview]:
 
 
 def decode_frames(
-    frames: Iterable[bytes | memoryview], limits: DecodeLimits = DecodeLimits(), strict_order: bool = True, workers: int = 1
+    frames: Iterable[bytes | memoryview], limits: DecodeLimits = DecodeLimits(), strict_order: bool = True, workers: int = 1,
+    bases=None,
 ) -> KVCache:
     """Decode a header frame and its chunk frames; ``workers`` > 1 decodes chunks in parallel threads."""
-    decoder = StreamDecoder(limits, strict_order)
+    decoder = StreamDecoder(limits, strict_order, bases)
     frames = iter(frames)
     for frame in frames:
         decoder.feed(frame)
@@ -399,28 +423,13 @@ def decode_frames(
     return decoder.finish()
 
 
-def decode_cache(blob: bytes, limits: DecodeLimits = DecodeLimits(), workers: int = 1) -> KVCache:
+def decode_cache(blob: bytes, limits: DecodeLimits = DecodeLimits(), workers: int = 1, bases=None) -> KVCache:
     """Inverse of ``encode_cache``."""
-    return decode_frames(split_frames(blob), limits, workers=workers)
+    return decode_frames(split_frames(blob), limits, workers=workers, bases=bases)
 
 
-def round_trip(cache: KVCache, codec: Codec, dtype: torch.dtype = torch.bfloat16, on_payload=None, model=None) -> KVCache:
-    """``cache`` as a receiver gets it through ``codec``: one wire payload per request (no batch padding),
-    shipped in ``dtype``, decoded and re-batched in the cache's own dtype. ``on_payload(raw, wire)``
-    sees each request's byte counts. A codec that codes RoPE-stripped keys needs the cache's ``model``
-    (a RopeModel): its rotation is stripped before encoding and re-applied after, as the services do."""
-    if codec.strips_rope and cache.rope_applied:
-        if model is None:
-            raise CodecError(f"{codec.name} codes RoPE-stripped keys: round_trip needs the cache's model to strip and restore RoPE")
-        from densecomm_core.rope import restore_rope, strip_rope
+def round_trip(cache: KVCache, codec: Codec, dtype: torch.dtype = torch.bfloat16, on_payload=None, model=None, bases=None) -> KVCache:
+    """``densecomm_core.hop.round_trip`` (kept here for callers of the codec package)."""
+    from densecomm_core.hop import round_trip as hop_round_trip
 
-        return restore_rope(round_trip(strip_rope(cache, model), codec, dtype, on_payload), model, dtype=cache.dtype)
-    rows = []
-    for b in range(cache.batch_size):
-        shipped = cache.rows([b]).trimmed().to(dtype=dtype)
-        blob = encode_cache(shipped, codec)
-        if on_payload is not None:
-            on_payload(shipped.nbytes, len(blob))
-        rows.append(decode_cache(blob).to(dtype=cache.dtype))
-    return KVCache.stack_rows(rows)
-
+    return hop_round_trip(cache, codec, dtype=dtype, on_payload=on_payload, model=model, bases=bases)

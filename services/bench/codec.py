@@ -26,8 +26,10 @@ import torch
 import zstandard
 
 from densecomm_core.cache import KVCache
-from densecomm_core.codec import decode_cache, encode_cache, get_codec, round_trip
+from densecomm_core.codec import get_codec
 from densecomm_core.codec.bytes import tensor_bytes
+from densecomm_core.codec.transform import KVBases
+from densecomm_core.hop import HopDecoder, HopEncoder, round_trip
 
 CODECS: list[tuple[str, str, dict]] = [
     ("raw", "raw", {}),
@@ -93,25 +95,22 @@ def qwen3_4b_geometry(tokens: int = 180, seed: int = 0):
     return model, sender_prefill(model, [text])
 
 
-def calibrate_stand_in(model, per_family: int = 30) -> None:
-    """Fit and register the stand-in's KV bases (pca rows; stripped and rotated keys) on train-split
-    contexts, not the measured text."""
+def calibrate_stand_in(model, per_family: int = 30) -> KVBases:
+    """The stand-in's KV bases (pca rows; stripped and rotated keys), fitted on train-split contexts,
+    not the measured text."""
     from densecomm_core.codec.calibrate import calibrate
-    from densecomm_core.codec.transform import register_basis
     from densecomm_core.zoo import tasks
 
     texts = [e.context for e in tasks.make_split("train", per_family)]
-    for strip in (False, True):
-        register_basis(calibrate(model, texts, strip_rope=strip)[0])
+    return KVBases.of(*(calibrate(model, texts, strip_rope=strip)[0] for strip in (False, True)))
 
 
 @functools.cache
-def load_zoo_bases() -> None:
+def load_zoo_bases() -> KVBases:
     """The committed bases (RoPE-stripped keys), plus bases of rotated keys fitted here the same way
     (for the ``rotated`` row)."""
     from densecomm_core.adapter import DenseAdapter
     from densecomm_core.codec.calibrate import calibrate
-    from densecomm_core.codec.transform import load_bases, register_basis
     from densecomm_core.zoo import tasks
     from densecomm_core.zoo.build import SENDER_SPEC
     from densecomm_core.zoo.pair import (
@@ -124,9 +123,8 @@ def load_zoo_bases() -> None:
     sender, receiver = load_zoo_pair()
     adapter = DenseAdapter.load(zoo_adapter_dir(), sender.geometry, receiver.geometry)
     texts = [e.context for e in tasks.make_split("train", BASIS_CALIBRATION_PER_FAMILY)]
-    for basis in calibrate(sender, texts, adapter, receiver, strip_rope=False):
-        register_basis(basis)
-    load_bases(zoo_root() / SENDER_SPEC.name, zoo_adapter_dir())
+    committed = KVBases.load(zoo_root() / SENDER_SPEC.name, zoo_adapter_dir())
+    return KVBases.of(*calibrate(sender, texts, adapter, receiver, strip_rope=False), *committed.by_fingerprint.values())
 
 
 def zoo_caches(per_family: int = 20):
@@ -136,7 +134,6 @@ def zoo_caches(per_family: int = 20):
     from densecomm_core.zoo.pair import load_zoo_pair
 
     sender, _ = load_zoo_pair()
-    load_zoo_bases()
     return sender, [sender_prefill(sender, [e.context]).to(dtype=torch.bfloat16) for e in tasks.make_split("test", per_family)]
 
 
@@ -149,19 +146,31 @@ def best_of(repeats: int, fn) -> tuple[float, object]:
     return best, result
 
 
-def measure(cache_name: str, model, caches: list[KVCache], repeats: int, workers: int) -> list[CodecRow]:
-    """Every codec over ``caches`` of ``model`` (each one request), then zstd -1 over each cache's raw bytes."""
+def encode_hop(cache: KVCache, codec, bases: KVBases, workers: int) -> list[bytes]:
+    encoder = HopEncoder(codec, bases, workers=workers)
+    return list(encoder.frames(cache))
+
+
+def decode_hop(frames: list[bytes], bases: KVBases, workers: int) -> KVCache:
+    decoder = HopDecoder(bases=bases)
+    decoder.feed_all(frames, workers)
+    return decoder.finish()
+
+
+def measure(cache_name: str, model, caches: list[KVCache], repeats: int, workers: int, bases: KVBases) -> list[CodecRow]:
+    """Every codec over ``caches`` of ``model`` (each one request, one hop's encoder and decoder), then
+    zstd -1 over each cache's raw bytes."""
     from densecomm_core.rope import strip_rope
 
     raw_bytes = sum(c.nbytes for c in caches)
-    stripped = [strip_rope(c, model).to(dtype=c.dtype) for c in caches]
+    stripped = [strip_rope(c, model).to(dtype=c.dtype) for c in caches]  # the sender's work, outside the timing
     rows = []
     for label, name, params in CODECS:
         codec = get_codec(name, **params)
         shipped = stripped if codec.strips_rope else caches
-        encode_s, blobs = best_of(repeats, lambda: [encode_cache(c, codec, workers=workers) for c in shipped])
-        decode_s, _ = best_of(repeats, lambda: [decode_cache(b, workers=workers) for b in blobs])
-        wire = sum(len(b) for b in blobs)
+        encode_s, streams = best_of(repeats, lambda: [encode_hop(c, codec, bases, workers) for c in shipped])
+        decode_s, _ = best_of(repeats, lambda: [decode_hop(frames, bases, workers) for frames in streams])
+        wire = sum(len(f) for frames in streams for f in frames)
         rows.append(CodecRow(cache_name, label, raw_bytes / 1e6, raw_bytes / wire, raw_bytes / encode_s / 1e6, raw_bytes / decode_s / 1e6))
     raws = [b"".join(tensor_bytes(t) for t in (*c.keys, *c.values)) for c in caches]
     compressor = zstandard.ZstdCompressor(level=1, threads=workers if workers > 1 else 0)
@@ -182,7 +191,7 @@ def accuracy_through_codecs(per_family: int, hops: tuple[int, ...] = (0, 1)) -> 
 
     sender, receiver = load_zoo_pair()
     adapter = DenseAdapter.load(zoo_adapter_dir(), sender.geometry, receiver.geometry)
-    load_zoo_bases()
+    bases = load_zoo_bases()
     examples = tasks.make_split("test", per_family)
     results = []
     for label, name, params in CODECS:
@@ -200,7 +209,7 @@ def accuracy_through_codecs(per_family: int, hops: tuple[int, ...] = (0, 1)) -> 
                 return cache
             # One bf16 wire payload per request, as the services ship them.
             return round_trip(cache, codec if hop == 0 else codec.for_forwarding(), on_payload=count,
-                              model=sender if hop == 0 else receiver)
+                              model=sender if hop == 0 else receiver, bases=bases)
 
         relay = DenseRelay(sender, receiver, adapter, channel=channel)
         row = {"codec": label}
@@ -217,8 +226,7 @@ def profile_lossless(cache: KVCache, workers: int) -> str:
     codec = get_codec("lossless")
     profiler = cProfile.Profile()
     profiler.enable()
-    blob = encode_cache(cache, codec, workers=1)
-    decode_cache(blob, workers=1)
+    decode_hop(encode_hop(cache, codec, KVBases(), 1), KVBases(), 1)
     profiler.disable()
     out = io.StringIO()
     pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(12)

@@ -18,6 +18,7 @@ from densecomm_core.codec import (
 from densecomm_core.codec.base import CodecError
 from densecomm_core.codec.transform import (
     BASIS_FILE,
+    KVBases,
     KVBasis,
     UnknownBasisError,
     load_bases,
@@ -122,7 +123,7 @@ def test_rope_state_is_part_of_the_contract(basis, tiny_pair):
     with pytest.raises(CodecError, match="needs the cache's model"):
         round_trip(rotated, get_codec("pca"))
     with pytest.raises(CodecError, match="fitted on keys with RoPE stripped"):
-        get_codec("pca", strip_rope=False, basis=basis.fingerprint)
+        get_codec("pca", strip_rope=False, basis=basis.fingerprint).bind("pca-test-space", True)
     with pytest.raises(CodecError, match="must not strip RoPE"):
         get_codec("eviction", keep=0.5, inner="pca")
 
@@ -168,10 +169,38 @@ def test_geometry_that_disagrees_with_the_basis_is_refused(basis):
 
 @pytest.mark.parametrize("params, message", [({"key_step": 0}, "key_step"), ({"value_step": "x"}, "value_step"),
                                              ({"strip_rope": 1}, "strip_rope"), ({"basis": ""}, "basis"),
-                                             ({"basis": "f" * 32}, "not loaded"), ({"level": 40}, "level")])
+                                             ({"basis": "not/hex"}, "basis"), ({"level": 40}, "level")])
 def test_bad_parameters(registry, params, message):
     with pytest.raises(CodecError, match=message):
         get_codec("pca", **params)
+
+
+def test_a_named_basis_is_resolved_when_bound_not_when_built(basis):
+    """Building the codec needs no bases (a relay ingress holds none); binding needs the named one, in its space."""
+    codec = get_codec("pca", basis="f" * 32)
+    assert codec.params["basis"] == "f" * 32
+    with pytest.raises(UnknownBasisError, match="not loaded"):
+        codec.bind("pca-test-space", False, KVBases.of(basis))
+    named = get_codec("pca", basis=basis.fingerprint)
+    assert named.bind("pca-test-space", False, KVBases.of(basis)).kv_basis is basis
+    with pytest.raises(CodecError, match="fitted on cache space 'pca-test-space'"):
+        named.bind("another-space", False, KVBases.of(basis))
+
+
+def test_explicit_bases_need_no_process_wide_registry(registry, basis, tmp_path):
+    """Encoder and decoder each get their KVBases; the process-wide default stays empty."""
+    registry.clear()
+    basis.save(tmp_path / BASIS_FILE)
+    bases = KVBases.load(tmp_path)
+    assert bases.fingerprints == (basis.fingerprint,) and not registry
+    cache = correlated_cache(seed=21)
+    blob = encode_cache(cache, get_codec("pca", key_step=0.05, value_step=0.05), bases=bases)
+    out = decode_cache(blob, bases=bases)
+    assert torch.allclose(out.keys[0], cache.keys[0], atol=0.5)  # step 0.05 · rms ≈ 0.17: a few half-steps at most
+    with pytest.raises(UnknownBasisError, match=basis.fingerprint):
+        decode_cache(blob, bases=KVBases())
+    with pytest.raises(UnknownBasisError, match="no KV basis"):
+        encode_cache(cache, get_codec("pca"))  # nothing registered process-wide
 
 
 def test_bind_prefers_the_callers_bases_among_those_of_one_space(basis):
@@ -179,6 +208,6 @@ def test_bind_prefers_the_callers_bases_among_those_of_one_space(basis):
     register_basis(other)
     codec = get_codec("pca")
     assert codec.bind("pca-test-space", False).params["basis"] == other.fingerprint  # the latest by default
-    assert codec.bind("pca-test-space", False, (basis.fingerprint,)).params["basis"] == basis.fingerprint
+    assert codec.bind("pca-test-space", False, KVBases.of(basis)).params["basis"] == basis.fingerprint
     with pytest.raises(UnknownBasisError, match="no KV basis"):
-        codec.bind("pca-test-space", False, ())
+        codec.bind("pca-test-space", False, KVBases())

@@ -24,6 +24,7 @@ def random_route(tmp_path_factory) -> dict:
     geometries = []
     for spec in (SENDER_SPEC, RECEIVER_SPEC):
         model = build_model(spec, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+        model.config.max_position_embeddings = 8192  # RoPE runs past the zoo's 256: long generations on demand
         model.save_pretrained(root / spec.name)
         tokenizer.save_pretrained(root / spec.name)
         geometries.append(geometry_of(model))

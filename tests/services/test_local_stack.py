@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import urllib.request
 
@@ -59,7 +60,20 @@ def test_final_stats_account_for_bytes_tokens_flops_and_stages(stack, zoo_pair):
     assert stages >= {"prefill", "encode", "transfer", "transform", "decode", "first_token", "generate", "end_to_end"}
 
 
-def test_receiver_holds_layer_0_before_the_sender_sent_its_last_chunk(stack):
+def test_receiver_holds_layer_0_before_the_sender_sent_its_last_chunk(stack, monkeypatch):
+    """Layers stream: while the sender is still encoding later chunks, the receiver already holds layer 0.
+    The zoo's whole cache (~50 KB) fits in gRPC's flow-control window, so an overlapped sender would hand
+    it all over at once; each chunk costs 5 ms of encoding here, as a large cache's chunks do."""
+    from densecomm_core.hop import HopEncoder
+
+    encode = HopEncoder.chunk_parts
+
+    def slow_chunk_parts(self):
+        for parts in encode(self):
+            time.sleep(0.005)
+            yield parts
+
+    monkeypatch.setattr(HopEncoder, "chunk_parts", slow_chunk_parts)
     stats = run(collect(stack.relay_address, build_request(EXAMPLES[2].context, max_new_tokens=4)))[-1].stats
     assert stats.hops[0].chunks > 8  # chunk_tokens=4: many chunks per request
     assert 0 < stats.receiver_layer0_unix < stats.sender_last_chunk_unix
@@ -79,12 +93,15 @@ def test_pca_ships_stripped_keys_and_answers_like_the_in_process_relay(stack, zo
     import torch
 
     from densecomm_core.codec import round_trip
+    from services.config import zoo_route
+    from services.runtime import route_bases
 
     sender, receiver = zoo_pair
-    codec = get_codec("pca")  # the zoo's committed bases are loaded with the route (and by this process's stack)
+    codec = get_codec("pca")
+    bases = route_bases(zoo_route())  # the zoo's committed bases, as the services load them with the route
 
     def channel(cache, hop):
-        return round_trip(cache, codec, dtype=torch.float32, model=sender if hop == 0 else receiver)
+        return round_trip(cache, codec, dtype=torch.float32, model=sender if hop == 0 else receiver, bases=bases)
 
     relay = DenseRelay(sender, receiver, zoo_adapter, channel=channel)
     expected = relay.run([e.context for e in EXAMPLES], ContextMode.UNAWARE, GenerationConfig(max_new_tokens=24)).texts
@@ -93,6 +110,26 @@ def test_pca_ships_stripped_keys_and_answers_like_the_in_process_relay(stack, zo
         assert stats.text == want
         assert [hop.codec for hop in stats.hops] == ["pca", "pca"]
         assert all(hop.wire_bytes * 3 < hop.raw_bytes for hop in stats.hops)
+
+
+def zoo_sender_basis(zoo_pair) -> str:
+    from services.config import zoo_route
+    from services.runtime import route_bases
+
+    sender, _ = zoo_pair
+    return route_bases(zoo_route()).for_space(sender.geometry.fingerprint(), False).fingerprint
+
+
+def test_a_named_pca_basis_codes_its_own_hop_only(stack, zoo_pair):
+    """Naming the sender's basis: valid at the ingress (which holds no bases), used on the first hop; the
+    second hop needs its own (receiver_codec), else the adapter names both cache spaces."""
+    params = json.dumps({"basis": zoo_sender_basis(zoo_pair)})
+    request = build_request(EXAMPLES[0].context, codec="pca", codec_params=params, receiver_codec="pca", max_new_tokens=8)
+    stats = run(collect(stack.relay_address, request))[-1].stats
+    assert [hop.codec for hop in stats.hops] == ["pca", "pca"] and stats.text
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        run(collect(stack.relay_address, build_request(EXAMPLES[0].context, codec="pca", codec_params=params)))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "name each hop's own basis" in info.value.details()
 
 
 def test_receiver_codec_compresses_only_the_second_hop(stack):

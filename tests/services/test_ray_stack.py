@@ -33,6 +33,20 @@ def test_ray_hosted_answers_equal_the_in_process_relay(ray_stack, zoo_pair, zoo_
     assert got == expected
 
 
+def test_a_named_pca_basis_is_valid_at_the_ingress_actor_that_loads_no_bases(ray_stack, zoo_pair):
+    """The relay actor holds no bases; a request naming the sender's basis by fingerprint passes its
+    validation there and is coded with the sender's and adapter's own (it used to be INVALID_ARGUMENT
+    here and OK in the in-process stack, whose services shared one process-wide registry)."""
+    import json
+
+    from tests.services.test_local_stack import zoo_sender_basis
+
+    params = json.dumps({"basis": zoo_sender_basis(zoo_pair)})
+    request = build_request(EXAMPLES[0].context, codec="pca", codec_params=params, receiver_codec="pca", max_new_tokens=8)
+    stats = run(collect(ray_stack.relay_address, request))[-1].stats
+    assert [hop.codec for hop in stats.hops] == ["pca", "pca"] and stats.text
+
+
 def test_receiver_crash_mid_stream_is_unavailable_then_the_stack_serves_again(ray_stack):
     async def long_relay_then_crash() -> grpc.StatusCode:
         request = build_request(EXAMPLES[0].context, route="random", max_new_tokens=4000)

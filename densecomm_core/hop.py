@@ -1,0 +1,239 @@
+"""One cache crossing one hop: a cache in one model's space -> wire frames -> the cache in the consuming model's space.
+
+    HopEncoder(codec, bases, model).start(cache) -> header frame   strip RoPE when the codec codes stripped
+                                                                  keys, bind the codec to its basis among
+                                                                  ``bases``, build the header (eagerly: a bad
+                                                                  codec fails before any frame leaves)
+    HopEncoder.chunks() -> chunk frames                           encode, in sequence order
+    HopEncoder.frames(cache) -> frames                            both of the above
+    HopEncoder.begin(...) / .layer(l, keys, values)               the same for a producer that emits layer by
+                                                                  layer (the adapter)
+    HopDecoder(model, bases, dtype, device).feed(frame)           verify and decode each frame as it arrives
+    HopDecoder.finish() -> KVCache                                the cache in the model's space: RoPE restored
+                                                                  when the stream travelled stripped, cast to the
+                                                                  model's dtype, on its device
+    round_trip(cache, codec, model=, bases=)                      the two in process, one payload per batch row
+
+Both ends fill a ``HopReport`` (codec, raw and wire bytes, chunks, seconds) that the services turn into
+stats and metrics. Bases are passed in (a ``transform.KVBases``; None = the process-wide default).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from densecomm_core.cache import KVCache
+from densecomm_core.codec.base import Codec, CodecError, DecodeLimits
+from densecomm_core.codec.wire import (
+    ChunkEvent,
+    StreamDecoder,
+    WireHeader,
+    header_frame,
+    is_chunk,
+    iter_chunk_parts,
+    layer_frames,
+    start_stream,
+    stream_header,
+    worker_pool,
+)
+from densecomm_core.errors import GeometryMismatchError
+
+
+@dataclass
+class HopReport:
+    """What one end of a hop measured: filled by ``HopEncoder`` (encode_s) and ``HopDecoder`` (decode_s)."""
+
+    codec: str = ""
+    raw_bytes: int = 0  # K and V as they entered the encoder (or left the decoder), uncompressed
+    wire_bytes: int = 0  # every frame, header included
+    chunks: int = 0
+    encode_s: float = 0.0
+    decode_s: float = 0.0
+    transport: str = "bytes"  # how the frames crossed: "bytes" (in the gRPC messages) or a shortcut's name
+
+    @property
+    def ratio(self) -> float:
+        return self.raw_bytes / self.wire_bytes if self.wire_bytes else 0.0
+
+    def count(self, frame) -> None:
+        self.wire_bytes += len(frame)
+        self.chunks += is_chunk(frame)
+
+
+class HopEncoder:
+    """A cache in ``model``'s space -> the frames of one hop through ``codec``."""
+
+    def __init__(self, codec: Codec, bases=None, model=None, chunk_tokens: int | None = None, workers: int = 1,
+                 dtype: torch.dtype | None = None) -> None:
+        """``model`` (a RopeModel) strips its rotation when the codec codes stripped keys; ``dtype`` is
+        the dtype on the wire (default: the cache's)."""
+        self.codec, self.bases, self.model = codec, bases, model
+        self.chunk_tokens, self.workers, self.dtype = chunk_tokens, workers, dtype
+        self.report = HopReport(codec=codec.name)
+        self.header: WireHeader | None = None
+        self._stream: tuple[KVCache, Codec, WireHeader] | None = None
+
+    def ship(self, cache: KVCache) -> KVCache:
+        """The cache as it travels: RoPE-stripped (in float32, then cast) when the codec codes stripped keys."""
+        dtype = self.dtype or cache.dtype
+        if self.codec.strips_rope and cache.rope_applied:
+            if self.model is None:
+                raise CodecError(f"{self.codec.name} codes RoPE-stripped keys: the hop needs the cache's model to strip RoPE")
+            from densecomm_core.rope import strip_rope
+
+            return strip_rope(cache, self.model).to(dtype=dtype)
+        return cache if cache.dtype == dtype else cache.to(dtype=dtype)
+
+    def start(self, cache: KVCache) -> bytes:
+        """The header frame of ``cache``'s stream (RoPE stripped, codec bound, header built)."""
+        started = time.perf_counter()
+        shipped = self.ship(cache)
+        self.report.raw_bytes = shipped.nbytes
+        self._stream = start_stream(shipped, self.codec, self.chunk_tokens, self.bases)
+        self.codec, self.header = self._stream[1], self._stream[2]
+        frame = header_frame(self.header)
+        self.report.count(frame)
+        self.report.encode_s += time.perf_counter() - started
+        return frame
+
+    def chunk_parts(self) -> Iterator[list]:
+        """The chunk frames of the started stream, each as a list of buffers (joined by ``chunks``)."""
+        if self._stream is None:
+            raise CodecError("HopEncoder.start(cache) must come before its chunks")
+        parts = iter_chunk_parts(*self._stream, workers=self.workers)
+        while True:
+            started = time.perf_counter()
+            frame = next(parts, None)
+            if frame is not None:
+                self.report.wire_bytes += sum(len(memoryview(p).cast("B")) for p in frame)
+                self.report.chunks += 1
+            self.report.encode_s += time.perf_counter() - started
+            if frame is None:
+                return
+            yield frame
+
+    def chunks(self) -> Iterator[bytes]:
+        for parts in self.chunk_parts():
+            yield b"".join(parts)
+
+    def frames(self, cache: KVCache) -> Iterator[bytes]:
+        yield self.start(cache)
+        yield from self.chunks()
+
+    # ---- producers that emit layer by layer --------------------------------------------------------
+    def begin(self, dtype: torch.dtype, layers: list, lengths: list, positions: list, rope_applied: bool, fingerprint: str) -> bytes:
+        """The header frame of a stream whose layers arrive one by one (``layer``)."""
+        started = time.perf_counter()
+        self.codec = self.codec.bind(fingerprint, rope_applied, self.bases)
+        self.header = stream_header(self.codec, dtype, layers, lengths, positions, rope_applied, fingerprint, self.chunk_tokens)
+        frame = header_frame(self.header)
+        self.report.count(frame)
+        self.report.encode_s += time.perf_counter() - started
+        return frame
+
+    def layer(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> list[bytes]:
+        """The chunk frames of one layer (full-width K, V in the stream's dtype)."""
+        started = time.perf_counter()
+        frames = layer_frames(self.header, self.codec, layer, keys, values)
+        self.report.raw_bytes += keys.numel() * keys.element_size() + values.numel() * values.element_size()
+        for frame in frames:
+            self.report.count(frame)
+        self.report.encode_s += time.perf_counter() - started
+        return frames
+
+
+class HopDecoder:
+    """Frames of one hop -> the cache in ``model``'s space (RoPE restored, its dtype, on ``device``)."""
+
+    def __init__(self, model=None, bases=None, limits: DecodeLimits = DecodeLimits(), dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None, strict_order: bool = True) -> None:
+        """``model`` (a RopeModel) is the consumer: the stream must be in its space (GeometryMismatchError
+        otherwise) and a stripped stream gets its rotation back. ``dtype`` defaults to the model's
+        (else the wire's), ``device`` to the CPU."""
+        self.model, self.dtype, self.device = model, dtype, device
+        self.stream = StreamDecoder(limits, strict_order, bases)
+        self.report = HopReport()
+
+    @property
+    def header(self) -> WireHeader | None:
+        return self.stream.header
+
+    def feed(self, frame) -> ChunkEvent | None:
+        """Verify and decode one frame (header first); the chunk's event, or None for the header."""
+        started = time.perf_counter()
+        try:
+            event = self.stream.feed(frame)
+        finally:
+            self.report.decode_s += time.perf_counter() - started
+        self.report.wire_bytes += len(frame)
+        if event is None:
+            self.report.codec = self.stream.header.codec
+            self.report.raw_bytes = self.stream.header.raw_nbytes()
+        else:
+            self.report.chunks += 1
+        return event
+
+    def feed_all(self, frames: Iterable, workers: int = 1) -> None:
+        """Feed a whole stream; ``workers`` > 1 verify and decode chunks in parallel threads (in order)."""
+        frames = iter(frames)
+        for frame in frames:
+            self.feed(frame)
+            break
+        if workers <= 1:
+            for frame in frames:
+                self.feed(frame)
+            return
+
+        def decode(frame) -> tuple[int, ChunkEvent]:
+            return len(frame), self.stream.decode_chunk(frame)
+
+        started = time.perf_counter()
+        for size, event in worker_pool(workers).map(decode, frames):
+            self.stream.place(event)
+            self.report.wire_bytes += size
+            self.report.chunks += 1
+        self.report.decode_s += time.perf_counter() - started
+
+    def finish(self) -> KVCache:
+        """The whole cache, once every chunk arrived (MissingChunkError otherwise), in the model's space."""
+        started = time.perf_counter()
+        cache = self.stream.finish()
+        model = self.model
+        if model is not None and cache.fingerprint != model.geometry.fingerprint():
+            raise GeometryMismatchError(f"received a cache for {cache.fingerprint}, this model is {model.geometry.fingerprint()}")
+        dtype = self.dtype or (model.dtype if model is not None else cache.dtype)
+        if not cache.rope_applied and model is not None:  # shipped RoPE-stripped: the consumer re-applies its rotation
+            from densecomm_core.rope import restore_rope
+
+            cache = restore_rope(cache.to(device=self.device), model, dtype=dtype)
+        if cache.dtype != dtype or (self.device is not None and cache.keys[0].device != torch.device(self.device)):
+            cache = cache.to(dtype=dtype, device=self.device)
+        self.report.decode_s += time.perf_counter() - started
+        return cache
+
+
+def round_trip(cache: KVCache, codec: Codec, dtype: torch.dtype = torch.bfloat16, on_payload=None, model=None,
+               bases=None) -> KVCache:
+    """``cache`` as a consumer gets it through ``codec``: one wire payload per request (no batch padding),
+    shipped in ``dtype``, decoded and re-batched in the cache's own dtype on its device. ``on_payload(raw,
+    wire)`` sees each request's byte counts. A codec that codes RoPE-stripped keys needs the cache's
+    ``model`` (a RopeModel): its rotation is stripped before encoding and re-applied after, as the
+    services do. ``bases``: the pca codec's ``KVBases`` (None: the process-wide default)."""
+    if codec.strips_rope and cache.rope_applied and model is None:
+        raise CodecError(f"{codec.name} codes RoPE-stripped keys: round_trip needs the cache's model to strip and restore RoPE")
+    device = cache.keys[0].device
+    consumer = model if codec.strips_rope and cache.rope_applied else None
+    rows = []
+    for b in range(cache.batch_size):
+        encoder = HopEncoder(codec, bases, model, dtype=dtype)
+        decoder = HopDecoder(consumer, bases, dtype=cache.dtype, device=device)
+        for frame in encoder.frames(cache.rows([b]).trimmed()):
+            decoder.feed(frame)
+        rows.append(decoder.finish())
+        if on_payload is not None:
+            on_payload(encoder.report.raw_bytes, encoder.report.wire_bytes)
+    return KVCache.stack_rows(rows)

@@ -1,0 +1,335 @@
+"""Who may call the services: TLS on the public Relay, mTLS and a shared secret on internal hops, bearer tokens.
+
+    server_credentials(kind, config)     TLS credentials of one service's port (None = plaintext)
+    server_interceptors(kind, config)    RelayAuth on the Relay ingress, InternalAuth on sender/adapter/receiver
+    internal_channel(address, ...)       a channel to the next service: mTLS when configured, secret attached
+    load_tokens(config)                  Relay bearer tokens from a file, a secret mount and/or the environment
+    client_channel(address, ...)         a client's channel to Relay (TLS / mTLS when given)
+    write_test_pki(directory)            a CA and certificates for 127.0.0.1 (tests and `bench load` only)
+
+Everything here is off by default (the local quick start binds loopback only). Tokens and the secret are
+compared in constant time (``hmac.compare_digest``); health checking and reflection stay open so probes
+work without credentials. A missing or unknown token is UNAUTHENTICATED, a known token used on a route it
+is not allowed is PERMISSION_DENIED, an internal call without the stack's secret is UNAUTHENTICATED.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from services.config import ConfigError, ServeConfig
+
+log = logging.getLogger(__name__)
+TOKENS_ENV = "DENSECOMM_AUTH_TOKENS"  # comma-separated Relay tokens (each "TOKEN" or "TOKEN:route1+route2")
+SECRET_ENV = "DENSECOMM_INTERNAL_SECRET"  # the internal hops' shared secret
+SECRET_HEADER = "x-densecomm-internal"
+GUARDED_PREFIX = "/densecomm.v1."  # our RPCs; grpc.health and reflection are not guarded
+
+# A check runs before a handler: it gets the call's context and (for unary requests) the request, and
+# returns None to let the call through or (status, details) to refuse it.
+Check = Callable[[grpc.aio.ServicerContext, object], Awaitable[tuple[grpc.StatusCode, str] | None]]
+
+
+def guard_handler(handler: grpc.RpcMethodHandler, check: Check, after: Callable[[], None] | None = None,
+                  refused: Callable[[grpc.StatusCode], None] | None = None) -> grpc.RpcMethodHandler:
+    """The same handler with ``check`` run first (refusals abort with its status, reported to
+    ``refused``); ``after`` runs when an admitted call ends, however it ends. Works for the
+    streaming-response methods our services have."""
+    if handler.unary_stream is not None:
+        behavior, make = handler.unary_stream, grpc.unary_stream_rpc_method_handler
+    elif handler.stream_stream is not None:
+        behavior, make = handler.stream_stream, grpc.stream_stream_rpc_method_handler
+    else:
+        return handler
+
+    async def guarded(request, context):
+        refusal = await check(context, request if handler.request_streaming is False else None)
+        if refusal is not None:
+            if refused is not None:
+                refused(refusal[0])
+            await context.abort(*refusal)
+        try:
+            async for response in behavior(request, context):
+                yield response
+        finally:
+            if after is not None:
+                after()
+
+    return make(guarded, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{what} {path!r} cannot be read: {exc.strerror}") from exc
+
+
+# ---------------------------------------------------------------- tokens
+
+
+@dataclass(frozen=True)
+class Token:
+    secret: bytes
+    routes: frozenset[str] = frozenset()  # empty = every route
+
+
+def parse_token(text: str, where: str) -> Token:
+    """``TOKEN`` or ``TOKEN route1 route2`` (file lines) / ``TOKEN:route1+route2`` (environment)."""
+    secret, _, rest = text.strip().replace(":", " ", 1).partition(" ")
+    routes = frozenset(r for r in rest.replace("+", " ").split() if r)
+    if len(secret) < 16:
+        raise ConfigError(f"{where}: a Relay token must be at least 16 characters, got {len(secret)}")
+    return Token(secret.encode(), routes)
+
+
+def load_tokens(config: ServeConfig) -> tuple[Token, ...]:
+    """Tokens from ``auth_tokens_file`` (a file with one per line, or a directory such as a Kubernetes
+    secret mount where every file holds one) and from $DENSECOMM_AUTH_TOKENS. Empty = auth off."""
+    tokens: list[Token] = []
+    if config.auth_tokens_file:
+        path = Path(config.auth_tokens_file)
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
+        for file in files:
+            for n, line in enumerate(_read(str(file), "auth_tokens_file").decode().splitlines()):
+                if line.strip() and not line.lstrip().startswith("#"):
+                    tokens.append(parse_token(line, f"{file}:{n + 1}"))
+        if not tokens:
+            raise ConfigError(f"auth_tokens_file {config.auth_tokens_file!r} holds no token (auth would refuse every call)")
+    for i, item in enumerate(t for t in os.environ.get(TOKENS_ENV, "").split(",") if t.strip()):
+        tokens.append(parse_token(item, f"${TOKENS_ENV}[{i}]"))
+    return tuple(tokens)
+
+
+def bearer(metadata) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization":
+            scheme, _, credential = str(value).partition(" ")
+            return credential.strip() if scheme.lower() == "bearer" and credential.strip() else ""
+    return None
+
+
+class RelayAuth(grpc.aio.ServerInterceptor):
+    """Bearer-token auth on the public Relay API (the ``authorization: Bearer <token>`` metadata)."""
+
+    def __init__(self, tokens: tuple[Token, ...], default_route: str, refused=None) -> None:
+        self.tokens, self.default_route, self.refused = tokens, default_route, refused
+
+    def match(self, credential: str) -> Token | None:
+        found = None
+        for token in self.tokens:  # no early exit: the time taken does not say which token matched
+            if hmac.compare_digest(token.secret, credential.encode()):
+                found = token
+        return found
+
+    async def check(self, context, request):
+        credential = bearer(context.invocation_metadata())
+        if credential is None:
+            return grpc.StatusCode.UNAUTHENTICATED, "missing 'authorization: Bearer <token>' metadata"
+        token = self.match(credential)
+        if token is None:
+            return grpc.StatusCode.UNAUTHENTICATED, "the bearer token is not valid"
+        route = getattr(request, "route", "") or self.default_route
+        if token.routes and route not in token.routes:
+            return grpc.StatusCode.PERMISSION_DENIED, f"this token may not use route {route!r} (allowed: {sorted(token.routes)})"
+        return None
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(GUARDED_PREFIX):
+            return handler
+        return guard_handler(handler, self.check, refused=self.refused)
+
+
+# ---------------------------------------------------------------- internal hops
+
+
+def internal_secret(config: ServeConfig) -> bytes | None:
+    """The shared secret of the internal hops: ``internal_secret_file`` or $DENSECOMM_INTERNAL_SECRET."""
+    if config.internal_secret_file:
+        secret = _read(config.internal_secret_file, "internal_secret_file").strip()
+    else:
+        secret = os.environ.get(SECRET_ENV, "").strip().encode()
+    if secret and len(secret) < 16:
+        raise ConfigError(f"the internal secret must be at least 16 bytes, got {len(secret)}")
+    return secret or None
+
+
+class InternalAuth(grpc.aio.ServerInterceptor):
+    """Internal services answer only callers that present the stack's shared secret."""
+
+    def __init__(self, secret: bytes, refused=None) -> None:
+        self.secret, self.refused = secret, refused
+
+    async def check(self, context, request):
+        presented = next((str(v) for k, v in context.invocation_metadata() or () if k == SECRET_HEADER), "")
+        if not hmac.compare_digest(self.secret, presented.encode()):
+            return grpc.StatusCode.UNAUTHENTICATED, "internal service: the caller is not part of this stack (no or wrong internal secret)"
+        return None
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(GUARDED_PREFIX):
+            return handler
+        return guard_handler(handler, self.check, refused=self.refused)
+
+
+def _with_secret(details, secret: bytes):
+    metadata = grpc.aio.Metadata(*(tuple(details.metadata) if details.metadata else ()), (SECRET_HEADER, secret.decode()))
+    return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials, details.wait_for_ready)
+
+
+# One class per call shape: a grpc.aio channel files each interceptor under the first shape it matches.
+class _SecretUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, secret: bytes) -> None:
+        self.secret = secret
+
+    async def intercept_unary_stream(self, continuation, details, request):
+        return await continuation(_with_secret(details, self.secret), request)
+
+
+class _SecretStreamStream(grpc.aio.StreamStreamClientInterceptor):
+    def __init__(self, secret: bytes) -> None:
+        self.secret = secret
+
+    async def intercept_stream_stream(self, continuation, details, request_iterator):
+        return await continuation(_with_secret(details, self.secret), request_iterator)
+
+
+def internal_tls(config: ServeConfig) -> bool:
+    fields = (config.internal_tls_cert_file, config.internal_tls_key_file, config.internal_tls_ca_file)
+    if any(fields) and not all(fields):
+        raise ConfigError("internal mTLS needs internal_tls_cert_file, internal_tls_key_file and internal_tls_ca_file together")
+    return all(fields)
+
+
+def internal_channel(address: str, options: list, config: ServeConfig) -> grpc.aio.Channel:
+    """A channel to the next service of the stack: mTLS when configured, the secret on every call."""
+    secret = internal_secret(config)
+    interceptors = [_SecretUnaryStream(secret), _SecretStreamStream(secret)] if secret else None
+    if internal_tls(config):
+        credentials = grpc.ssl_channel_credentials(
+            _read(config.internal_tls_ca_file, "internal_tls_ca_file"),
+            _read(config.internal_tls_key_file, "internal_tls_key_file"),
+            _read(config.internal_tls_cert_file, "internal_tls_cert_file"))
+        if config.internal_tls_server_name:
+            options = [*options, ("grpc.ssl_target_name_override", config.internal_tls_server_name)]
+        return grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+
+
+# ---------------------------------------------------------------- servers
+
+
+def server_credentials(kind: str, config: ServeConfig) -> grpc.ServerCredentials | None:
+    """TLS of the Relay port (``tls_*``; mTLS with ``tls_client_ca_file``) or of an internal port
+    (``internal_tls_*``: always mutual). None = plaintext."""
+    if kind == "relay":
+        if bool(config.tls_cert_file) != bool(config.tls_key_file):
+            raise ConfigError("Relay TLS needs tls_cert_file and tls_key_file together")
+        if config.tls_client_ca_file and not config.tls_cert_file:
+            raise ConfigError("tls_client_ca_file (client certificates) needs tls_cert_file and tls_key_file")
+        if not config.tls_cert_file:
+            return None
+        ca = _read(config.tls_client_ca_file, "tls_client_ca_file") if config.tls_client_ca_file else None
+        pair = (_read(config.tls_key_file, "tls_key_file"), _read(config.tls_cert_file, "tls_cert_file"))
+        return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+    if not internal_tls(config):
+        return None
+    pair = (_read(config.internal_tls_key_file, "internal_tls_key_file"), _read(config.internal_tls_cert_file, "internal_tls_cert_file"))
+    return grpc.ssl_server_credentials([pair], root_certificates=_read(config.internal_tls_ca_file, "internal_tls_ca_file"),
+                                       require_client_auth=True)
+
+
+def server_interceptors(kind: str, config: ServeConfig, refused=None) -> list[grpc.aio.ServerInterceptor]:
+    """Auth of one service's port; ``refused(status)`` hears of every call it turns away (metrics)."""
+    if kind == "relay":
+        tokens = load_tokens(config)
+        return [RelayAuth(tokens, config.default_route, refused)] if tokens else []
+    secret = internal_secret(config)
+    return [InternalAuth(secret, refused)] if secret else []
+
+
+def add_port(server: grpc.aio.Server, address: str, kind: str, config: ServeConfig) -> int:
+    credentials = server_credentials(kind, config)
+    return server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+
+
+# ---------------------------------------------------------------- clients
+
+
+def client_channel(address: str, ca_file: str = "", cert_file: str = "", key_file: str = "", server_name: str = "",
+                   options: list | None = None, tls: bool = False) -> grpc.aio.Channel:
+    """A Relay client's channel: plaintext unless ``tls`` or any TLS file / name is given; then TLS
+    trusting ``ca_file`` (empty = the system roots), mTLS with ``cert_file`` + ``key_file``."""
+    options = list(options or [])
+    if not (tls or ca_file or cert_file or server_name):
+        return grpc.aio.insecure_channel(address, options=options)
+    if bool(cert_file) != bool(key_file):
+        raise ValueError("a client certificate needs both cert_file and key_file")
+    credentials = grpc.ssl_channel_credentials(
+        Path(ca_file).read_bytes() if ca_file else None,
+        Path(key_file).read_bytes() if key_file else None,
+        Path(cert_file).read_bytes() if cert_file else None)
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return grpc.aio.secure_channel(address, credentials, options=options)
+
+
+def token_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def write_test_pki(directory: str | Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> dict[str, str]:
+    """A throw-away CA plus a server and a client certificate it signed, valid for ``hosts``, as PEM
+    files in ``directory``: {ca, server_cert, server_key, client_cert, client_key} -> path. For tests
+    and benchmarks on loopback, never for a deployment."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    def cert(subject: str, key, issuer: str, issuer_key, ca: bool, usage=None) -> x509.Certificate:
+        builder = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer)).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=2))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            sans = [x509.IPAddress(ipaddress.ip_address(h)) if h.replace(".", "").isdigit() else x509.DNSName(h) for h in hosts]
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            builder = builder.add_extension(x509.ExtendedKeyUsage(usage), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    def write(stem: str, certificate, key) -> tuple[str, str]:
+        cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}.key"
+        cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        key_path.chmod(0o600)
+        return str(cert_path), str(key_path)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = cert("densecomm test CA", ca_key, "densecomm test CA", ca_key, ca=True)
+    paths = {"ca": write("ca", ca_cert, ca_key)[0]}
+    both = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]  # internal services are both
+    for stem in ("server", "client"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        paths[f"{stem}_cert"], paths[f"{stem}_key"] = write(stem, cert(f"densecomm {stem}", key, "densecomm test CA", ca_key, False, both), key)
+    return paths

@@ -1,0 +1,91 @@
+"""densecomm_core.hop: a cache crosses a hop (encoder -> frames -> decoder) into the consuming model's space."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from densecomm_core.codec import get_codec
+from densecomm_core.codec import round_trip as codec_round_trip
+from densecomm_core.codec.base import DataLossError, MissingChunkError
+from densecomm_core.codec.transform import KVBases, KVBasis
+from densecomm_core.codec.wire import is_chunk, is_header
+from densecomm_core.errors import GeometryMismatchError
+from densecomm_core.hop import HopDecoder, HopEncoder, round_trip
+from densecomm_core.relay import sender_prefill
+from densecomm_core.rope import strip_rope
+from densecomm_core.zoo import tasks
+
+TEXTS = [e.context for e in tasks.make_split("test", 1)[:2]]
+
+
+def test_frames_and_reports_agree(tiny_pair):
+    sender, _ = tiny_pair
+    cache = sender_prefill(sender, TEXTS[:1])
+    encoder = HopEncoder(get_codec("lossless"), chunk_tokens=4)
+    frames = list(encoder.frames(cache))
+    assert is_header(frames[0]) and all(is_chunk(f) for f in frames[1:]) and not is_chunk(frames[0])
+    report = encoder.report
+    assert (report.codec, report.raw_bytes, report.chunks) == ("lossless", cache.nbytes, len(frames) - 1)
+    assert report.wire_bytes == sum(len(f) for f in frames) and report.encode_s > 0 and report.transport == "bytes"
+    decoder = HopDecoder(sender)
+    for frame in frames:
+        decoder.feed(frame)
+    out = decoder.finish()
+    assert (decoder.report.wire_bytes, decoder.report.chunks, decoder.report.raw_bytes) == (report.wire_bytes, report.chunks, cache.nbytes)
+    for a, b in zip(out.keys + out.values, cache.keys + cache.values):
+        assert torch.equal(a, b)
+
+
+def test_decoder_restores_rope_casts_and_places(tiny_pair):
+    """A stripped stream comes out in the consumer's space: rotation re-applied, its dtype, the given device."""
+    sender, _ = tiny_pair
+    cache = sender_prefill(sender, TEXTS[:1])
+    stripped = strip_rope(cache, sender)
+    frames = list(HopEncoder(get_codec("raw")).frames(stripped))
+    decoder = HopDecoder(sender, dtype=torch.bfloat16, device="cpu")
+    decoder.feed_all(frames, workers=2)
+    out = decoder.finish()
+    assert out.rope_applied and out.dtype == torch.bfloat16 and out.keys[0].device == torch.device("cpu")
+    torch.testing.assert_close(out.keys[0].float(), cache.keys[0].float(), atol=2e-2, rtol=2e-2)
+
+
+def test_a_cache_for_another_model_is_refused(tiny_pair):
+    sender, receiver = tiny_pair
+    frames = list(HopEncoder(get_codec("raw")).frames(sender_prefill(sender, TEXTS[:1])))
+    decoder = HopDecoder(receiver)
+    for frame in frames:
+        decoder.feed(frame)
+    with pytest.raises(GeometryMismatchError, match=receiver.geometry.fingerprint()):
+        decoder.finish()
+
+
+def test_missing_and_corrupt_frames_are_data_loss(tiny_pair):
+    sender, _ = tiny_pair
+    frames = list(HopEncoder(get_codec("lossless"), chunk_tokens=4).frames(sender_prefill(sender, TEXTS[:1])))
+    decoder = HopDecoder(sender)
+    for frame in frames[:-1]:
+        decoder.feed(frame)
+    with pytest.raises(MissingChunkError):
+        decoder.finish()
+    corrupt = bytearray(frames[1])
+    corrupt[-1] ^= 1
+    decoder = HopDecoder(sender)
+    decoder.feed(frames[0])
+    with pytest.raises(DataLossError) as info:
+        decoder.feed(bytes(corrupt))
+    assert info.value.status == "DATA_LOSS"
+
+
+def test_round_trip_with_explicit_bases_equals_the_codec_package_entry_point(tiny_pair):
+    """``densecomm_core.codec.round_trip`` (phase II's codec-aware batches) is the hop's round trip."""
+    sender, _ = tiny_pair
+    fitted = KVBasis.fit([strip_rope(sender_prefill(sender, [e.context]), sender) for e in tasks.make_split("train", 3)])
+    bases = KVBases.of(fitted)
+    cache = sender_prefill(sender, TEXTS)  # two rows, padded: one payload per row
+    sizes = []
+    out = round_trip(cache, get_codec("pca"), model=sender, bases=bases, on_payload=lambda raw, wire: sizes.append((raw, wire)))
+    again = codec_round_trip(cache, get_codec("pca"), model=sender, bases=bases)
+    assert out.rope_applied and out.dtype == cache.dtype and len(sizes) == 2 and all(w < r for r, w in sizes)
+    for a, b in zip(out.keys, again.keys):
+        assert torch.equal(a, b)
