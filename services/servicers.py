@@ -237,6 +237,7 @@ class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
             stats.hops.add(hop="adapter->receiver", raw_bytes=done.raw_bytes, wire_bytes=decoder.wire_bytes, chunks=done.chunks,
                            codec=decoder.header.codec if decoder.header else "")
             self.metrics.observe_hop("adapter->receiver", done.raw_bytes, decoder.wire_bytes, done.chunks)
+        self.metrics.observe_hop_transfer("adapter->receiver", transfer_s)
         for stage, seconds in (("decode", decode_s), ("transfer", transfer_s), ("first_token", first_token_s[0]), ("generate", generate_s)):
             latency(stats, stage, seconds)
             self.metrics.observe_stage(stage, seconds)
@@ -270,6 +271,7 @@ class AdapterServicer(ServicerBase, kv_pb2_grpc.AdapterServicer):
 
         async def pump() -> None:
             try:
+                started = time.perf_counter()
                 async for message in messages:
                     kind = message.WhichOneof("message")
                     if kind == "frame":
@@ -280,6 +282,7 @@ class AdapterServicer(ServicerBase, kv_pb2_grpc.AdapterServicer):
                             await outgoing.put(kv_pb2.KVMessage(frame=kv_pb2.KVFrame(frame=frame)))
                     elif kind == "done":
                         state["sender_done"] = message.done
+                        self.metrics.observe_hop_transfer("sender->adapter", time.perf_counter() - started)
                     else:
                         raise RequestError(f"unexpected {kind} message inside a KV stream")
                 streaming.finish()
@@ -391,6 +394,7 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
             self.metrics.observe_hop("sender->adapter", raw_bytes, info["wire"], info["chunks"])
             self.metrics.tokens.labels(self.service, "sender", "prefill").inc(tokens)
             self.metrics.flops.labels(self.service, "sender").inc(stats.sender_flops)
+            self.metrics.t2t_flops.labels(self.service).inc(stats.t2t_flops)
 
         call = (await self.adapters.stub()).Transform(frames(), timeout=self.config.hop_deadline_s)
         async for event in relay_events(call, on_stats):
@@ -424,5 +428,9 @@ class RelayServicer(ServicerBase, relay_pb2_grpc.RelayServicer):
             latency(stats, "end_to_end", e2e)
             self.metrics.observe_stage("end_to_end", e2e)
 
+        first_token = True
         async for event in relay_events(call, on_stats):
+            if first_token and event.HasField("token"):
+                first_token = False
+                self.metrics.observe_stage("time_to_first_token", time.perf_counter() - started)
             yield event
