@@ -55,7 +55,9 @@ class AdapterConfig:
     sender: ModelGeometry
     receiver: ModelGeometry
     expansion: int = 16  # hidden width e·d_S of each K/V MLP (paper: 16)
-    gate_init: float = 1.0  # initial γ; a full-strength channel before training
+    # initial γ. 0.5 (logit 0) is where the sigmoid passes the most gradient; at 1.0 (logit 6) the gates
+    # of the first zoo adapter never moved (0.997-0.999 after training), so they could not rank heads.
+    gate_init: float = 0.5
     recipe: dict = field(default_factory=dict)  # training configs of both phases, filled by training
     data_fingerprint: str = ""  # hash of the training examples / traces
     metrics: dict = field(default_factory=dict)  # validation figures at save time

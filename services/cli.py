@@ -45,30 +45,22 @@ def target_checks(rows) -> list[tuple[str, bool, str]]:
 def cmd_demo(args: argparse.Namespace) -> int:
     from densecomm_core.adapter import DenseAdapter
     from densecomm_core.zoo import tasks
-    from densecomm_core.zoo.pair import (
-        evaluate_pair,
-        load_zoo_pair,
-        save_zoo_bases,
-        train_zoo_adapter,
-        zoo_adapter_dir,
-    )
+    from densecomm_core.zoo.pair import evaluate_pair, load_zoo_pair, zoo_adapter_dir
 
     started = time.perf_counter()
     sender, receiver = load_zoo_pair()
     adapter_dir = Path(args.adapter) if args.adapter else zoo_adapter_dir()
     if args.retrain or not adapter_dir.exists():
-        work = Path(args.work_dir)
-        adapter = train_zoo_adapter(sender, receiver, work_dir=work, progress=not args.json)
-        adapter.save(work / "adapter")
-        save_zoo_bases(sender, receiver, adapter, work / "adapter")
+        from services.train.job import train_zoo_adapter
+
+        adapter_dir = train_zoo_adapter(args.work_dir, resume=args.resume)
         if not args.json:
-            print(f"adapter trained and saved to {work / 'adapter'}")
-    else:
-        adapter = DenseAdapter.load(adapter_dir, sender.geometry, receiver.geometry)
+            print(f"adapter trained (densecomm train --config zoo) and saved to {adapter_dir}")
+    adapter = DenseAdapter.load(adapter_dir, sender.geometry, receiver.geometry)
     rows = evaluate_pair(sender, receiver, adapter, per_family=args.per_family)
     agreement = {}
     if not args.in_process:
-        rows, agreement = dense_rows_through_services(rows, adapter_dir if not args.retrain else Path(args.work_dir) / "adapter",
+        rows, agreement = dense_rows_through_services(rows, adapter_dir,
                                                       args.per_family, use_ray=not args.no_ray)
     checks = target_checks(rows)
     seconds = time.perf_counter() - started
@@ -126,25 +118,58 @@ def dense_rows_through_services(rows, adapter_dir: Path, per_family: int, use_ra
 
 
 def cmd_zoo_build(args: argparse.Namespace) -> int:
-    from densecomm_core.zoo.build import build_zoo
+    import shutil
+
+    from densecomm_core.codec.transform import BASIS_FILE
     from densecomm_core.zoo.pair import (
+        fit_zoo_bases,
         load_zoo_pair,
-        save_zoo_bases,
-        train_zoo_adapter,
         zoo_adapter_dir,
+        zoo_root,
     )
+    from services.train.job import train_zoo_adapter
 
-    root = Path(args.out) if args.out else None
+    root = Path(args.out) if args.out else zoo_root()
     if not args.adapter_only:
-        from densecomm_core.zoo.pair import zoo_root
+        from densecomm_core.zoo.build import build_zoo
 
-        for result in build_zoo(root or zoo_root(), seed=args.seed):
+        for result in build_zoo(root, seed=args.seed):
             print(f"{result.spec.name}: {result.steps} steps, {result.seconds:.0f} s, validation {result.validation_accuracy}")
-    sender, receiver = load_zoo_pair(root)
-    adapter = train_zoo_adapter(sender, receiver, work_dir=Path(args.work_dir))
-    adapter.save(zoo_adapter_dir(root))
-    save_zoo_bases(sender, receiver, adapter, zoo_adapter_dir(root))
-    print(f"adapter saved to {zoo_adapter_dir(root)}: {adapter.config.metrics}")
+        sender, receiver = load_zoo_pair(root)
+        fit_zoo_bases(sender, receiver)[0].save(Path(sender.path) / BASIS_FILE)  # the sender space's pca basis
+    trained = train_zoo_adapter(args.work_dir, root, resume=args.resume)
+    shutil.copytree(trained, zoo_adapter_dir(root), dirs_exist_ok=True)
+    print(f"adapter saved to {zoo_adapter_dir(root)}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from services.train.config import STAGES, load_train_config
+    from services.train.job import plan, run
+
+    overrides = {"output_dir": args.output_dir, "seed": args.seed, "name": args.name}
+    config = load_train_config(args.config, **overrides)
+    if args.dry_run:
+        print(plan(config))
+        return 0
+    stages = tuple(args.stage) if args.stage else STAGES
+    state = run(config, stages, resume=args.resume)
+    done = state["stages"]
+    if "finalize" in done:
+        print(f"adapter ready: {done['finalize']['adapter']}  (densecomm serve loads it as a route's adapter)")
+    print(f"run state: {config.output_path / 'run_state.json'}")
+    return 0
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from services.bench import train as bench
+    from services.train.config import load_train_config
+
+    config = load_train_config(args.config)
+    rows = bench.measure(config, args.steps, tuple(int(w) for w in args.workers.split(",")))
+    print(f"\n{args.config}: {args.steps} steps per phase, global batch {config.phase1.batch_size} / "
+          f"{config.phase2.batch_size}, {config.workers.cpus_per_worker} CPU and {config.workers.torch_threads} thread(s) per worker\n")
+    print(bench.render(rows))
     return 0
 
 
@@ -323,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--retrain", action="store_true", help="train the adapter again instead of loading the committed one")
     demo.add_argument("--adapter", help="adapter checkpoint directory (default: the committed zoo adapter)")
     demo.add_argument("--per-family", type=int, default=200, help="test examples per task family")
-    demo.add_argument("--work-dir", default="runs/demo", help="where --retrain writes checkpoints, traces and the adapter")
+    demo.add_argument("--work-dir", default="runs/demo", help="output_dir of the --retrain run (densecomm train --config zoo)")
+    demo.add_argument("--resume", action="store_true", help="with --retrain: continue the run in --work-dir")
     demo.add_argument("--json", action="store_true", help="print the table as JSON")
     demo.add_argument("--check", action="store_true", help="exit with status 1 when a target is missed")
     demo.add_argument("--in-process", action="store_true", help="relay in this process instead of through the gRPC services")
@@ -335,8 +361,20 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", help="output root (default: the package's committed weights)")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--adapter-only", action="store_true", help="keep the LMs, retrain only the adapter")
-    build.add_argument("--work-dir", default="runs/zoo-build", help="adapter training checkpoints and traces")
+    build.add_argument("--work-dir", default="runs/zoo-build", help="output_dir of the adapter's training run")
+    build.add_argument("--resume", action="store_true", help="continue the adapter's training run in --work-dir")
     build.set_defaults(func=cmd_zoo_build)
+
+    train = sub.add_parser("train", help="train an adapter for a local model pair: traces, phase I, phase II as Ray Train jobs")
+    train.add_argument("--config", required=True, help="TOML run config (services/train/config.py; zoo)")
+    train.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
+    train.add_argument("--dry-run", action="store_true", help="check the config and the data, print the plan, start nothing")
+    train.add_argument("--stage", action="append", choices=["traces", "phase1", "phase2", "finalize"],
+                       help="run only this stage (repeatable); default: all, in order")
+    train.add_argument("--output-dir", help="override output_dir")
+    train.add_argument("--seed", type=int, help="override seed")
+    train.add_argument("--name", help="override name")
+    train.set_defaults(func=cmd_train)
 
     codec_cmd = sub.add_parser("codec", help="KV codec tools").add_subparsers(dest="codec_command", required=True)
     calibrate = codec_cmd.add_parser("calibrate", help="fit the pca codec's KV bases beside a sender (and its adapter)")
@@ -385,6 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
     codec.add_argument("--profile", action="store_true", help="also print where lossless encode/decode time goes")
     codec.add_argument("--json", action="store_true")
     codec.set_defaults(func=cmd_bench_codec)
+    train_bench = bench_sub.add_parser("train", help="seconds per training step with 1 vs 2 Ray Train workers (same global batch)")
+    train_bench.add_argument("--config", default="zoo")
+    train_bench.add_argument("--steps", type=int, default=100, help="steps per phase and worker count")
+    train_bench.add_argument("--workers", default="1,2", help="worker counts to compare")
+    train_bench.set_defaults(func=cmd_bench_train)
     relay_bench = bench_sub.add_parser("relay", help="hop throughput vs in-process copy, Relay p50/p99, time to layer 0")
     relay_bench.add_argument("--repeats", type=int, default=3)
     relay_bench.add_argument("--workers", type=int, default=2)

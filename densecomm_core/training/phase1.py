@@ -1,6 +1,10 @@
 """Phase I: teach the adapter to reconstruct the receiver's own cache from the sender's, on the same input (eq. 5).
 
-A plain loop over batches of source contexts; a Ray Train job wraps ``train_phase1`` without changing it.
+    phase1_batch(contexts, config, step, rank, world)   this worker's texts of step ``step`` (step-indexed)
+    batch_loss(adapter, sender, receiver, texts)        eq. 5 on one batch
+    train_phase1(...)                                   the in-process trainer (``training.loop.run_steps``)
+
+A Ray Train job (``services.train``) runs the same pieces with DDP and Ray checkpoints.
 """
 
 from __future__ import annotations
@@ -11,17 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from densecomm_core.adapter import DenseAdapter
 from densecomm_core.cache import KVCache
 from densecomm_core.models import LoadedModel
 from densecomm_core.relay import PromptFormat, sender_prefill, transform_cache
-from densecomm_core.training.common import (
-    cosine_lr,
-    optimizer_step,
-    save_training_state,
-    start_training,
+from densecomm_core.training.common import local_checkpoint, start_training
+from densecomm_core.training.loop import (
+    LoopConfig,
+    StepResult,
+    batch_rng,
+    run_steps,
+    shard,
 )
 
 log = logging.getLogger(__name__)
@@ -30,21 +35,23 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Phase1Config:
     steps: int = 1200
-    batch_size: int = 32
+    batch_size: int = 32  # global batch: split across data-parallel workers
     lr: float = 1e-3
     warmup_steps: int = 50
     weight_decay: float = 0.0
     seed: int = 0
-    eval_every: int = 200  # also the checkpoint interval
+    eval_every: int = 200  # validation loss (and, in-process, the checkpoint interval)
+    gate_lr_multiplier: float = 1.0  # the gates' rate relative to the MLPs' (see training.loop.build_optimizer)
 
 
 def reconstruction_loss(predicted: KVCache, target: KVCache) -> torch.Tensor:
-    """Eq. 5 as a mean: squared error of K and V over real tokens, averaged over layers and coordinates."""
-    weight = target.mask[:, None, :, None].float()  # (B, 1, T, 1)
-    total = predicted.keys[0].new_zeros(())
+    """Eq. 5 as a mean: squared error of K and V over real tokens, averaged over layers and coordinates (fp32)."""
+    weight = target.mask[:, None, :, None].to(predicted.keys[0].device, torch.float32)  # (B, 1, T, 1)
+    total = predicted.keys[0].new_zeros((), dtype=torch.float32)
     for pk, pv, tk, tv in zip(predicted.keys, predicted.values, target.keys, target.values):
         denom = weight.sum() * tk.shape[1] * tk.shape[3]
-        total = total + (((pk - tk.float()) ** 2 * weight).sum() + ((pv - tv.float()) ** 2 * weight).sum()) / denom
+        tk, tv = tk.to(pk.device, torch.float32), tv.to(pv.device, torch.float32)
+        total = total + (((pk.float() - tk) ** 2 * weight).sum() + ((pv.float() - tv) ** 2 * weight).sum()) / denom
     return total / (2 * len(predicted.keys))
 
 
@@ -54,6 +61,23 @@ def batch_loss(adapter: DenseAdapter, sender: LoadedModel, receiver: LoadedModel
         target = sender_prefill(receiver, texts)  # the receiver's own cache of the same input
     predicted = transform_cache(adapter, source, sender, receiver).to(dtype=torch.float32)
     return reconstruction_loss(predicted, target)
+
+
+def phase1_batch(contexts: Sequence[str], config: Phase1Config, step: int, rank: int = 0, world: int = 1) -> list[str]:
+    """The global batch of step ``step`` (a function of seed and step alone), then this worker's shard."""
+    return shard(batch_rng(config.seed, step, "phase1").sample(list(contexts), config.batch_size), rank, world)
+
+
+def phase1_step(
+    adapter: torch.nn.Module, sender: LoadedModel, receiver: LoadedModel, texts: Sequence[str], prompt_format: PromptFormat
+) -> StepResult:
+    """One worker's loss on its texts; ``adapter`` may be DDP-wrapped (the wrapper's forward syncs gradients)."""
+    rendered = [prompt_format.sender.format(context=c) for c in texts]
+    with torch.no_grad():
+        source = sender_prefill(sender, rendered)
+        target = sender_prefill(receiver, rendered)
+    predicted = transform_cache(adapter, source, sender, receiver).to(dtype=torch.float32)
+    return StepResult(reconstruction_loss(predicted, target), int(source.lengths.sum()))
 
 
 def train_phase1(
@@ -69,30 +93,28 @@ def train_phase1(
     progress: bool = True,
     on_eval: Callable[[int, dict], None] | None = None,
 ) -> list[dict]:
-    """Optimise ``adapter`` on the reconstruction loss; returns the evaluation history."""
-    optimizer, rng, start = start_training("phase1", adapter, config, checkpoint, resume)
+    """Optimise ``adapter`` on the reconstruction loss in this process; returns the evaluation history."""
+    optimizer, start, history = start_training("phase1", adapter, config, checkpoint, resume)
     if start:
         log.info("phase 1 resumed at step %d from %s", start, checkpoint)
     render = lambda cs: [prompt_format.sender.format(context=c) for c in cs]
-    history: list[dict] = []
-    adapter.train()
-    bar = tqdm(range(start, config.steps), desc="phase 1 (reconstruction)", disable=not progress, initial=start, total=config.steps)
-    for step in bar:
-        loss = batch_loss(adapter, sender, receiver, render(rng.sample(list(contexts), config.batch_size)))
-        optimizer_step(optimizer, loss, cosine_lr(step, config.steps, config.lr, config.warmup_steps))
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
-            record = {"step": step + 1, "train_loss": loss.item()}
-            if validation_contexts:
-                adapter.eval()
-                with torch.no_grad():
-                    record["validation_loss"] = batch_loss(adapter, sender, receiver, render(validation_contexts)).item()
-                adapter.train()
-            history.append(record)
-            log.info("phase 1 %s", record)
-            if checkpoint is not None:
-                save_training_state(checkpoint, "phase1", step + 1, adapter, optimizer, rng, config)
-            if on_eval is not None:
-                on_eval(step + 1, record)
-    adapter.eval()
-    return history
+
+    def evaluate(step: int) -> dict:
+        return {"validation_loss": batch_loss(adapter, sender, receiver, render(validation_contexts)).item()} if validation_contexts else {}
+
+    def on_record(record: dict) -> None:
+        if progress:
+            log.info("phase 1 step %d/%d loss %.4f", record["step"], config.steps, record["loss"])
+        if on_eval is not None and (record["step"] % config.eval_every == 0 or record["step"] == config.steps):
+            on_eval(record["step"], record)
+
+    loop = LoopConfig(config.steps, config.lr, config.warmup_steps, log_every=config.eval_every,
+                      eval_every=config.eval_every, checkpoint_every=config.eval_every)
+    history = run_steps(
+        "phase1", adapter, optimizer, loop,
+        lambda step: phase1_step(adapter, sender, receiver, phase1_batch(contexts, config, step), prompt_format),
+        start_step=start, history=history, evaluate=evaluate, on_record=on_record,
+        checkpoint=local_checkpoint(checkpoint, "phase1", adapter, optimizer, config),
+    )
+    return [{"step": r["step"], "train_loss": r["loss"], **{k: v for k, v in r.items() if k.startswith("validation")}}
+            for r in history]

@@ -2,6 +2,10 @@
 
 Each example's receiver prompt is context-aware with probability ``p_aware`` and context-unaware
 otherwise; the target is the receiver's own guided trace in both cases. Only the adapter learns.
+
+    phase2_batch(records, config, step, rank, world)   this worker's (records, modes, through codec?) of a step
+    generation_loss(...)                               eq. 7 on one batch
+    train_phase2(...)                                  the in-process trainer (``training.loop.run_steps``)
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ from pathlib import Path
 
 import torch
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from densecomm_core.adapter import DenseAdapter
 from densecomm_core.codec import Codec, get_codec, round_trip
@@ -25,11 +28,13 @@ from densecomm_core.relay import (
     sender_prefill,
     transform_cache,
 )
-from densecomm_core.training.common import (
-    cosine_lr,
-    optimizer_step,
-    save_training_state,
-    start_training,
+from densecomm_core.training.common import local_checkpoint, start_training
+from densecomm_core.training.loop import (
+    LoopConfig,
+    StepResult,
+    batch_rng,
+    run_steps,
+    shard,
 )
 from densecomm_core.training.traces import TraceRecord
 
@@ -52,6 +57,7 @@ class Phase2Config:
     input_codec: str | None = None
     input_codec_params: dict | None = None
     p_input_codec: float = 0.5
+    gate_lr_multiplier: float = 1.0  # the gates' rate relative to the MLPs' (see training.loop.build_optimizer)
 
 
 def receiver_batch(
@@ -98,6 +104,32 @@ def generation_loss(
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 
+def phase2_batch(
+    records: Sequence[TraceRecord], config: Phase2Config, step: int, rank: int = 0, world: int = 1
+) -> tuple[list[TraceRecord], list[ContextMode], bool]:
+    """Step ``step``'s global batch (a function of seed and step alone), this worker's shard of it, the
+    regime of each example and whether the batch reads the sender cache through the input codec."""
+    rng = batch_rng(config.seed, step, "phase2")
+    batch = rng.sample(list(records), min(config.batch_size, len(records)))
+    modes = [ContextMode.AWARE if rng.random() < config.p_aware else ContextMode.UNAWARE for _ in batch]
+    through_codec = config.input_codec is not None and rng.random() < config.p_input_codec
+    return shard(batch, rank, world), shard(modes, rank, world), through_codec
+
+
+def phase2_step(
+    adapter: torch.nn.Module,
+    sender: LoadedModel,
+    receiver: LoadedModel,
+    batch: tuple[list[TraceRecord], list[ContextMode], bool],
+    prompt_format: PromptFormat,
+    input_codec: Codec | None,
+) -> StepResult:
+    """One worker's loss on its shard; ``adapter`` may be DDP-wrapped."""
+    records, modes, through_codec = batch
+    loss = generation_loss(adapter, sender, receiver, records, modes, prompt_format, input_codec if through_codec else None)
+    return StepResult(loss, sum(len(r.trace.split()) for r in records))
+
+
 def train_phase2(
     adapter: DenseAdapter,
     sender: LoadedModel,
@@ -110,32 +142,20 @@ def train_phase2(
     resume: bool = False,
     progress: bool = True,
 ) -> list[dict]:
-    """Optimise ``adapter`` on the mixed-regime generation loss; returns the evaluation history."""
+    """Optimise ``adapter`` on the mixed-regime generation loss in this process; returns the evaluation history."""
     if not records:
         raise ValueError("phase 2 needs at least one trace record")
     input_codec = get_codec(config.input_codec, **(config.input_codec_params or {})) if config.input_codec else None
-    optimizer, rng, start = start_training("phase2", adapter, config, checkpoint, resume)
+    optimizer, start, history = start_training("phase2", adapter, config, checkpoint, resume)
     if start:
         log.info("phase 2 resumed at step %d from %s", start, checkpoint)
-    history: list[dict] = []
-    adapter.train()
-    bar = tqdm(range(start, config.steps), desc="phase 2 (generation)", disable=not progress, initial=start, total=config.steps)
-    for step in bar:
-        batch = rng.sample(list(records), min(config.batch_size, len(records)))
-        modes = [ContextMode.AWARE if rng.random() < config.p_aware else ContextMode.UNAWARE for _ in batch]
-        through_codec = input_codec is not None and rng.random() < config.p_input_codec
-        loss = generation_loss(adapter, sender, receiver, batch, modes, prompt_format, input_codec if through_codec else None)
-        optimizer_step(optimizer, loss, cosine_lr(step, config.steps, config.lr, config.warmup_steps))
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
-            record = {"step": step + 1, "train_loss": loss.item()}
-            if evaluate is not None:
-                adapter.eval()
-                record |= evaluate()
-                adapter.train()
-            history.append(record)
-            log.info("phase 2 %s", record)
-            if checkpoint is not None:
-                save_training_state(checkpoint, "phase2", step + 1, adapter, optimizer, rng, config)
-    adapter.eval()
-    return history
+    loop = LoopConfig(config.steps, config.lr, config.warmup_steps, log_every=config.eval_every,
+                      eval_every=config.eval_every, checkpoint_every=config.eval_every)
+    history = run_steps(
+        "phase2", adapter, optimizer, loop,
+        lambda step: phase2_step(adapter, sender, receiver, phase2_batch(records, config, step), prompt_format, input_codec),
+        start_step=start, history=history, evaluate=(lambda step: evaluate()) if evaluate else None,
+        checkpoint=local_checkpoint(checkpoint, "phase2", adapter, optimizer, config),
+    )
+    return [{"step": r["step"], "train_loss": r["loss"], **{k: v for k, v in r.items() if k.startswith("validation")}}
+            for r in history]

@@ -2,19 +2,19 @@
 
     zoo_root()                      directory of the committed zoo weights (inside the package)
     load_zoo_pair()                 (sender, receiver) LoadedModels from there
-    train_zoo_adapter(...)          Phase I + receiver-self traces + Phase II, recipe recorded in the checkpoint
+    (its adapter is trained by `densecomm train --config zoo`: services/train/zoo.toml)
     evaluate_pair(...)              the demo's table: baselines and both dense regimes on the test split
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from densecomm_core.adapter import AdapterConfig, DenseAdapter
+from densecomm_core.adapter import DenseAdapter
 from densecomm_core.evaluation.accuracy import accuracy_by_family
 from densecomm_core.generation import GenerationConfig
 from densecomm_core.models import LoadedModel, load_model
@@ -25,14 +25,6 @@ from densecomm_core.relay import (
     answer_with_input,
     answer_without_input,
 )
-from densecomm_core.training.phase1 import Phase1Config, train_phase1
-from densecomm_core.training.phase2 import Phase2Config, train_phase2
-from densecomm_core.training.traces import (
-    TraceRequest,
-    generate_receiver_traces,
-    save_traces,
-    traces_fingerprint,
-)
 from densecomm_core.zoo import tasks
 from densecomm_core.zoo.build import RECEIVER_SPEC, SENDER_SPEC
 
@@ -40,9 +32,7 @@ log = logging.getLogger(__name__)
 
 ADAPTER_NAME = f"adapter-{SENDER_SPEC.name}-to-{RECEIVER_SPEC.name}"
 GREEDY = GenerationConfig(max_new_tokens=24)
-# Phase II's codec-aware batches read the sender cache through the codec the relay is meant to ship:
-# transform coding with RoPE-stripped keys, on the sender basis fitted before phase II.
-INPUT_CODEC, INPUT_CODEC_PARAMS = "pca", {"key_step": 0.25, "value_step": 0.35}
+ANSWER_TEMPLATE = f"{tasks.ANSWER_WORD} {{answer}}"  # the zoo's canonical final answer statement
 BASIS_CALIBRATION_PER_FAMILY = 300  # train-split contexts per family the pca codec's bases are fitted on
 
 
@@ -57,24 +47,6 @@ def zoo_adapter_dir(root: Path | None = None) -> Path:
 def load_zoo_pair(root: Path | None = None) -> tuple[LoadedModel, LoadedModel]:
     root = root or zoo_root()
     return load_model(root / SENDER_SPEC.name, dtype=torch.float32), load_model(root / RECEIVER_SPEC.name, dtype=torch.float32)
-
-
-@dataclass(frozen=True)
-class ZooAdapterRecipe:
-    """The embedded pair's adapter recipe; recorded verbatim in the adapter checkpoint."""
-
-    expansion: int = 16
-    train_per_family: int = 3000  # source contexts (phase I) and trace requests (phase II) per family
-    validation_per_family: int = 30  # used for periodic evaluation during phase II
-    # Seed 1: with seed 0 this recipe left context-unaware multiple choice at 94.5 % on the test split
-    # (98.5 % with seed 1); the family that generalises last is the one that varies between seeds.
-    phase1: Phase1Config = field(default_factory=lambda: Phase1Config(steps=2400, eval_every=400, seed=1))
-    # 3600 steps on 9000 traces: with 1800 on 3000 the unaware regime stopped at ~85 % on multiple
-    # choice (the colour -> letter lookup over a transferred cache generalised last). Half the batches
-    # reach the adapter through the pca codec (codec-aware training): the sender -> adapter hop is
-    # where lossy codecs cost accuracy (`densecomm bench codec --hops 0`).
-    phase2: Phase2Config = field(default_factory=lambda: Phase2Config(
-        steps=3600, eval_every=600, seed=1, input_codec=INPUT_CODEC, input_codec_params=dict(INPUT_CODEC_PARAMS)))
 
 
 def batched(items: list, size: int):
@@ -103,51 +75,6 @@ def save_zoo_bases(sender: LoadedModel, receiver: LoadedModel, adapter: DenseAda
     sender_basis, receiver_basis = fit_zoo_bases(sender, receiver, adapter)
     sender_basis.save(Path(sender.path) / BASIS_FILE)
     receiver_basis.save(Path(adapter_dir) / BASIS_FILE)
-
-
-def train_zoo_adapter(
-    sender: LoadedModel,
-    receiver: LoadedModel,
-    recipe: ZooAdapterRecipe = ZooAdapterRecipe(),
-    work_dir: Path | None = None,
-    resume: bool = False,
-    progress: bool = True,
-) -> DenseAdapter:
-    """Both phases of the paper on the zoo's train split; checkpoints and traces go under ``work_dir``."""
-    torch.manual_seed(recipe.phase1.seed)
-    adapter = DenseAdapter(AdapterConfig(sender.geometry, receiver.geometry, expansion=recipe.expansion))
-    train = tasks.make_split("train", recipe.train_per_family)
-    validation = tasks.make_split("validation", recipe.validation_per_family)
-    phase1_history = train_phase1(
-        adapter, sender, receiver, [e.context for e in train], recipe.phase1,
-        validation_contexts=[e.context for e in validation],
-        checkpoint=work_dir / "phase1.pt" if work_dir else None, resume=resume, progress=progress,
-    )
-    requests = [
-        TraceRequest(e.context, e.answer, tasks.prompt_guided(e), e.family, multiple_choice=e.family == "choice")
-        for e in train
-    ]
-    records, trace_stats = generate_receiver_traces(receiver, requests, tasks.extract_answer, tasks.ANSWER_WORD)
-    log.info("receiver-self traces: %s", trace_stats)
-    if work_dir:
-        save_traces(records, work_dir / "receiver_traces.jsonl")
-    if recipe.phase2.input_codec == "pca":  # codec-aware batches through pca need the sender's basis
-        from densecomm_core.codec.transform import register_basis
-
-        register_basis(fit_zoo_bases(sender, receiver)[0])
-    relay = DenseRelay(sender, receiver, adapter)
-
-    def evaluate() -> dict:
-        return {f"validation_{mode.value}": relay_accuracy(relay, validation, mode)[0] for mode in ContextMode}
-
-    phase2_history = train_phase2(
-        adapter, sender, receiver, records, recipe.phase2, evaluate=evaluate,
-        checkpoint=work_dir / "phase2.pt" if work_dir else None, resume=resume, progress=progress,
-    )
-    adapter.config.recipe = asdict(recipe) | {"trace_stats": trace_stats}
-    adapter.config.data_fingerprint = f"train:{tasks.split_fingerprint(train)}/traces:{traces_fingerprint(records)}"
-    adapter.config.metrics = {"phase1": phase1_history[-1:], "phase2": phase2_history[-1:]}
-    return adapter
 
 
 @dataclass

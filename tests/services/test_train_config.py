@@ -1,0 +1,115 @@
+"""`densecomm train` configs: every bad key or value is refused before Ray starts, naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.train.config import TrainConfigError, config_from_dict, load_train_config
+from services.train.job import plan
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return path
+
+
+def test_zoo_config_loads_and_round_trips():
+    config = load_train_config("zoo")
+    assert config.workers.num_workers == 2 and config.phase2.input_codec == "pca"
+    assert config_from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("bogus = 1", r"unknown key\(s\) \['bogus'\] in the top level"),
+        ("[phase1]\nstep = 10", r"unknown key\(s\) \['step'\] in \[phase1\]"),
+        ("[nonsense]\na = 1", r"unknown key\(s\) \['nonsense'\]"),
+        ("[phase1]\nlr = 'fast'", r"\[phase1\]\.lr must be float, got 'fast'"),
+        ("[phase1]\nsteps = 2.5", r"\[phase1\]\.steps must be int"),
+        ("[workers]\nuse_gpu = 1", r"\[workers\]\.use_gpu must be bool"),
+        ("[phase1]\nlr = -1.0", r"\[phase1\]\.lr must be > 0, got -1.0"),
+        ("[phase2]\nbatch_size = 31", r"\[phase2\]\.batch_size must be divisible by \[workers\]\.num_workers \(2\), got 31"),
+        ("[phase1]\nsteps = 10\nwarmup_steps = 10", r"\[phase1\]\.warmup_steps must be in \[0, steps\), got 10"),
+        ("[models]\nsender = '/no/such/model'", r"\[models\]\.sender must be 'zoo' or an existing local model directory"),
+        ("[models]\ndtype = 'int8'", r"\[models\]\.dtype must be one of"),
+        ("[models]\nreceiver_device = 'cuda:1'", r"\[models\]\.receiver_device is 'cuda:1' but \[workers\]\.use_gpu is false"),
+        ("[models]\nsender_device = 'tpu'", r"\[models\]\.sender_device must be 'auto', 'cpu' or 'cuda\[:N\]'"),
+        ("[data]\nsource = 'gsm8k'", r"\[data\]\.train is required for source 'gsm8k'"),
+        ("[data]\nsource = 'imagenet'", r"\[data\]\.source must be one of"),
+        ("[data]\nsource = 'gsm8k'\ntrain = '/no/such.jsonl'", r"\[data\]\.train file '/no/such.jsonl' does not exist"),
+        ("[prompts]\nguided = '{context} =>'", r"\[prompts\]\.guided must contain '\{answer\}'"),
+        ("[prompts]\nanswer_kind = 'vibes'", r"\[prompts\]\.answer_kind must be one of"),
+        ("[phase2]\ninput_codec = 'quantized'\ninput_codec_params = { key_bits = 5 }", r"\[phase2\]\.input_codec 'quantized'"),
+        ("[adapter]\ngate_init = 1.0", r"\[adapter\]\.gate_init must be in \(0, 1\)"),
+        ("name = 'a b'", r"name must be letters, digits"),
+        ("[fault]\nphase = 'phase3'", r"\[fault\]\.phase must be"),
+    ],
+)
+def test_bad_configs_name_the_field(tmp_path, text, match):
+    with pytest.raises(TrainConfigError, match=match):
+        load_train_config(write(tmp_path, text))
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(TrainConfigError, match="does not exist"):
+        load_train_config(tmp_path / "absent.toml")
+    with pytest.raises(TrainConfigError, match="not valid TOML"):
+        load_train_config(write(tmp_path, "[phase1\nsteps = 3"))
+
+
+def test_dry_run_plan_checks_the_data_and_starts_nothing(tmp_path):
+    import ray
+
+    config = load_train_config("zoo", output_dir=str(tmp_path / "out"))
+    text = plan(config)
+    assert "train 9000, validation 150, test 600" in text
+    assert "16 per worker" in text and "DDP over the adapter" in text
+    assert not ray.is_initialized() and not (tmp_path / "out").exists()
+
+
+def test_cli_dry_run_and_error_exit(tmp_path, capsys):
+    from services.cli import main
+
+    assert main(["train", "--config", "zoo", "--dry-run", "--output-dir", str(tmp_path / "o")]) == 0
+    assert "phase2: 3600 steps" in capsys.readouterr().out
+    assert main(["train", "--config", str(write(tmp_path, "[phase1]\nlr = 0.0"))]) == 2
+    assert "[phase1].lr must be > 0" in capsys.readouterr().err
+
+
+def test_gsm8k_file_config_plans_and_bad_rows_name_file_and_line(tmp_path, capsys):
+    from services.cli import main
+
+    text = f"""
+[data]
+source = "gsm8k"
+train = "{tmp_path / 'train.jsonl'}"
+validation = "tests/data/gsm8k.jsonl"
+train_size = 0
+[prompts]
+sender = "Question: {{context}}"
+aware = "Question: {{context}} Answer:"
+unaware = "Answer:"
+with_input = "Question: {{context}} Answer:"
+guided = "Question: {{context}} The answer is {{answer}}. Solution:"
+answer_kind = "number"
+answer_template = "#### {{answer}}"
+"""
+    extra = '{"question": "Tom has 2 cats and gets 3 more. How many cats?", "answer": "2 + 3 = 5\\n#### 5"}\n'
+    (tmp_path / "train.jsonl").write_text(Path("tests/data/gsm8k.jsonl").read_text() + extra)
+    config = write(tmp_path, text)
+    assert main(["train", "--config", str(config), "--dry-run", "--output-dir", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    from densecomm_core.data import load_task_file
+
+    n_validation = len(load_task_file("tests/data/gsm8k.jsonl", "gsm8k"))
+    assert f"data: gsm8k; train 1, validation {n_validation}," in out  # the validation file's questions are never trained on
+    (tmp_path / "train.jsonl").write_text(Path("tests/data/gsm8k.jsonl").read_text())
+    assert main(["train", "--config", str(config), "--dry-run", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "yields no training examples" in capsys.readouterr().err
+    (tmp_path / "train.jsonl").write_text('{"question": "q?", "answer": "no final marker"}\n')
+    assert main(["train", "--config", str(config), "--dry-run", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "train.jsonl:1" in capsys.readouterr().err
