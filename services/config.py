@@ -17,8 +17,10 @@ Example (``densecomm serve --config serve.toml``)::
 
     [sender]
     num_gpus = 1
+    resources = {densecomm_sender = 1}   # Ray custom resource: lands on the KubeRay sender group
     [receiver]
     num_gpus = 1
+    resources = {densecomm_receiver = 1}
 """
 
 from __future__ import annotations
@@ -59,11 +61,15 @@ class Resources:
     num_cpus: float = 0.5  # logical CPUs; four services fit a 2-core laptop
     num_gpus: float = 0.0
     replicas: int = 1  # the relay ingress always runs one
+    # Ray custom resources each actor asks for, e.g. {densecomm_sender = 1}: under KubeRay every pod of a
+    # worker group advertises its role's resource (rayStartParams), so the actors land on that group.
+    resources: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    host: str = "127.0.0.1"  # where internal services bind: loopback unless spread over nodes
+    host: str = "127.0.0.1"  # where internal services bind: loopback unless spread over nodes;
+    # "node-ip" = each Ray actor binds the IP of its own Ray node (the pod IP under KubeRay)
     relay_host: str = ""  # where the public Relay ingress binds (empty = host); 0.0.0.0 in a pod
     relay_port: int = 50051  # public Relay API; 0 = pick a free port
     metrics_port: int = 0  # relay's metrics port, then sender +1, adapter +2, receiver +3; 0 = free ports
@@ -145,6 +151,10 @@ def load_config(path: str | Path | None = None, **overrides) -> ServeConfig:
         raise ConfigError(f"default_route {config.default_route!r} is not one of the routes {names}")
     if len(set(names)) != len(names):
         raise ConfigError(f"route names must be unique, got {names}")
+    for name in ("sender", "adapter", "receiver", "relay"):
+        for key, amount in getattr(config, name).resources.items():
+            if not isinstance(amount, (int, float)) or amount <= 0:
+                raise ConfigError(f"[{name}] resources: {key!r} = {amount!r} must be a positive number")
     for r in config.all_routes():
         if r.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"route {r.name!r}: dtype {r.dtype!r} must be float32, bfloat16 or float16")

@@ -10,9 +10,14 @@ Series (every one carries ``service``):
     densecomm_compression_ratio{hop}                 histogram: raw / wire per request
     densecomm_chunks_total{hop}                      KV chunks sent
     densecomm_stage_seconds{stage}                   histogram: prefill, encode, transfer, transform,
-                                                     decode, first_token, generate, end_to_end
+                                                     decode, first_token, generate, end_to_end,
+                                                     time_to_first_token (relay: request in -> first token out)
+    densecomm_hop_transfer_seconds{hop}              histogram: first frame to end of stream of one hop,
+                                                     measured by the hop's receiving side
     densecomm_tokens_total{side, phase}              sender/receiver x prefill/decode
     densecomm_flops_total{side}                      2·N·tokens per side (sender, adapter, receiver)
+    densecomm_t2t_flops_total                        FLOPs the same requests would cost as text-to-text
+                                                     (sender decodes a message, receiver re-reads it)
 Byte histograms have buckets from 1 KiB to 1 GiB (factor 4).
 """
 
@@ -47,6 +52,9 @@ class ServiceMetrics:
         self.stage = Histogram("densecomm_stage_seconds", "Latency of one stage", ["service", "stage"], buckets=SECOND_BUCKETS, **labels)
         self.tokens = Counter("densecomm_tokens_total", "Tokens processed", ["service", "side", "phase"], **labels)
         self.flops = Counter("densecomm_flops_total", "Estimated FLOPs (2 x params x tokens)", ["service", "side"], **labels)
+        self.hop_transfer = Histogram("densecomm_hop_transfer_seconds", "First frame to end of stream of one KV hop",
+                                      ["service", "hop"], buckets=SECOND_BUCKETS, **labels)
+        self.t2t_flops = Counter("densecomm_t2t_flops_total", "Estimated FLOPs of the same requests as text-to-text", ["service"], **labels)
         self.in_flight.labels(service).set(0)
 
     def serve(self, host: str, port: int) -> int:
@@ -69,6 +77,9 @@ class ServiceMetrics:
         if wire:
             self.ratio.labels(s, hop).observe(raw / wire)
         self.chunks.labels(s, hop).inc(chunks)
+
+    def observe_hop_transfer(self, hop: str, seconds: float) -> None:
+        self.hop_transfer.labels(self.service, hop).observe(seconds)
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         self.stage.labels(self.service, stage).observe(seconds)

@@ -388,6 +388,8 @@ class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
                   "generate": time.perf_counter() - gen_started}
         stats = final_stats(name, done, decoder.report, out, receiver.non_embedding_params, layer0_unix[0], stages)
         stats.served_by = "text" if text_only else "cache"
+        if not text_only:
+            self.metrics.observe_hop_transfer("adapter->receiver", transfer_s)
         if text_only:  # no KV crossed a hop
             del stats.hops[:]
         else:
@@ -429,6 +431,7 @@ class AdapterServicer(ServicerBase, kv_pb2_grpc.AdapterServicer):
         async def pump() -> None:
             try:
                 upstream = None
+                started = time.perf_counter()
                 async for message in messages:
                     kind = message.WhichOneof("message")
                     if kind == "frame":
@@ -436,6 +439,7 @@ class AdapterServicer(ServicerBase, kv_pb2_grpc.AdapterServicer):
                             await outgoing.put(kv_pb2.KVMessage(frame=kv_pb2.KVFrame(frame=frame)))
                     elif kind == "done":
                         upstream = message.done
+                        self.metrics.observe_hop_transfer("sender->adapter", time.perf_counter() - started)
                     else:
                         raise RequestError(f"unexpected {kind} message inside a KV stream")
                 streaming.finish()
@@ -579,14 +583,22 @@ class RelayServicer(ServicerBase, relay_pb2_grpc.RelayServicer):
             e2e = time.perf_counter() - started
             latency(stats, "end_to_end", e2e)
             self.metrics.observe_stage("end_to_end", e2e)
+            if stats.t2t_flops:
+                self.metrics.t2t_flops.labels(self.service).inc(stats.t2t_flops)
             stats.served_by = stats.served_by or "cache"
             stats.fallback_reason = reason
+
+        def first_token_seen() -> None:
+            self.metrics.observe_stage("time_to_first_token", time.perf_counter() - started)
 
         tokens = 0
         try:
             call = (await self.senders.stub()).Prefill(setup, timeout=hop_timeout(context, self.config))
             async for event in relay_events(call, on_stats):
-                tokens += event.HasField("token")
+                if event.HasField("token"):
+                    tokens += 1
+                    if tokens == 1:
+                        first_token_seen()
                 yield event
             return
         except DownstreamError as exc:
@@ -601,5 +613,9 @@ class RelayServicer(ServicerBase, relay_pb2_grpc.RelayServicer):
             yield kv_pb2.KVMessage(setup=kv_pb2.HopSetup(request_id=setup.request_id, request=request, text_only=True))
 
         call = (await self.receivers.stub()).Generate(text_only(), timeout=hop_timeout(context, self.config))
+        first = True
         async for event in relay_events(call, on_stats):
+            if first and event.HasField("token"):
+                first = False
+                first_token_seen()
             yield event

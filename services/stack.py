@@ -22,11 +22,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services import protos, security
-from services.config import ServeConfig
+from services.config import ConfigError, ServeConfig
 from services.limits import Admission
 from services.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
+NODE_IP = "node-ip"  # ServeConfig.host value: each Ray actor binds the IP of its own node (the pod IP)
 relay_pb2, relay_pb2_grpc, kv_pb2, kv_pb2_grpc = protos.load()
 
 
@@ -172,6 +173,8 @@ class LocalStack:
     """The four services in this process, each on its own loopback port."""
 
     def __init__(self, config: ServeConfig) -> None:
+        if config.host == NODE_IP:
+            raise ConfigError(f"host = {NODE_IP!r} needs Ray actors (densecomm serve without --no-ray); give an IP here")
         self.config = config
         self.hosts: dict[str, ServiceHost] = {}
         downstream: list[str] = []
@@ -217,6 +220,7 @@ class RayStack:
     """The four services as Ray actors, each with the resources its config asks for.
 
     Starts a local Ray (node IP 127.0.0.1, no dashboard) unless ``RAY_ADDRESS`` names a cluster.
+    A service's ``resources`` (Ray custom resources) place its actors on the nodes that advertise them.
     """
 
     def __init__(self, config: ServeConfig, ray_address: str | None = None) -> None:
@@ -232,8 +236,12 @@ class RayStack:
                 ray.init(address=address, log_to_driver=False)
             else:
                 needed = sum(getattr(config, k).num_cpus * getattr(config, k).replicas for k in KINDS)
+                custom: dict[str, float] = {}  # one node offers every custom resource the services ask for
+                for k in KINDS:
+                    for name, amount in getattr(config, k).resources.items():
+                        custom[name] = custom.get(name, 0) + amount * (1 if k == "relay" else getattr(config, k).replicas)
                 ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
-                         num_cpus=max(os.cpu_count() or 1, int(needed + 1)), configure_logging=False)
+                         num_cpus=max(os.cpu_count() or 1, int(needed + 1)), resources=custom or None, configure_logging=False)
                 self.started_ray = True
         # Fixed ports chosen here, so an actor that Ray restarts after a crash comes back at the same address.
         actor_class = ray.remote(max_restarts=-1, max_task_retries=0)(ServiceActor)
@@ -245,9 +253,11 @@ class RayStack:
             for kind in KINDS:
                 res = getattr(config, kind)
                 replicas = 1 if kind == "relay" else res.replicas
-                ports = [config.relay_port if kind == "relay" and config.relay_port else free_port(config.host) for _ in range(replicas)]
+                # "node-ip": the actor binds its own node's IP; the port is probed here (another pod's netns)
+                probe_host = "0.0.0.0" if config.host == NODE_IP else config.host
+                ports = [config.relay_port if kind == "relay" and config.relay_port else free_port(probe_host) for _ in range(replicas)]
                 receivers = self.addresses["receiver"] if kind == "relay" else []
-                actors = [actor_class.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus).remote(
+                actors = [actor_class.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, resources=dict(res.resources) or None).remote(
                     kind, config, downstream, port, replica, receivers) for replica, port in enumerate(ports)]
                 info = ray.get([a.info.remote() for a in actors], timeout=900)
                 self.actors[kind] = actors
@@ -322,6 +332,12 @@ class ServiceActor:
     def __init__(self, kind: str, config: ServeConfig, downstream: list[str], port: int, replica: int = 0,
                  receivers: list[str] = ()) -> None:
         logging.basicConfig(level=logging.WARNING)
+        if config.host == NODE_IP:  # one actor of a role per node (KubeRay: one unit of its resource per pod)
+            import dataclasses
+
+            import ray
+
+            config, replica = dataclasses.replace(config, host=ray.util.get_node_ip_address()), 0
         self.host = ServiceHost(kind, config, downstream, port=port, replica=replica, receivers=receivers)
 
     def info(self) -> tuple[str, int]:

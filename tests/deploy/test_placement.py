@@ -1,0 +1,47 @@
+"""KubeRay placement on a local Ray: per-role custom resources put each service's actors where they are offered,
+and host = "node-ip" makes every actor bind its own node's IP."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.client import build_request
+from services.config import ConfigError, load_config
+from services.stack import NODE_IP, LocalStack, RayStack
+from tests.services.conftest import collect, run
+
+ROLES = ("sender", "adapter", "receiver", "relay")
+
+
+def placed_config(**overrides):
+    roles = {role: {"num_cpus": 0.25, "resources": {f"densecomm_{role}": 1}} for role in ROLES}
+    return load_config(None, relay_port=0, host=NODE_IP, **roles, **overrides)
+
+
+def test_resources_are_read_and_checked(tmp_path):
+    config = placed_config()
+    assert config.sender.resources == {"densecomm_sender": 1}
+    toml = tmp_path / "serve.toml"
+    toml.write_text('[receiver]\nresources = {densecomm_receiver = 0}\n')
+    with pytest.raises(ConfigError, match="densecomm_receiver"):
+        load_config(toml)
+
+
+def test_node_ip_needs_ray():
+    with pytest.raises(ConfigError, match="node-ip"):
+        LocalStack(placed_config())
+
+
+def test_actors_take_their_role_resource_and_bind_the_node_ip():
+    import ray
+
+    with RayStack(placed_config()) as stack:
+        left = ray.available_resources()
+        total = ray.cluster_resources()
+        for role in ROLES:  # each role's only unit is held by its actor
+            assert total[f"densecomm_{role}"] == 1 and left.get(f"densecomm_{role}", 0) == 0, (role, left)
+        node_ip = ray.util.get_node_ip_address()
+        for role in ("sender", "adapter", "receiver"):
+            assert all(a.startswith(f"{node_ip}:") for a in stack.addresses[role]), stack.addresses
+        events = run(collect(stack.relay_address, build_request("The cat sat.", mode="unaware", max_new_tokens=4)))
+        assert events[-1].stats.route == "zoo" and events[-1].stats.wire_bytes > 0
