@@ -70,7 +70,7 @@ def load_training_state(
 ) -> int:
     """Restore a checkpoint written by ``save_training_state``; returns the step to continue from."""
     try:
-        state = torch.load(path, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)  # load_state_dict moves to the params' device
     except (OSError, RuntimeError) as exc:
         raise CheckpointError(f"cannot read training checkpoint {str(path)!r}: {exc}") from exc
     if state.get("phase") != phase:

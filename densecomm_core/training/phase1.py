@@ -52,7 +52,9 @@ def batch_loss(adapter: DenseAdapter, sender: LoadedModel, receiver: LoadedModel
     with torch.no_grad():
         source = sender_prefill(sender, texts)
         target = sender_prefill(receiver, texts)  # the receiver's own cache of the same input
-    predicted = transform_cache(adapter, source, sender, receiver).to(dtype=torch.float32)
+    # Prediction restored in float32 on the receiver's device (where the target is): the loss is fp32
+    # even for a bf16 / fp16 receiver, whose target is upcast.
+    predicted = transform_cache(adapter, source, sender, receiver, dtype=torch.float32)
     return reconstruction_loss(predicted, target)
 
 
