@@ -406,7 +406,7 @@ def decode_cache(blob: bytes, limits: DecodeLimits = DecodeLimits(), workers: in
 
 def round_trip(cache: KVCache, codec: Codec, dtype: torch.dtype = torch.bfloat16, on_payload=None, model=None) -> KVCache:
     """``cache`` as a receiver gets it through ``codec``: one wire payload per request (no batch padding),
-    shipped in ``dtype``, decoded and re-batched in the cache's own dtype. ``on_payload(raw, wire)``
+    shipped in ``dtype``, decoded and re-batched in the cache's own dtype on its own device. ``on_payload(raw, wire)``
     sees each request's byte counts. A codec that codes RoPE-stripped keys needs the cache's ``model``
     (a RopeModel): its rotation is stripped before encoding and re-applied after, as the services do."""
     if codec.strips_rope and cache.rope_applied:
@@ -421,6 +421,6 @@ def round_trip(cache: KVCache, codec: Codec, dtype: torch.dtype = torch.bfloat16
         blob = encode_cache(shipped, codec)
         if on_payload is not None:
             on_payload(shipped.nbytes, len(blob))
-        rows.append(decode_cache(blob).to(dtype=cache.dtype))
+        rows.append(decode_cache(blob).to(dtype=cache.dtype, device=cache.device))
     return KVCache.stack_rows(rows)
 
