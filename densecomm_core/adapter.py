@@ -147,14 +147,19 @@ class DenseAdapter(nn.Module):
         return torch.sigmoid(self.gate_logit)
 
     def transform_layer(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Receiver layer ``layer`` from sender layer a(layer)'s stripped K, V (B, G_S, T, d_S) -> (B, G_R, T, d_R)."""
-        keys = keys.index_select(1, self.group_index).to(self.gate_logit.dtype)  # (B, G_R, T, d_S)
-        values = values.index_select(1, self.group_index).to(self.gate_logit.dtype)
+        """Receiver layer ``layer`` from sender layer a(layer)'s stripped K, V (B, G_S, T, d_S) -> (B, G_R, T, d_R).
+
+        Inputs move to the adapter's device and dtype (its parameters'; float32 unless the adapter was
+        cast); the outputs are in that device and dtype too."""
+        device, dtype = self.gate_logit.device, self.gate_logit.dtype
+        keys = keys.to(device).index_select(1, self.group_index).to(dtype)  # (B, G_R, T, d_S)
+        values = values.to(device).index_select(1, self.group_index).to(dtype)
         gate = self.gates[layer][None, :, None, None]  # (1, G_R, 1, 1)
         return gate * self.key_mlp(layer, keys), gate * self.value_mlp(layer, values)
 
     def forward(self, sender_stripped: KVCache) -> KVCache:
-        """Map a stripped sender cache to a stripped receiver cache (same tokens, mask and positions)."""
+        """Map a stripped sender cache to a stripped receiver cache (same tokens, mask and positions),
+        on the adapter's device and in its dtype."""
         s = self.config.sender
         sender_stripped.check_matches(s.num_layers, s.num_kv_heads, s.head_dim, who="adapter (sender side)")
         keys, values = [], []

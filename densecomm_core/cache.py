@@ -4,7 +4,8 @@ Layout (per layer l): keys[l], values[l] are ``[batch, kv_heads, tokens, head_di
 dims may differ between keys and values of different models but not within a layer. ``mask`` is
 ``[batch, tokens]`` (True = a real token; caches are right-padded, so valid slots come first) and
 ``positions`` is ``[batch, tokens]`` with each slot's logical RoPE position. ``rope_applied`` says
-whether keys carry the rotation of the model named by ``fingerprint``.
+whether keys carry the rotation of the model named by ``fingerprint``. All tensors of a cache live
+on one device (``KVCache.device``); ``to(device=...)`` moves it whole.
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ class KVCache:
         return self.keys[0].dtype
 
     @property
+    def device(self) -> torch.device:
+        return self.keys[0].device
+
+    @property
     def nbytes(self) -> int:
         """Bytes of all K and V tensors (padding included), the raw payload size."""
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
@@ -78,7 +83,12 @@ class KVCache:
         if self.positions.shape != self.mask.shape:
             raise CacheLayoutError(f"positions shape {tuple(self.positions.shape)} != mask shape {tuple(self.mask.shape)}")
         batch, tokens = self.mask.shape
+        device = self.keys[0].device
+        if self.mask.device != device or self.positions.device != device:
+            raise CacheLayoutError(f"mask ({self.mask.device}) and positions ({self.positions.device}) must be on the keys' device {device}")
         for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+            if k.device != device or v.device != device:
+                raise CacheLayoutError(f"layer {layer}: keys on {k.device} and values on {v.device}; a cache lives on one device ({device})")
             if k.dim() != 4 or v.dim() != 4:
                 raise CacheLayoutError(f"layer {layer}: keys/values must be [batch, kv_heads, tokens, head_dim], got {tuple(k.shape)} and {tuple(v.shape)}")
             if k.shape[0] != batch or v.shape[0] != batch or k.shape[2] != tokens or v.shape[2] != tokens:
@@ -101,6 +111,10 @@ class KVCache:
 
     # ---- transformations ----------------------------------------------------------------------
     def with_tensors(self, keys: list[torch.Tensor], values: list[torch.Tensor], **changes) -> KVCache:
+        """A copy with new K/V (and any other field changed); mask and positions follow the keys' device."""
+        device = keys[0].device if keys else self.mask.device
+        for name in ("mask", "positions"):
+            changes[name] = changes.get(name, getattr(self, name)).to(device)
         return replace(self, keys=keys, values=values, **changes)
 
     def rows(self, index: slice | list[int] | torch.Tensor) -> KVCache:
@@ -149,11 +163,12 @@ class KVCache:
         )
 
     # ---- transformers interop -----------------------------------------------------------------
-    def to_dynamic_cache(self) -> DynamicCache:
-        """A transformers DynamicCache holding these tensors (no copy; gradients flow through)."""
+    def to_dynamic_cache(self, device: torch.device | str | None = None) -> DynamicCache:
+        """A transformers DynamicCache holding these tensors, moved to ``device`` when given (the
+        attending model's); no copy when already there, and gradients flow through either way."""
         if not self.rope_applied:
             raise CacheLayoutError("a cache with stripped RoPE cannot be attended to; restore_rope first")
-        return DynamicCache(ddp_cache_data=list(zip(self.keys, self.values)))
+        return DynamicCache(ddp_cache_data=[(k.to(device), v.to(device)) for k, v in zip(self.keys, self.values)])
 
     @classmethod
     def from_dynamic_cache(
@@ -162,6 +177,8 @@ class KVCache:
         """Read ``cache.layers[i].keys/.values`` (transformers 5.x) into a KVCache."""
         keys = [layer.keys for layer in cache.layers]
         values = [layer.values for layer in cache.layers]
+        mask = mask.to(keys[0].device) if keys else mask
         if positions is None:
             positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        positions = positions.to(mask.device)
         return cls(keys, values, mask.bool(), positions.long(), rope_applied=True, fingerprint=fingerprint)

@@ -1,8 +1,14 @@
-"""Decoding as a few small functions: ``prefill``, ``forward_after_cache``, ``sample_next``, ``generate``.
+"""Decoding as a few small functions: ``prefill``, ``forward_after_cache``, ``start_decoding``, ``choose_next``,
+``decode_step``, ``generate``.
 
 Every call passes explicit ``position_ids`` and a 2-D attention mask that spans the past cache and the
 new tokens, so a prompt can continue after a transferred (possibly right-padded) cache at the right
 logical positions. Prompts are left-padded, so the last column of a batch is every row's last token.
+
+Device: every tensor these functions create lives on the model's device (``model.device``); ids and
+masks given on another device (a tokenizer's CPU tensors) are moved there first. The per-step tensor
+work (``choose_next``, ``decode_step``) is free of Python control flow on tensor values, so it runs
+unchanged under ``FakeTensorMode``; only ``generate``'s stopping test reads a value back.
 """
 
 from __future__ import annotations
@@ -37,6 +43,18 @@ class GenerationConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
+@dataclass
+class DecodeState:
+    """What one decoding step needs and updates; every tensor is on the model's device."""
+
+    logits: torch.Tensor  # (B, vocab) logits at each row's last position
+    cache: DynamicCache  # the grown cache (past + prompt + generated tokens)
+    mask: torch.Tensor  # (B, Tc) long: 1 for every attended slot so far
+    next_positions: torch.Tensor  # (B,) logical position of the next token
+    finished: torch.Tensor  # (B,) bool: the row has produced EOS
+    lengths: torch.Tensor  # (B,) long: generated tokens so far, EOS included
+
+
 def continuation_positions(past_lengths: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
     """Logical positions of new tokens after a past of ``past_lengths`` valid slots per row.
 
@@ -45,6 +63,11 @@ def continuation_positions(past_lengths: torch.Tensor, token_mask: torch.Tensor)
     """
     running = torch.cumsum(token_mask.long(), dim=1)  # (B, T)
     return past_lengths[:, None] + (running - token_mask.long()).clamp(min=0)
+
+
+def model_device(model: PreTrainedModel) -> torch.device:
+    """Where a model's inputs (ids, masks, positions) must live: the device of its input embeddings."""
+    return model.get_input_embeddings().weight.device
 
 
 def forward_after_cache(
@@ -59,8 +82,11 @@ def forward_after_cache(
 
     New tokens start at ``past_next_positions`` (B,) (default: the number of valid past slots, right
     for a dense cache; a cache with evicted tokens passes its own). Returns logits (B, T, vocab) and
-    the grown cache. With ``past=None`` this is a plain prefill.
+    the grown cache. With ``past=None`` this is a plain prefill. Ids, masks and positions are moved to
+    the model's device; ``past`` must already be there.
     """
+    device = model_device(model)
+    input_ids, token_mask = input_ids.to(device), token_mask.to(device)
     batch = input_ids.shape[0]
     if past is None:
         past = DynamicCache()
@@ -71,9 +97,10 @@ def forward_after_cache(
         raise ValueError(
             f"past_mask has shape {tuple(past_mask.shape)}, expected ({batch}, {past.get_seq_length()})"
         )
+    past_mask = past_mask.to(device)
     if past_next_positions is None:
         past_next_positions = past_mask.long().sum(dim=1)
-    positions = continuation_positions(past_next_positions, token_mask)
+    positions = continuation_positions(past_next_positions.to(device), token_mask)
     attention_mask = torch.cat([past_mask.long(), token_mask.long()], dim=1)
     out = model(
         input_ids=input_ids,
@@ -112,6 +139,13 @@ def prefill(
     return cache
 
 
+def sampling_generator(config: GenerationConfig, device: torch.device) -> torch.Generator | None:
+    """The seeded RNG for sampling, on the logits' device (``torch.multinomial`` refuses one elsewhere)."""
+    if config.temperature == 0:
+        return None
+    return torch.Generator(device=device).manual_seed(config.seed)
+
+
 def sample_next(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
     """Pick the next token from last-position logits (B, vocab): greedy, or temperature + top-p."""
     if config.temperature == 0:
@@ -123,6 +157,60 @@ def sample_next(logits: torch.Tensor, config: GenerationConfig, generator: torch
         sorted_probs = sorted_probs * keep
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def start_decoding(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    token_mask: torch.Tensor,
+    past: DynamicCache | None = None,
+    past_mask: torch.Tensor | None = None,
+    past_next_positions: torch.Tensor | None = None,
+) -> DecodeState:
+    """Prefill a left-padded prompt (B, T) after an optional past cache; the state before the first token."""
+    if input_ids.shape[1] == 0:
+        raise ValueError("the receiver prompt must contain at least one token")
+    device = model_device(model)
+    token_mask = token_mask.to(device)
+    batch = input_ids.shape[0]
+    if past is None:
+        past_mask = token_mask.new_zeros(batch, 0)
+    elif past_mask is None:
+        raise ValueError("past_mask is required when a past cache is given")
+    past_mask = past_mask.to(device)
+    logits, cache = forward_after_cache(model, input_ids, token_mask, past, past_mask, past_next_positions)
+    past_next = past_next_positions.to(device) if past_next_positions is not None else past_mask.long().sum(dim=1)
+    return DecodeState(
+        logits=logits[:, -1],
+        cache=cache,
+        mask=torch.cat([past_mask.long(), token_mask.long()], dim=1),
+        next_positions=past_next + token_mask.long().sum(dim=1),
+        finished=torch.zeros(batch, dtype=torch.bool, device=device),
+        lengths=torch.zeros(batch, dtype=torch.long, device=device),
+    )
+
+
+def choose_next(state: DecodeState, config: GenerationConfig, generator: torch.Generator | None, eos_token_id: int) -> torch.Tensor:
+    """The next token per row (B,): sampled from ``state.logits``, EOS for finished rows; updates
+    ``state.lengths`` (counting this token for unfinished rows) and ``state.finished``."""
+    next_tokens = sample_next(state.logits, config, generator)
+    next_tokens = torch.where(state.finished, torch.full_like(next_tokens, eos_token_id), next_tokens)
+    state.lengths += (~state.finished).long()
+    state.finished |= next_tokens == eos_token_id
+    return next_tokens
+
+
+def decode_step(model: PreTrainedModel, state: DecodeState, next_tokens: torch.Tensor) -> DecodeState:
+    """Feed one token per row (B,) at each row's next position; returns the state for the following one."""
+    mask = torch.cat([state.mask, state.mask.new_ones(state.mask.shape[0], 1)], dim=1)  # (B, Tc + 1)
+    out = model(
+        input_ids=next_tokens[:, None],
+        attention_mask=mask,
+        position_ids=state.next_positions[:, None],
+        past_key_values=state.cache,
+        use_cache=True,
+    )
+    return DecodeState(out.logits[:, -1], out.past_key_values, mask, state.next_positions + 1, state.finished, state.lengths)
 
 
 @torch.no_grad()
@@ -140,44 +228,22 @@ def generate(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode up to ``config.max_new_tokens`` after a left-padded prompt (and an optional past cache).
 
-    Returns (tokens (B, n), lengths (B,)): tokens after a row's EOS are ``eos_token_id`` and lengths
-    count generated tokens up to and including EOS. ``on_token(step, tokens (B,))`` is called as tokens
-    are produced, for streaming. ``should_stop()``, checked before every step, ends the loop with
-    GenerationStopped (the caller went away).
+    Returns (tokens (B, n), lengths (B,)) on the model's device: tokens after a row's EOS are
+    ``eos_token_id`` and lengths count generated tokens up to and including EOS. ``on_token(step,
+    tokens (B,))`` is called as tokens are produced, for streaming. ``should_stop()``, checked before
+    every step, ends the loop with GenerationStopped (the caller went away).
     """
-    if input_ids.shape[1] == 0:
-        raise ValueError("the receiver prompt must contain at least one token")
-    generator = torch.Generator().manual_seed(config.seed) if config.temperature > 0 else None
-    batch = input_ids.shape[0]
-    if past is None:
-        past_mask = token_mask.new_zeros(batch, 0)
-    logits, cache = forward_after_cache(model, input_ids, token_mask, past, past_mask, past_next_positions)
-    mask = torch.cat([past_mask.long(), token_mask.long()], dim=1)
-    next_positions = (past_next_positions if past_next_positions is not None else past_mask.long().sum(dim=1)) + token_mask.long().sum(dim=1)
-    finished = torch.zeros(batch, dtype=torch.bool)
-    lengths = torch.zeros(batch, dtype=torch.long)
+    state = start_decoding(model, input_ids, token_mask, past, past_mask, past_next_positions)
+    generator = sampling_generator(config, state.logits.device)
     steps = []
     for step in range(config.max_new_tokens):
-        next_tokens = sample_next(logits[:, -1], config, generator)
-        next_tokens = torch.where(finished, torch.full_like(next_tokens, eos_token_id), next_tokens)
+        next_tokens = choose_next(state, config, generator, eos_token_id)
         steps.append(next_tokens)
-        lengths += (~finished).long()
         if on_token is not None:
             on_token(step, next_tokens)
-        finished |= next_tokens == eos_token_id
-        if bool(finished.all()) or step == config.max_new_tokens - 1:
+        if step == config.max_new_tokens - 1 or bool(state.finished.all()):
             break
         if should_stop is not None and should_stop():
             raise GenerationStopped(f"generation stopped after {step + 1} tokens")
-        positions = next_positions[:, None]
-        next_positions = next_positions + 1
-        mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long)], dim=1)
-        out = model(
-            input_ids=next_tokens[:, None],
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        logits, cache = out.logits, out.past_key_values
-    return torch.stack(steps, dim=1), lengths
+        state = decode_step(model, state, next_tokens)
+    return torch.stack(steps, dim=1), state.lengths

@@ -8,6 +8,12 @@
 Batches are padded: sender contexts on the right (so slot i holds logical position i), receiver
 prompts on the left (so every row's last token is in the last column); masks make padding invisible
 and results equal one-at-a-time runs.
+
+Devices and dtypes: the sender, the adapter and the receiver may each sit on its own device (cuda:0,
+cuda:1, cpu). A sender cache is on the sender's device in its dtype; ``transform_cache`` moves it to the
+adapter's device, strips RoPE there in float32, runs T_θ in the adapter's dtype (float32 by default),
+restores the receiver's RoPE in float32 and returns the receiver's dtype on the receiver's device.
+Prompt ids and masks go to the model that reads them.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import torch
 from densecomm_core.adapter import DenseAdapter
 from densecomm_core.cache import KVCache
 from densecomm_core.errors import GeometryMismatchError
-from densecomm_core.generation import GenerationConfig, generate, prefill
+from densecomm_core.generation import GenerationConfig, generate, model_device, prefill
 from densecomm_core.models import LoadedModel, RopeModel, check_shared_tokenizer
 from densecomm_core.rope import restore_rope, strip_rope
 
@@ -86,7 +92,17 @@ def encode(tokenizer, texts: Sequence[str], padding_side: str, add_special_token
 
 def decode_generated(tokenizer, tokens: torch.Tensor, lengths: torch.Tensor) -> list[str]:
     """Text of each row's first ``lengths[i]`` generated tokens (special tokens dropped)."""
-    return [tokenizer.decode(row[:n].tolist(), skip_special_tokens=True) for row, n in zip(tokens, lengths)]
+    rows, counts = tokens.cpu().tolist(), lengths.cpu().tolist()  # one device-to-host copy each
+    return [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(rows, counts)]
+
+
+def device_of(model: RopeModel) -> torch.device:
+    """Where ``model``'s caches live: a loaded model's input device, else its rotary embedding's (a
+    geometry-only ``RopeModel`` built from a config sits on the CPU)."""
+    if isinstance(model, LoadedModel):
+        return model_device(model.model)
+    buffer = next(model.rotary_embedding.buffers(), None)
+    return buffer.device if buffer is not None else torch.device("cpu")
 
 
 @torch.no_grad()
@@ -94,18 +110,49 @@ def sender_prefill(sender: LoadedModel, texts: Sequence[str], chunk_tokens: int 
     """Prefill the sender on ``texts`` (right-padded) and return its cache; the sender decodes nothing.
     ``chunk_tokens`` / ``should_stop``: a prefill in pieces that a caller can abandon (``generation.prefill``)."""
     ids, mask = encode(sender.tokenizer, texts, "right", add_special_tokens=True)
-    device = sender.model.device
+    device = model_device(sender.model)
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
     past = prefill(sender.model, ids, mask, positions, chunk_tokens, should_stop)
     return KVCache.from_dynamic_cache(past, mask.bool(), positions, sender.geometry.fingerprint())
 
 
-def transform_cache(adapter: DenseAdapter, cache: KVCache, sender: RopeModel, receiver: RopeModel) -> KVCache:
+def transform_cache(
+    adapter: DenseAdapter,
+    cache: KVCache,
+    sender: RopeModel,
+    receiver: RopeModel,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> KVCache:
     """Sender cache -> receiver-space cache: RemoveRoPE_S, T_θ, AddRoPE_R (differentiable in the adapter).
-    A sender cache that arrives RoPE-stripped (``rope_applied`` false) goes to T_θ as it is."""
+
+    The cache moves to the adapter's device in its own dtype, RoPE is stripped and restored in float32
+    there, and the result is cast to ``dtype`` (default: the receiver's) and moved to ``device``
+    (default: the receiver's, ``device_of``). A sender cache that arrives RoPE-stripped
+    (``rope_applied`` false) goes to T_θ as it is."""
+    cache = cache.to(device=adapter.gate_logit.device)
     stripped = strip_rope(cache, sender) if cache.rope_applied else cache.to(dtype=torch.float32)
-    return restore_rope(adapter(stripped), receiver)
+    restored = restore_rope(adapter(stripped), receiver, dtype=dtype)
+    return restored.to(device=device if device is not None else device_of(receiver))
+
+
+def receiver_inputs(
+    receiver: LoadedModel, cache: KVCache | None, prompts: Sequence[str]
+) -> tuple[torch.Tensor, torch.Tensor, KVCache | None]:
+    """Left-padded prompt ids (B, T) and mask (B, T), and the checked cache (in the receiver's dtype), all
+    on the receiver's device.
+
+    Prompts that continue a cache get no BOS (the cache already starts with it)."""
+    ids, mask = encode(receiver.tokenizer, prompts, "left", add_special_tokens=cache is None)
+    device = model_device(receiver.model)
+    if cache is not None:
+        g = receiver.geometry
+        cache.check_matches(g.num_layers, g.num_kv_heads, g.head_dim, who=f"receiver {receiver.path!r}")
+        if cache.batch_size != len(prompts):
+            raise ValueError(f"cache has {cache.batch_size} rows but {len(prompts)} receiver prompts were given")
+        cache = cache.to(dtype=receiver.dtype, device=device)
+    return ids.to(device), mask.to(device), cache
 
 
 def receiver_generate(
@@ -118,13 +165,9 @@ def receiver_generate(
 ) -> RelayOutput:
     """Generate after an optional receiver-space cache; prompts continue it without a new BOS."""
     tokenizer = receiver.tokenizer
-    ids, mask = encode(tokenizer, prompts, "left", add_special_tokens=cache is None)
-    past = past_mask = None
+    ids, mask, cache = receiver_inputs(receiver, cache, prompts)
+    past = past_mask = past_next = None
     if cache is not None:
-        g = receiver.geometry
-        cache.check_matches(g.num_layers, g.num_kv_heads, g.head_dim, who=f"receiver {receiver.path!r}")
-        if cache.batch_size != len(prompts):
-            raise ValueError(f"cache has {cache.batch_size} rows but {len(prompts)} receiver prompts were given")
         past, past_mask, past_next = cache.to_dynamic_cache(), cache.mask, cache.next_positions
     else:
         past_next = None

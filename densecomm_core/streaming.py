@@ -64,7 +64,8 @@ class StreamingAdapter:
         expected = [[s.num_kv_heads, s.head_dim, s.num_kv_heads, s.head_dim]] * s.num_layers
         if header.layers != expected:
             raise CacheLayoutError(f"incoming cache layers {header.layers[:2]}... do not match sender geometry {expected[0]} x {s.num_layers}")
-        positions = torch.tensor(header.positions, dtype=torch.long).reshape(header.batch, header.tokens)
+        device = self.adapter.gate_logit.device  # RoPE and T_θ run where the adapter lives (a GPU, say)
+        positions = torch.tensor(header.positions, dtype=torch.long, device=device).reshape(header.batch, header.tokens)
         self._cos_sin = (rotary_cos_sin(self.sender, positions), rotary_cos_sin(self.receiver, positions))
         # Either side may travel RoPE-stripped (codecs that code stripped keys): the incoming header says
         # whether there is a rotation to remove; the outgoing codec says whether to apply the receiver's.
@@ -88,10 +89,11 @@ class StreamingAdapter:
                 and self.decoder.pending_per_layer[layer_map[self.next_layer]] == 0:
             layer, source = self.next_layer, layer_map[self.next_layer]
             started = time.perf_counter()
-            keys = self.decoder.keys[source].float()
+            device = self.adapter.gate_logit.device
+            keys = self.decoder.keys[source].to(device).float()
             if self.in_rotated:
                 keys = unrotate_keys(keys, s_cos, s_sin, self.sender)
-            k, v = self.adapter.transform_layer(layer, keys, self.decoder.values[source].float())
+            k, v = self.adapter.transform_layer(layer, keys, self.decoder.values[source].to(device).float())
             if self.out_rotated:
                 k = rotate_keys(k.float(), r_cos, r_sin, self.receiver)
             k = k.to(self.receiver.dtype)

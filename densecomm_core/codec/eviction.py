@@ -27,7 +27,7 @@ from densecomm_core.codec.base import Codec, CodecError, get_codec
 
 def token_importance(cache: KVCache, window: int) -> torch.Tensor:
     """(B, T) attention mass each slot receives from the last ``window`` valid slots of its row."""
-    scores = torch.zeros(cache.batch_size, cache.num_tokens)
+    scores = torch.zeros(cache.batch_size, cache.num_tokens, device=cache.device)
     lengths = cache.lengths
     for b in range(cache.batch_size):
         n = int(lengths[b])
@@ -38,7 +38,7 @@ def token_importance(cache: KVCache, window: int) -> torch.Tensor:
             k = keys[b, :, :n].float()  # (H, n, D)
             q = k[:, n - w :]  # (H, w, D)
             logits = q @ k.transpose(1, 2) / math.sqrt(k.shape[-1])  # (H, w, n)
-            causal = torch.arange(n)[None, :] <= torch.arange(n - w, n)[:, None]  # (w, n)
+            causal = torch.arange(n, device=k.device)[None, :] <= torch.arange(n - w, n, device=k.device)[:, None]  # (w, n)
             logits = logits.masked_fill(~causal, float("-inf"))
             scores[b, :n] += logits.softmax(dim=-1).sum(dim=(0, 1))
     return scores
@@ -50,7 +50,7 @@ def kept_indices(scores: torch.Tensor, lengths: torch.Tensor, keep: float, windo
     for b in range(scores.shape[0]):
         n = int(lengths[b])
         budget = min(n, max(math.ceil(keep * n), min(n, window + 1)))
-        forced = torch.zeros(n, dtype=torch.bool)
+        forced = torch.zeros(n, dtype=torch.bool, device=scores.device)
         forced[:1] = True
         forced[max(0, n - window) :] = True
         ranked = scores[b, :n].masked_fill(forced, float("inf"))
@@ -61,7 +61,7 @@ def kept_indices(scores: torch.Tensor, lengths: torch.Tensor, keep: float, windo
 def orthogonal_backfill(keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, rank: int) -> torch.Tensor:
     """New values (H, k, D) for the kept slots of one row and layer; keys/values are (H, n, D)."""
     n = keys.shape[1]
-    dropped = torch.ones(n, dtype=torch.bool)
+    dropped = torch.ones(n, dtype=torch.bool, device=keys.device)
     dropped[keep] = False
     kept_v = values[:, keep].float()
     if not dropped.any():
@@ -77,7 +77,7 @@ def orthogonal_backfill(keys: torch.Tensor, values: torch.Tensor, keep: torch.Te
         _, eigenvectors = torch.linalg.eigh(residual.transpose(1, 2) @ residual)  # ascending eigenvalues
         basis = eigenvectors[:, :, -rank:]  # (H, D, r)
         residual = residual @ basis @ basis.transpose(1, 2)
-    counts = torch.zeros(kept_v.shape[:2]).scatter_add_(1, owner, torch.ones_like(owner, dtype=torch.float))
+    counts = kept_v.new_zeros(kept_v.shape[:2]).scatter_add_(1, owner, torch.ones_like(owner, dtype=torch.float))
     summed = torch.zeros_like(kept_v).scatter_add_(1, owner[..., None].expand_as(residual), residual)
     return kept_v + summed / (1 + counts)[..., None]
 
@@ -115,8 +115,8 @@ class EvictionCodec(Codec):
         keep_rows = kept_indices(token_importance(cache, self.window), cache.lengths, self.keep, self.window)
         width = max(len(k) for k in keep_rows)
         batch = cache.batch_size
-        mask = torch.zeros(batch, width, dtype=torch.bool)
-        positions = torch.zeros(batch, width, dtype=torch.long)
+        mask = torch.zeros(batch, width, dtype=torch.bool, device=cache.device)
+        positions = torch.zeros(batch, width, dtype=torch.long, device=cache.device)
         keys = [k.new_zeros(batch, k.shape[1], width, k.shape[3]) for k in cache.keys]
         values = [v.new_zeros(batch, v.shape[1], width, v.shape[3]) for v in cache.values]
         for b, keep in enumerate(keep_rows):

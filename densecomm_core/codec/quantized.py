@@ -26,7 +26,7 @@ CODES_PER_WORD = 8  # codes are packed 8 at a time into ``bits`` bytes (one uint
 
 def pack_codes(codes: torch.Tensor, bits: int) -> bytes:
     """uint8 codes in [0, 2^bits) -> ceil(n * bits / 8) bytes, little-endian bit order (first code lowest)."""
-    flat = codes.reshape(-1).numpy()
+    flat = codes.reshape(-1).cpu().numpy()  # codes of a CUDA cache are packed on the host
     if bits == 8:
         return flat.tobytes()
     count = flat.size

@@ -59,7 +59,9 @@ def batch_loss(adapter: DenseAdapter, sender: LoadedModel, receiver: LoadedModel
     with torch.no_grad():
         source = sender_prefill(sender, texts)
         target = sender_prefill(receiver, texts)  # the receiver's own cache of the same input
-    predicted = transform_cache(adapter, source, sender, receiver).to(dtype=torch.float32)
+    # Prediction restored in float32 on the receiver's device (where the target is): the loss is fp32
+    # even for a bf16 / fp16 receiver, whose target is upcast.
+    predicted = transform_cache(adapter, source, sender, receiver, dtype=torch.float32)
     return reconstruction_loss(predicted, target)
 
 
@@ -76,7 +78,7 @@ def phase1_step(
     with torch.no_grad():
         source = sender_prefill(sender, rendered)
         target = sender_prefill(receiver, rendered)
-    predicted = transform_cache(adapter, source, sender, receiver).to(dtype=torch.float32)
+    predicted = transform_cache(adapter, source, sender, receiver, dtype=torch.float32)
     return StepResult(reconstruction_loss(predicted, target), int(source.lengths.sum()))
 
 

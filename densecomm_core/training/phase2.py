@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from densecomm_core.adapter import DenseAdapter
 from densecomm_core.codec import Codec, get_codec, round_trip
-from densecomm_core.generation import forward_after_cache
+from densecomm_core.generation import forward_after_cache, model_device
 from densecomm_core.models import LoadedModel
 from densecomm_core.relay import (
     ContextMode,
@@ -61,9 +61,10 @@ class Phase2Config:
 
 
 def receiver_batch(
-    receiver: LoadedModel, prompts: Sequence[str], targets: Sequence[str]
+    receiver: LoadedModel, prompts: Sequence[str], targets: Sequence[str], device: torch.device | str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded [prompt + target + EOS] ids (B, T), mask (B, T), labels (B, T) on target + EOS only."""
+    """Right-padded [prompt + target + EOS] ids (B, T), mask (B, T), labels (B, T) on target + EOS only,
+    built on the CPU and moved to ``device`` (the receiver's) in one copy each."""
     tok = receiver.tokenizer
     rows, label_rows = [], []
     for prompt, target in zip(prompts, targets):
@@ -77,7 +78,7 @@ def receiver_batch(
     mask = torch.zeros_like(ids)
     for i, (row, lab) in enumerate(zip(rows, label_rows)):
         ids[i, : len(row)], labels[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), torch.tensor(lab), 1
-    return ids, mask, labels
+    return ids.to(device), mask.to(device), labels.to(device)
 
 
 def generation_loss(
@@ -99,8 +100,9 @@ def generation_loss(
             source = round_trip(source, input_codec, model=sender)
     cache = transform_cache(adapter, source, sender, receiver)
     prompts = [prompt_format.receiver_prompt(m, r.context) for r, m in zip(records, modes)]
-    ids, mask, labels = receiver_batch(receiver, prompts, [r.trace for r in records])
+    ids, mask, labels = receiver_batch(receiver, prompts, [r.trace for r in records], model_device(receiver.model))
     logits, _ = forward_after_cache(receiver.model, ids, mask, cache.to_dynamic_cache(), cache.mask, cache.next_positions)
+    labels = labels.to(logits.device)  # the LM head's device (the same one unless the model is split)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 
