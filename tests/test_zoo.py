@@ -85,8 +85,13 @@ def test_committed_weights_record_their_recipe():
         assert recipe["train"]["seed"] == 0
     config = json.loads((zoo_adapter_dir() / "adapter_config.json").read_text())
     assert config["expansion"] == 16
-    assert set(config["recipe"]) >= {"phase1", "phase2", "train_per_family"}
-    assert config["data_fingerprint"].startswith("train:")
+    # Trained by `densecomm train --config zoo`: the run config, data fingerprints and per-phase metrics.
+    assert set(config["recipe"]) >= {"phase1", "phase2", "data", "workers", "seed"}
+    assert config["recipe"]["data"]["source"] == "zoo" and config["recipe"]["workers"]["num_workers"] == 2
+    assert config["data_fingerprint"].startswith("train:") and "/traces:" in config["data_fingerprint"]
+    assert set(config["metrics"]["gates_by_phase"]) == {"phase1", "phase2"}
+    gates = config["metrics"]["gates"]
+    assert gates["gate_max"] - gates["gate_min"] > 0.1  # the gates learned (the first adapter's sat at 0.997-0.999)
     sender, receiver = load_zoo_pair()
     assert config["sender"]["fingerprint"] == sender.geometry.fingerprint()
     assert config["receiver"]["fingerprint"] == receiver.geometry.fingerprint()
