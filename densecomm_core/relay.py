@@ -131,7 +131,7 @@ def transform_cache(
     there, and the result is cast to ``dtype`` (default: the receiver's) and moved to ``device``
     (default: the receiver's, ``device_of``). A sender cache that arrives RoPE-stripped
     (``rope_applied`` false) goes to T_θ as it is."""
-    cache = cache.to(device=next(adapter.parameters()).device  # also through a DDP wrapper)
+    cache = cache.to(device=next(adapter.parameters()).device)  # also through a DDP wrapper
     stripped = strip_rope(cache, sender) if cache.rope_applied else cache.to(dtype=torch.float32)
     restored = restore_rope(adapter(stripped), receiver, dtype=dtype)
     return restored.to(device=device if device is not None else device_of(receiver))
