@@ -60,8 +60,9 @@ def build_optimizer(module: torch.nn.Module, lr: float, weight_decay: float, gat
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float, max_grad_norm: float = 1.0) -> float:
-    """Set the learning rate (times each group's ``lr_scale``), back-propagate, clip, step; returns the grad norm."""
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float, max_grad_norm: float = 1.0) -> torch.Tensor:
+    """Set the learning rate (times each group's ``lr_scale``), back-propagate, clip, step; returns the grad norm
+    as a tensor on its device (no host sync here: the loop reads it only when it logs)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     optimizer.zero_grad(set_to_none=True)
@@ -69,7 +70,7 @@ def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: flo
     params = [p for g in optimizer.param_groups for p in g["params"]]
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
-    return float(norm)
+    return norm
 
 
 @dataclass
@@ -163,7 +164,7 @@ def run_steps(
             per_step = seconds / interval_steps
             record = {
                 "phase": name, "step": done, "loss": reduce(interval_loss / interval_steps), "lr": lr,
-                "grad_norm": grad_norm, "tokens_per_s": interval_tokens / max(seconds, 1e-9),
+                "grad_norm": float(grad_norm), "tokens_per_s": interval_tokens / max(seconds, 1e-9),
                 "seconds_per_step": per_step, "eta_s": per_step * (config.steps - done),
             }
             if evaluate is not None and (done % config.eval_every == 0 or last):
