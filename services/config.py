@@ -131,16 +131,21 @@ def _build(cls, data: dict, where: str):
     return cls(**data)
 
 
+def read_toml(path: str | Path | None, error: type[Exception] = ConfigError) -> dict:
+    """The table in a TOML file ({} for None); ``error`` names a missing or malformed file."""
+    if path is None:
+        return {}
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise error(f"config file {str(path)!r} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
+
+
 def load_config(path: str | Path | None = None, **overrides) -> ServeConfig:
     """Defaults, then the TOML file, then keyword overrides (from the CLI)."""
-    data: dict = {}
-    if path is not None:
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError as exc:
-            raise ConfigError(f"config file {str(path)!r} does not exist") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
+    data = read_toml(path)
     data |= {k: v for k, v in overrides.items() if v is not None}
     routes = tuple(_build(RouteConfig, r, f"routes[{i}]") for i, r in enumerate(data.pop("routes", [])))
     resources = {name: _build(Resources, data.pop(name, {}), f"[{name}]") for name in ("sender", "adapter", "receiver", "relay")}

@@ -31,7 +31,6 @@ accepts. ``--config zoo`` is the embedded pair's recipe (``services/train/zoo.to
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -268,16 +267,9 @@ def validate(config: TrainConfig) -> TrainConfig:
 
 def load_train_config(path: str | Path | None, **overrides) -> TrainConfig:
     """Defaults, then the TOML file, then top-level overrides; validated."""
-    data: dict = {}
-    if path is not None and str(path) in BUILTIN:
-        path = BUILTIN[str(path)]
-    if path is not None:
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError as exc:
-            raise TrainConfigError(f"config file {str(path)!r} does not exist") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise TrainConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
+    from services.config import read_toml
+
+    data = read_toml(BUILTIN.get(str(path), path), TrainConfigError)
     data |= {k: v for k, v in overrides.items() if v is not None}
     base = TrainConfig()
     sections = {name: _typed(cls, data.pop(name, {}), f"[{name}]", getattr(base, name)) for name, cls in SECTIONS.items()}
