@@ -271,13 +271,10 @@ def run_phase(config: TrainConfig, phase: str, init_adapter: str | None) -> dict
 def _pair_geometry(config: TrainConfig):
     """Both models' geometry from their configs alone (no weights loaded in the driver)."""
     from densecomm_core.models import load_rope_model
-    from densecomm_core.zoo.build import RECEIVER_SPEC, SENDER_SPEC
-    from densecomm_core.zoo.pair import zoo_root
+    from services.train.worker import model_paths
 
-    m = config.models
-    sender = m.sender if m.sender != "zoo" else zoo_root() / SENDER_SPEC.name
-    receiver = m.receiver if m.receiver != "zoo" else zoo_root() / RECEIVER_SPEC.name
-    return load_rope_model(sender).geometry, load_rope_model(receiver).geometry
+    paths = model_paths(config)
+    return load_rope_model(paths["sender"]).geometry, load_rope_model(paths["receiver"]).geometry
 
 
 # ---- stage: finalize ---------------------------------------------------------------------------

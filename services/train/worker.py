@@ -54,13 +54,18 @@ def resolve_device(name: str, worker_device: torch.device) -> torch.device:
     return worker_device if name == "auto" else torch.device(name)
 
 
-def load_pair(config: TrainConfig, worker_device: torch.device) -> tuple[LoadedModel, LoadedModel]:
+def model_paths(config: TrainConfig) -> dict[str, str]:
+    """The sender's and receiver's directories ("zoo" = the committed zoo model of that side)."""
     from densecomm_core.zoo.build import RECEIVER_SPEC, SENDER_SPEC
     from densecomm_core.zoo.pair import zoo_root
 
     m = config.models
-    paths = {"sender": m.sender if m.sender != "zoo" else zoo_root() / SENDER_SPEC.name,
-             "receiver": m.receiver if m.receiver != "zoo" else zoo_root() / RECEIVER_SPEC.name}
+    return {"sender": m.sender if m.sender != "zoo" else str(zoo_root() / SENDER_SPEC.name),
+            "receiver": m.receiver if m.receiver != "zoo" else str(zoo_root() / RECEIVER_SPEC.name)}
+
+
+def load_pair(config: TrainConfig, worker_device: torch.device) -> tuple[LoadedModel, LoadedModel]:
+    m, paths = config.models, model_paths(config)
     return tuple(load_model(paths[side], dtype=DTYPES[m.dtype], device=resolve_device(getattr(m, f"{side}_device"), worker_device))
                  for side in ("sender", "receiver"))
 
