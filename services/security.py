@@ -116,7 +116,20 @@ def bearer(metadata) -> str | None:
     return None
 
 
-class RelayAuth(grpc.aio.ServerInterceptor):
+class GuardInterceptor(grpc.aio.ServerInterceptor):
+    """A server interceptor that runs ``self.check(request, context)`` before each of our RPCs (not health or
+    reflection); a subclass supplies ``check`` and sets ``self.refused``."""
+
+    refused: Callable[[grpc.StatusCode], None] | None = None
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(GUARDED_PREFIX):
+            return handler
+        return guard_handler(handler, self.check, refused=self.refused)
+
+
+class RelayAuth(GuardInterceptor):
     """Bearer-token auth on the public Relay API (the ``authorization: Bearer <token>`` metadata)."""
 
     def __init__(self, tokens: tuple[Token, ...], default_route: str, refused=None) -> None:
@@ -141,12 +154,6 @@ class RelayAuth(grpc.aio.ServerInterceptor):
             return grpc.StatusCode.PERMISSION_DENIED, f"this token may not use route {route!r} (allowed: {sorted(token.routes)})"
         return None
 
-    async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        if handler is None or not details.method.startswith(GUARDED_PREFIX):
-            return handler
-        return guard_handler(handler, self.check, refused=self.refused)
-
 
 # ---------------------------------------------------------------- internal hops
 
@@ -162,7 +169,7 @@ def internal_secret(config: ServeConfig) -> bytes | None:
     return secret or None
 
 
-class InternalAuth(grpc.aio.ServerInterceptor):
+class InternalAuth(GuardInterceptor):
     """Internal services answer only callers that present the stack's shared secret."""
 
     def __init__(self, secret: bytes, refused=None) -> None:
@@ -173,12 +180,6 @@ class InternalAuth(grpc.aio.ServerInterceptor):
         if not hmac.compare_digest(self.secret, presented.encode()):
             return grpc.StatusCode.UNAUTHENTICATED, "internal service: the caller is not part of this stack (no or wrong internal secret)"
         return None
-
-    async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        if handler is None or not details.method.startswith(GUARDED_PREFIX):
-            return handler
-        return guard_handler(handler, self.check, refused=self.refused)
 
 
 def _with_secret(details, secret: bytes):
