@@ -39,6 +39,7 @@ from densecomm_core.codec import get_codec
 from densecomm_core.hop import HopDecoder, HopEncoder
 from services import kvstream, protos
 from services.servicers import (
+    AHEAD_FRAMES,
     OverlappedDecode,
     ahead,
     read_frames,
