@@ -274,9 +274,20 @@ def latency_table(address: str, requests: int, levels: tuple[int, ...] = (1, 4, 
     return rows
 
 
-def in_process_table(requests: int, codec_name: str = "lossless") -> dict:
+def in_process_table(requests: int, codec_name: str = "lossless", threads: int = 1) -> dict:
     """The in-process DenseRelay on the same requests as ``latency_table``'s (zoo, unaware, greedy,
-    MAX_NEW_TOKENS, one at a time), each cache through the same codec round trip per hop as the services."""
+    MAX_NEW_TOKENS, one at a time), each cache through the same codec round trip per hop as the services,
+    with ``threads`` torch threads (1: as each Ray actor of the stack runs on this 2-core machine; more
+    threads beside the other processes oversubscribe the cores and run slower)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _in_process(requests, codec_name) | {"threads": threads}
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _in_process(requests: int, codec_name: str) -> dict:
     from densecomm_core.adapter import DenseAdapter
     from densecomm_core.generation import GenerationConfig
     from densecomm_core.hop import round_trip
@@ -464,8 +475,8 @@ def render(report: dict, repeats: int, requests: int, tokens: int) -> str:
     out += [f"{r['concurrency']:11d} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {r['mean_ms']:8.1f} {r['requests_per_s']:7.1f}"
             for r in report["latency"]]
     p = report["in_process"]
-    out.append(f"{'in-process':>11s} {p['p50_ms']:8.1f} {'':8s} {p['mean_ms']:8.1f}      (DenseRelay, same requests, "
-               f"lossless round trip per hop)")
+    out.append(f"{'in-process':>11s} {p['p50_ms']:8.1f} {'':8s} {p['mean_ms']:8.1f}      (DenseRelay, same requests one at a "
+               f"time, lossless round trip per hop, {p['threads']} torch thread)")
     out.append(f"\n4. KV handoff on a Qwen3-4B-geometry route ({tokens} tokens, lossless, both hops; every call)\n")
     out.append(render_handoff(report["handoff"]))
     out.append("\n5. targets (issue 11)\n")
