@@ -6,6 +6,10 @@
                                                                   codec fails before any frame leaves)
     HopEncoder.chunks() -> chunk frames                           encode, in sequence order
     HopEncoder.frames(cache) -> frames                            both of the above
+    HopEncoder.messages() -> transport messages                   the started stream (header included) in
+                                                                  messages of about ``frame_bytes``: frames
+                                                                  back to back (``wire.split_frames`` cuts
+                                                                  them apart again)
     HopEncoder.begin(...) / .layer(l, keys, values)               the same for a producer that emits layer by
                                                                   layer (the adapter)
     HopDecoder(model, bases, dtype, device).feed(frame)           verify and decode each frame as it arrives
@@ -16,6 +20,10 @@
 
 Both ends fill a ``HopReport`` (codec, raw and wire bytes, chunks, seconds) that the services turn into
 stats and metrics. Bases are passed in (a ``transform.KVBases``; None = the process-wide default).
+
+Frames sized for the transport: given ``frame_bytes`` (and no explicit ``chunk_tokens``), the encoder
+splits a layer into token ranges of at most ``frame_bytes`` raw bytes, and ``messages`` / ``pack_frames``
+join consecutive frames into one message while it stays within ``frame_bytes``.
 """
 
 from __future__ import annotations
@@ -68,11 +76,15 @@ class HopEncoder:
     """A cache in ``model``'s space -> the frames of one hop through ``codec``."""
 
     def __init__(self, codec: Codec, bases=None, model=None, chunk_tokens: int | None = None, workers: int = 1,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, frame_bytes: int | None = None) -> None:
         """``model`` (a RopeModel) strips its rotation when the codec codes stripped keys; ``dtype`` is
-        the dtype on the wire (default: the cache's)."""
+        the dtype on the wire (default: the cache's); ``frame_bytes`` sizes chunks and messages for the
+        transport (None: one chunk per layer unless ``chunk_tokens``, one frame per message)."""
+        if frame_bytes is not None and frame_bytes < 1:
+            raise ValueError(f"frame_bytes must be >= 1 (or None), got {frame_bytes}")
         self.codec, self.bases, self.model = codec, bases, model
-        self.chunk_tokens, self.workers, self.dtype = chunk_tokens, workers, dtype
+        self.chunk_tokens, self.workers, self.dtype, self.frame_bytes = chunk_tokens, workers, dtype, frame_bytes
+        self._header_frame: bytes | None = None
         self.report = HopReport(codec=codec.name)
         self.header: WireHeader | None = None
         self._stream: tuple[KVCache, Codec, WireHeader] | None = None
@@ -93,9 +105,11 @@ class HopEncoder:
         started = time.perf_counter()
         shipped = self.ship(cache)
         self.report.raw_bytes = shipped.nbytes
-        self._stream = start_stream(shipped, self.codec, self.chunk_tokens, self.bases)
+        layers = [[k.shape[1], k.shape[3], v.shape[1], v.shape[3]] for k, v in zip(shipped.keys, shipped.values)]
+        chunk_tokens = self._chunk_tokens(layers, shipped.batch_size, shipped.dtype)
+        self._stream = start_stream(shipped, self.codec, chunk_tokens, self.bases)
         self.codec, self.header = self._stream[1], self._stream[2]
-        frame = header_frame(self.header)
+        frame = self._header_frame = header_frame(self.header)
         self.report.count(frame)
         self.report.encode_s += time.perf_counter() - started
         return frame
@@ -120,6 +134,38 @@ class HopEncoder:
         for parts in self.chunk_parts():
             yield b"".join(parts)
 
+    def _chunk_tokens(self, layers: list, batch: int, dtype: torch.dtype) -> int | None:
+        """Tokens per chunk: the explicit ``chunk_tokens``, else as many as keep the biggest layer's chunk
+        within ``frame_bytes`` of raw K and V (None: one chunk per layer)."""
+        if self.chunk_tokens or not self.frame_bytes:
+            return self.chunk_tokens
+        per_token = max(batch * (hk * dk + hv * dv) * dtype.itemsize for hk, dk, hv, dv in layers)  # bytes of one token, one layer
+        return max(1, self.frame_bytes // max(per_token, 1))
+
+    def messages(self) -> Iterator[bytes]:
+        """The started stream, header first, as transport messages: consecutive frames joined while the
+        message stays within ``frame_bytes`` (each frame alone when ``frame_bytes`` is None). One join
+        per message is the only copy of the payload on this side."""
+        if self._stream is None or self._header_frame is None:
+            raise CodecError("HopEncoder.start(cache) must come before its messages")
+        limit = self.frame_bytes or 0
+        pending, size = [self._header_frame], len(self._header_frame)
+        for parts in self.chunk_parts():
+            nbytes = sum(memoryview(p).nbytes for p in parts)
+            if pending and size + nbytes > limit:
+                yield self._join(pending)
+                pending, size = [], 0
+            pending += parts
+            size += nbytes
+        if pending:
+            yield self._join(pending)
+
+    def _join(self, parts: list) -> bytes:
+        started = time.perf_counter()
+        message = parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
+        self.report.encode_s += time.perf_counter() - started
+        return message
+
     def frames(self, cache: KVCache) -> Iterator[bytes]:
         yield self.start(cache)
         yield from self.chunks()
@@ -129,7 +175,8 @@ class HopEncoder:
         """The header frame of a stream whose layers arrive one by one (``layer``)."""
         started = time.perf_counter()
         self.codec = self.codec.bind(fingerprint, rope_applied, self.bases)
-        self.header = stream_header(self.codec, dtype, layers, lengths, positions, rope_applied, fingerprint, self.chunk_tokens)
+        chunk_tokens = self._chunk_tokens(layers, len(lengths), dtype)
+        self.header = stream_header(self.codec, dtype, layers, lengths, positions, rope_applied, fingerprint, chunk_tokens)
         frame = header_frame(self.header)
         self.report.count(frame)
         self.report.encode_s += time.perf_counter() - started
@@ -144,6 +191,24 @@ class HopEncoder:
             self.report.count(frame)
         self.report.encode_s += time.perf_counter() - started
         return frames
+
+
+def pack_frames(frames: list[bytes], frame_bytes: int | None) -> list[bytes]:
+    """``frames`` as transport messages: consecutive frames joined while a message stays within
+    ``frame_bytes`` (each frame alone when None); ``wire.split_frames`` cuts a message apart again."""
+    if not frame_bytes or len(frames) < 2:
+        return list(frames)
+    messages: list[bytes] = []
+    pending: list[bytes] = []
+    size = 0
+    for frame in frames:
+        if pending and size + len(frame) > frame_bytes:
+            messages.append(pending[0] if len(pending) == 1 else b"".join(pending))
+            pending, size = [], 0
+        pending.append(frame)
+        size += len(frame)
+    messages.append(pending[0] if len(pending) == 1 else b"".join(pending))
+    return messages
 
 
 class HopDecoder:

@@ -35,11 +35,13 @@ class StreamingAdapter:
         chunk_tokens: int | None = None,
         limits: DecodeLimits = DecodeLimits(),
         bases=None,
+        frame_bytes: int | None = None,
     ) -> None:
-        """``bases``: the route's ``KVBases`` (the incoming stream's and the outgoing one's pca bases)."""
+        """``bases``: the route's ``KVBases`` (the incoming stream's and the outgoing one's pca bases);
+        ``frame_bytes``: split outgoing layers into chunks of at most this many raw bytes (``HopEncoder``)."""
         self.adapter, self.sender, self.receiver = adapter, sender, receiver
         self.incoming = HopDecoder(sender, bases, limits)
-        self.outgoing = HopEncoder(codec, bases, receiver, chunk_tokens)
+        self.outgoing = HopEncoder(codec, bases, receiver, chunk_tokens, frame_bytes=frame_bytes)
         self.decoder = self.incoming.stream
         self.next_layer = 0  # next receiver layer to emit
         self.transform_seconds = 0.0

@@ -78,7 +78,11 @@ class ServeConfig:
     default_codec: str = "lossless"
     default_max_new_tokens: int = 64
     max_new_tokens_limit: int = 4096
-    chunk_tokens: int = 0  # tokens per chunk (0 = one chunk per layer)
+    chunk_tokens: int = 0  # tokens per chunk (0 = sized by frame_bytes)
+    # Target bytes of one KV stream message: a layer whose chunk is bigger is split into token ranges,
+    # consecutive smaller frames share a message. The default is the best message size of the bare gRPC
+    # byte stream that `densecomm bench relay` measures (its "bare gRPC byte stream by message size" table).
+    frame_bytes: int = 1 << 20
     max_message_bytes: int = 64 << 20  # gRPC send/receive limit per message (one frame)
     max_cache_bytes: int = 4 << 30  # KV bytes per request: the sender's estimate before prefill, every decoder
     hop_deadline_s: float = 120.0  # deadline of every internal call (never later than the client's own)
@@ -176,7 +180,9 @@ def load_config(path: str | Path | None = None, **overrides) -> ServeConfig:
         raise ConfigError(f"shm_pool_bytes must be >= 0, got {config.shm_pool_bytes}")
     if config.on_cache_failure not in ("error", "text"):
         raise ConfigError(f"on_cache_failure {config.on_cache_failure!r} must be 'error' or 'text'")
-    for name in ("max_input_bytes", "max_input_tokens", "max_in_flight", "max_cache_bytes"):
+    if config.frame_bytes > config.max_message_bytes:
+        raise ConfigError(f"frame_bytes {config.frame_bytes} must not exceed max_message_bytes {config.max_message_bytes}")
+    for name in ("max_input_bytes", "max_input_tokens", "max_in_flight", "max_cache_bytes", "frame_bytes"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
     return config

@@ -25,9 +25,10 @@ import uuid
 import grpc
 import torch
 
-from densecomm_core.codec.base import DecodeLimits
+from densecomm_core.codec.base import DataLossError, DecodeLimits
+from densecomm_core.codec.wire import split_frames
 from densecomm_core.generation import GenerationConfig
-from densecomm_core.hop import HopDecoder, HopEncoder, HopReport
+from densecomm_core.hop import HopDecoder, HopEncoder, HopReport, pack_frames
 from densecomm_core.relay import (
     ContextMode,
     PromptFormat,
@@ -35,7 +36,7 @@ from densecomm_core.relay import (
     sender_prefill,
 )
 from densecomm_core.streaming import StreamingAdapter
-from services import limits, protos, runtime, security
+from services import kvstream, limits, protos, runtime, security
 from services.config import ServeConfig
 from services.errors import DownstreamError, RequestError, RouteNotFound, status_for
 from services.metrics import ServiceMetrics
@@ -242,9 +243,42 @@ class OverlappedDecode:
 async def read_setup(messages):
     """The first message of a KV stream, which must carry the hop setup."""
     first = await anext(messages, None)
-    if first is None or not first.HasField("setup"):
+    if first is None or not isinstance(first, kv_pb2.KVMessage) or not first.HasField("setup"):
         raise RequestError("the first KVMessage must be a setup message")
     return first
+
+
+# ---- the one place frames meet the gRPC stream (services.kvstream says how they are framed) ----------
+TRANSPORTS = ("bytes",)  # how frames cross a hop: "bytes" = inside the gRPC messages themselves
+
+
+def send_frame(frames: bytes, transport: str = "bytes") -> bytes:
+    """The KV stream message that carries ``frames`` (one wire frame, or several back to back) on
+    ``transport``. "bytes": the frames are the message (no protobuf around them)."""
+    if transport != "bytes":
+        raise RequestError(f"frame transport {transport!r} is not available here; expected one of {TRANSPORTS}")
+    return frames
+
+
+async def read_frames(messages, on_done, transport: str = "bytes"):
+    """The wire frames of a KV stream after its setup message, in order (bytes or memoryviews into the
+    message, never copied), resolved from ``transport``; ``on_done(StreamDone)`` gets the upstream's note.
+    A message that is neither frames nor a KVMessage is DATA_LOSS; a second setup is INVALID_ARGUMENT."""
+    if transport != "bytes":
+        raise RequestError(f"frame transport {transport!r} is not available here; expected one of {TRANSPORTS}")
+    async for message in messages:
+        if isinstance(message, bytes):  # raw framing: the message is one or more frames
+            for frame in split_frames(message):
+                yield frame
+        elif isinstance(message, kvstream.Unreadable):
+            raise DataLossError(f"a KV stream message of {message.size} bytes beginning {message.lead!r} is neither "
+                                f"wire frames nor a KVMessage ({message.reason})")
+        elif (kind := message.WhichOneof("message")) == "frame":  # a frame wrapped in a KVMessage (generated stubs)
+            yield message.frame.frame
+        elif kind == "done":
+            on_done(message.done)
+        else:
+            raise RequestError(f"unexpected {kind} message inside a KV stream")
 
 
 async def relay_events(call, on_stats=None):
@@ -325,29 +359,25 @@ class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
         decoder = HopDecoder(receiver, route.bases, DecodeLimits(max_raw_bytes=route_limits.max_cache_bytes), device=receiver.model.device)
         started = time.perf_counter()
         layer0_unix = [0.0]
-        done = None
         text_only = first.setup.text_only  # on_cache_failure = text: no cache, the receiver reads X itself
 
         def on_event(event) -> None:
             if event is not None and event.layer == 0 and event.layer_complete:
                 layer0_unix[0] = time.time()
 
+        upstream: list = []  # the StreamDone the adapter forwards after its last frame
         decoding = OverlappedDecode(decoder.feed, on_event)  # decode frame i while frame i+1 arrives
         try:
-            async for message in messages:
-                kind = message.WhichOneof("message")
-                if kind == "frame":
-                    await decoding.submit(message.frame.frame)
-                elif kind == "done":
-                    done = message.done
-                else:
-                    raise RequestError(f"unexpected {kind} message inside a KV stream")
+            async for frame in read_frames(messages, upstream.append, first.setup.transport or "bytes"):
+                await decoding.submit(frame)
             await decoding.drain()
         finally:
             decoding.cancel()
+        done = upstream[-1] if upstream else None
         # the receiver's space, RoPE, dtype and device
         cache = None if text_only else await asyncio.to_thread(decoder.finish)
         transfer_s = time.perf_counter() - started
+        held_unix = time.time()  # the receiver holds the whole cache in its model's space
         prompt = receiver_prompt(request, text_only)
         g = request.generation
         config = GenerationConfig(max_new_tokens=g.max_new_tokens or self.config.default_max_new_tokens,
@@ -386,6 +416,10 @@ class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
             task.cancel()
         stages = {"decode": decoder.report.decode_s, "transfer": transfer_s, "first_token": first_token_s[0],
                   "generate": time.perf_counter() - gen_started}
+        if cache is not None and done is not None and done.prefill_end_unix:
+            # the end of the sender's prefill -> the receiver holding the cache, through every hop (wall clocks
+            # of two processes: exact on one node, off by the clock skew across nodes)
+            stages["kv_handoff"] = max(0.0, held_unix - done.prefill_end_unix)
         stats = final_stats(name, done, decoder.report, out, receiver.non_embedding_params, layer0_unix[0], stages)
         stats.served_by = "text" if text_only else "cache"
         if not text_only:
@@ -424,28 +458,28 @@ class AdapterServicer(ServicerBase, kv_pb2_grpc.AdapterServicer):
         _, route = pick(self.routes, request, self.config)
         codec = receiver_codec_for(request, self.config)
         streaming = StreamingAdapter(route.adapter, route.sender, route.receiver, codec,
-                                     self.config.chunk_tokens or None, self.limits, route.bases)
+                                     self.config.chunk_tokens or None, self.limits, route.bases, self.config.frame_bytes)
         outgoing: asyncio.Queue = asyncio.Queue()
         state = {"error": None}
 
+        transport = "bytes"  # the adapter -> receiver hop's carrier
+
         async def pump() -> None:
             try:
-                upstream = None
+                upstream: list = []
                 started = time.perf_counter()
-                async for message in messages:
-                    kind = message.WhichOneof("message")
-                    if kind == "frame":
-                        for frame in await asyncio.to_thread(streaming.feed, message.frame.frame):
-                            await outgoing.put(kv_pb2.KVMessage(frame=kv_pb2.KVFrame(frame=frame)))
-                    elif kind == "done":
-                        upstream = message.done
-                        self.metrics.observe_hop_transfer("sender->adapter", time.perf_counter() - started)
-                    else:
-                        raise RequestError(f"unexpected {kind} message inside a KV stream")
+
+                def on_done(note) -> None:
+                    upstream.append(note)
+                    self.metrics.observe_hop_transfer("sender->adapter", time.perf_counter() - started)
+
+                async for frame in read_frames(messages, on_done, first.setup.transport or "bytes"):
+                    for message in pack_frames(await asyncio.to_thread(streaming.feed, frame), self.config.frame_bytes):
+                        await outgoing.put(send_frame(message, transport))
                 streaming.finish()
                 done = kv_pb2.StreamDone()
-                if upstream is not None:
-                    done.CopyFrom(upstream)
+                if upstream:
+                    done.CopyFrom(upstream[-1])
                 done.hops.append(hop_bytes("adapter->receiver", streaming.output_report))
                 done.latencies.add(stage="transform", seconds=streaming.transform_seconds)
                 done.adapter_flops = float(route.flops_per_token * done.prefill_tokens)
@@ -460,6 +494,7 @@ class AdapterServicer(ServicerBase, kv_pb2_grpc.AdapterServicer):
         async def forward():
             setup = kv_pb2.HopSetup()
             setup.CopyFrom(first.setup)
+            setup.transport = transport
             yield kv_pb2.KVMessage(setup=setup)
             while (item := await outgoing.get()) is not None:
                 yield item
@@ -514,25 +549,31 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
         validate_request(request, self.config, relay_pb2)
         name, route = pick(self.routes, request, self.config)
         sender = route.model
-        encoder = HopEncoder(codec_for(request.codec, self.config), route.bases, sender, self.config.chunk_tokens or None)
+        encoder = HopEncoder(codec_for(request.codec, self.config), route.bases, sender, self.config.chunk_tokens or None,
+                             frame_bytes=self.config.frame_bytes)
+        transport = "bytes"  # the sender -> adapter hop's carrier
         limits.check_input_bytes(request, limits.RouteLimits.for_route(self.config, name))  # before rendering a huge X
         text = render_input(request, sender.tokenizer, FORMAT)
         self.check_limits(name, sender, request, text)
         t = time.perf_counter()
         cache = await in_thread(threading.Event(), sender_prefill, sender, [text], chunk_tokens=self.config.prefill_chunk_tokens)
         prefill_s = time.perf_counter() - t
+        prefill_end_unix = time.time()
         tokens = int(cache.lengths.sum())
-        header = await asyncio.to_thread(encoder.start, cache)  # strip RoPE, bind the bases: fails before the call
+        await asyncio.to_thread(encoder.start, cache)  # strip RoPE, bind the bases: fails before the call
         sender_flops = 2.0 * sender.non_embedding_params * tokens
 
         async def frames():
-            yield kv_pb2.KVMessage(setup=setup)
-            yield kv_pb2.KVMessage(frame=kv_pb2.KVFrame(frame=header))
-            async for frame in ahead(encoder.chunks()):  # chunk i+1 is encoded while chunk i is sent
-                yield kv_pb2.KVMessage(frame=kv_pb2.KVFrame(frame=frame))
+            hop_setup = kv_pb2.HopSetup()
+            hop_setup.CopyFrom(setup)
+            hop_setup.transport = transport
+            yield kv_pb2.KVMessage(setup=hop_setup)
+            # the header, then chunk frames in messages of about frame_bytes; message i+1 is encoded while i is sent
+            async for message in ahead(encoder.messages()):
+                yield send_frame(message, transport)
             report = encoder.report
             done = kv_pb2.StreamDone(last_chunk_unix=time.time(), prefill_tokens=tokens, sender_flops=sender_flops,
-                                     hops=[hop_bytes("sender->adapter", report)])
+                                     hops=[hop_bytes("sender->adapter", report)], prefill_end_unix=prefill_end_unix)
             done.latencies.add(stage="prefill", seconds=prefill_s)
             done.latencies.add(stage="encode", seconds=report.encode_s)
             self.metrics.observe_stage("prefill", prefill_s)

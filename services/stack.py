@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services import protos, security
+from services import kvstream, protos, security
 from services.config import ConfigError, ServeConfig
 from services.limits import Admission
 from services.metrics import ServiceMetrics
@@ -45,10 +45,11 @@ class ServiceKind:
 
 
 SERVICE_KINDS: dict[str, ServiceKind] = {kind.name: kind for kind in (  # start order: downstream first
-    ServiceKind("receiver", kv_pb2.DESCRIPTOR.services_by_name["Receiver"].full_name, kv_pb2_grpc.add_ReceiverServicer_to_server,
-                kv_pb2_grpc.ReceiverStub, "ReceiverServicer", None),
-    ServiceKind("adapter", kv_pb2.DESCRIPTOR.services_by_name["Adapter"].full_name, kv_pb2_grpc.add_AdapterServicer_to_server,
-                kv_pb2_grpc.AdapterStub, "AdapterServicer", "receiver"),
+    # the KV streams carry frames as the gRPC messages themselves (services.kvstream's raw framing)
+    ServiceKind("receiver", kvstream.RECEIVER.service, kvstream.RECEIVER.add_to_server, kvstream.RECEIVER.stub,
+                "ReceiverServicer", None),
+    ServiceKind("adapter", kvstream.ADAPTER.service, kvstream.ADAPTER.add_to_server, kvstream.ADAPTER.stub,
+                "AdapterServicer", "receiver"),
     ServiceKind("sender", kv_pb2.DESCRIPTOR.services_by_name["Sender"].full_name, kv_pb2_grpc.add_SenderServicer_to_server,
                 kv_pb2_grpc.SenderStub, "SenderServicer", "adapter"),
     ServiceKind("relay", relay_pb2.DESCRIPTOR.services_by_name["Relay"].full_name, relay_pb2_grpc.add_RelayServicer_to_server,
