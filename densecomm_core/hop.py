@@ -10,6 +10,8 @@
                                                                   messages of about ``frame_bytes``: frames
                                                                   back to back (``wire.split_frames`` cuts
                                                                   them apart again)
+    HopEncoder.message_parts() -> [buffer, ...] per message       the same before the join (a shared-memory
+                                                                  transport copies the buffers into its slot)
     HopEncoder.begin(...) / .layer(l, keys, values)               the same for a producer that emits layer by
                                                                   layer (the adapter)
     HopDecoder(model, bases, dtype, device).feed(frame)           verify and decode each frame as it arrives
@@ -146,6 +148,12 @@ class HopEncoder:
         """The started stream, header first, as transport messages: consecutive frames joined while the
         message stays within ``frame_bytes`` (each frame alone when ``frame_bytes`` is None). One join
         per message is the only copy of the payload on this side."""
+        for parts in self.message_parts():
+            yield self._join(parts)
+
+    def message_parts(self) -> Iterator[list]:
+        """``messages`` before the join: each message as the list of its buffers (a transport that copies
+        them elsewhere anyway, such as a shared-memory slot, skips the join)."""
         if self._stream is None or self._header_frame is None:
             raise CodecError("HopEncoder.start(cache) must come before its messages")
         limit = self.frame_bytes or 0
@@ -153,12 +161,12 @@ class HopEncoder:
         for parts in self.chunk_parts():
             nbytes = sum(memoryview(p).nbytes for p in parts)
             if pending and size + nbytes > limit:
-                yield self._join(pending)
+                yield pending
                 pending, size = [], 0
             pending += parts
             size += nbytes
         if pending:
-            yield self._join(pending)
+            yield pending
 
     def _join(self, parts: list) -> bytes:
         started = time.perf_counter()
@@ -196,19 +204,24 @@ class HopEncoder:
 def pack_frames(frames: list[bytes], frame_bytes: int | None) -> list[bytes]:
     """``frames`` as transport messages: consecutive frames joined while a message stays within
     ``frame_bytes`` (each frame alone when None); ``wire.split_frames`` cuts a message apart again."""
+    return [group[0] if len(group) == 1 else b"".join(group) for group in group_frames(frames, frame_bytes)]
+
+
+def group_frames(frames: list[bytes], frame_bytes: int | None) -> list[list[bytes]]:
+    """``pack_frames`` before the joins: the frames of each message."""
     if not frame_bytes or len(frames) < 2:
-        return list(frames)
-    messages: list[bytes] = []
+        return [[frame] for frame in frames]
+    groups: list[list[bytes]] = []
     pending: list[bytes] = []
     size = 0
     for frame in frames:
         if pending and size + len(frame) > frame_bytes:
-            messages.append(pending[0] if len(pending) == 1 else b"".join(pending))
+            groups.append(pending)
             pending, size = [], 0
         pending.append(frame)
         size += len(frame)
-    messages.append(pending[0] if len(pending) == 1 else b"".join(pending))
-    return messages
+    groups.append(pending)
+    return groups
 
 
 class HopDecoder:

@@ -314,6 +314,8 @@ def cmd_bench_relay(args: argparse.Namespace) -> int:
         with (LocalStack(config) if args.no_ray else RayStack(config)) as stack:
             report["latency"] = bench.latency_table(stack.relay_address, args.requests)
             report["layer0"] = bench.layer0_table(stack.relay_address, bench.long_text(args.tokens), args.repeats)
+        report["handoff"] = bench.handoff_table([zoo_route().__dict__, big], bench.long_text(args.tokens), args.repeats,
+                                                args.no_ray, args.chunk_tokens)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     report["hosting"] = "local gRPC stack" if args.no_ray else "Ray actors"
@@ -330,6 +332,9 @@ def cmd_bench_relay(args: argparse.Namespace) -> int:
     print(f"{'raw MB':>7s} {'sender encode ms':>17s} {'receiver transfer ms':>21s} {'layer 0 before last chunk ms':>29s}")
     for row in report["layer0"]:
         print(f"{row['raw_mb']:7.1f} {row['sender_encode_ms']:17.1f} {row['receiver_transfer_ms']:21.1f} {row['layer0_before_last_chunk_ms']:29.1f}")
+    print(f"\n4. KV hand-off: the sender's prefill ends -> the receiver holds the whole {report['handoff'][0]['raw_mb']:.1f} MB cache, "
+          f"both hops ({report['hosting']}; bytes vs the same-node shared-memory shortcut, best and median of {args.repeats})\n")
+    print(bench.render_handoff(report["handoff"]))
     if args.profile:
         print("\nprofile of one raw hop (encode + gRPC stream + verify/decode, client and sink in one process):\n")
         print(bench.profile_hop(cache, args.workers))

@@ -205,13 +205,14 @@ class _Slot:
     def __init__(self, segment: Segment, capacity: int) -> None:
         self.segment, self.capacity = segment, capacity
         self.owner: ShmLease | None = None
+        self.published = False  # its reference went out: from now on a token of 0 means released
 
     @property
     def name(self) -> str:
         return self.segment.name
 
     def released(self) -> bool:
-        return self.segment.token() == 0
+        return self.published and self.segment.token() == 0
 
 
 class ShmPool:
@@ -254,15 +255,27 @@ class ShmPool:
         """A slot of at least ``size`` bytes lent to ``owner``, or None when the pool cannot hold it."""
         capacity = max(MIN_CAPACITY, 1 << (size - 1).bit_length())
         with self.lock:
-            if self.closed or capacity + DATA_OFFSET > self.max_bytes:
+            if self.closed or owner.closed or capacity + DATA_OFFSET > self.max_bytes:
                 return None
             if not self.free.get(capacity):
                 self._reclaim()
             slot = self.free[capacity].pop() if self.free.get(capacity) else self._create(capacity)
             if slot is not None:
-                slot.owner = owner
+                slot.owner, slot.published = owner, False
                 self.lent[slot.name] = slot
             return slot
+
+    def publish(self, slot: _Slot, token: int, length: int) -> bool:
+        """Mark ``slot`` complete (token and length written); False when its stream ended meanwhile (the
+        slot is then retired: its reference must not be sent)."""
+        with self.lock:
+            SLOT_HEADER.pack_into(slot.segment.mmap, 0, token, length)
+            if slot.owner is None or slot.owner.closed:
+                self.lent.pop(slot.name, None)
+                self._retire(slot)
+                return False
+            slot.published = True
+            return True
 
     def next_token(self) -> int:
         with self.lock:
@@ -300,10 +313,12 @@ class ShmPool:
         slot.segment.close()
 
     def end(self, lease: ShmLease) -> tuple[int, int]:
-        """A stream ended: its released slots go back to the pool, the others are retired; (freed, retired)."""
+        """A stream ended: its released slots go back to the pool, the others are retired; (freed, retired).
+        A slot still being written is retired by ``publish``."""
         freed = retired = 0
         with self.lock:
-            for name in [n for n, s in self.lent.items() if s.owner is lease]:
+            lease.closed = True
+            for name in [n for n, s in self.lent.items() if s.owner is lease and s.published]:
                 slot = self.lent.pop(name)
                 slot.owner = None
                 if slot.released() and not self.closed:
@@ -339,6 +354,13 @@ def _new_name() -> str:
     return f"dc{os.getpid()}_{secrets.token_hex(6)}"
 
 
+def join(message) -> bytes | bytearray | memoryview:
+    """A message given as a list of buffers as one byte string (a single bytes part is not copied)."""
+    if isinstance(message, (bytes, bytearray, memoryview)):
+        return message
+    return message[0] if len(message) == 1 and isinstance(message[0], bytes) else b"".join(message)
+
+
 def _as_bytes_views(message) -> list[memoryview]:
     parts = message if isinstance(message, (list, tuple)) else [message]
     views = []
@@ -353,6 +375,7 @@ class ShmLease:
 
     def __init__(self, pool: ShmPool) -> None:
         self.pool = pool
+        self.closed = False  # the stream ended (set by the pool under its lock)
         self.carried = 0  # messages that went by reference
         self.spilled = 0  # messages big enough for a slot that went as bytes (pool full)
 
@@ -365,7 +388,7 @@ class ShmLease:
         if slot is None:
             if size >= self.pool.min_message_bytes:
                 self.spilled += 1
-            return message if isinstance(message, (bytes, bytearray, memoryview)) else b"".join(views)
+            return join(message)
         buffer = slot.segment.mmap
         offset = DATA_OFFSET
         for view in views:  # the only copy on this side: the encoder's buffers -> the slot
@@ -373,7 +396,8 @@ class ShmLease:
             offset += view.nbytes
         digest = frames_digest(split_frames(memoryview(buffer)[DATA_OFFSET : DATA_OFFSET + size]))
         token = self.pool.next_token()
-        SLOT_HEADER.pack_into(buffer, 0, token, size)  # last: the slot is complete
+        if not self.pool.publish(slot, token, size):  # last: the slot is complete
+            return join(message)  # the stream ended while we copied: nobody will read either
         self.carried += 1
         return pack_reference(slot.name, token, size, digest)
 

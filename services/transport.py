@@ -35,7 +35,7 @@ def make_pool(config: ServeConfig) -> shm.ShmPool | None:
     """The shared-memory pool of a sending service, or None when its hops stay on bytes."""
     if config.hop_transport != "auto" or config.shm_pool_bytes <= 0 or not shm.available():
         return None
-    return shm.ShmPool(config.shm_pool_bytes)
+    return shm.ShmPool(config.shm_pool_bytes, config.shm_min_bytes)
 
 
 class HopLink:
@@ -77,7 +77,7 @@ class HopLink:
         """What to send for ``message`` (frames back to back, bytes or a list of buffers): its slot reference
         on the shortcut, else the bytes (safe to call from a worker thread)."""
         if self.lease is None:
-            return message if isinstance(message, (bytes, bytearray, memoryview)) else b"".join(message)
+            return shm.join(message)
         return self.lease.carry(message)
 
     @property

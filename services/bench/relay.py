@@ -265,3 +265,45 @@ def long_text(tokens: int) -> str:
 
 def temporary_route_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="densecomm-bench-"))
+
+
+HANDOFF_CODECS = ("raw", "lossless")
+
+
+def handoff_table(routes: list[dict], text: str, repeats: int, no_ray: bool, chunk_tokens: int = 0,
+                  codecs: tuple[str, ...] = HANDOFF_CODECS) -> list[dict]:
+    """The KV hand-off on the Qwen3-4B-geometry route with each hop transport, measured in one run: from the
+    end of the sender's prefill to the receiver holding the whole cache in its model's space, through both
+    hops (the receiver's ``kv_handoff`` stage). One stack with ``hop_transport = "bytes"``, then one with
+    ``"auto"`` (the same-node shortcut: every service of the stack is on this node); best and median of
+    ``repeats`` after one warm-up call per codec."""
+    from services.client import relay_once
+    from services.config import load_config
+    from services.stack import LocalStack, RayStack
+
+    rows = []
+    for hop_transport in ("bytes", "auto"):
+        config = load_config(None, relay_port=0, routes=routes, chunk_tokens=chunk_tokens, hop_transport=hop_transport)
+        with (LocalStack(config) if no_ray else RayStack(config)) as stack:
+            for codec in codecs:
+                samples = []
+                for _ in range(repeats + 1):  # the first call warms the pools and the channels
+                    stats = asyncio.run(relay_once(stack.relay_address, text, route="qwen3-4b-geometry", codec=codec,
+                                                   max_new_tokens=1, timeout=300))
+                    stages = {l.stage: l.seconds for l in stats.latencies}
+                    samples.append({k: 1e3 * stages.get(k, 0.0) for k in ("kv_handoff", "encode", "transform", "decode")})
+                samples = samples[1:]
+                handoff = sorted(s["kv_handoff"] for s in samples)
+                rows.append({"hop_transport": hop_transport, "transports": "/".join(h.transport for h in stats.hops),
+                             "codec": codec, "raw_mb": stats.raw_bytes / 1e6, "handoff_ms_best": handoff[0],
+                             "handoff_ms_median": statistics.median(handoff),
+                             **{f"{k}_ms": statistics.median(s[k] for s in samples) for k in ("encode", "transform", "decode")}})
+    return rows
+
+
+def render_handoff(rows: list[dict]) -> str:
+    lines = [f"{'hop_transport':>13s} {'hops used':>17s} {'codec':>9s} {'raw MB':>7s} {'handoff ms best':>16s} {'median':>7s}"
+             f" {'encode ms':>9s} {'transform ms':>12s} {'decode ms':>9s}"]
+    lines += [f"{r['hop_transport']:>13s} {r['transports']:>17s} {r['codec']:>9s} {r['raw_mb']:7.1f} {r['handoff_ms_best']:16.1f}"
+              f" {r['handoff_ms_median']:7.1f} {r['encode_ms']:9.1f} {r['transform_ms']:12.1f} {r['decode_ms']:9.1f}" for r in rows]
+    return "\n".join(lines)
