@@ -6,12 +6,6 @@
                                                                   codec fails before any frame leaves)
     HopEncoder.chunks() -> chunk frames                           encode, in sequence order
     HopEncoder.frames(cache) -> frames                            both of the above
-    HopEncoder.messages() -> transport messages                   the started stream (header included) in
-                                                                  messages of about ``frame_bytes``: frames
-                                                                  back to back (``wire.split_frames`` cuts
-                                                                  them apart again)
-    HopEncoder.message_parts() -> [buffer, ...] per message       the same before the join (a shared-memory
-                                                                  transport copies the buffers into its slot)
     HopEncoder.begin(...) / .layer(l, keys, values)               the same for a producer that emits layer by
                                                                   layer (the adapter)
     HopDecoder(model, bases, dtype, device).feed(frame)           verify and decode each frame as it arrives
@@ -24,8 +18,9 @@ Both ends fill a ``HopReport`` (codec, raw and wire bytes, chunks, seconds) that
 stats and metrics. Bases are passed in (a ``transform.KVBases``; None = the process-wide default).
 
 Frames sized for the transport: given ``frame_bytes`` (and no explicit ``chunk_tokens``), the encoder
-splits a layer into token ranges of at most ``frame_bytes`` raw bytes, and ``messages`` / ``pack_frames``
-join consecutive frames into one message while it stays within ``frame_bytes``.
+splits a layer into token ranges of at most ``frame_bytes`` raw bytes; ``pack_frames`` / ``join_messages``
+join consecutive frames into one message while it stays within ``frame_bytes`` (``wire.split_frames``
+cuts them apart again); ``group_messages`` gives the same messages as lists of buffers, unjoined.
 """
 
 from __future__ import annotations
@@ -86,7 +81,6 @@ class HopEncoder:
             raise ValueError(f"frame_bytes must be >= 1 (or None), got {frame_bytes}")
         self.codec, self.bases, self.model = codec, bases, model
         self.chunk_tokens, self.workers, self.dtype, self.frame_bytes = chunk_tokens, workers, dtype, frame_bytes
-        self._header_frame: bytes | None = None
         self.report = HopReport(codec=codec.name)
         self.header: WireHeader | None = None
         self._stream: tuple[KVCache, Codec, WireHeader] | None = None
@@ -111,7 +105,7 @@ class HopEncoder:
         chunk_tokens = self._chunk_tokens(layers, shipped.batch_size, shipped.dtype)
         self._stream = start_stream(shipped, self.codec, chunk_tokens, self.bases)
         self.codec, self.header = self._stream[1], self._stream[2]
-        frame = self._header_frame = header_frame(self.header)
+        frame = header_frame(self.header)
         self.report.count(frame)
         self.report.encode_s += time.perf_counter() - started
         return frame
@@ -144,35 +138,6 @@ class HopEncoder:
         per_token = max(batch * (hk * dk + hv * dv) * dtype.itemsize for hk, dk, hv, dv in layers)  # bytes of one token, one layer
         return max(1, self.frame_bytes // max(per_token, 1))
 
-    def messages(self) -> Iterator[bytes]:
-        """The started stream, header first, as transport messages: consecutive frames joined while the
-        message stays within ``frame_bytes`` (each frame alone when ``frame_bytes`` is None). One join
-        per message is the only copy of the payload on this side."""
-        for parts in self.message_parts():
-            yield self._join(parts)
-
-    def message_parts(self) -> Iterator[list]:
-        """``messages`` before the join: each message as the list of its buffers (a transport that copies
-        them elsewhere anyway, such as a shared-memory slot, skips the join)."""
-        if self._stream is None or self._header_frame is None:
-            raise CodecError("HopEncoder.start(cache) must come before its messages")
-        limit = self.frame_bytes or 0
-        pending, size = [self._header_frame], len(self._header_frame)
-        for parts in self.chunk_parts():
-            nbytes = sum(memoryview(p).nbytes for p in parts)
-            if pending and size + nbytes > limit:
-                yield pending
-                pending, size = [], 0
-            pending += parts
-            size += nbytes
-        if pending:
-            yield pending
-
-    def _join(self, parts: list) -> bytes:
-        started = time.perf_counter()
-        message = parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
-        self.report.encode_s += time.perf_counter() - started
-        return message
 
     def frames(self, cache: KVCache) -> Iterator[bytes]:
         yield self.start(cache)
@@ -201,27 +166,37 @@ class HopEncoder:
         return frames
 
 
-def pack_frames(frames: list[bytes], frame_bytes: int | None) -> list[bytes]:
-    """``frames`` as transport messages: consecutive frames joined while a message stays within
-    ``frame_bytes`` (each frame alone when None); ``wire.split_frames`` cuts a message apart again."""
-    return [group[0] if len(group) == 1 else b"".join(group) for group in group_frames(frames, frame_bytes)]
+def join_messages(frames: Iterable[list], frame_bytes: int | None) -> Iterator[bytes]:
+    """Frames, each a list of buffers, -> transport messages: consecutive frames joined while a message
+    stays within ``frame_bytes`` (each frame alone when None); ``wire.split_frames`` cuts them apart again."""
+    for parts in group_messages(frames, frame_bytes):
+        yield _joined(parts)
 
 
-def group_frames(frames: list[bytes], frame_bytes: int | None) -> list[list[bytes]]:
-    """``pack_frames`` before the joins: the frames of each message."""
-    if not frame_bytes or len(frames) < 2:
-        return [[frame] for frame in frames]
-    groups: list[list[bytes]] = []
-    pending: list[bytes] = []
+def group_messages(frames: Iterable[list], frame_bytes: int | None) -> Iterator[list]:
+    """``join_messages`` before the join: each message as the list of its buffers (a transport that copies
+    them elsewhere anyway, a shared-memory slot, skips the join)."""
+    limit = frame_bytes or 0
+    pending: list = []
     size = 0
-    for frame in frames:
-        if pending and size + len(frame) > frame_bytes:
-            groups.append(pending)
+    for parts in frames:
+        nbytes = sum(memoryview(p).nbytes for p in parts)
+        if pending and size + nbytes > limit:
+            yield pending
             pending, size = [], 0
-        pending.append(frame)
-        size += len(frame)
-    groups.append(pending)
-    return groups
+        pending += parts
+        size += nbytes
+    if pending:
+        yield pending
+
+
+def _joined(parts: list) -> bytes:
+    return parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
+
+
+def pack_frames(frames: list[bytes], frame_bytes: int | None) -> list[bytes]:
+    """Whole frames (bytes) as transport messages (``join_messages``)."""
+    return list(join_messages(([f] for f in frames), frame_bytes))
 
 
 class HopDecoder:

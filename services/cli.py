@@ -225,7 +225,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_relay(args: argparse.Namespace) -> int:
     import asyncio
-
     import os
 
     from services.client import TLSOptions, relay_once
@@ -295,49 +294,26 @@ def cmd_codec_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_relay(args: argparse.Namespace) -> int:
-    import shutil
-
-    from services.bench import codec as bench_codec
     from services.bench import relay as bench
-    from services.config import load_config, zoo_route
-    from services.stack import LocalStack, RayStack
 
     torch_threads(args.workers)
-    report: dict = {}
-    cache = bench_codec.qwen3_4b_geometry_cache(args.tokens)
-    report["hop"] = bench.hop_table(cache, args.repeats, args.workers)
-    report["ceiling"] = bench.ceiling_table(cache.nbytes, args.repeats)
-    root = bench.temporary_route_dir()
-    try:
-        big = bench.qwen3_4b_route(root)
-        config = load_config(None, relay_port=0, routes=[zoo_route().__dict__, big], chunk_tokens=args.chunk_tokens)
-        with (LocalStack(config) if args.no_ray else RayStack(config)) as stack:
-            report["latency"] = bench.latency_table(stack.relay_address, args.requests)
-            report["layer0"] = bench.layer0_table(stack.relay_address, bench.long_text(args.tokens), args.repeats)
-        report["handoff"] = bench.handoff_table([zoo_route().__dict__, big], bench.long_text(args.tokens), args.repeats,
-                                                args.no_ray, args.chunk_tokens)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    report["hosting"] = "local gRPC stack" if args.no_ray else "Ray actors"
+    report = bench.run(args.repeats, args.workers, args.tokens, args.requests, args.no_ray, args.chunk_tokens, args.frame_bytes or None)
     if args.json:
         print(json.dumps(report, indent=2))
-        return 0
-    print(f"1. one loopback gRPC hop, {cache.nbytes / 1e6:.1f} MB Qwen3-4B-geometry cache (MB/s of raw KV, best of {args.repeats})\n")
-    print(bench.render_hop(report["hop"], report["ceiling"]))
-    print(f"\n2. Relay end to end on the zoo ({report['hosting']}, {args.requests} requests per level, lossless codec)\n")
-    print(f"{'concurrency':>11s} {'p50 ms':>8s} {'p99 ms':>8s} {'mean ms':>8s} {'req/s':>7s}")
-    for row in report["latency"]:
-        print(f"{row['concurrency']:11d} {row['p50_ms']:8.1f} {row['p99_ms']:8.1f} {row['mean_ms']:8.1f} {row['requests_per_s']:7.1f}")
-    print(f"\n3. time to layer 0 on a Qwen3-4B-geometry route ({args.tokens} tokens, chunk_tokens={args.chunk_tokens or 'layer'})\n")
-    print(f"{'raw MB':>7s} {'sender encode ms':>17s} {'receiver transfer ms':>21s} {'layer 0 before last chunk ms':>29s}")
-    for row in report["layer0"]:
-        print(f"{row['raw_mb']:7.1f} {row['sender_encode_ms']:17.1f} {row['receiver_transfer_ms']:21.1f} {row['layer0_before_last_chunk_ms']:29.1f}")
-    print(f"\n4. KV hand-off: the sender's prefill ends -> the receiver holds the whole {report['handoff'][0]['raw_mb']:.1f} MB cache, "
-          f"both hops ({report['hosting']}; bytes vs the same-node shared-memory shortcut, best and median of {args.repeats})\n")
-    print(bench.render_handoff(report["handoff"]))
+    else:
+        print(bench.render(report, args.repeats, args.requests, args.tokens))
     if args.profile:
-        print("\nprofile of one raw hop (encode + gRPC stream + verify/decode, client and sink in one process):\n")
-        print(bench.profile_hop(cache, args.workers))
+        from services.bench import codec as bench_codec
+        from services.bench import hop_profile
+
+        cache = bench_codec.qwen3_4b_geometry_cache(args.tokens)
+        print("\nprofile: one hop's stages, each timed alone on the hop's own frames (best of "
+              f"{args.repeats}; frame_bytes {report['frame_bytes'] // 1024} KiB)\n")
+        for label, name, params in bench.HOP_CODECS[:2]:
+            print(hop_profile.render_stages(label, hop_profile.stage_table(cache, name, params, report["frame_bytes"], args.workers, args.repeats)))
+            print()
+        print("cProfile of one raw hop (encode + gRPC stream + verify/decode, client and sink in one process):\n")
+        print(hop_profile.cprofile_hop(cache, args.workers, report["frame_bytes"]))
     return 0
 
 
@@ -454,14 +430,15 @@ def build_parser() -> argparse.ArgumentParser:
     train_bench.add_argument("--steps", type=int, default=100, help="steps per phase and worker count")
     train_bench.add_argument("--workers", default="1,2", help="worker counts to compare")
     train_bench.set_defaults(func=cmd_bench_train)
-    relay_bench = bench_sub.add_parser("relay", help="hop throughput vs in-process copy, Relay p50/p99, time to layer 0")
+    relay_bench = bench_sub.add_parser("relay", help="hop throughput vs a bare gRPC byte stream, Relay latency and overhead, KV handoff, targets")
     relay_bench.add_argument("--repeats", type=int, default=3)
     relay_bench.add_argument("--workers", type=int, default=2)
     relay_bench.add_argument("--tokens", type=int, default=180)
     relay_bench.add_argument("--requests", type=int, default=48, help="Relay calls per concurrency level")
     relay_bench.add_argument("--chunk-tokens", type=int, default=0)
     relay_bench.add_argument("--no-ray", action="store_true", help="host the services in this process")
-    relay_bench.add_argument("--profile", action="store_true", help="also print where one raw hop spends its time")
+    relay_bench.add_argument("--frame-bytes", type=int, default=0, help="KV stream message size (default: the services' frame_bytes)")
+    relay_bench.add_argument("--profile", action="store_true", help="also print where one hop's time goes, stage by stage")
     relay_bench.add_argument("--json", action="store_true")
     relay_bench.set_defaults(func=cmd_bench_relay)
     load_bench = bench_sub.add_parser("load", help="Relay under load: throughput, p50/p95/p99, statuses, RSS, kills, TLS cost")

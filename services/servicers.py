@@ -17,6 +17,7 @@ holds; ``close()`` releases its downstream channels.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
@@ -28,7 +29,7 @@ import torch
 from densecomm_core.codec.base import DataLossError, DecodeLimits
 from densecomm_core.codec.wire import split_frames
 from densecomm_core.generation import GenerationConfig
-from densecomm_core.hop import HopDecoder, HopEncoder, HopReport, group_frames
+from densecomm_core.hop import HopDecoder, HopEncoder, HopReport, group_messages
 from densecomm_core.relay import (
     ContextMode,
     PromptFormat,
@@ -184,11 +185,17 @@ async def drain(requests) -> None:
 
 
 _END = object()
+AHEAD_FRAMES = 8  # frames a sender encodes ahead of the one being sent (bounded: at most ~8 x frame_bytes)
 
 
-async def ahead(iterator, depth: int = 2):
+async def ahead(iterator, depth: int = 2, frame_bytes: int | None = None):
     """Yield a blocking iterator's items, each computed in a worker thread while the consumer still handles
-    the previous ones (up to ``depth`` ahead): encoding chunk i+1 overlaps sending chunk i."""
+    the previous ones (up to ``depth`` ahead): encoding chunk i+1 overlaps sending chunk i.
+
+    With ``frame_bytes``, the items are frames (bytes), and the frames already computed when the consumer
+    asks for the next are joined into one message while it stays within ``frame_bytes``: a frame is never
+    held back to wait for a later one (layer 0 leaves as soon as it is encoded), but while sending is the
+    slower side, small frames share messages."""
     queue: asyncio.Queue = asyncio.Queue(depth)
 
     async def produce() -> None:
@@ -200,13 +207,25 @@ async def ahead(iterator, depth: int = 2):
             await queue.put((_END, exc))
 
     task = asyncio.create_task(produce())
+    carry = None  # an item taken from the queue that did not fit the previous message
     try:
         while True:
-            item, error = await queue.get()
+            item, error = carry if carry is not None else await queue.get()
+            carry = None
             if error is not None:
                 raise error
             if item is _END:
                 return
+            if frame_bytes:
+                batch, size = [item], len(item)
+                while size < frame_bytes and not queue.empty():  # only what is ready: never wait for more
+                    carry = queue.get_nowait()
+                    if carry[1] is not None or carry[0] is _END or size + len(carry[0]) > frame_bytes:
+                        break
+                    batch.append(carry[0])
+                    size += len(carry[0])
+                    carry = None
+                item = batch[0] if len(batch) == 1 else b"".join(batch)
             yield item
     finally:
         task.cancel()
@@ -495,7 +514,7 @@ class AdapterServicer(ServicerBase, kv_pb2_grpc.AdapterServicer):
             out = streaming.feed(frame)
             if reader is not None:
                 reader.decoded(frame)
-            return [send_frame(group, link) for group in group_frames(out, self.config.frame_bytes)]
+            return [send_frame(parts, link) for parts in group_messages(([f] for f in out), self.config.frame_bytes)]
 
         async def pump() -> None:
             try:
@@ -608,21 +627,23 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
         prefill_s = time.perf_counter() - t
         prefill_end_unix = time.time()
         tokens = int(cache.lengths.sum())
-        await asyncio.to_thread(encoder.start, cache)  # strip RoPE, bind the bases: fails before the call
+        header = await asyncio.to_thread(encoder.start, cache)  # strip RoPE, bind the bases: fails before the call
         sender_flops = 2.0 * sender.non_embedding_params * tokens
 
         async def frames():
             hop_setup = link.setup(setup)  # offers the same-node shortcut when this sender has a pool
             hop_setup.transport = "shm" if hop_setup.HasField("shm") else "bytes"
             yield kv_pb2.KVMessage(setup=hop_setup)
-            if await link.negotiate(call) == "shm":  # the adapter maps our slots: frames go by reference
-                messages = (send_frame(parts, link) for parts in encoder.message_parts())
+            if await link.negotiate(call) == "shm":  # the adapter maps our slots: each frame goes by reference
+                # copied straight from the encoder's buffers into its slot, in the encoding thread
+                source = (send_frame(parts, link) for parts in itertools.chain([[header]], encoder.chunk_parts()))
+                messages = ahead(source, AHEAD_FRAMES)
             else:
-                messages = encoder.messages()
-            # the header, then chunk frames in messages of about frame_bytes; message i+1 is encoded (and on
-            # the shortcut copied into its slot) while message i is sent
-            async for message in ahead(messages):
-                yield message
+                # the header, then chunk frames (layers split to frame_bytes); frame i+1 is encoded while i is sent,
+                # and frames that are ready together share a message of up to frame_bytes
+                messages = ahead(itertools.chain([header], encoder.chunks()), AHEAD_FRAMES, self.config.frame_bytes)
+            async for message in messages:
+                yield send_frame(message)
             report = encoder.report
             report.transport = link.transport
             done = kv_pb2.StreamDone(last_chunk_unix=time.time(), prefill_tokens=tokens, sender_flops=sender_flops,

@@ -89,3 +89,31 @@ def test_round_trip_with_explicit_bases_equals_the_codec_package_entry_point(tin
     assert out.rope_applied and out.dtype == cache.dtype and len(sizes) == 2 and all(w < r for r, w in sizes)
     for a, b in zip(out.keys, again.keys):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("frame_bytes", [96, 700, 1 << 20])
+def test_frame_bytes_splits_layers_and_packs_small_frames_into_messages(tiny_pair, frame_bytes):
+    from densecomm_core.codec.wire import split_frames
+    from densecomm_core.hop import pack_frames
+
+    sender, _ = tiny_pair
+    cache = sender_prefill(sender, TEXTS[:1])
+    encoder = HopEncoder(get_codec("raw"), frame_bytes=frame_bytes)
+    frames = list(encoder.frames(cache))
+    per_token = max(2 * k.shape[1] * k.shape[3] * k.element_size() for k in cache.keys)  # K and V of one token, one layer
+    assert encoder.header.chunk_tokens == min(cache.num_tokens, max(1, frame_bytes // per_token))  # layers split to fit
+    assert all(len(f) <= max(frame_bytes, per_token) + 64 for f in frames[1:])  # + the chunk prefix
+    messages = pack_frames(frames, frame_bytes)
+    assert [bytes(f) for m in messages for f in split_frames(m)] == frames  # cut apart again, in order
+    for message in messages:  # several frames share a message only while it stays within frame_bytes
+        assert len(message) <= frame_bytes or len(list(split_frames(message))) == 1
+    if frame_bytes >= encoder.report.wire_bytes:
+        assert len(messages) == 1  # a small cache crosses in one message
+    decoder = HopDecoder(sender)
+    for frame in (f for m in messages for f in split_frames(m)):
+        decoder.feed(frame)
+    out = decoder.finish()
+    for a, b in zip(out.keys + out.values, cache.keys + cache.values):
+        assert torch.equal(a, b)
+    assert [len(m) for m in pack_frames([b"D" * 10, b"D" * 10, b"D" * 30, b"D" * 5], 25)] == [20, 30, 5]
+    assert pack_frames([b"D" * 10, b"D" * 10], None) == [b"D" * 10, b"D" * 10]

@@ -1,23 +1,33 @@
-"""`densecomm bench relay`: per-hop transport throughput, end-to-end Relay latency, time to layer 0.
+"""`densecomm bench relay`: the KV transport against a bare gRPC byte stream, Relay latency and service overhead,
+the KV handoff, and issue 11's targets (each ok / missed), all measured in one run.
 
-1. Hop throughput: a ~25 MB cache with Qwen3-4B's KV geometry crosses one loopback gRPC hop (client
-   stream of wire frames into a sink that verifies and decodes them), with each codec, against the
-   ceiling measured in the same run: a bare gRPC byte stream (generic raw-bytes handlers, no protobuf,
-   nothing encoded) of the same bytes with the hop's message size and channel options, at several
-   message sizes. Every hop figure is printed as a ratio to that ceiling. MB/s are of raw KV.
-2. Relay latency on the embedded zoo at concurrency 1, 4 and 16 (p50 / p99), through the service stack.
-3. Time to layer 0: on a Qwen3-4B-geometry route, when the receiver held layer 0 vs when the sender
-   handed over its last chunk.
+1. Ceiling: a bare gRPC client stream (generic raw-bytes handlers, no protobuf, nothing encoded) of a ~26.5 MB
+   cache's bytes with the hops' channel options, at several message sizes. The best size is what the
+   services' ``frame_bytes`` defaults to.
+2. Hop throughput: that cache (Qwen3-4B's KV geometry) crosses one loopback gRPC hop the way it crosses
+   between the services: ``HopEncoder`` (layers split to ``frame_bytes``; frame i+1 encoded in a worker
+   thread while frame i is sent, ready frames sharing a message: ``servicers.ahead``) -> ``servicers.send_frame`` -> the raw KV stream (``services.kvstream``) -> ``servicers.read_frames`` ->
+   ``HopDecoder`` (verify + decode of frame i in a worker thread while frame i+1 arrives). One row per
+   codec, plus the previous framing (every frame inside a protobuf ``KVMessage``). Every figure is also a
+   ratio to the bare stream with the hop's own message size. MB/s are of raw KV.
+3. Relay latency on the embedded zoo at concurrency 1, 4 and 16 through the service stack, and the
+   in-process ``DenseRelay`` (same requests, same lossless round trips) for the service overhead.
+4. KV handoff on a Qwen3-4B-geometry route (lossless, and raw on the shortcut; both hops): from the end of the sender's prefill
+   until the receiver holds the whole cache, and layer 0 vs the last chunk; one row per frame transport
+   (``HANDOFF_TRANSPORTS``).
 Every load loop is bounded in count and runs against loopback only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import shutil
 import statistics
 import tempfile
 import time
 from concurrent import futures
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -27,8 +37,17 @@ import torch
 from densecomm_core.cache import KVCache
 from densecomm_core.codec import get_codec
 from densecomm_core.hop import HopDecoder, HopEncoder
-from services import protos
-from services.servicers import OverlappedDecode, ahead
+from services import kvstream, protos, shm
+from services import transport as hop_transport
+from services.config import ServeConfig
+from services.servicers import (
+    AHEAD_FRAMES,
+    OverlappedDecode,
+    ahead,
+    read_frames,
+    read_setup,
+    send_frame,
+)
 
 relay_pb2, relay_pb2_grpc, kv_pb2, kv_pb2_grpc = protos.load()
 HOP_CODECS = [
@@ -39,53 +58,115 @@ HOP_CODECS = [
 ]
 MAX_MESSAGE = 64 << 20
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
+CEILING_SIZES = (64 << 10, 256 << 10, 512 << 10, 1 << 20, 2 << 20, 4 << 20)  # message sizes of the bare stream
+# The frame transports the handoff is measured on: name -> ServeConfig overrides that select it. A
+# transport added to the services adds its row here (the same-node target reads the "shm" row).
+HANDOFF_TRANSPORTS: dict[str, dict] = {"bytes": {"hop_transport": "bytes"}, "shm": {"hop_transport": "auto"},
+                                        "shm, raw codec": {"hop_transport": "auto", "default_codec": "raw"}}
+SAME_NODE_TRANSPORT = "shm"
+_POOL: list = []  # the bench's one shared-memory pool (warm across repeats, as a service's is)
 
 
-class SinkServicer(kv_pb2_grpc.ReceiverServicer):
-    """Receives a KV stream like the receiver does (verify + decode every chunk) and reports bytes."""
+def bench_pool() -> shm.ShmPool:
+    if not _POOL:
+        _POOL.append(shm.ShmPool(ServeConfig().shm_pool_bytes, ServeConfig().shm_min_bytes))
+    return _POOL[0]
+
+
+# ---- 1, 2: one hop vs the bare byte stream ------------------------------------------------------------
+
+
+class SinkServicer:
+    """The receiving end of a hop, as the receiver does it (read_frames, verify + decode every frame while
+    the next arrives), reporting the wire bytes it read."""
 
     def __init__(self, decode: bool) -> None:
         self.decode = decode
 
     async def Generate(self, request_iterator, context):
+        first = await read_setup(request_iterator)
+        reader = await hop_transport.accept(first.setup, context, ServeConfig())  # the same-node shortcut's verdict
         decoder = HopDecoder()
-        decoding = OverlappedDecode(decoder.feed)  # as the receiver does: decode frame i while frame i+1 arrives
+
+        def feed(frame):
+            event = decoder.feed(frame) if self.decode else None
+            if reader is not None:
+                reader.decoded(frame)
+            return event
+
+        decoding = OverlappedDecode(feed)
         wire = 0
-        async for message in request_iterator:
-            if message.HasField("frame"):
-                wire += len(message.frame.frame)
-                if self.decode:
-                    await decoding.submit(message.frame.frame)
-        if self.decode:
+        try:
+            async for frame in read_frames(request_iterator, lambda done: None, first.setup.transport or "bytes", reader):
+                wire += len(frame)
+                if self.decode or reader is not None:
+                    await decoding.submit(frame)
             await decoding.drain()
+        finally:
+            decoding.cancel()
+            if reader is not None:
+                reader.close()
+        if self.decode:
             await asyncio.to_thread(decoder.finish)
         yield relay_pb2.RelayEvent(stats=relay_pb2.RelayStats(wire_bytes=wire))
 
 
-async def one_hop(cache: KVCache, codec_name: str, params: dict, decode: bool, workers: int) -> tuple[float, int]:
-    """Seconds for encode -> loopback gRPC stream -> verify/decode of ``cache``; returns (seconds, wire bytes)."""
+@dataclass
+class HopRun:
+    seconds: float
+    wire_bytes: int
+    messages: int
+
+
+async def one_hop(cache: KVCache, codec_name: str, params: dict, decode: bool, workers: int, frame_bytes: int,
+                  framing: str = "raw", transport: str = "bytes") -> HopRun:
+    """Encode -> loopback gRPC stream -> verify/decode of ``cache``, timed from the encoder's start.
+    ``framing``: "raw" (the services' framing) or "protobuf" (every frame in a KVMessage, the previous one);
+    ``transport``: "bytes", or "shm" (the same-node shortcut, negotiated as the services do)."""
     server = grpc.aio.server(futures.ThreadPoolExecutor(2), options=CHANNEL_OPTIONS)
-    kv_pb2_grpc.add_ReceiverServicer_to_server(SinkServicer(decode), server)
+    kvstream.RECEIVER.add_to_server(SinkServicer(decode), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     codec = get_codec(codec_name, **params)
+    sent = [0]
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
-            stub = kv_pb2_grpc.ReceiverStub(channel)
+            stub = kvstream.RECEIVER.stub(channel)
+
+            link = hop_transport.HopLink(bench_pool() if transport == "shm" else None)
 
             async def messages():
-                yield kv_pb2.KVMessage(setup=kv_pb2.HopSetup(request_id="bench"))
-                async for frame in ahead(HopEncoder(codec, workers=workers).frames(cache)):  # as the sender does
-                    yield kv_pb2.KVMessage(frame=kv_pb2.KVFrame(frame=frame))
+                setup = link.setup(kv_pb2.HopSetup(request_id="bench"))
+                setup.transport = "shm" if setup.HasField("shm") else "bytes"
+                yield kv_pb2.KVMessage(setup=setup)
+                encoder = HopEncoder(codec, workers=workers, frame_bytes=frame_bytes)
+                header = await asyncio.to_thread(encoder.start, cache)
+                if await link.negotiate(call) == "shm":  # as the sender does on the shortcut
+                    source = (send_frame(parts, link) for parts in itertools.chain([[header]], encoder.chunk_parts()))
+                    async for message in ahead(source, AHEAD_FRAMES):
+                        sent[0] += 1
+                        yield message
+                elif framing == "raw":  # as the sender does
+                    async for message in ahead(itertools.chain([header], encoder.chunks()), AHEAD_FRAMES, frame_bytes):
+                        sent[0] += 1
+                        yield send_frame(message)
+                else:
+                    yield kv_pb2.KVMessage(frame=kv_pb2.KVFrame(frame=header))
+                    async for frame in ahead(encoder.chunks()):
+                        sent[0] += 1
+                        yield kv_pb2.KVMessage(frame=kv_pb2.KVFrame(frame=frame))
 
             started = time.perf_counter()
-            events = [e async for e in stub.Generate(messages(), timeout=300)]
-            return time.perf_counter() - started, events[-1].stats.wire_bytes
+            call = stub.Generate(messages(), timeout=300)
+            try:
+                events = [e async for e in call]
+            finally:
+                link.close()
+            if transport == "shm" and link.transport != "shm":
+                raise RuntimeError(f"the shm hop ran on {link.transport!r} ({link.reason or 'pool full'})")
+            return HopRun(time.perf_counter() - started, events[-1].stats.wire_bytes, sent[0])
     finally:
         await server.stop(0)
-
-
-CEILING_SIZES = (64 << 10, 256 << 10, 1 << 20, 4 << 20)  # message sizes the bare stream is measured at
 
 
 async def bare_stream(total: int, message_bytes: int) -> float:
@@ -126,28 +207,48 @@ async def bare_stream(total: int, message_bytes: int) -> float:
     return seconds
 
 
+def bare_mb_s(total: int, message_bytes: int, repeats: int) -> float:
+    return total / min(asyncio.run(bare_stream(total, message_bytes)) for _ in range(repeats)) / 1e6
+
+
 def ceiling_table(total: int, repeats: int, sizes: tuple[int, ...] = CEILING_SIZES) -> list[dict]:
-    """The bare byte stream at each message size (best of ``repeats``)."""
-    return [{"message_kb": size / 1024, "mb_s": total / min(asyncio.run(bare_stream(total, size)) for _ in range(repeats)) / 1e6}
-            for size in sizes]
+    """The bare byte stream at each message size (best of ``repeats``); the fastest row is marked best."""
+    rows = [{"message_kb": size / 1024, "mb_s": bare_mb_s(total, size, repeats), "best": False} for size in sizes]
+    max(rows, key=lambda r: r["mb_s"])["best"] = True
+    return rows
 
 
-def hop_table(cache: KVCache, repeats: int, workers: int) -> list[dict]:
-    """Each hop path's MB/s of raw KV and its ratio to the bare stream of the same bytes in messages of
-    the hop's own mean frame size (measured in this run)."""
+def best_message_bytes(ceilings: list[dict]) -> int:
+    return int(next(r for r in ceilings if r["best"])["message_kb"] * 1024)
+
+
+def hop_table(cache: KVCache, repeats: int, workers: int, frame_bytes: int) -> list[dict]:
+    """Each hop path's MB/s of raw KV and its ratio to the bare stream of the same bytes in messages of the
+    hop's own mean message size (measured in this run); the in-process copy for scale."""
     raw = cache.nbytes
     blob = np.frombuffer(b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in (*cache.keys, *cache.values)), dtype=np.uint8)
     best = min(_timed(lambda: blob.copy()) for _ in range(repeats))
-    message = max(1, raw // cache.num_layers)  # the hop's frames: one layer's K and V each
-    ceiling = raw / min(asyncio.run(bare_stream(raw, message)) for _ in range(repeats)) / 1e6
-    rows = [{"path": "in-process copy", "codec": "-", "wire_mb": raw / 1e6, "mb_s": raw / best / 1e6},
-            {"path": f"bare gRPC bytes, {message / 1024:.0f} KiB msgs", "codec": "-", "wire_mb": raw / 1e6, "mb_s": ceiling}]
-    for label, name, params in HOP_CODECS:
-        for decode in (False, True) if label == "raw" else (True,):
-            times = [asyncio.run(one_hop(cache, name, params, decode, workers)) for _ in range(repeats)]
-            seconds, wire = min(times)
-            path = "gRPC hop, no decode" if not decode else "gRPC hop, encode+verify+decode"
-            rows.append({"path": path, "codec": label, "wire_mb": wire / 1e6, "mb_s": raw / seconds / 1e6})
+    rows = [{"path": "in-process copy", "codec": "-", "wire_mb": raw / 1e6, "mb_s": raw / best / 1e6, "message_kb": 0.0}]
+    paths = [("gRPC hop, no decode", "raw", "raw", {}, False, "raw")]
+    paths += [("gRPC hop, encode+verify+decode", label, name, params, True, "raw") for label, name, params in HOP_CODECS]
+    paths.insert(2, ("  same, protobuf KVMessage framing", "raw", "raw", {}, True, "protobuf"))
+    if shm.available():  # the same-node shortcut: references in the stream, frames in shared memory
+        paths += [("shm hop, encode+verify+decode", label, name, params, True, "shm")
+                  for label, name, params in HOP_CODECS[:2]]
+    ceilings: dict[int, float] = {}
+    for path, label, name, params, decode, framing in paths:
+        via = "shm" if framing == "shm" else "bytes"
+        run = min((asyncio.run(one_hop(cache, name, params, decode, workers, frame_bytes, framing, via)) for _ in range(repeats)),
+                  key=lambda r: r.seconds)
+        message = max(1, run.wire_bytes // max(run.messages, 1))
+        if label == "raw" and via == "bytes" and message not in ceilings:  # the ceiling of the raw hops: their own message size
+            ceilings[message] = bare_mb_s(raw, message, repeats)
+        rows.append({"path": path, "codec": label, "wire_mb": run.wire_bytes / 1e6, "mb_s": raw / run.seconds / 1e6,
+                     "message_kb": message / 1024})
+    message = next(iter(ceilings))
+    ceiling = ceilings[message]
+    rows.insert(1, {"path": f"bare gRPC bytes, {message / 1024:.0f} KiB msgs", "codec": "-", "wire_mb": raw / 1e6,
+                    "mb_s": ceiling, "message_kb": message / 1024})
     for row in rows:
         row["ratio"] = row["mb_s"] / ceiling
     return rows
@@ -155,32 +256,29 @@ def hop_table(cache: KVCache, repeats: int, workers: int) -> list[dict]:
 
 def render_hop(rows: list[dict], ceilings: list[dict]) -> str:
     """The hop table, every figure also as a ratio to the bare byte stream, then the ceiling per message size."""
-    lines = [f"{'path':36s} {'codec':12s} {'wire MB':>8s} {'MB/s':>8s} {'x bare':>7s}"]
-    lines += [f"{r['path']:36s} {r['codec']:12s} {r['wire_mb']:8.2f} {r['mb_s']:8.0f} {r['ratio']:7.2f}" for r in rows]
-    lines += ["", "bare gRPC byte stream by message size (the ceiling; same bytes, same channel options)", f"{'message KiB':>11s} {'MB/s':>8s}"]
-    lines += [f"{c['message_kb']:11.0f} {c['mb_s']:8.0f}" for c in ceilings]
+    lines = [f"{'path':36s} {'codec':12s} {'msg KiB':>8s} {'wire MB':>8s} {'MB/s':>8s} {'x bare':>7s}"]
+    lines += [f"{r['path']:36s} {r['codec']:12s} {r['message_kb']:8.0f} {r['wire_mb']:8.2f} {r['mb_s']:8.0f} {r['ratio']:7.2f}" for r in rows]
+    lines += ["", "bare gRPC byte stream by message size (the ceiling; same bytes, same channel options)",
+              f"{'message KiB':>11s} {'MB/s':>8s}"]
+    lines += [f"{c['message_kb']:11.0f} {c['mb_s']:8.0f}{'  <- best' if c['best'] else ''}" for c in ceilings]
     return "\n".join(lines)
-
-
-def profile_hop(cache: KVCache, workers: int) -> str:
-    """Where one raw gRPC hop spends its time (client and sink share this process)."""
-    import cProfile
-    import io
-    import pstats
-
-    profiler = cProfile.Profile()
-    profiler.enable()
-    asyncio.run(one_hop(cache, "raw", {}, True, workers))
-    profiler.disable()
-    out = io.StringIO()
-    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(12)
-    return out.getvalue()
 
 
 def _timed(fn) -> float:
     started = time.perf_counter()
     fn()
     return time.perf_counter() - started
+
+
+# ---- 3: Relay latency, and the in-process relay for the same requests -----------------------------------
+
+MAX_NEW_TOKENS = 24
+
+
+def zoo_contexts() -> list[str]:
+    from densecomm_core.zoo import tasks
+
+    return [e.context for e in tasks.make_split("test", 50)]
 
 
 async def latency_run(address: str, contexts: list[str], concurrency: int, requests: int, timeout: float = 120.0) -> list[float]:
@@ -194,7 +292,7 @@ async def latency_run(address: str, contexts: list[str], concurrency: int, reque
         async def one(i: int) -> None:
             async with semaphore:
                 started = time.perf_counter()
-                await relay_stream(stub, build_request(contexts[i % len(contexts)], max_new_tokens=24), timeout)
+                await relay_stream(stub, build_request(contexts[i % len(contexts)], max_new_tokens=MAX_NEW_TOKENS), timeout)
                 latencies.append(time.perf_counter() - started)
 
         await asyncio.gather(*(one(i) for i in range(requests)))
@@ -205,13 +303,11 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.array(values), q))
 
 
-def latency_table(address: str, requests: int) -> list[dict]:
-    from densecomm_core.zoo import tasks
-
-    contexts = [e.context for e in tasks.make_split("test", 50)]
+def latency_table(address: str, requests: int, levels: tuple[int, ...] = (1, 4, 16)) -> list[dict]:
+    contexts = zoo_contexts()
     asyncio.run(latency_run(address, contexts, 1, 4))  # warm-up
     rows = []
-    for concurrency in (1, 4, 16):
+    for concurrency in levels:
         started = time.perf_counter()
         latencies = asyncio.run(latency_run(address, contexts, concurrency, requests))
         wall = time.perf_counter() - started
@@ -219,6 +315,34 @@ def latency_table(address: str, requests: int) -> list[dict]:
                      "p99_ms": 1e3 * percentile(latencies, 99), "mean_ms": 1e3 * statistics.mean(latencies),
                      "requests_per_s": requests / wall})
     return rows
+
+
+def in_process_table(requests: int, codec_name: str = "lossless") -> dict:
+    """The in-process DenseRelay on the same requests as ``latency_table``'s (zoo, unaware, greedy,
+    MAX_NEW_TOKENS, one at a time), each cache through the same codec round trip per hop as the services."""
+    from densecomm_core.adapter import DenseAdapter
+    from densecomm_core.generation import GenerationConfig
+    from densecomm_core.hop import round_trip
+    from densecomm_core.relay import ContextMode, DenseRelay
+    from densecomm_core.zoo.pair import load_zoo_pair, zoo_adapter_dir
+
+    sender, receiver = load_zoo_pair()
+    adapter = DenseAdapter.load(zoo_adapter_dir(), sender.geometry, receiver.geometry).eval()
+    codec = get_codec(codec_name)
+    relay = DenseRelay(sender, receiver, adapter, channel=lambda cache, hop: round_trip(cache, codec, dtype=cache.dtype))
+    config = GenerationConfig(max_new_tokens=MAX_NEW_TOKENS)
+    contexts = zoo_contexts()
+    for context in contexts[:4]:  # warm-up, as the service run has
+        relay.run([context], ContextMode.UNAWARE, config)
+    times = []
+    for i in range(requests):
+        started = time.perf_counter()
+        relay.run([contexts[i % len(contexts)]], ContextMode.UNAWARE, config)
+        times.append(time.perf_counter() - started)
+    return {"requests": requests, "p50_ms": 1e3 * percentile(times, 50), "mean_ms": 1e3 * statistics.mean(times)}
+
+
+# ---- 4: the KV handoff on a Qwen3-4B-geometry route --------------------------------------------------
 
 
 def qwen3_4b_route(root: Path) -> dict:
@@ -241,17 +365,31 @@ def qwen3_4b_route(root: Path) -> dict:
             "adapter": str(root / "adapter"), "dtype": "bfloat16"}
 
 
-def layer0_table(address: str, text: str, repeats: int) -> list[dict]:
+def handoff_table(address: str, text: str, repeats: int, transport: str = "bytes") -> list[dict]:
+    """Per Relay call on the Qwen3-4B-geometry route: the KV handoff (sender's prefill end -> the receiver
+    holds the whole cache), the sender's encode, the receiver's transfer, layer 0 vs the last chunk."""
     from services.client import relay_once
 
+    asyncio.run(relay_once(address, text, route="qwen3-4b-geometry", max_new_tokens=2, timeout=300))  # warm-up
     rows = []
     for _ in range(repeats):
         stats = asyncio.run(relay_once(address, text, route="qwen3-4b-geometry", max_new_tokens=2, timeout=300))
         latency = {l.stage: l.seconds for l in stats.latencies}
-        rows.append({"raw_mb": stats.raw_bytes / 1e6, "sender_encode_ms": 1e3 * latency["encode"],
+        rows.append({"transport": transport, "used": "/".join(h.transport for h in stats.hops), "codec": stats.codec,
+                     "raw_mb": stats.raw_bytes / 1e6, "handoff_ms": 1e3 * latency["kv_handoff"],
+                     "sender_encode_ms": 1e3 * latency["encode"], "transform_ms": 1e3 * latency.get("transform", 0.0),
                      "receiver_transfer_ms": 1e3 * latency["transfer"],
                      "layer0_before_last_chunk_ms": 1e3 * (stats.sender_last_chunk_unix - stats.receiver_layer0_unix)})
     return rows
+
+
+def render_handoff(rows: list[dict]) -> str:
+    lines = [f"{'transport':14s} {'hops used':>11s} {'codec':>9s} {'raw MB':>7s} {'handoff ms':>10s} {'encode ms':>9s} "
+             f"{'transform ms':>12s} {'rcv transfer ms':>15s} {'layer0 before last chunk ms':>27s}"]
+    lines += [f"{r['transport']:14s} {r['used']:>11s} {r['codec']:>9s} {r['raw_mb']:7.1f} {r['handoff_ms']:10.1f} "
+              f"{r['sender_encode_ms']:9.1f} {r['transform_ms']:12.1f} {r['receiver_transfer_ms']:15.1f} "
+              f"{r['layer0_before_last_chunk_ms']:27.1f}" for r in rows]
+    return "\n".join(lines)
 
 
 def long_text(tokens: int) -> str:
@@ -263,47 +401,119 @@ def long_text(tokens: int) -> str:
     return " ".join(words[: tokens - 1])
 
 
-def temporary_route_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="densecomm-bench-"))
+# ---- 5: the targets ----------------------------------------------------------------------------------
 
 
-HANDOFF_CODECS = ("raw", "lossless")
+@dataclass(frozen=True)
+class Target:
+    """One of issue 11's targets: the measured value against its limit (None: reported only / not measured)."""
+
+    name: str
+    value: float | None
+    unit: str
+    limit: float | None = None
+    higher_is_better: bool = True
+    note: str = ""
+
+    @property
+    def status(self) -> str:
+        if self.value is None:
+            return "not measured"
+        if self.limit is None:
+            return "reported"
+        met = self.value >= self.limit if self.higher_is_better else self.value <= self.limit
+        return "ok" if met else "missed"
 
 
-def handoff_table(routes: list[dict], text: str, repeats: int, no_ray: bool, chunk_tokens: int = 0,
-                  codecs: tuple[str, ...] = HANDOFF_CODECS) -> list[dict]:
-    """The KV hand-off on the Qwen3-4B-geometry route with each hop transport, measured in one run: from the
-    end of the sender's prefill to the receiver holding the whole cache in its model's space, through both
-    hops (the receiver's ``kv_handoff`` stage). One stack with ``hop_transport = "bytes"``, then one with
-    ``"auto"`` (the same-node shortcut: every service of the stack is on this node); best and median of
-    ``repeats`` after one warm-up call per codec."""
-    from services.client import relay_once
-    from services.config import load_config
+def targets(report: dict) -> list[Target]:
+    """The targets from one run's report (the ``run`` dict)."""
+    hop = {(r["path"], r["codec"]): r for r in report["hop"]}
+    raw = hop[("gRPC hop, encode+verify+decode", "raw")]
+    lossless = hop[("gRPC hop, encode+verify+decode", "lossless")]
+    handoff = {}
+    for row in report["handoff"]:
+        handoff.setdefault(row["transport"], []).append(row["handoff_ms"])
+    bytes_ms = statistics.median(handoff["bytes"]) if handoff.get("bytes") else None
+    shm_ms = statistics.median(handoff[SAME_NODE_TRANSPORT]) if handoff.get(SAME_NODE_TRANSPORT) else None
+    c1 = next(r for r in report["latency"] if r["concurrency"] == 1)
+    c16 = next((r for r in report["latency"] if r["concurrency"] == 16), None)
+    in_process = report["in_process"]["p50_ms"]
+    raw_mb = report["handoff"][0]["raw_mb"] if report["handoff"] else 0.0
+    return [
+        Target("raw gRPC hop, encode+verify+decode / bare stream", raw["ratio"], "x", 0.80,
+               note=f"{raw['mb_s']:.0f} vs {raw['mb_s'] / raw['ratio']:.0f} MB/s"),
+        Target("lossless hop, raw KV throughput", lossless["mb_s"], "MB/s", 800.0),
+        Target(f"{raw_mb:.1f} MB relay, prefill end -> receiver holds it (bytes)", bytes_ms, "ms", 150.0, False,
+               note=f"median of {len(handoff.get('bytes', []))}, lossless, both hops"),
+        Target("the same through the same-node shortcut", shm_ms, "ms", 40.0, False,
+               note="" if shm_ms is not None else f"no {SAME_NODE_TRANSPORT!r} transport in this build"),
+        Target("service overhead: Relay p50 (c=1) - in-process", c1["p50_ms"] - in_process, "ms", 20.0, False,
+               note=f"Relay {c1['p50_ms']:.1f} ms, in-process DenseRelay {in_process:.1f} ms"),
+        Target("Relay throughput at concurrency 16", c16["requests_per_s"] if c16 else None, "req/s"),
+    ]
+
+
+def render_targets(rows: list[Target]) -> str:
+    lines = [f"{'target':52s} {'value':>9s} {'limit':>10s} {'status':>12s}  note"]
+    for t in rows:
+        value = "-" if t.value is None else f"{t.value:.2f}" if t.unit == "x" else f"{t.value:.1f}"
+        limit = "-" if t.limit is None else f"{'>=' if t.higher_is_better else '<='} {t.limit:g}"
+        lines.append(f"{t.name:52s} {value:>9s} {limit:>10s} {t.status:>12s}  {t.unit}{'; ' + t.note if t.note else ''}")
+    return "\n".join(lines)
+
+
+# ---- the whole run ------------------------------------------------------------------------------------
+
+
+def run(repeats: int, workers: int, tokens: int, requests: int, no_ray: bool, chunk_tokens: int = 0,
+        frame_bytes: int | None = None) -> dict:
+    """Every table of the bench in one run (the CLI renders it). ``frame_bytes`` None: the services'
+    default; the hop table uses the same value."""
+    from services.bench import codec as bench_codec
+    from services.config import ServeConfig, load_config, zoo_route
     from services.stack import LocalStack, RayStack
 
-    rows = []
-    for hop_transport in ("bytes", "auto"):
-        config = load_config(None, relay_port=0, routes=routes, chunk_tokens=chunk_tokens, hop_transport=hop_transport)
-        with (LocalStack(config) if no_ray else RayStack(config)) as stack:
-            for codec in codecs:
-                samples = []
-                for _ in range(repeats + 1):  # the first call warms the pools and the channels
-                    stats = asyncio.run(relay_once(stack.relay_address, text, route="qwen3-4b-geometry", codec=codec,
-                                                   max_new_tokens=1, timeout=300))
-                    stages = {l.stage: l.seconds for l in stats.latencies}
-                    samples.append({k: 1e3 * stages.get(k, 0.0) for k in ("kv_handoff", "encode", "transform", "decode")})
-                samples = samples[1:]
-                handoff = sorted(s["kv_handoff"] for s in samples)
-                rows.append({"hop_transport": hop_transport, "transports": "/".join(h.transport for h in stats.hops),
-                             "codec": codec, "raw_mb": stats.raw_bytes / 1e6, "handoff_ms_best": handoff[0],
-                             "handoff_ms_median": statistics.median(handoff),
-                             **{f"{k}_ms": statistics.median(s[k] for s in samples) for k in ("encode", "transform", "decode")}})
-    return rows
+    frame_bytes = frame_bytes or ServeConfig().frame_bytes
+    report: dict = {"frame_bytes": frame_bytes, "hosting": "local gRPC stack" if no_ray else "Ray actors"}
+    cache = bench_codec.qwen3_4b_geometry_cache(tokens)
+    report["raw_mb"] = cache.nbytes / 1e6
+    report["ceiling"] = ceiling_table(cache.nbytes, repeats)
+    report["hop"] = hop_table(cache, repeats, workers, frame_bytes)
+    report["in_process"] = in_process_table(requests)
+    root = Path(tempfile.mkdtemp(prefix="densecomm-bench-"))
+    report["handoff"] = []
+    try:
+        big = qwen3_4b_route(root)
+        for i, (transport, overrides) in enumerate(HANDOFF_TRANSPORTS.items()):
+            config = load_config(None, relay_port=0, routes=[zoo_route().__dict__, big], chunk_tokens=chunk_tokens,
+                                 frame_bytes=frame_bytes, **overrides)
+            with (LocalStack(config) if no_ray else RayStack(config)) as stack:
+                if i == 0:  # the zoo latency on the default transport
+                    report["latency"] = latency_table(stack.relay_address, requests)
+                report["handoff"] += handoff_table(stack.relay_address, long_text(tokens), repeats, transport)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    report["targets"] = [t.__dict__ | {"status": t.status} for t in targets(report)]
+    return report
 
 
-def render_handoff(rows: list[dict]) -> str:
-    lines = [f"{'hop_transport':>13s} {'hops used':>17s} {'codec':>9s} {'raw MB':>7s} {'handoff ms best':>16s} {'median':>7s}"
-             f" {'encode ms':>9s} {'transform ms':>12s} {'decode ms':>9s}"]
-    lines += [f"{r['hop_transport']:>13s} {r['transports']:>17s} {r['codec']:>9s} {r['raw_mb']:7.1f} {r['handoff_ms_best']:16.1f}"
-              f" {r['handoff_ms_median']:7.1f} {r['encode_ms']:9.1f} {r['transform_ms']:12.1f} {r['decode_ms']:9.1f}" for r in rows]
-    return "\n".join(lines)
+def render(report: dict, repeats: int, requests: int, tokens: int) -> str:
+    out = [f"1-2. one loopback gRPC hop, {report['raw_mb']:.1f} MB Qwen3-4B-geometry cache (MB/s of raw KV, best of "
+           f"{repeats}; frame_bytes {report['frame_bytes'] // 1024} KiB)\n", render_hop(report["hop"], report["ceiling"])]
+    best = best_message_bytes(report["ceiling"])
+    out.append(f"\nbest bare message size this run: {best // 1024} KiB; the hops ran with frame_bytes "
+               f"{report['frame_bytes'] // 1024} KiB (services.config.ServeConfig.frame_bytes)")
+    out.append(f"\n3. Relay end to end on the zoo ({report['hosting']}, {requests} requests per level, lossless codec, "
+               f"{MAX_NEW_TOKENS} new tokens)\n")
+    out.append(f"{'concurrency':>11s} {'p50 ms':>8s} {'p99 ms':>8s} {'mean ms':>8s} {'req/s':>7s}")
+    out += [f"{r['concurrency']:11d} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {r['mean_ms']:8.1f} {r['requests_per_s']:7.1f}"
+            for r in report["latency"]]
+    p = report["in_process"]
+    out.append(f"{'in-process':>11s} {p['p50_ms']:8.1f} {'':8s} {p['mean_ms']:8.1f}      (DenseRelay, same requests, "
+               f"lossless round trip per hop)")
+    out.append(f"\n4. KV handoff on a Qwen3-4B-geometry route ({tokens} tokens, both hops; every call; lossless unless "
+               f"the row names another codec; 'hops used' is what each hop reported)\n")
+    out.append(render_handoff(report["handoff"]))
+    out.append("\n5. targets (issue 11)\n")
+    out.append(render_targets([Target(**{k: v for k, v in t.items() if k != "status"}) for t in report["targets"]]))
+    return "\n".join(out)

@@ -1,5 +1,6 @@
-"""`densecomm bench relay`'s hop table on a tiny cache: the bare byte-stream ceiling is measured in the same run
-and every hop figure is printed as a ratio to it (a command's output format, not a timing assertion)."""
+"""`densecomm bench relay`'s tables on a tiny cache: the bare byte-stream ceiling is measured in the same run, every
+hop figure is printed as a ratio to it, and the targets are marked ok / missed / not measured (a command's output
+format, not a timing assertion)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from densecomm_core.cache import KVCache
+from services.bench import hop_profile
 from services.bench import relay as bench
 
 
@@ -19,14 +21,50 @@ def tiny_cache(layers: int = 3, tokens: int = 16) -> KVCache:
 
 def test_hop_rows_are_ratios_to_the_bare_stream_of_the_same_run():
     cache = tiny_cache()
-    rows = bench.hop_table(cache, repeats=1, workers=1)
+    rows = bench.hop_table(cache, repeats=1, workers=1, frame_bytes=1024)
     ceilings = bench.ceiling_table(cache.nbytes, repeats=1, sizes=(1024, 4096))
     bare = next(r for r in rows if r["path"].startswith("bare gRPC bytes"))
     assert bare["ratio"] == pytest.approx(1.0)
     for row in rows:
         assert row["mb_s"] > 0 and row["ratio"] == pytest.approx(row["mb_s"] / bare["mb_s"])
     assert {r["codec"] for r in rows} >= {"raw", "lossless"} and len(ceilings) == 2
+    assert sum(c["best"] for c in ceilings) == 1 and bench.best_message_bytes(ceilings) in (1024, 4096)
+    raw_hop = next(r for r in rows if r["path"] == "gRPC hop, encode+verify+decode" and r["codec"] == "raw")
+    assert raw_hop["message_kb"] == pytest.approx(bare["message_kb"])  # the ceiling has the hop's own message size
+    assert any("protobuf" in r["path"] for r in rows)  # the previous framing, measured beside the raw one
     text = bench.render_hop(rows, ceilings)
-    assert "x bare" in text and f"{bare['ratio']:7.2f}".strip() == "1.00"
+    assert "x bare" in text and f"{bare['ratio']:7.2f}".strip() == "1.00" and "<- best" in text
     lines = text.splitlines()
     assert all(f"{r['ratio']:7.2f}" in line for r, line in zip(rows, lines[1:]))
+
+
+def fake_report(raw_ratio: float, lossless_mb_s: float, handoff: dict[str, list[float]], p50: float, in_process: float) -> dict:
+    hop = [{"path": "gRPC hop, encode+verify+decode", "codec": "raw", "mb_s": 1000.0 * raw_ratio, "ratio": raw_ratio},
+           {"path": "gRPC hop, encode+verify+decode", "codec": "lossless", "mb_s": lossless_mb_s, "ratio": lossless_mb_s / 1000}]
+    rows = [{"transport": t, "raw_mb": 26.5, "handoff_ms": ms} for t, values in handoff.items() for ms in values]
+    latency = [{"concurrency": 1, "p50_ms": p50, "requests_per_s": 10.0}, {"concurrency": 16, "p50_ms": 3 * p50, "requests_per_s": 33.0}]
+    return {"hop": hop, "handoff": rows, "latency": latency, "in_process": {"p50_ms": in_process}}
+
+
+def test_targets_are_marked_ok_missed_or_not_measured():
+    good = {t.name: t for t in bench.targets(fake_report(0.85, 900.0, {"bytes": [120.0, 140.0, 400.0], "shm": [30.0]}, 60.0, 45.0))}
+    statuses = [t.status for t in good.values()]
+    assert statuses == ["ok", "ok", "ok", "ok", "ok", "reported"]
+    handoff = next(t for t in good.values() if "receiver holds" in t.name)
+    assert handoff.value == pytest.approx(140.0) and "26.5 MB" in handoff.name  # the median of the calls
+    overhead = next(t for t in good.values() if "overhead" in t.name)
+    assert overhead.value == pytest.approx(15.0) and "Relay 60.0 ms" in overhead.note and "45.0 ms" in overhead.note
+    bad = bench.targets(fake_report(0.5, 300.0, {"bytes": [600.0]}, 90.0, 45.0))
+    assert [t.status for t in bad] == ["missed", "missed", "missed", "not measured", "missed", "reported"]
+    text = bench.render_targets(bad)
+    assert text.count("missed") == 4 and "not measured" in text and "no 'shm' transport" in text and "<= 150" in text
+
+
+def test_profile_stages_explain_the_hop():
+    rows = hop_profile.stage_table(tiny_cache(), "raw", {}, frame_bytes=600, workers=1, repeats=1)
+    stages = {r["stage"] for r in rows}
+    assert {"encode: codec", "decode: verify checksums (xxh3)", "gRPC core + syscalls (bare stream, same messages)",
+            "decode: header, order checks, placement"} <= stages
+    assert all(r["seconds"] >= 0 for r in rows) and rows[0]["messages"] >= 2
+    text = hop_profile.render_stages("raw", rows)
+    assert "gap to the bare stream" in text and "% of hop" in text

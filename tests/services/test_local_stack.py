@@ -173,25 +173,30 @@ def test_unspecified_mode_and_unknown_route(stack):
     assert status_of(stack.relay_address, build_request(EXAMPLES[0].context)) == grpc.StatusCode.OK  # still serving
 
 
-def kv_stream(frames, request):
+def kv_stream(frames, request, raw=False):
+    """The setup, then each frame in a KVMessage (the generated stubs' framing) or as the message itself (raw)."""
     from services.servicers import kv_pb2
 
     yield kv_pb2.KVMessage(setup=kv_pb2.HopSetup(request_id="t", request=request))
     for frame in frames:
-        yield kv_pb2.KVMessage(frame=kv_pb2.KVFrame(frame=frame))
+        yield frame if raw else kv_pb2.KVMessage(frame=kv_pb2.KVFrame(frame=frame))
 
 
-async def call_direct(address, method, messages):
+async def call_direct(address, method, messages, raw=False):
+    from services import kvstream
     from services.servicers import kv_pb2_grpc
 
     async with grpc.aio.insecure_channel(address) as channel:
-        stub = (kv_pb2_grpc.AdapterStub if method == "Transform" else kv_pb2_grpc.ReceiverStub)(channel)
+        if raw:
+            stub = (kvstream.ADAPTER if method == "Transform" else kvstream.RECEIVER).stub(channel)
+        else:
+            stub = (kv_pb2_grpc.AdapterStub if method == "Transform" else kv_pb2_grpc.ReceiverStub)(channel)
         return [e async for e in getattr(stub, method)(messages, timeout=30)]
 
 
-def direct_status(address, method, frames, request) -> tuple[grpc.StatusCode, str]:
+def direct_status(address, method, frames, request, raw=False) -> tuple[grpc.StatusCode, str]:
     try:
-        run(call_direct(address, method, kv_stream(frames, request)))
+        run(call_direct(address, method, kv_stream(frames, request, raw), raw))
     except grpc.aio.AioRpcError as exc:
         return exc.code(), exc.details()
     return grpc.StatusCode.OK, ""
@@ -205,18 +210,26 @@ def test_cache_from_another_model_is_a_failed_precondition(stack, zoo_pair, tiny
     assert code == grpc.StatusCode.FAILED_PRECONDITION and sender.geometry.fingerprint() in details
 
 
-def test_corrupted_or_missing_chunks_are_data_loss(stack, zoo_pair, zoo_adapter):
+@pytest.mark.parametrize("raw", [False, True], ids=["protobuf-framing", "raw-framing"])
+def test_corrupted_or_missing_chunks_are_data_loss(stack, zoo_pair, zoo_adapter, raw):
     relay = DenseRelay(*zoo_pair, zoo_adapter)
     frames = list(iter_encode(relay.transfer([EXAMPLES[0].context]), get_codec("lossless"), chunk_tokens=4))
     request = build_request(EXAMPLES[0].context)
     receiver = stack.hosts["receiver"].address
     flipped = bytearray(frames[3])
     flipped[-1] ^= 0x40
-    assert direct_status(receiver, "Generate", frames[:3] + [bytes(flipped)] + frames[4:], request)[0] == grpc.StatusCode.DATA_LOSS
-    code, details = direct_status(receiver, "Generate", frames[:-2], request)
+    assert direct_status(receiver, "Generate", frames[:3] + [bytes(flipped)] + frames[4:], request, raw)[0] == grpc.StatusCode.DATA_LOSS
+    code, details = direct_status(receiver, "Generate", frames[:-2], request, raw)
     assert code == grpc.StatusCode.DATA_LOSS and "missing" in details
-    assert direct_status(receiver, "Generate", frames[:1] + frames[2:], request)[0] == grpc.StatusCode.DATA_LOSS  # out of order
-    assert direct_status(receiver, "Generate", frames, request)[0] == grpc.StatusCode.OK  # and it still serves
+    assert direct_status(receiver, "Generate", frames[:1] + frames[2:], request, raw)[0] == grpc.StatusCode.DATA_LOSS  # out of order
+    if raw:  # a frame whose first byte went wrong is no longer recognisable as a frame
+        lead = bytearray(frames[3])
+        lead[0] ^= 0xFF
+        code, details = direct_status(receiver, "Generate", frames[:3] + [bytes(lead)] + frames[4:], request, raw)
+        assert code == grpc.StatusCode.DATA_LOSS and "neither wire frames nor a KVMessage" in details
+        joined = [frames[0], b"".join(frames[1:4]), *frames[4:]]  # several frames in one message
+        assert direct_status(receiver, "Generate", joined, request, raw)[0] == grpc.StatusCode.OK
+    assert direct_status(receiver, "Generate", frames, request, raw)[0] == grpc.StatusCode.OK  # and it still serves
 
 
 def test_payload_over_the_limit_is_resource_exhausted(random_route):

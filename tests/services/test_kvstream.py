@@ -1,0 +1,90 @@
+"""services.kvstream's raw framing and the servicers' frame pair (send_frame / read_frames), without a stack."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from densecomm_core.cache import KVCache
+from densecomm_core.codec import get_codec
+from densecomm_core.codec.base import DataLossError
+from densecomm_core.hop import HopDecoder, HopEncoder, pack_frames
+from services import kvstream
+from services.errors import RequestError
+from services.servicers import ahead, kv_pb2, read_frames, send_frame
+
+
+def tiny_cache(layers: int = 3, tokens: int = 16) -> KVCache:
+    g = torch.Generator().manual_seed(0)
+    keys = [torch.randn(1, 2, tokens, 8, generator=g).to(torch.bfloat16) for _ in range(layers)]
+    values = [torch.randn(1, 2, tokens, 8, generator=g).to(torch.bfloat16) for _ in range(layers)]
+    return KVCache(keys, values, torch.ones(1, tokens, dtype=torch.bool), torch.arange(tokens)[None], True, "tiny")
+
+
+async def collect(messages: list, transport: str = "bytes") -> tuple[list, list]:
+    async def stream():
+        for message in messages:  # as gRPC hands them to the servicer: through the request deserializer
+            yield kvstream.deserialize(kvstream.serialize(message))
+
+    done: list = []
+    frames = [bytes(f) async for f in read_frames(stream(), done.append, transport)]
+    return frames, done
+
+
+def test_frames_travel_as_the_messages_and_protobuf_wrapped_frames_still_read():
+    cache = tiny_cache()
+    frames = list(HopEncoder(get_codec("lossless"), frame_bytes=600).frames(cache))
+    messages = [send_frame(m) for m in pack_frames(frames, 600)]
+    assert len(messages) < len(frames)  # some messages carry several frames
+    assert all(kvstream.serialize(m) is m for m in messages)  # no copy, no protobuf around a frame
+    wrapped = [kv_pb2.KVMessage(frame=kv_pb2.KVFrame(frame=f)) for f in HopEncoder(get_codec("lossless")).frames(cache)]
+    done = kv_pb2.KVMessage(done=kv_pb2.StreamDone(prefill_tokens=7))
+    for stream in (messages, wrapped):
+        frames, notes = asyncio.run(collect([*stream, done]))
+        assert [n.prefill_tokens for n in notes] == [7]
+        decoder = HopDecoder()
+        for frame in frames:
+            decoder.feed(frame)
+        out = decoder.finish()
+        assert all(torch.equal(a, b) for a, b in zip(out.keys + out.values, cache.keys + cache.values))
+
+
+def test_a_message_that_is_neither_frames_nor_a_kvmessage_is_data_loss():
+    garbage = b"\x00\xff" * 40  # e.g. a frame whose first byte was flipped
+    assert isinstance(kvstream.deserialize(garbage), kvstream.Unreadable)
+    assert isinstance(kvstream.deserialize(b"\x12\x03abc"), kvstream.Unreadable)  # a KVFrame that does not parse
+    with pytest.raises(DataLossError, match="neither wire frames nor a KVMessage"):
+        asyncio.run(collect([garbage]))
+    with pytest.raises(RequestError, match="unexpected setup"):
+        asyncio.run(collect([kv_pb2.KVMessage(setup=kv_pb2.HopSetup(request_id="again"))]))
+    with pytest.raises(RequestError, match="frame transport 'carrier-pigeon'"):
+        send_frame(b"DCCH", "carrier-pigeon")
+    with pytest.raises(RequestError, match="frame transport"):
+        asyncio.run(collect([], "carrier-pigeon"))
+
+
+def test_ahead_joins_only_frames_that_are_ready():
+    """A slow consumer (sending is the bottleneck) gets ready frames joined up to frame_bytes; a slow producer's
+    frames each leave as soon as they are computed, never held back for a later one."""
+    import time
+
+    frames = [bytes([0x44]) * n for n in (10, 20, 30, 40, 50, 5)]
+
+    async def consume(iterator, consumer_delay: float) -> list[bytes]:
+        out = []
+        async for message in ahead(iterator, depth=8, frame_bytes=64):
+            out.append(message)
+            await asyncio.sleep(consumer_delay)
+        return out
+
+    def slow(items):
+        for item in items:
+            time.sleep(0.02)
+            yield item
+
+    behind = asyncio.run(consume(iter(frames), 0.05))
+    assert b"".join(behind) == b"".join(frames) and len(behind) < len(frames)
+    assert all(len(m) <= 64 or m in frames for m in behind)
+    assert asyncio.run(consume(slow(frames), 0.0)) == frames
