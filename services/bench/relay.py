@@ -235,18 +235,15 @@ def hop_table(cache: KVCache, repeats: int, workers: int, frame_bytes: int) -> l
     if shm.available():  # the same-node shortcut: references in the stream, frames in shared memory
         paths += [("shm hop, encode+verify+decode", label, name, params, True, "shm")
                   for label, name, params in HOP_CODECS[:2]]
-    ceilings: dict[int, float] = {}
     for path, label, name, params, decode, framing in paths:
         via = "shm" if framing == "shm" else "bytes"
         run = min((asyncio.run(one_hop(cache, name, params, decode, workers, frame_bytes, framing, via)) for _ in range(repeats)),
                   key=lambda r: r.seconds)
-        message = max(1, run.wire_bytes // max(run.messages, 1))
-        if label == "raw" and via == "bytes" and message not in ceilings:  # the ceiling of the raw hops: their own message size
-            ceilings[message] = bare_mb_s(raw, message, repeats)
         rows.append({"path": path, "codec": label, "wire_mb": run.wire_bytes / 1e6, "mb_s": raw / run.seconds / 1e6,
-                     "message_kb": message / 1024})
-    message = next(iter(ceilings))
-    ceiling = ceilings[message]
+                     "message_kb": run.wire_bytes / max(run.messages, 1) / 1024})
+    # the ceiling: the same bytes in messages of the raw encode+verify+decode hop's own mean size
+    message = max(1, round(next(r for r in rows if r["path"] == paths[1][0] and r["codec"] == "raw")["message_kb"] * 1024))
+    ceiling = bare_mb_s(raw, message, repeats)
     rows.insert(1, {"path": f"bare gRPC bytes, {message / 1024:.0f} KiB msgs", "codec": "-", "wire_mb": raw / 1e6,
                     "mb_s": ceiling, "message_kb": message / 1024})
     for row in rows:
