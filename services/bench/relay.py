@@ -116,6 +116,7 @@ class HopRun:
     seconds: float
     wire_bytes: int
     messages: int
+    transport: str = "bytes"  # what the frames used ("shm": the same-node shortcut; a small message stays bytes)
 
 
 async def one_hop(cache: KVCache, codec_name: str, params: dict, decode: bool, workers: int, frame_bytes: int,
@@ -162,9 +163,7 @@ async def one_hop(cache: KVCache, codec_name: str, params: dict, decode: bool, w
                 events = [e async for e in call]
             finally:
                 link.close()
-            if transport == "shm" and link.transport != "shm":
-                raise RuntimeError(f"the shm hop ran on {link.transport!r} ({link.reason or 'pool full'})")
-            return HopRun(time.perf_counter() - started, events[-1].stats.wire_bytes, sent[0])
+            return HopRun(time.perf_counter() - started, events[-1].stats.wire_bytes, sent[0], link.transport)
     finally:
         await server.stop(0)
 
@@ -239,6 +238,8 @@ def hop_table(cache: KVCache, repeats: int, workers: int, frame_bytes: int) -> l
         via = "shm" if framing == "shm" else "bytes"
         run = min((asyncio.run(one_hop(cache, name, params, decode, workers, frame_bytes, framing, via)) for _ in range(repeats)),
                   key=lambda r: r.seconds)
+        if via == "shm" and run.transport != "shm":
+            path += f" (went as {run.transport})"
         rows.append({"path": path, "codec": label, "wire_mb": run.wire_bytes / 1e6, "mb_s": raw / run.seconds / 1e6,
                      "message_kb": run.wire_bytes / max(run.messages, 1) / 1024})
     # the ceiling: the same bytes in messages of the raw encode+verify+decode hop's own mean size
