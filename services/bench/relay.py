@@ -452,11 +452,11 @@ def targets(report: dict) -> list[Target]:
 
 
 def render_targets(rows: list[Target]) -> str:
-    lines = [f"{'target':52s} {'value':>9s} {'limit':>10s} {'status':>12s}  note"]
+    lines = [f"{'target':58s} {'value':>12s} {'limit':>8s} {'status':>12s}  note"]
     for t in rows:
-        value = "-" if t.value is None else f"{t.value:.2f}" if t.unit == "x" else f"{t.value:.1f}"
+        value = "-" if t.value is None else f"{t.value:.2f} {t.unit}" if t.unit == "x" else f"{t.value:.1f} {t.unit}"
         limit = "-" if t.limit is None else f"{'>=' if t.higher_is_better else '<='} {t.limit:g}"
-        lines.append(f"{t.name:52s} {value:>9s} {limit:>10s} {t.status:>12s}  {t.unit}{'; ' + t.note if t.note else ''}")
+        lines.append(f"{t.name:58s} {value:>12s} {limit:>8s} {t.status:>12s}  {t.note}".rstrip())
     return "\n".join(lines)
 
 

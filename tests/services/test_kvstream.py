@@ -35,8 +35,8 @@ async def collect(messages: list, transport: str = "bytes") -> tuple[list, list]
 
 def test_frames_travel_as_the_messages_and_protobuf_wrapped_frames_still_read():
     cache = tiny_cache()
-    frames = list(HopEncoder(get_codec("lossless"), frame_bytes=600).frames(cache))
-    messages = [send_frame(m) for m in pack_frames(frames, 600)]
+    frames = list(HopEncoder(get_codec("lossless"), frame_bytes=300).frames(cache))  # layers split into 4-token chunks
+    messages = [send_frame(m) for m in pack_frames(frames, 2000)]
     assert len(messages) < len(frames)  # some messages carry several frames
     assert all(kvstream.serialize(m) is m for m in messages)  # no copy, no protobuf around a frame
     wrapped = [kv_pb2.KVMessage(frame=kv_pb2.KVFrame(frame=f)) for f in HopEncoder(get_codec("lossless")).frames(cache)]
