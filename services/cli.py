@@ -173,6 +173,27 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_resume(args: argparse.Namespace) -> int:
+    from services.bench import resume as bench
+    from services.train.config import load_train_config
+
+    if not 0.0 < args.at < 1.0:
+        raise SystemExit(f"--at is a fraction of the run's steps in (0, 1), got {args.at}")
+    config = load_train_config(args.config, seed=args.seed)
+    out = Path(args.output_dir).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    if args.reference:
+        bench.check_reference(config, Path(args.reference))
+        reference = bench.summarize("uninterrupted", Path(args.reference), 0.0)
+    else:
+        reference = bench.run_reference(args.config, out / "uninterrupted", args.seed)
+    killed = bench.run_killed(args.config, config, out / "killed", args.seed, args.at, print)
+    print(f"\n{args.config}: {config.phase1.steps} + {config.phase2.steps} steps, seed {args.seed}, "
+          f"SIGKILL at {args.at:.0%} of them\n")
+    print(bench.render([reference, killed]))
+    return 0
+
+
 def cmd_bench_codec(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
@@ -430,6 +451,13 @@ def build_parser() -> argparse.ArgumentParser:
     train_bench.add_argument("--steps", type=int, default=100, help="steps per phase and worker count")
     train_bench.add_argument("--workers", default="1,2", help="worker counts to compare")
     train_bench.set_defaults(func=cmd_bench_train)
+    resume_bench = bench_sub.add_parser("resume", help="a training run SIGKILLed part way and --resumed vs an uninterrupted one")
+    resume_bench.add_argument("--config", default="zoo")
+    resume_bench.add_argument("--output-dir", required=True, help="holds the runs (uninterrupted/, killed/) and their logs")
+    resume_bench.add_argument("--at", type=float, default=0.5, help="fraction of all optimizer steps at which to kill")
+    resume_bench.add_argument("--seed", type=int, default=0)
+    resume_bench.add_argument("--reference", help="a finished run of the same config to compare with, instead of running one")
+    resume_bench.set_defaults(func=cmd_bench_resume)
     relay_bench = bench_sub.add_parser("relay", help="hop throughput vs a bare gRPC byte stream, Relay latency and overhead, KV handoff, targets")
     relay_bench.add_argument("--repeats", type=int, default=3)
     relay_bench.add_argument("--workers", type=int, default=2)

@@ -280,8 +280,10 @@ def _pair_geometry(config: TrainConfig):
 # ---- stage: finalize ---------------------------------------------------------------------------
 
 
-def _finalize_task(config_dict: dict, adapter_dir: str, out_dir: str, worker_gpu: bool) -> dict:
-    """Score the final adapter on validation and test (both regimes), fit its output basis, save it."""
+def _finalize_task(config_dict: dict, adapter_dir: str, out_dir: str, worker_gpu: bool, provenance: dict) -> dict:
+    """Score the final adapter on validation and test (both regimes), fit its output basis, and save it
+    once, its config recording the recipe, ``provenance["data_fingerprint"]`` and the metrics
+    (``provenance["metrics"]`` plus this stage's figures)."""
     import torch
 
     from densecomm_core.adapter import DenseAdapter
@@ -316,6 +318,8 @@ def _finalize_task(config_dict: dict, adapter_dir: str, out_dir: str, worker_gpu
     else:
         receiver_basis = None
     adapter.config.recipe = config_dict
+    adapter.config.data_fingerprint = provenance["data_fingerprint"]
+    adapter.config.metrics = provenance["metrics"] | {k: v for k, v in figures.items() if k != "basis"}
     adapter.save(out_dir)
     if receiver_basis is not None:
         receiver_basis.save(Path(out_dir) / BASIS_FILE)
@@ -325,23 +329,20 @@ def _finalize_task(config_dict: dict, adapter_dir: str, out_dir: str, worker_gpu
 def run_finalize(config: TrainConfig, state: RunState, splits: Splits) -> dict:
     import ray
 
-    from densecomm_core.adapter import DenseAdapter
-
     w = config.workers
     out = config.output_path / "adapter"
-    phase2 = state.data["stages"]["phase2"]
+    stages = state.data["stages"]
+    provenance = {
+        "data_fingerprint": "/".join(f"{k}:{v}" for k, v in splits.fingerprint().items()) + f"/traces:{stages['traces']['fingerprint']}",
+        "metrics": {
+            "phase1": stages["phase1"]["history"][-1:], "phase2": stages["phase2"]["history"][-1:],
+            "trace_counts": stages["traces"]["counts"],
+            "gates_by_phase": {p: _gates_of(stages[p]["history"]) for p in ("phase1", "phase2")},
+        },
+    }
     remote = ray.remote(num_cpus=w.cpus_per_worker * w.num_workers, num_gpus=w.gpus_per_worker if w.use_gpu else 0)(_finalize_task)
     started = time.perf_counter()
-    figures = ray.get(remote.remote(config.to_dict(), phase2["adapter"], str(out), w.use_gpu))
-    adapter = DenseAdapter.load(out)
-    stages = state.data["stages"]
-    adapter.config.data_fingerprint = "/".join(f"{k}:{v}" for k, v in splits.fingerprint().items()) + f"/traces:{stages['traces']['fingerprint']}"
-    adapter.config.metrics = {
-        "phase1": stages["phase1"]["history"][-1:], "phase2": stages["phase2"]["history"][-1:],
-        "trace_counts": stages["traces"]["counts"], **{k: v for k, v in figures.items() if k != "basis"},
-        "gates_by_phase": {p: _gates_of(stages[p]["history"]) for p in ("phase1", "phase2")},
-    }
-    adapter.save(out)  # the same weights; config now records data fingerprints and per-phase metrics
+    figures = ray.get(remote.remote(config.to_dict(), stages["phase2"]["adapter"], str(out), w.use_gpu, provenance))
     print(f"[finalize] adapter saved to {out} ({time.perf_counter() - started:.0f} s)", flush=True)
     for key, value in figures.items():
         if key.startswith(("validation", "test")):
