@@ -20,7 +20,7 @@ stats and metrics. Bases are passed in (a ``transform.KVBases``; None = the proc
 Frames sized for the transport: given ``frame_bytes`` (and no explicit ``chunk_tokens``), the encoder
 splits a layer into token ranges of at most ``frame_bytes`` raw bytes; ``pack_frames`` / ``join_messages``
 join consecutive frames into one message while it stays within ``frame_bytes`` (``wire.split_frames``
-cuts them apart again).
+cuts them apart again); ``group_messages`` gives the same messages as lists of buffers, unjoined.
 """
 
 from __future__ import annotations
@@ -169,18 +169,25 @@ class HopEncoder:
 def join_messages(frames: Iterable[list], frame_bytes: int | None) -> Iterator[bytes]:
     """Frames, each a list of buffers, -> transport messages: consecutive frames joined while a message
     stays within ``frame_bytes`` (each frame alone when None); ``wire.split_frames`` cuts them apart again."""
+    for parts in group_messages(frames, frame_bytes):
+        yield _joined(parts)
+
+
+def group_messages(frames: Iterable[list], frame_bytes: int | None) -> Iterator[list]:
+    """``join_messages`` before the join: each message as the list of its buffers (a transport that copies
+    them elsewhere anyway, a shared-memory slot, skips the join)."""
     limit = frame_bytes or 0
     pending: list = []
     size = 0
     for parts in frames:
         nbytes = sum(memoryview(p).nbytes for p in parts)
         if pending and size + nbytes > limit:
-            yield _joined(pending)
+            yield pending
             pending, size = [], 0
         pending += parts
         size += nbytes
     if pending:
-        yield _joined(pending)
+        yield pending
 
 
 def _joined(parts: list) -> bytes:

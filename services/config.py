@@ -86,6 +86,12 @@ class ServeConfig:
     max_message_bytes: int = 64 << 20  # gRPC send/receive limit per message (one frame)
     max_cache_bytes: int = 4 << 30  # KV bytes per request: the sender's estimate before prefill, every decoder
     hop_deadline_s: float = 120.0  # deadline of every internal call (never later than the client's own)
+    # How KV frames cross a hop (services/shm.py): "auto" = in shared memory when both ends are on one node
+    # (same boot id and IPC namespace, proved by a probe segment in the hop setup; the gRPC stream then
+    # carries references), else inside the gRPC messages; "bytes" = always inside the gRPC messages.
+    hop_transport: str = "auto"
+    shm_pool_bytes: int = 256 << 20  # shared memory a sending service keeps for frames in flight; beyond it, bytes
+    shm_min_bytes: int = 64 << 10  # smaller messages stay bytes even on the shortcut (a reference saves nothing)
     # --- limits, checked before any model work starts (services/limits.py); routes may lower them ---
     max_input_bytes: int = 256 << 10  # UTF-8 bytes of the input X (text or messages) -> INVALID_ARGUMENT
     max_input_tokens: int = 8192  # cap on X's tokens; the limit is the smaller of this and both models' windows
@@ -169,6 +175,12 @@ def load_config(path: str | Path | None = None, **overrides) -> ServeConfig:
             raise ConfigError(f"route {r.name!r}: dtype {r.dtype!r} must be float32, bfloat16 or float16")
         if r.on_cache_failure not in ("", "error", "text"):
             raise ConfigError(f"route {r.name!r}: on_cache_failure {r.on_cache_failure!r} must be 'error' or 'text'")
+    if config.hop_transport not in ("auto", "bytes"):
+        raise ConfigError(f"hop_transport {config.hop_transport!r} must be 'auto' or 'bytes'")
+    if config.shm_pool_bytes < 0:
+        raise ConfigError(f"shm_pool_bytes must be >= 0, got {config.shm_pool_bytes}")
+    if config.shm_min_bytes < 0:
+        raise ConfigError(f"shm_min_bytes must be >= 0, got {config.shm_min_bytes}")
     if config.on_cache_failure not in ("error", "text"):
         raise ConfigError(f"on_cache_failure {config.on_cache_failure!r} must be 'error' or 'text'")
     if config.frame_bytes > config.max_message_bytes:

@@ -29,7 +29,7 @@ import torch
 from densecomm_core.codec.base import DataLossError, DecodeLimits
 from densecomm_core.codec.wire import split_frames
 from densecomm_core.generation import GenerationConfig
-from densecomm_core.hop import HopDecoder, HopEncoder, HopReport, pack_frames
+from densecomm_core.hop import HopDecoder, HopEncoder, HopReport, group_messages
 from densecomm_core.relay import (
     ContextMode,
     PromptFormat,
@@ -37,7 +37,7 @@ from densecomm_core.relay import (
     sender_prefill,
 )
 from densecomm_core.streaming import StreamingAdapter
-from services import kvstream, limits, protos, runtime, security
+from services import kvstream, limits, protos, runtime, security, shm, transport
 from services.config import ServeConfig
 from services.errors import DownstreamError, RequestError, RouteNotFound, status_for
 from services.metrics import ServiceMetrics
@@ -268,25 +268,33 @@ async def read_setup(messages):
 
 
 # ---- the one place frames meet the gRPC stream (services.kvstream says how they are framed) ----------
-TRANSPORTS = ("bytes",)  # how frames cross a hop: "bytes" = inside the gRPC messages themselves
+# How frames cross a hop: "bytes" = inside the gRPC messages themselves; "shm" = offered the same-node
+# shortcut (services.transport): once accepted, a message may be a reference to frames in shared memory.
+TRANSPORTS = ("bytes", "shm")
 
 
-def send_frame(frames: bytes, transport: str = "bytes") -> bytes:
-    """The KV stream message that carries ``frames`` (one wire frame, or several back to back) on
-    ``transport``. "bytes": the frames are the message (no protobuf around them)."""
-    if transport != "bytes":
-        raise RequestError(f"frame transport {transport!r} is not available here; expected one of {TRANSPORTS}")
-    return frames
+def send_frame(frames, link: transport.HopLink | None = None) -> bytes:
+    """The KV stream message that carries ``frames`` (one wire frame, or several back to back; bytes or a
+    list of buffers): the frames themselves (no protobuf around them), or on the same-node shortcut the
+    reference to the shared-memory slot they were copied into. Safe in a worker thread."""
+    return link.carry(frames) if link is not None else shm.join(frames)
 
 
-async def read_frames(messages, on_done, transport: str = "bytes"):
+async def read_frames(messages, on_done, transport_name: str = "bytes", reader: shm.ShmReader | None = None):
     """The wire frames of a KV stream after its setup message, in order (bytes or memoryviews into the
-    message, never copied), resolved from ``transport``; ``on_done(StreamDone)`` gets the upstream's note.
-    A message that is neither frames nor a KVMessage is DATA_LOSS; a second setup is INVALID_ARGUMENT."""
-    if transport != "bytes":
-        raise RequestError(f"frame transport {transport!r} is not available here; expected one of {TRANSPORTS}")
+    message or its shared-memory slot, never copied); ``on_done(StreamDone)`` gets the upstream's note.
+    A frame from a slot is released with ``reader.decoded(frame)`` once decoded. A message that is neither
+    frames, an accepted reference nor a KVMessage is DATA_LOSS; a second setup is INVALID_ARGUMENT."""
+    if transport_name not in TRANSPORTS:
+        raise RequestError(f"frame transport {transport_name!r} is not available here; expected one of {TRANSPORTS}")
     async for message in messages:
-        if isinstance(message, bytes):  # raw framing: the message is one or more frames
+        if isinstance(message, bytes):  # raw framing: the message is one or more frames, or a reference
+            if shm.is_reference(message):
+                if reader is None:
+                    raise DataLossError("a shared-memory reference arrived on a hop that did not accept the same-node shortcut")
+                for frame in reader.open(message):
+                    yield frame
+                continue
             for frame in split_frames(message):
                 yield frame
         elif isinstance(message, kvstream.Unreadable):
@@ -366,11 +374,12 @@ class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
         return cls(config, metrics, runtime.load_receiver_routes(config))
 
     async def Generate(self, request_iterator, context):
-        async for event in self.guarded(context, "-", self._generate(request_iterator), request_iterator):
+        async for event in self.guarded(context, "-", self._generate(request_iterator, context), request_iterator):
             yield event
 
-    async def _generate(self, messages):
+    async def _generate(self, messages, context=None):
         first = await read_setup(messages)
+        reader = await transport.accept(first.setup, context, self.config)  # the same-node shortcut's verdict
         request = first.setup.request
         name, route = pick(self.routes, request, self.config)
         receiver = route.model
@@ -384,14 +393,23 @@ class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
             if event is not None and event.layer == 0 and event.layer_complete:
                 layer0_unix[0] = time.time()
 
+        def feed(frame):
+            event = decoder.feed(frame)
+            if reader is not None:
+                reader.decoded(frame)  # its shared-memory slot may be reused
+            return event
+
         upstream: list = []  # the StreamDone the adapter forwards after its last frame
-        decoding = OverlappedDecode(decoder.feed, on_event)  # decode frame i while frame i+1 arrives
+        decoding = OverlappedDecode(feed, on_event)  # decode frame i while frame i+1 arrives
+        decoder.report.transport = "shm" if reader is not None else "bytes"
         try:
-            async for frame in read_frames(messages, upstream.append, first.setup.transport or "bytes"):
+            async for frame in read_frames(messages, upstream.append, first.setup.transport or "bytes", reader):
                 await decoding.submit(frame)
             await decoding.drain()
         finally:
             decoding.cancel()
+            if reader is not None:
+                reader.close()
         done = upstream[-1] if upstream else None
         # the receiver's space, RoPE, dtype and device
         cache = None if text_only else await asyncio.to_thread(decoder.finish)
@@ -462,6 +480,12 @@ class AdapterServicer(ServicerBase, kv_pb2_grpc.AdapterServicer):
     def __init__(self, config, metrics, routes: dict[str, runtime.AdapterRoute], receivers: Downstream) -> None:
         super().__init__(config, metrics, receivers)
         self.routes, self.receivers = routes, receivers
+        self.pool = transport.make_pool(config)  # shared-memory slots of the adapter -> receiver hop
+
+    async def close(self) -> None:
+        await super().close()
+        if self.pool is not None:
+            self.pool.close()
 
     @classmethod
     def build(cls, config: ServeConfig, metrics: ServiceMetrics, downstream: Downstream | None = None) -> AdapterServicer:
@@ -473,6 +497,7 @@ class AdapterServicer(ServicerBase, kv_pb2_grpc.AdapterServicer):
 
     async def _transform(self, messages, context=None):
         first = await read_setup(messages)
+        reader = await transport.accept(first.setup, context, self.config)  # the sender -> adapter hop's verdict
         request = first.setup.request
         _, route = pick(self.routes, request, self.config)
         codec = receiver_codec_for(request, self.config)
@@ -481,7 +506,15 @@ class AdapterServicer(ServicerBase, kv_pb2_grpc.AdapterServicer):
         outgoing: asyncio.Queue = asyncio.Queue()
         state = {"error": None}
 
-        transport = "bytes"  # the adapter -> receiver hop's carrier
+        link = transport.HopLink(self.pool)  # the adapter -> receiver hop's carrier
+        negotiated = asyncio.Event()  # the receiver's verdict is in: frames may be sent
+
+        def feed(frame) -> list:
+            """Transform one incoming frame (releasing its slot) and turn what it makes ready into messages."""
+            out = streaming.feed(frame)
+            if reader is not None:
+                reader.decoded(frame)
+            return [send_frame(parts, link) for parts in group_messages(([f] for f in out), self.config.frame_bytes)]
 
         async def pump() -> None:
             try:
@@ -492,13 +525,15 @@ class AdapterServicer(ServicerBase, kv_pb2_grpc.AdapterServicer):
                     upstream.append(note)
                     self.metrics.observe_hop_transfer("sender->adapter", time.perf_counter() - started)
 
-                async for frame in read_frames(messages, on_done, first.setup.transport or "bytes"):
-                    for message in pack_frames(await asyncio.to_thread(streaming.feed, frame), self.config.frame_bytes):
-                        await outgoing.put(send_frame(message, transport))
+                await negotiated.wait()
+                async for frame in read_frames(messages, on_done, first.setup.transport or "bytes", reader):
+                    for message in await asyncio.to_thread(feed, frame):
+                        await outgoing.put(message)
                 streaming.finish()
                 done = kv_pb2.StreamDone()
                 if upstream:
                     done.CopyFrom(upstream[-1])
+                streaming.output_report.transport = link.transport
                 done.hops.append(hop_bytes("adapter->receiver", streaming.output_report))
                 done.latencies.add(stage="transform", seconds=streaming.transform_seconds)
                 done.adapter_flops = float(route.flops_per_token * done.prefill_tokens)
@@ -511,10 +546,13 @@ class AdapterServicer(ServicerBase, kv_pb2_grpc.AdapterServicer):
                 await outgoing.put(None)
 
         async def forward():
-            setup = kv_pb2.HopSetup()
-            setup.CopyFrom(first.setup)
-            setup.transport = transport
+            setup = link.setup(first.setup)  # offers the same-node shortcut when this adapter has a pool
+            setup.transport = "shm" if setup.HasField("shm") else "bytes"
             yield kv_pb2.KVMessage(setup=setup)
+            try:
+                await link.negotiate(call)
+            finally:
+                negotiated.set()
             while (item := await outgoing.get()) is not None:
                 yield item
 
@@ -532,6 +570,10 @@ class AdapterServicer(ServicerBase, kv_pb2_grpc.AdapterServicer):
         except BaseException:  # our caller went away (cancelled): stop reading its stream too
             pump_task.cancel()
             raise
+        finally:
+            link.close()  # slots the receiver released go back to the pool, others are unlinked
+            if reader is not None:
+                reader.close()
         await asyncio.gather(pump_task, return_exceptions=True)
         if state["error"] is not None:
             raise state["error"]
@@ -543,6 +585,12 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
     def __init__(self, config, metrics, routes: dict[str, runtime.ModelRoute], adapters: Downstream) -> None:
         super().__init__(config, metrics, adapters)
         self.routes, self.adapters = routes, adapters
+        self.pool = transport.make_pool(config)  # shared-memory slots of the sender -> adapter hop
+
+    async def close(self) -> None:
+        await super().close()
+        if self.pool is not None:
+            self.pool.close()
 
     @classmethod
     def build(cls, config: ServeConfig, metrics: ServiceMetrics, downstream: Downstream | None = None) -> SenderServicer:
@@ -570,7 +618,7 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
         sender = route.model
         encoder = HopEncoder(codec_for(request.codec, self.config), route.bases, sender, self.config.chunk_tokens or None,
                              frame_bytes=self.config.frame_bytes)
-        transport = "bytes"  # the sender -> adapter hop's carrier
+        link = transport.HopLink(self.pool)  # the sender -> adapter hop's carrier
         limits.check_input_bytes(request, limits.RouteLimits.for_route(self.config, name))  # before rendering a huge X
         text = render_input(request, sender.tokenizer, FORMAT)
         self.check_limits(name, sender, request, text)
@@ -583,15 +631,21 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
         sender_flops = 2.0 * sender.non_embedding_params * tokens
 
         async def frames():
-            hop_setup = kv_pb2.HopSetup()
-            hop_setup.CopyFrom(setup)
-            hop_setup.transport = transport
+            hop_setup = link.setup(setup)  # offers the same-node shortcut when this sender has a pool
+            hop_setup.transport = "shm" if hop_setup.HasField("shm") else "bytes"
             yield kv_pb2.KVMessage(setup=hop_setup)
-            # the header, then chunk frames (layers split to frame_bytes); frame i+1 is encoded while i is sent,
-            # and frames that are ready together share a message of up to frame_bytes
-            async for message in ahead(itertools.chain([header], encoder.chunks()), AHEAD_FRAMES, self.config.frame_bytes):
-                yield send_frame(message, transport)
+            if await link.negotiate(call) == "shm":  # the adapter maps our slots: each frame goes by reference
+                # copied straight from the encoder's buffers into its slot, in the encoding thread
+                source = (send_frame(parts, link) for parts in itertools.chain([[header]], encoder.chunk_parts()))
+                messages = ahead(source, AHEAD_FRAMES)
+            else:
+                # the header, then chunk frames (layers split to frame_bytes); frame i+1 is encoded while i is sent,
+                # and frames that are ready together share a message of up to frame_bytes
+                messages = ahead(itertools.chain([header], encoder.chunks()), AHEAD_FRAMES, self.config.frame_bytes)
+            async for message in messages:
+                yield send_frame(message)
             report = encoder.report
+            report.transport = link.transport
             done = kv_pb2.StreamDone(last_chunk_unix=time.time(), prefill_tokens=tokens, sender_flops=sender_flops,
                                      hops=[hop_bytes("sender->adapter", report)], prefill_end_unix=prefill_end_unix)
             done.latencies.add(stage="prefill", seconds=prefill_s)
@@ -604,8 +658,11 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
             yield kv_pb2.KVMessage(done=done)
 
         call = (await self.adapters.stub()).Transform(frames(), timeout=hop_timeout(context, self.config))
-        async for event in relay_events(call):
-            yield event
+        try:
+            async for event in relay_events(call):
+                yield event
+        finally:
+            link.close()  # slots the adapter released go back to the pool, others are unlinked
 
 
 class RelayServicer(ServicerBase, relay_pb2_grpc.RelayServicer):

@@ -12,7 +12,7 @@ the KV handoff, and issue 11's targets (each ok / missed), all measured in one r
    ratio to the bare stream with the hop's own message size. MB/s are of raw KV.
 3. Relay latency on the embedded zoo at concurrency 1, 4 and 16 through the service stack, and the
    in-process ``DenseRelay`` (same requests, same lossless round trips) for the service overhead.
-4. KV handoff on a Qwen3-4B-geometry route (lossless, both hops): from the end of the sender's prefill
+4. KV handoff on a Qwen3-4B-geometry route (lossless, and raw on the shortcut; both hops): from the end of the sender's prefill
    until the receiver holds the whole cache, and layer 0 vs the last chunk; one row per frame transport
    (``HANDOFF_TRANSPORTS``).
 Every load loop is bounded in count and runs against loopback only.
@@ -37,7 +37,9 @@ import torch
 from densecomm_core.cache import KVCache
 from densecomm_core.codec import get_codec
 from densecomm_core.hop import HopDecoder, HopEncoder
-from services import kvstream, protos
+from services import kvstream, protos, shm
+from services import transport as hop_transport
+from services.config import ServeConfig
 from services.servicers import (
     AHEAD_FRAMES,
     OverlappedDecode,
@@ -59,8 +61,22 @@ CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_rec
 CEILING_SIZES = (64 << 10, 256 << 10, 512 << 10, 1 << 20, 2 << 20, 4 << 20)  # message sizes of the bare stream
 # The frame transports the handoff is measured on: name -> ServeConfig overrides that select it. A
 # transport added to the services adds its row here (the same-node target reads the "shm" row).
-HANDOFF_TRANSPORTS: dict[str, dict] = {"bytes": {}}
+HANDOFF_TRANSPORTS: dict[str, dict] = {"bytes": {"hop_transport": "bytes"}, "shm": {"hop_transport": "auto"},
+                                        "shm, raw codec": {"hop_transport": "auto", "default_codec": "raw"}}
 SAME_NODE_TRANSPORT = "shm"
+_POOL: list = []  # the bench's one shared-memory pool (warm across repeats, as a service's is)
+
+
+def bench_pool() -> shm.ShmPool:
+    if not _POOL:
+        _POOL.append(shm.ShmPool(ServeConfig().shm_pool_bytes, ServeConfig().shm_min_bytes))
+    return _POOL[0]
+
+
+def close_bench_pool() -> None:
+    """Unlink the bench pool's segments (a service's pool goes with its servicer's close)."""
+    while _POOL:
+        _POOL.pop().close()
 
 
 # ---- 1, 2: one hop vs the bare byte stream ------------------------------------------------------------
@@ -75,17 +91,27 @@ class SinkServicer:
 
     async def Generate(self, request_iterator, context):
         first = await read_setup(request_iterator)
+        reader = await hop_transport.accept(first.setup, context, ServeConfig())  # the same-node shortcut's verdict
         decoder = HopDecoder()
-        decoding = OverlappedDecode(decoder.feed)
+
+        def feed(frame):
+            event = decoder.feed(frame) if self.decode else None
+            if reader is not None:
+                reader.decoded(frame)
+            return event
+
+        decoding = OverlappedDecode(feed)
         wire = 0
         try:
-            async for frame in read_frames(request_iterator, lambda done: None, first.setup.transport or "bytes"):
+            async for frame in read_frames(request_iterator, lambda done: None, first.setup.transport or "bytes", reader):
                 wire += len(frame)
-                if self.decode:
+                if self.decode or reader is not None:
                     await decoding.submit(frame)
             await decoding.drain()
         finally:
             decoding.cancel()
+            if reader is not None:
+                reader.close()
         if self.decode:
             await asyncio.to_thread(decoder.finish)
         yield relay_pb2.RelayEvent(stats=relay_pb2.RelayStats(wire_bytes=wire))
@@ -96,12 +122,14 @@ class HopRun:
     seconds: float
     wire_bytes: int
     messages: int
+    transport: str = "bytes"  # what the frames used ("shm": the same-node shortcut; a small message stays bytes)
 
 
 async def one_hop(cache: KVCache, codec_name: str, params: dict, decode: bool, workers: int, frame_bytes: int,
                   framing: str = "raw", transport: str = "bytes") -> HopRun:
     """Encode -> loopback gRPC stream -> verify/decode of ``cache``, timed from the encoder's start.
-    ``framing``: "raw" (the services' framing) or "protobuf" (every frame in a KVMessage, the previous one)."""
+    ``framing``: "raw" (the services' framing) or "protobuf" (every frame in a KVMessage, the previous one);
+    ``transport``: "bytes", or "shm" (the same-node shortcut, negotiated as the services do)."""
     server = grpc.aio.server(futures.ThreadPoolExecutor(2), options=CHANNEL_OPTIONS)
     kvstream.RECEIVER.add_to_server(SinkServicer(decode), server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -112,14 +140,23 @@ async def one_hop(cache: KVCache, codec_name: str, params: dict, decode: bool, w
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
             stub = kvstream.RECEIVER.stub(channel)
 
+            link = hop_transport.HopLink(bench_pool() if transport == "shm" else None)
+
             async def messages():
-                yield kv_pb2.KVMessage(setup=kv_pb2.HopSetup(request_id="bench", transport=transport))
+                setup = link.setup(kv_pb2.HopSetup(request_id="bench"))
+                setup.transport = "shm" if setup.HasField("shm") else "bytes"
+                yield kv_pb2.KVMessage(setup=setup)
                 encoder = HopEncoder(codec, workers=workers, frame_bytes=frame_bytes)
                 header = await asyncio.to_thread(encoder.start, cache)
-                if framing == "raw":  # as the sender does
+                if await link.negotiate(call) == "shm":  # as the sender does on the shortcut
+                    source = (send_frame(parts, link) for parts in itertools.chain([[header]], encoder.chunk_parts()))
+                    async for message in ahead(source, AHEAD_FRAMES):
+                        sent[0] += 1
+                        yield message
+                elif framing == "raw":  # as the sender does
                     async for message in ahead(itertools.chain([header], encoder.chunks()), AHEAD_FRAMES, frame_bytes):
                         sent[0] += 1
-                        yield send_frame(message, transport)
+                        yield send_frame(message)
                 else:
                     yield kv_pb2.KVMessage(frame=kv_pb2.KVFrame(frame=header))
                     async for frame in ahead(encoder.chunks()):
@@ -127,8 +164,12 @@ async def one_hop(cache: KVCache, codec_name: str, params: dict, decode: bool, w
                         yield kv_pb2.KVMessage(frame=kv_pb2.KVFrame(frame=frame))
 
             started = time.perf_counter()
-            events = [e async for e in stub.Generate(messages(), timeout=300)]
-            return HopRun(time.perf_counter() - started, events[-1].stats.wire_bytes, sent[0])
+            call = stub.Generate(messages(), timeout=300)
+            try:
+                events = [e async for e in call]
+            finally:
+                link.close()
+            return HopRun(time.perf_counter() - started, events[-1].stats.wire_bytes, sent[0], link.transport)
     finally:
         await server.stop(0)
 
@@ -196,9 +237,22 @@ def hop_table(cache: KVCache, repeats: int, workers: int, frame_bytes: int) -> l
     paths = [("gRPC hop, no decode", "raw", "raw", {}, False, "raw")]
     paths += [("gRPC hop, encode+verify+decode", label, name, params, True, "raw") for label, name, params in HOP_CODECS]
     paths.insert(2, ("  same, protobuf KVMessage framing", "raw", "raw", {}, True, "protobuf"))
+    if shm.available():  # the same-node shortcut: references in the stream, frames in shared memory
+        paths += [("shm hop, encode+verify+decode", label, name, params, True, "shm")
+                  for label, name, params in HOP_CODECS[:2]]
+    runs = {}
+    try:
+        for path, label, name, params, decode, framing in paths:
+            via = "shm" if framing == "shm" else "bytes"
+            runs[path, label] = min((asyncio.run(one_hop(cache, name, params, decode, workers, frame_bytes, framing, via))
+                                     for _ in range(repeats)), key=lambda r: r.seconds)
+    finally:
+        close_bench_pool()
     for path, label, name, params, decode, framing in paths:
-        run = min((asyncio.run(one_hop(cache, name, params, decode, workers, frame_bytes, framing)) for _ in range(repeats)),
-                  key=lambda r: r.seconds)
+        via = "shm" if framing == "shm" else "bytes"
+        run = runs[path, label]
+        if via == "shm" and run.transport != "shm":
+            path += f" (went as {run.transport})"
         rows.append({"path": path, "codec": label, "wire_mb": run.wire_bytes / 1e6, "mb_s": raw / run.seconds / 1e6,
                      "message_kb": run.wire_bytes / max(run.messages, 1) / 1024})
     # the ceiling: the same bytes in messages of the raw encode+verify+decode hop's own mean size
@@ -343,7 +397,8 @@ def handoff_table(address: str, text: str, repeats: int, transport: str = "bytes
     for _ in range(repeats):
         stats = asyncio.run(relay_once(address, text, route="qwen3-4b-geometry", max_new_tokens=2, timeout=300))
         latency = {l.stage: l.seconds for l in stats.latencies}
-        rows.append({"transport": transport, "raw_mb": stats.raw_bytes / 1e6, "handoff_ms": 1e3 * latency["kv_handoff"],
+        rows.append({"transport": transport, "used": "/".join(h.transport for h in stats.hops), "codec": stats.codec,
+                     "raw_mb": stats.raw_bytes / 1e6, "handoff_ms": 1e3 * latency["kv_handoff"],
                      "sender_encode_ms": 1e3 * latency["encode"], "transform_ms": 1e3 * latency.get("transform", 0.0),
                      "receiver_transfer_ms": 1e3 * latency["transfer"],
                      "layer0_before_last_chunk_ms": 1e3 * (stats.sender_last_chunk_unix - stats.receiver_layer0_unix)})
@@ -351,9 +406,11 @@ def handoff_table(address: str, text: str, repeats: int, transport: str = "bytes
 
 
 def render_handoff(rows: list[dict]) -> str:
-    lines = [f"{'transport':9s} {'raw MB':>7s} {'handoff ms':>10s} {'encode ms':>9s} {'transform ms':>12s} "
-             f"{'rcv transfer ms':>15s} {'layer0 before last chunk ms':>27s}"]
-    lines += [f"{r['transport']:9s} {r['raw_mb']:7.1f} {r['handoff_ms']:10.1f} {r['sender_encode_ms']:9.1f} {r['transform_ms']:12.1f} "
+    # "- transform": the handoff without the adapter's RoPE + MLP compute (what transport and codecs cost)
+    lines = [f"{'transport':14s} {'hops used':>11s} {'codec':>9s} {'raw MB':>7s} {'handoff ms':>10s} {'- transform':>11s} "
+             f"{'encode ms':>9s} {'transform ms':>12s} {'rcv transfer ms':>15s} {'layer0 before last chunk ms':>27s}"]
+    lines += [f"{r['transport']:14s} {r['used']:>11s} {r['codec']:>9s} {r['raw_mb']:7.1f} {r['handoff_ms']:10.1f} "
+              f"{r['handoff_ms'] - r['transform_ms']:11.1f} {r['sender_encode_ms']:9.1f} {r['transform_ms']:12.1f} "
               f"{r['receiver_transfer_ms']:15.1f} {r['layer0_before_last_chunk_ms']:27.1f}" for r in rows]
     return "\n".join(lines)
 
@@ -477,7 +534,8 @@ def render(report: dict, repeats: int, requests: int, tokens: int) -> str:
     p = report["in_process"]
     out.append(f"{'in-process':>11s} {p['p50_ms']:8.1f} {'':8s} {p['mean_ms']:8.1f}      (DenseRelay, same requests one at a "
                f"time, lossless round trip per hop, {p['threads']} torch thread)")
-    out.append(f"\n4. KV handoff on a Qwen3-4B-geometry route ({tokens} tokens, lossless, both hops; every call)\n")
+    out.append(f"\n4. KV handoff on a Qwen3-4B-geometry route ({tokens} tokens, both hops; every call; lossless unless "
+               f"the row names another codec; 'hops used' is what each hop reported)\n")
     out.append(render_handoff(report["handoff"]))
     out.append("\n5. targets (issue 11)\n")
     out.append(render_targets([Target(**{k: v for k, v in t.items() if k != "status"}) for t in report["targets"]]))

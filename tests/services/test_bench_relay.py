@@ -68,3 +68,11 @@ def test_profile_stages_explain_the_hop():
     assert all(r["seconds"] >= 0 for r in rows) and rows[0]["messages"] >= 2
     text = hop_profile.render_stages("raw", rows)
     assert "gap to the bare stream" in text and "% of hop" in text
+
+
+def test_handoff_rows_say_what_each_hop_used_and_the_time_without_the_transform():
+    row = {"transport": "shm, raw codec", "used": "shm/shm", "codec": "raw", "raw_mb": 26.5, "handoff_ms": 50.0,
+           "sender_encode_ms": 5.0, "transform_ms": 30.0, "receiver_transfer_ms": 45.0, "layer0_before_last_chunk_ms": 1.0}
+    header, line = bench.render_handoff([row]).splitlines()
+    assert "hops used" in header and "- transform" in header
+    assert line.split()[3:7] == ["shm/shm", "raw", "26.5", "50.0"] and line.split()[7] == "20.0"

@@ -21,7 +21,7 @@ EXAMPLES = tasks.make_split("test", 1)
 def ray_stack(random_route):
     from services.stack import RayStack
 
-    with RayStack(stack_config(random_route)) as stack:
+    with RayStack(stack_config(random_route, shm_min_bytes=1)) as stack:  # every KV message by shared memory
         yield stack
 
 
@@ -29,8 +29,9 @@ def ray_stack(random_route):
 def test_ray_hosted_answers_equal_the_in_process_relay(ray_stack, zoo_pair, zoo_adapter, mode):
     relay = DenseRelay(*zoo_pair, zoo_adapter)
     expected = relay.run([e.context for e in EXAMPLES], ContextMode(mode), GenerationConfig(max_new_tokens=24)).texts
-    got = [run(collect(ray_stack.relay_address, build_request(e.context, mode=mode, max_new_tokens=24)))[-1].stats.text for e in EXAMPLES]
-    assert got == expected
+    stats = [run(collect(ray_stack.relay_address, build_request(e.context, mode=mode, max_new_tokens=24)))[-1].stats for e in EXAMPLES]
+    assert [s.text for s in stats] == expected
+    assert all([h.transport for h in s.hops] == ["shm", "shm"] for s in stats)  # actors on one node: the shortcut
 
 
 def test_a_named_pca_basis_is_valid_at_the_ingress_actor_that_loads_no_bases(ray_stack, zoo_pair):

@@ -1,0 +1,198 @@
+"""services.shm: the same-node carrier on its own (slots, references, release, stale and corrupt frames)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from densecomm_core.codec import get_codec
+from densecomm_core.codec.base import ChecksumError, DataLossError
+from densecomm_core.codec.wire import split_frames
+from densecomm_core.hop import HopDecoder, HopEncoder
+from services import shm
+from tests.codec.test_wire import assert_bit_exact, make_cache
+
+pytestmark = pytest.mark.skipif(not shm.available(), reason="no POSIX shared memory")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def stream(codec: str = "raw", chunk_tokens: int = 4, **params) -> list[bytes]:
+    return list(HopEncoder(get_codec(codec, **params), chunk_tokens=chunk_tokens).frames(make_cache(tokens=11)))
+
+
+def decode(messages, reader: shm.ShmReader | None = None):
+    """Decode a stream of messages (frames or references) the way the servicers do: frame by frame, each
+    reported decoded so its slot is released."""
+    decoder = HopDecoder()
+    for message in messages:
+        frames = reader.open(message) if shm.is_reference(message) else list(split_frames(message))
+        for frame in frames:
+            decoder.feed(frame)
+            if reader is not None:
+                reader.decoded(frame)
+    return decoder.finish()
+
+
+@pytest.fixture
+def pool():
+    pool = shm.ShmPool(max_bytes=8 << 20, min_message_bytes=0)
+    yield pool
+    pool.close()
+
+
+@pytest.mark.parametrize("codec, params", [("raw", {}), ("lossless", {}), ("quantized", {"key_bits": 4, "value_bits": 4, "group": 4})])
+def test_shm_and_bytes_paths_give_bit_identical_caches(pool, codec, params):
+    frames = stream(codec, **params)
+    reader = shm.ShmReader()
+    with pool.lease() as lease:
+        refs = [lease.carry(frame) for frame in frames]
+        assert all(shm.is_reference(r) for r in refs) and lease.transport == "shm"
+        assert_bit_exact(decode(refs, reader), decode(frames))
+        assert pool.lent_count == 0 or all(s.released() for s in pool.lent.values())  # every slot released
+    reader.close()
+
+
+def test_released_slots_are_reused_and_a_list_of_buffers_is_one_message(pool):
+    frames = stream()
+    reader = shm.ShmReader()
+    with pool.lease() as lease:
+        decode([lease.carry(f) for f in frames], reader)
+        total, names = pool.total, set(pool.lent) | {s.name for slots in pool.free.values() for s in slots}
+        ref = lease.carry([frames[0], memoryview(frames[1]), bytearray(frames[2])])  # frames back to back
+        assert pool.total == total and shm.unpack_reference(ref)[0] in names  # a released slot, no new segment
+        assert [bytes(f) for f in reader.open(ref)] == frames[:3]
+    reader.close()
+
+
+def test_small_messages_and_a_full_pool_go_as_bytes(pool):
+    frames = stream()
+    small = shm.ShmPool(max_bytes=8 << 20, min_message_bytes=1 << 20)
+    try:
+        with small.lease() as lease:
+            assert lease.carry(frames[1]) == frames[1] and lease.transport == "bytes"
+    finally:
+        small.close()
+    tiny = shm.ShmPool(max_bytes=shm.MIN_CAPACITY + shm.DATA_OFFSET, min_message_bytes=0)  # room for one slot
+    try:
+        with tiny.lease() as lease:
+            first, second = lease.carry(frames[1]), lease.carry(frames[2])  # nobody released the first slot
+            assert shm.is_reference(first) and second == frames[2] and lease.transport == "shm+bytes"
+    finally:
+        tiny.close()
+
+
+def test_a_stream_that_ends_unreleased_unlinks_its_slots_and_a_reader_gets_a_stale_reference(pool):
+    frames = stream()
+    lease = pool.lease()
+    refs = [lease.carry(f) for f in frames]
+    assert lease.close() == (0, len(frames)) and pool.total == 0
+    with pytest.raises(shm.StaleShmReferenceError, match="is gone") as error:
+        shm.ShmReader().open(refs[0])
+    assert error.value.status == "DATA_LOSS" and shm.unpack_reference(refs[0])[0] in str(error.value)
+
+
+def test_a_reused_slot_makes_an_old_reference_stale(pool):
+    frames = stream()
+    reader = shm.ShmReader()
+    with pool.lease() as lease:
+        old = lease.carry(frames[1])
+        for frame in reader.open(old):
+            reader.decoded(frame)  # released
+        lease.carry(frames[2])  # the same slot, a new token
+        with pytest.raises(shm.StaleShmReferenceError, match="reused"):
+            reader.open(old)
+    reader.close()
+
+
+def test_a_corrupt_frame_in_a_slot_is_data_loss(pool):
+    frames = stream()
+    reader = shm.ShmReader()
+    with pool.lease() as lease:
+        refs = [lease.carry(f) for f in frames]
+        segment = pool.lent[shm.unpack_reference(refs[2])[0]].segment
+        segment.mmap[shm.DATA_OFFSET + len(frames[2]) - 1] ^= 0x40  # a payload byte of chunk 1: its checksum catches it
+        with pytest.raises(ChecksumError):
+            decode(refs, reader)
+        segment.mmap[shm.DATA_OFFSET + 24] ^= 0x01  # the chunk's checksum itself: the reference catches it first
+        with pytest.raises(shm.ShmReferenceError, match="checksums"):
+            reader.open(refs[2])
+    reader.close()
+
+
+def test_a_missing_frame_is_data_loss_on_both_paths(pool):
+    frames = stream()
+    with pool.lease() as lease:
+        refs = [lease.carry(f) for f in frames]
+        for messages in (frames[:-1], refs[:-1], frames[:2] + frames[3:], refs[:2] + refs[3:]):
+            with pytest.raises(DataLossError):
+                decode(messages, shm.ShmReader())
+
+
+@pytest.mark.parametrize("ref, fragment", [
+    (b"DCSR", "truncated"),
+    (shm.pack_reference("dc1_000000000000", 1, 10, 0)[:-1], "prefix says"),
+    (shm.pack_reference("../etc/passwd", 1, 10, 0), "not a densecomm slot"),
+    (b"XXXX" + shm.pack_reference("dc1_000000000000", 1, 10, 0)[4:], "bad shared-memory reference"),
+])
+def test_malformed_references_are_data_loss(ref, fragment):
+    with pytest.raises(shm.ShmReferenceError, match=fragment) as error:
+        shm.ShmReader().open(ref)
+    assert error.value.status == "DATA_LOSS"
+
+
+def test_the_probe_accepts_this_node_and_refuses_others(pool):
+    offer = pool.offer()
+    assert shm.accept_offer(offer) == (True, "")
+    assert shm.accept_offer(shm.ShmOffer("another-boot/ipc:[1]", offer.probe, offer.nonce))[0] is False
+    assert shm.accept_offer(shm.ShmOffer(offer.identity, offer.probe, "00" * 16)) == (False, "probe segment holds another nonce")
+    refused, reason = shm.accept_offer(shm.ShmOffer(offer.identity, "dc1_0123456789ab", offer.nonce))
+    assert not refused and "cannot be opened" in reason
+
+
+CHILD = """
+import sys
+from services import shm
+from densecomm_core.hop import HopDecoder
+offer = shm.ShmOffer(*sys.argv[1:4])
+print(shm.accept_offer(offer)[0])
+reader, decoder = shm.ShmReader(), HopDecoder()
+for ref in sys.argv[4:]:
+    for frame in reader.open(bytes.fromhex(ref)):
+        decoder.feed(frame)
+        reader.decoded(frame)
+cache = decoder.finish()
+print(sum(int(k.float().abs().sum()) for k in cache.keys))
+"""
+
+
+def test_another_process_on_this_node_reads_the_slots_and_releases_them(pool):
+    cache = make_cache(tokens=11)
+    frames = list(HopEncoder(get_codec("raw"), chunk_tokens=4).frames(cache))
+    offer = pool.offer()
+    with pool.lease() as lease:
+        refs = [lease.carry(f).hex() for f in frames]
+        out = subprocess.run([sys.executable, "-c", CHILD, offer.identity, offer.probe, offer.nonce, *refs], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        accepted, checksum = out.stdout.split()
+        assert accepted == "True" and int(checksum) == sum(int(k.float().abs().sum()) for k in cache.keys)
+        assert all(s.released() for s in pool.lent.values())  # the child released every slot
+        assert lease.close() == (len(frames), 0)
+
+
+@pytest.mark.parametrize("codec, params", [("raw", {}), ("lossless", {}), ("quantized", {}), ("ecsq", {}),
+                                           ("eviction", {"keep": 0.5, "window": 2})])
+def test_decoded_tensors_never_alias_the_frame(codec, params):
+    """What makes releasing a slot right after decoding safe: no codec's tensors point into the frame."""
+    frames = [bytearray(f) for f in stream(codec, **params)]
+    decoder = HopDecoder()
+    for frame in frames:
+        decoder.feed(memoryview(frame))
+    before = [t.clone() for t in decoder.stream.keys + decoder.stream.values]
+    for frame in frames[1:]:
+        frame[32:] = bytes(len(frame) - 32)  # the slot is reused: every payload byte overwritten
+    assert all(torch.equal(a, b) for a, b in zip(before, decoder.stream.keys + decoder.stream.values))
