@@ -28,6 +28,8 @@ def byte_planes(tensor: torch.Tensor) -> list[np.ndarray]:
         np.right_shift(words, 8, out=high, casting="unsafe")
         return [low, high]
     planes = tensor_uint8(tensor)  # (n, itemsize): column i = byte i of every element
+    if planes.shape[1] == 1:
+        return [planes.reshape(-1)]  # one byte per element: the tensor's own bytes, no copy
     return [np.ascontiguousarray(planes[:, i]) for i in range(planes.shape[1])]
 
 

@@ -28,6 +28,7 @@ import struct
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -82,8 +83,13 @@ class WireHeader:
 
     def chunk_ranges(self) -> list[tuple[int, int, int]]:
         """(layer, token_start, token_count) of every chunk, in sequence order."""
+        return list(self.ranges)
+
+    @cached_property
+    def ranges(self) -> tuple[tuple[int, int, int], ...]:
+        """``chunk_ranges``, computed once per header (decoders look every chunk up in it)."""
         starts = range(0, self.tokens, self.chunk_tokens) if self.tokens else [0]
-        return [(layer, s, min(self.chunk_tokens, self.tokens - s)) for layer in range(len(self.layers)) for s in starts]
+        return tuple((layer, s, min(self.chunk_tokens, self.tokens - s)) for layer in range(len(self.layers)) for s in starts)
 
     def raw_nbytes(self) -> int:
         size = DTYPES[self.dtype].itemsize
@@ -98,12 +104,25 @@ class WireHeader:
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 
+# A chunk smaller than this is coded on the calling thread: handing it to a pool thread (a future, a
+# wake-up, the GIL passed back and forth) costs more than coding it. Measured with `densecomm bench
+# codec`: the zoo's 48 KB caches (4 chunks of 12 KB) took 2-4 ms per request through the pool.
+PARALLEL_MIN_CHUNK_BYTES = 128 << 10
+
 
 def worker_pool(workers: int) -> ThreadPoolExecutor:
     """A process-wide pool per size: starting threads per cache would cost more than small caches take."""
     if workers not in _POOLS:
         _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="densecomm-codec")
     return _POOLS[workers]
+
+
+def chunk_workers(header: WireHeader, workers: int) -> int:
+    """The threads worth using for a stream's chunks: ``workers``, or 1 when its chunks are too small
+    (on average under ``PARALLEL_MIN_CHUNK_BYTES`` of raw KV) to pay for the handoff."""
+    if workers <= 1 or header.num_chunks <= 1 or header.raw_nbytes() < PARALLEL_MIN_CHUNK_BYTES * header.num_chunks:
+        return 1
+    return workers
 
 
 
@@ -155,10 +174,15 @@ def encode_chunk(codec: Codec, seq: int, layer: int, start: int, count: int, key
     return chunk_parts(seq, layer, start, count, payload)
 
 
+def encode_chunk_frame(codec: Codec, seq: int, layer: int, start: int, count: int, keys: torch.Tensor, values: torch.Tensor) -> bytes:
+    """Chunk ``seq`` as one byte string (joined where it was encoded, so a pool joins in parallel)."""
+    return b"".join(encode_chunk(codec, seq, layer, start, count, keys, values))
+
+
 def layer_frames(header: WireHeader, codec: Codec, layer: int, keys: torch.Tensor, values: torch.Tensor) -> list[bytes]:
     """The chunk frames of one layer (full-width K, V), with the sequence numbers the header assigns."""
-    return [b"".join(encode_chunk(codec, seq, layer, start, count, keys, values))
-            for seq, (chunk_layer, start, count) in enumerate(header.chunk_ranges()) if chunk_layer == layer]
+    return [encode_chunk_frame(codec, seq, layer, start, count, keys, values)
+            for seq, (chunk_layer, start, count) in enumerate(header.ranges) if chunk_layer == layer]
 
 
 def start_stream(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, bases=None) -> tuple[KVCache, Codec, WireHeader]:
@@ -171,16 +195,25 @@ def start_stream(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, 
 
 def iter_chunk_parts(cache: KVCache, codec: Codec, header: WireHeader, workers: int = 1) -> Iterator[list]:
     """The chunk frames of a started stream in sequence order, each as a list of buffers
-    (``workers`` encode chunks in parallel)."""
-    def encode_one(item: tuple[int, tuple[int, int, int]]) -> list:
-        seq, (layer, start, count) = item
-        return encode_chunk(codec, seq, layer, start, count, cache.keys[layer], cache.values[layer])
+    (``workers`` encode chunks in parallel when they are big enough to pay for it)."""
+    yield from _map_chunks(encode_chunk, cache, codec, header, workers)
 
-    items = list(enumerate(header.chunk_ranges()))
-    if workers <= 1 or len(items) == 1:
+
+def iter_chunk_frames(cache: KVCache, codec: Codec, header: WireHeader, workers: int = 1) -> Iterator[bytes]:
+    """``iter_chunk_parts`` with each frame joined into one byte string by the thread that encoded it."""
+    yield from _map_chunks(encode_chunk_frame, cache, codec, header, workers)
+
+
+def _map_chunks(encode, cache: KVCache, codec: Codec, header: WireHeader, workers: int) -> Iterator:
+    def encode_one(item: tuple[int, tuple[int, int, int]]):
+        seq, (layer, start, count) = item
+        return encode(codec, seq, layer, start, count, cache.keys[layer], cache.values[layer])
+
+    items = enumerate(header.ranges)
+    if chunk_workers(header, workers) == 1:
         yield from map(encode_one, items)
     else:
-        yield from worker_pool(workers).map(encode_one, items)  # zstd and numpy release the GIL
+        yield from worker_pool(workers).map(encode_one, items)  # zstd, xxhash and numpy release the GIL
 
 
 def iter_encode_parts(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, workers: int = 1, bases=None) -> Iterator[list]:
@@ -193,8 +226,9 @@ def iter_encode_parts(cache: KVCache, codec: Codec, chunk_tokens: int | None = N
 
 def iter_encode(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, workers: int = 1, bases=None) -> Iterator[bytes]:
     """Yield the header frame, then chunk frames in sequence order, each as one byte string."""
-    for parts in iter_encode_parts(cache, codec, chunk_tokens, workers, bases):
-        yield b"".join(parts)
+    cache, codec, header = start_stream(cache, codec, chunk_tokens, bases)
+    yield header_frame(header)
+    yield from iter_chunk_frames(cache, codec, header, workers)
 
 
 def encode_cache(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, workers: int = 1, bases=None) -> bytes:
@@ -305,7 +339,7 @@ class StreamDecoder:
             self.keys = [None] * len(self.header.layers)
             self.values = [None] * len(self.header.layers)
             self.pending_per_layer = [0] * len(self.header.layers)
-            for layer, _, _ in self.header.chunk_ranges():
+            for layer, _, _ in self.header.ranges:
                 self.pending_per_layer[layer] += 1
             return None
         return self._chunk(memoryview(frame))
@@ -326,7 +360,7 @@ class StreamDecoder:
         check.update(frame[CHUNK_PREFIX_SIZE:])
         _require(check.intdigest() == digest, f"chunk {seq} checksum mismatch", ChecksumError)
         _require(seq < h.num_chunks, f"chunk sequence number {seq} is beyond the header's {h.num_chunks} chunks", ShapeMismatchError)
-        want = h.chunk_ranges()[seq]
+        want = h.ranges[seq]
         _require((layer, start, count) == want, f"chunk {seq} covers (layer, start, count) = {(layer, start, count)}, header says {want}", ShapeMismatchError)
         key_shape, value_shape = h.chunk_shapes(layer, count)
         try:
@@ -414,7 +448,7 @@ def decode_frames(
     for frame in frames:
         decoder.feed(frame)
         break
-    if workers <= 1 or decoder.header is None or decoder.header.num_chunks == 1:
+    if decoder.header is None or chunk_workers(decoder.header, workers) == 1:
         for frame in frames:
             decoder.feed(frame)
     else:
