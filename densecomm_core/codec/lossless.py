@@ -11,12 +11,17 @@ shifts (one pass each, several times faster than strided byte gathers); fp32 use
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from densecomm_core.codec.base import Codec, CodecError
 from densecomm_core.codec.bytes import tensor_from_bytes, tensor_uint8
-from densecomm_core.codec.zstd import section_parts, unpack_section
+from densecomm_core.codec.zstd import scratch, section_parts, unpack_section
+
+# Planes at least this big decompress into thread-local scratch (below it, one-shot decompress is cheaper).
+SCRATCH_MIN_BYTES = 32 << 10
 
 
 def byte_planes(tensor: torch.Tensor) -> list[np.ndarray]:
@@ -34,7 +39,8 @@ def byte_planes(tensor: torch.Tensor) -> list[np.ndarray]:
 
 
 def merge_planes(planes: list, n: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of ``byte_planes``: a writable tensor of ``shape``/``dtype``."""
+    """Inverse of ``byte_planes``: a writable tensor of ``shape``/``dtype`` (fresh memory: the planes may
+    be scratch)."""
     if dtype.itemsize == 2:
         low, high = (np.frombuffer(p, dtype=np.uint8) for p in planes)
         words = np.left_shift(high, 8, dtype=np.uint16)  # two passes, no temporaries
@@ -74,10 +80,10 @@ class LosslessCodec(Codec):
         offset = 0
         out = []
         for shape in (key_shape, value_shape):
-            n = int(np.prod(shape))
+            n = math.prod(shape)
             planes = []
-            for _ in range(dtype.itemsize):
-                plane, offset = unpack_section(view, offset, n)
+            for i in range(dtype.itemsize):  # compressed planes land in this thread's scratch, merged at once
+                plane, offset = unpack_section(view, offset, n, scratch(n, i) if n >= SCRATCH_MIN_BYTES else None)
                 planes.append(plane)
             out.append(merge_planes(planes, n, shape, dtype))
         if offset != len(view):

@@ -128,11 +128,12 @@ def chunk_workers(header: WireHeader, workers: int) -> int:
 
 def make_header(cache: KVCache, codec: Codec, chunk_tokens: int | None) -> WireHeader:
     """The header for ``cache`` (already through ``codec.prepare``)."""
-    mask_prefix = torch.arange(cache.num_tokens)[None, :] < cache.lengths[:, None]
-    if not torch.equal(mask_prefix, cache.mask.cpu()):
+    mask = cache.mask.cpu().numpy()  # (B, T) bool; numpy: a few µs where torch's small ops cost tens
+    lengths = mask.sum(axis=1)
+    if not np.array_equal(np.arange(mask.shape[1])[None, :] < lengths[:, None], mask):
         raise CodecError("the wire format carries right-padded caches: every row's valid slots must come first")
     layers = [[k.shape[1], k.shape[3], v.shape[1], v.shape[3]] for k, v in zip(cache.keys, cache.values)]
-    return stream_header(codec, cache.dtype, layers, cache.lengths.tolist(), cache.positions.tolist(),
+    return stream_header(codec, cache.dtype, layers, lengths.tolist(), cache.positions.tolist(),
                          cache.rope_applied, cache.fingerprint, chunk_tokens)
 
 
@@ -170,7 +171,9 @@ def chunk_parts(seq: int, layer: int, token_start: int, token_count: int, payloa
 
 def encode_chunk(codec: Codec, seq: int, layer: int, start: int, count: int, keys: torch.Tensor, values: torch.Tensor) -> list:
     """Chunk ``seq`` as buffers: tokens [start, start + count) of one layer's full-width K, V."""
-    payload = codec.for_layer(layer).encode_parts(keys[:, :, start : start + count], values[:, :, start : start + count])
+    if start or count != keys.shape[2]:  # a token range of the layer (a view; the whole layer needs no slicing)
+        keys, values = keys[:, :, start : start + count], values[:, :, start : start + count]
+    payload = codec.for_layer(layer).encode_parts(keys, values)
     return chunk_parts(seq, layer, start, count, payload)
 
 
@@ -294,7 +297,8 @@ def validate_header(h: WireHeader, limits: DecodeLimits) -> None:
     _require(isinstance(h.lengths, list) and len(h.lengths) == h.batch and all(_is_int(n, 0, h.tokens) for n in h.lengths),
              f"header lengths must be {h.batch} integers in [0, {h.tokens}]")
     _require(isinstance(h.positions, list) and len(h.positions) == h.batch
-             and all(isinstance(row, list) and len(row) == h.tokens and all(_is_int(p, 0, 1 << 31) for p in row) for row in h.positions),
+             and all(isinstance(row, list) and len(row) == h.tokens and all(type(p) is int and 0 <= p <= 1 << 31 for p in row)
+                     for row in h.positions),
              f"header positions must be {h.batch} rows of {h.tokens} non-negative integers")
     _require(isinstance(h.rope_applied, bool) and isinstance(h.fingerprint, str), "header rope_applied must be a bool and fingerprint a string")
     _require(_is_int(h.chunk_tokens, 1), f"header chunk_tokens {h.chunk_tokens!r} must be an integer >= 1")
@@ -410,7 +414,7 @@ class StreamDecoder:
         _require(not missing, f"stream ended with {len(missing)} of {self.header.num_chunks} chunks missing (first: {missing[:5]})", MissingChunkError)
         h = self.header
         positions = torch.tensor(h.positions, dtype=torch.long).reshape(h.batch, h.tokens)
-        mask = torch.arange(h.tokens)[None, :] < torch.tensor(h.lengths)[:, None]
+        mask = torch.from_numpy(np.arange(h.tokens)[None, :] < np.array(h.lengths, dtype=np.int64)[:, None])  # (B, T)
         return KVCache(list(self.keys), list(self.values), mask, positions, h.rope_applied, h.fingerprint)
 
 
