@@ -82,7 +82,7 @@ def decompress_into(data: bytes | memoryview, out) -> None:
         raise CodecError(f"zstd frame yielded {size} bytes, expected {len(out)}")
 
 
-def scratch(size: int, slot: int = 0):
+def scratch(size: int, slot=0):
     """A thread-local uint8 buffer of ``size`` bytes, reused across calls on this thread (no fresh pages
     to fault in per chunk); valid until the next ``scratch(..., slot)`` call on the same thread."""
     import numpy as np

@@ -286,8 +286,8 @@ def accuracy_through_codecs(per_family: int, hops: tuple[int, ...] = (0, 1)) -> 
 # profiler's function label). C functions count where they run; numpy ufuncs, which cProfile does not
 # see, count in the Python function that calls them (byte_planes, merge_planes).
 STAGES: list[tuple[str, tuple[str, ...]]] = [
-    ("zstd compress", ("compress' of 'zstd.ZstdCompressor",)),
-    ("zstd decompress", ("decompress' of 'zstd.ZstdDecompressor", "frame_content_size")),
+    ("zstd compress", ("ZstdCompressor' objects",)),
+    ("zstd decompress", ("ZstdDecompressor' objects", "ZstdDecompressionReader' objects", "frame_content_size")),
     ("xxh3 checksums", ("xxh3",)),
     ("split byte planes (numpy)", ("byte_planes", "tensor_uint8")),
     ("merge byte planes (numpy)", ("merge_planes", "tensor_from_bytes")),
