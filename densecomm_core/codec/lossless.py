@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from densecomm_core.codec.base import Codec, CodecError
-from densecomm_core.codec.bytes import numpy_words, tensor_uint8
+from densecomm_core.codec.bytes import flat_words, numpy_words, tensor_uint8
 from densecomm_core.codec.zstd import scratch, section_parts, unpack_section
 
 # Planes at least this big decompress into thread-local scratch (below it, one-shot decompress is cheaper).
@@ -26,7 +26,7 @@ def byte_planes(tensor: torch.Tensor, out: list[np.ndarray] | None = None) -> li
     """The tensor's element bytes as itemsize contiguous uint8 planes, low byte first (written into
     ``out``, itemsize buffers of numel bytes, when given)."""
     if tensor.element_size() == 2:
-        words = tensor_uint8(tensor).view(np.uint16).reshape(-1)
+        words = flat_words(tensor)
         low, high = out or (np.empty(words.size, dtype=np.uint8), np.empty(words.size, dtype=np.uint8))
         np.copyto(low, words, casting="unsafe")  # one pass each
         np.right_shift(words, 8, out=high, casting="unsafe")

@@ -27,7 +27,7 @@ import math
 import struct
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from functools import cached_property
 
 import numpy as np
@@ -146,12 +146,12 @@ def stream_header(
     chunk_tokens = min(chunk_tokens or DEFAULT_CHUNK_TOKENS, max(tokens, 1))
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    header = WireHeader(
+    return WireHeader(
         codec=codec.name, params=codec.params, dtype=dtype_name(dtype), batch=len(lengths), tokens=tokens,
         layers=[list(map(int, layer)) for layer in layers], lengths=list(lengths), positions=positions,
-        rope_applied=rope_applied, fingerprint=fingerprint, chunk_tokens=chunk_tokens, num_chunks=0,
+        rope_applied=rope_applied, fingerprint=fingerprint, chunk_tokens=chunk_tokens,
+        num_chunks=len(layers) * max(1, math.ceil(tokens / chunk_tokens)),  # as chunk_ranges counts them
     )
-    return replace(header, num_chunks=len(header.chunk_ranges()))
 
 
 def header_frame(header: WireHeader) -> bytes:
