@@ -432,6 +432,9 @@ class StreamDecoder:
         return KVCache(list(self.keys), list(self.values), mask, positions, h.rope_applied, h.fingerprint)
 
 
+HUGE_PAGE_STORAGE_BYTES = 4 << 20  # numpy's threshold for madvise(MADV_HUGEPAGE)
+
+
 def cache_storage(header: WireHeader) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Every layer's K and V of a stream as views of one buffer, allocated once when the header arrives.
 
@@ -440,14 +443,14 @@ def cache_storage(header: WireHeader) -> tuple[list[torch.Tensor], list[torch.Te
     nothing, so a header whose chunks never come holds no memory (its size is within ``DecodeLimits``).
     """
     dtype = header.torch_dtype
-    storage = np.empty(header.raw_nbytes(), dtype=np.uint8)
-    keys, values, offset = [], [], 0
-    for layer in range(len(header.layers)):
-        for shape, out in zip(header.chunk_shapes(layer, header.tokens), (keys, values)):
-            size = math.prod(shape) * dtype.itemsize
-            out.append(torch.from_numpy(storage[offset : offset + size]).view(dtype).view(shape))
-            offset += size
-    return keys, values
+    shapes = [shape for layer in range(len(header.layers)) for shape in header.chunk_shapes(layer, header.tokens)]
+    sizes = [math.prod(shape) for shape in shapes]
+    if header.raw_nbytes() >= HUGE_PAGE_STORAGE_BYTES:  # numpy asks for transparent huge pages (madvise)
+        storage = torch.from_numpy(np.empty(header.raw_nbytes(), dtype=np.uint8)).view(dtype)
+    else:  # small caches: one torch allocation, cheaper than numpy's round trip
+        storage = torch.empty(sum(sizes), dtype=dtype)
+    tensors = [piece.view(shape) for piece, shape in zip(storage.split(sizes), shapes)]
+    return tensors[0::2], tensors[1::2]
 
 
 def _byte_view(tensor: torch.Tensor) -> np.ndarray:
