@@ -375,6 +375,8 @@ class StreamDecoder:
         key_shape, value_shape = h.chunk_shapes(layer, count)
         try:
             if self.codec.writes_in_place:  # straight into the cache's storage (chunks cover disjoint slots)
+                # A chunk that already arrived must not overwrite slots a consumer may be reading.
+                _require(seq not in self.received, f"chunk {seq} arrived twice", DuplicateChunkError)
                 keys, values = self.keys[layer], self.values[layer]
                 if count != h.tokens:
                     keys, values = keys[:, :, start : start + count], values[:, :, start : start + count]
