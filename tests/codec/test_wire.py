@@ -273,7 +273,11 @@ def test_decode_into_matches_decode_for_every_codec_and_strided_outputs():
 
 
 def test_small_streams_are_coded_inline_and_big_ones_on_the_pool():
-    from densecomm_core.codec.wire import PARALLEL_MIN_CHUNK_BYTES, chunk_workers, make_header
+    from densecomm_core.codec.wire import (
+        PARALLEL_MIN_CHUNK_BYTES,
+        chunk_workers,
+        make_header,
+    )
 
     small = make_header(make_cache(layers=4), get_codec("raw"), None)
     assert chunk_workers(small, 2) == 1
