@@ -37,8 +37,10 @@ from densecomm_core.codec.wire import (
     ChunkEvent,
     StreamDecoder,
     WireHeader,
+    chunk_workers,
     header_frame,
     is_chunk,
+    iter_chunk_frames,
     iter_chunk_parts,
     layer_frames,
     start_stream,
@@ -111,24 +113,27 @@ class HopEncoder:
         return frame
 
     def chunk_parts(self) -> Iterator[list]:
-        """The chunk frames of the started stream, each as a list of buffers (joined by ``chunks``)."""
+        """The chunk frames of the started stream, each as a list of buffers."""
+        return self._timed(iter_chunk_parts, lambda parts: sum(len(memoryview(p).cast("B")) for p in parts))
+
+    def chunks(self) -> Iterator[bytes]:
+        """The chunk frames of the started stream, each joined by the thread that encoded it."""
+        return self._timed(iter_chunk_frames, len)
+
+    def _timed(self, encode, size) -> Iterator:
         if self._stream is None:
             raise CodecError("HopEncoder.start(cache) must come before its chunks")
-        parts = iter_chunk_parts(*self._stream, workers=self.workers)
+        frames = encode(*self._stream, workers=self.workers)
         while True:
             started = time.perf_counter()
-            frame = next(parts, None)
+            frame = next(frames, None)
             if frame is not None:
-                self.report.wire_bytes += sum(len(memoryview(p).cast("B")) for p in frame)
+                self.report.wire_bytes += size(frame)
                 self.report.chunks += 1
             self.report.encode_s += time.perf_counter() - started
             if frame is None:
                 return
             yield frame
-
-    def chunks(self) -> Iterator[bytes]:
-        for parts in self.chunk_parts():
-            yield b"".join(parts)
 
     def _chunk_tokens(self, layers: list, batch: int, dtype: torch.dtype) -> int | None:
         """Tokens per chunk: the explicit ``chunk_tokens``, else as many as keep the biggest layer's chunk
@@ -236,7 +241,7 @@ class HopDecoder:
         for frame in frames:
             self.feed(frame)
             break
-        if workers <= 1:
+        if self.stream.header is None or chunk_workers(self.stream.header, workers) == 1:
             for frame in frames:
                 self.feed(frame)
             return

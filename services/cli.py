@@ -207,17 +207,24 @@ def cmd_bench_codec(args: argparse.Namespace) -> int:
     if not set(hops) <= {0, 1}:
         raise SystemExit(f"--hops takes 0 (sender -> adapter), 1 (adapter -> receiver) or 0,1; got {args.hops!r}")
     accuracy = [] if args.skip_accuracy else bench.accuracy_through_codecs(args.per_family, hops)
+    goals = bench.targets(rows)
     if args.json:
-        print(json.dumps({"throughput": [asdict(r) for r in rows], "accuracy": accuracy}, indent=2))
+        print(json.dumps({"throughput": [asdict(r) for r in rows], "accuracy": accuracy,
+                          "targets": [{**asdict(t), "ok": t.ok} for t in goals]}, indent=2))
         return 0
-    print(f"codec throughput: MB/s of raw KV, best of {args.repeats}, {args.workers} worker thread(s)\n")
+    print(f"codec throughput: MB/s of raw KV, best of {args.repeats}, {args.workers} worker thread(s); µs/req: encode + decode per request\n")
     print(bench.render(rows))
+    print("\ncodec targets (issue 11), this run:\n")
+    print(bench.render_targets(goals))
     if accuracy:
         through = {(0, 1): "every hop", (0,): "only the sender -> adapter hop", (1,): "only the adapter -> receiver hop"}[hops]
         print(f"\nzoo test split ({args.per_family} per family), {through} through the codec (bf16 on the wire)\n")
         print(bench.render_accuracy(accuracy))
     if args.profile:
-        print("\nprofile of lossless encode + decode on the qwen3-4b cache (1 thread):\n")
+        print("\nwhere encode / decode time goes: cProfile self time per stage, one thread\n")
+        (zoo_model, zoo, zoo_bases), (_, _, big_bases) = caches["zoo"], caches["qwen3-4b"]
+        print(bench.profiles(big, stand_in, big_bases, zoo, zoo_model, zoo_bases))
+        print("\nprofile of lossless encode + decode on the qwen3-4b cache (1 thread), top functions:\n")
         print(bench.profile_lossless(big, args.workers))
     return 0
 

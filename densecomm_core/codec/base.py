@@ -3,6 +3,8 @@
     Codec.encode(keys, values) -> bytes       one chunk: K and V of one layer, a token range
     Codec.encode_parts(keys, values) -> list  the same payload as buffers (fewer copies of big planes)
     Codec.decode(payload, k_shape, v_shape, dtype) -> (keys, values)
+    Codec.decode_into(payload, keys, values)  the same into given tensors (``writes_in_place``: without a copy)
+    Codec.encode_frame_parts(keys, values)    ``encode_parts`` whose buffers may be this thread's scratch
     Codec.prepare(cache) -> KVCache           optional cache-level step before chunking (eviction)
     Codec.for_forwarding() -> Codec           codec for later hops of the same request
     Codec.params -> dict                      what the wire header records to rebuild the codec
@@ -104,6 +106,7 @@ class Codec(ABC):
 
     name: str = ""
     lossless: bool = True
+    writes_in_place: bool = False  # decode_into writes straight into its outputs (no decoded copy first)
 
     @property
     def params(self) -> dict:
@@ -143,9 +146,25 @@ class Codec(ABC):
         buffers through (stored byte planes) override it so the frame is assembled with one copy."""
         return [self.encode(keys, values)]
 
+    def encode_frame_parts(self, keys: torch.Tensor, values: torch.Tensor) -> list:
+        """``encode_parts`` for a caller that joins the buffers before this thread encodes again (the
+        frame builder): codecs may hand out thread-local scratch here instead of fresh memory."""
+        return self.encode_parts(keys, values)
+
     @abstractmethod
     def decode(self, payload: bytes, key_shape: tuple[int, ...], value_shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """payload -> keys, values of exactly the given shapes and dtype; CodecError on any inconsistency."""
+
+    def decode_into(self, payload: bytes, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Decode into ``keys``/``values`` (views of the receiver's storage, possibly strided: their shapes
+        and dtype are the chunk's). Codecs that set ``writes_in_place`` write there directly; this default
+        decodes, then copies."""
+        k, v = self.decode(payload, tuple(keys.shape), tuple(values.shape), keys.dtype)
+        if tuple(k.shape) != tuple(keys.shape) or tuple(v.shape) != tuple(values.shape) or k.dtype != keys.dtype or v.dtype != values.dtype:
+            raise ShapeMismatchError(f"{self.name} decoded {tuple(k.shape)}/{tuple(v.shape)} {k.dtype}, "
+                                     f"expected {tuple(keys.shape)}/{tuple(values.shape)} {keys.dtype}")
+        keys.copy_(k)
+        values.copy_(v)
 
 
 # name -> "module:Class"; imported on first use so an unused codec costs nothing.

@@ -38,3 +38,25 @@ def tensor_from_bytes(data: bytes | memoryview | np.ndarray, shape: tuple[int, .
 
         raise TruncatedError(f"{array.size} bytes cannot hold a {tuple(shape)} {dtype} tensor ({expected} bytes)")
     return torch.from_numpy(array.copy() if copy else array).view(dtype).reshape(shape)
+
+
+_UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+_SIGNED = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def numpy_words(tensor: torch.Tensor) -> np.ndarray:
+    """A writable numpy view of a CPU tensor's elements as unsigned integers of the same size (bf16 included;
+    strides kept, so a slice of a bigger tensor stays a view)."""
+    size = tensor.element_size()
+    return tensor.detach().view(_SIGNED[size]).numpy().view(_UNSIGNED[size])
+
+
+def flat_words(tensor: torch.Tensor) -> np.ndarray:
+    """The tensor's elements as a flat array of unsigned integers of the same size: a view when the tensor
+    is contiguous on the CPU (two torch calls: small caches feel every call), else a contiguous copy."""
+    size = tensor.element_size()
+    if tensor.is_contiguous() and tensor.device.type == "cpu" and not tensor.requires_grad:
+        return tensor.view(_SIGNED[size]).numpy().view(_UNSIGNED[size]).reshape(-1)
+    return tensor_uint8(tensor).view(_UNSIGNED[size]).reshape(-1)

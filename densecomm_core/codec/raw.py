@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from densecomm_core.codec.base import Codec, TruncatedError
-from densecomm_core.codec.bytes import tensor_buffer, tensor_bytes, tensor_from_bytes
+from densecomm_core.codec.bytes import (
+    numpy_words,
+    tensor_buffer,
+    tensor_bytes,
+    tensor_from_bytes,
+)
 
 
 class RawCodec(Codec):
@@ -16,6 +22,17 @@ class RawCodec(Codec):
 
     def encode_parts(self, keys: torch.Tensor, values: torch.Tensor) -> list:
         return [tensor_buffer(keys), tensor_buffer(values)]  # the frame is the only copy
+
+    writes_in_place = True
+
+    def decode_into(self, payload, keys: torch.Tensor, values: torch.Tensor) -> None:
+        k_bytes = keys.numel() * keys.element_size()
+        expected = k_bytes + values.numel() * values.element_size()
+        if len(payload) != expected:
+            raise TruncatedError(f"raw payload is {len(payload)} bytes, expected {expected}")
+        for out, part in ((keys, payload[:k_bytes]), (values, payload[k_bytes:])):
+            words = numpy_words(out)
+            words[...] = np.frombuffer(part, dtype=words.dtype).reshape(words.shape)
 
     def decode(self, payload, key_shape, value_shape, dtype):
         size = dtype.itemsize

@@ -34,6 +34,7 @@ which knows its model, re-applies it (``round_trip(..., model=)`` in process; th
 from __future__ import annotations
 
 import copy
+import math
 import re
 import threading
 from dataclasses import dataclass, field
@@ -235,6 +236,7 @@ class TransformCodec(Codec):
         self.key_step, self.value_step, self.strip_rope, self.level = float(key_step), float(value_step), strip_rope, level
         self.basis_name, self.layer = basis, layer
         self.kv_basis: KVBasis | None = None  # resolved by bind, from the bases the caller holds
+        self._analyses: dict = {}  # (side, layer, device) -> scaled basis; shared by the bound stream's layers
 
     @property
     def params(self) -> dict:
@@ -263,7 +265,7 @@ class TransformCodec(Codec):
                 raise CodecError(f"basis {self.basis_name!r} was fitted on cache space {kv_basis.cache_fingerprint!r}, "
                                  f"this stream is {cache_fingerprint!r}: name each hop's own basis (or basis='auto')")
         bound = copy.copy(self)
-        bound.basis_name, bound.kv_basis = kv_basis.fingerprint, kv_basis
+        bound.basis_name, bound.kv_basis, bound._analyses = kv_basis.fingerprint, kv_basis, {}
         return bound
 
     def for_layer(self, layer: int) -> Codec:
@@ -285,21 +287,38 @@ class TransformCodec(Codec):
         if len(x_shape) != 4 or tuple(x_shape[1::2]) != tuple(side.mean.shape):
             raise CodecError(f"{what} of shape {tuple(x_shape)} do not match the KV basis (heads, head_dim) = {tuple(side.mean.shape)}")
 
+    def _analysis(self, which: int, side: SideBasis, rel: float, device: torch.device) -> torch.Tensor:
+        """(H, D, D) float32: row c of head h is component c of its basis divided by the step, so one
+        batched matmul turns centred (H, D, t) vectors into component-major codes before rounding."""
+        key = (which, self.layer, device)
+        analysis = self._analyses.get(key)
+        if analysis is None:  # built once per (stream, layer, side); a benign race only builds it twice
+            analysis = (side.basis.transpose(1, 2) / (rel * side.rms)).contiguous().to(device)
+            self._analyses[key] = analysis
+        return analysis
+
     def encode_parts(self, keys: torch.Tensor, values: torch.Tensor) -> list:
         parts = []
-        for x, side, rel, what in zip((keys, values), self._sides(), (self.key_step, self.value_step), ("keys", "values")):
+        for which, (x, side, rel, what) in enumerate(zip((keys, values), self._sides(), (self.key_step, self.value_step), ("keys", "values"))):
             self._check(tuple(x.shape), side, what)
-            x = x.float()
-            if not torch.isfinite(x).all():
-                raise CodecError("pca cannot code non-finite values; use a lossless codec for such caches")
-            mean, basis = side.mean.to(x.device), side.basis.to(x.device)  # a CUDA cache is coded on its GPU
-            coefficients = (x - mean[None, :, None]) @ basis[None]  # (B, H, t, D)
-            codes = torch.round(coefficients.transpose(2, 3) / (rel * side.rms)).cpu()  # component-major (B, H, D, t)
-            peak = float(codes.abs().max()) if codes.numel() else 0.0
+            # Centre in float32 (one pass: the bf16 input is promoted as it is read), then one batched
+            # matmul with the step folded into the basis gives component-major codes (B, H, D, t).
+            x = x if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else x.float()
+            centred = x - side.mean.to(x.device)[None, :, None]  # (B, H, t, D) float32
+            codes = torch.matmul(self._analysis(which, side, rel, x.device), centred.transpose(2, 3)).round_()  # (B, H, D, t)
+            if codes.numel():
+                low, high = torch.aminmax(codes)
+                peak = max(-float(low), float(high))
+            else:
+                peak = 0.0
+            if not math.isfinite(peak):  # a non-finite input poisons its whole token's coefficients
+                if not torch.isfinite(x).all():
+                    raise CodecError("pca cannot code non-finite values; use a lossless codec for such caches")
+                raise CodecError(f"{what} overflow float32 in the basis: not this basis's cache space")
             width = next((w for w in CODE_WIDTHS if peak < 2 ** (8 * w - 1)), None)
             if width is None:
                 raise CodecError(f"{what} lie {peak:.3g} steps from the basis mean: not this basis's cache space")
-            codes = codes.to(CODE_WIDTHS[width]).contiguous()
+            codes = codes.to(CODE_WIDTHS[width]).cpu()  # contiguous, component-major
             parts.append(bytes([width]))
             for plane in byte_planes(codes):
                 parts.extend(section_parts(plane, self.level))

@@ -27,7 +27,8 @@ import math
 import struct
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -82,8 +83,13 @@ class WireHeader:
 
     def chunk_ranges(self) -> list[tuple[int, int, int]]:
         """(layer, token_start, token_count) of every chunk, in sequence order."""
+        return list(self.ranges)
+
+    @cached_property
+    def ranges(self) -> tuple[tuple[int, int, int], ...]:
+        """``chunk_ranges``, computed once per header (decoders look every chunk up in it)."""
         starts = range(0, self.tokens, self.chunk_tokens) if self.tokens else [0]
-        return [(layer, s, min(self.chunk_tokens, self.tokens - s)) for layer in range(len(self.layers)) for s in starts]
+        return tuple((layer, s, min(self.chunk_tokens, self.tokens - s)) for layer in range(len(self.layers)) for s in starts)
 
     def raw_nbytes(self) -> int:
         size = DTYPES[self.dtype].itemsize
@@ -98,6 +104,12 @@ class WireHeader:
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 
+# A chunk smaller than this is coded on the calling thread: handing it to a pool thread (a future, a
+# wake-up, the GIL passed back and forth) costs more than coding it (the zoo's caches, 4 chunks of ~4 KB,
+# took more CPU per request through the pool than inline). The figure is a round number between those
+# chunks and Qwen3-4B's 737 KB ones, not a measured crossover.
+PARALLEL_MIN_CHUNK_BYTES = 128 << 10
+
 
 def worker_pool(workers: int) -> ThreadPoolExecutor:
     """A process-wide pool per size: starting threads per cache would cost more than small caches take."""
@@ -106,14 +118,23 @@ def worker_pool(workers: int) -> ThreadPoolExecutor:
     return _POOLS[workers]
 
 
+def chunk_workers(header: WireHeader, workers: int) -> int:
+    """The threads worth using for a stream's chunks: ``workers``, or 1 when its chunks are too small
+    (on average under ``PARALLEL_MIN_CHUNK_BYTES`` of raw KV) to pay for the handoff."""
+    if workers <= 1 or header.num_chunks <= 1 or header.raw_nbytes() < PARALLEL_MIN_CHUNK_BYTES * header.num_chunks:
+        return 1
+    return workers
+
+
 
 def make_header(cache: KVCache, codec: Codec, chunk_tokens: int | None) -> WireHeader:
     """The header for ``cache`` (already through ``codec.prepare``)."""
-    mask_prefix = torch.arange(cache.num_tokens)[None, :] < cache.lengths[:, None]
-    if not torch.equal(mask_prefix, cache.mask.cpu()):
+    mask = cache.mask.cpu().numpy()  # (B, T) bool; numpy: a few µs where torch's small ops cost tens
+    lengths = mask.sum(axis=1)
+    if not np.array_equal(np.arange(mask.shape[1])[None, :] < lengths[:, None], mask):
         raise CodecError("the wire format carries right-padded caches: every row's valid slots must come first")
     layers = [[k.shape[1], k.shape[3], v.shape[1], v.shape[3]] for k, v in zip(cache.keys, cache.values)]
-    return stream_header(codec, cache.dtype, layers, cache.lengths.tolist(), cache.positions.tolist(),
+    return stream_header(codec, cache.dtype, layers, lengths.tolist(), cache.positions.tolist(),
                          cache.rope_applied, cache.fingerprint, chunk_tokens)
 
 
@@ -126,12 +147,12 @@ def stream_header(
     chunk_tokens = min(chunk_tokens or DEFAULT_CHUNK_TOKENS, max(tokens, 1))
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    header = WireHeader(
+    return WireHeader(
         codec=codec.name, params=codec.params, dtype=dtype_name(dtype), batch=len(lengths), tokens=tokens,
         layers=[list(map(int, layer)) for layer in layers], lengths=list(lengths), positions=positions,
-        rope_applied=rope_applied, fingerprint=fingerprint, chunk_tokens=chunk_tokens, num_chunks=0,
+        rope_applied=rope_applied, fingerprint=fingerprint, chunk_tokens=chunk_tokens,
+        num_chunks=len(layers) * max(1, math.ceil(tokens / chunk_tokens)),  # as chunk_ranges counts them
     )
-    return replace(header, num_chunks=len(header.chunk_ranges()))
 
 
 def header_frame(header: WireHeader) -> bytes:
@@ -149,16 +170,27 @@ def chunk_parts(seq: int, layer: int, token_start: int, token_count: int, payloa
     return [CHUNK_MAGIC + fields + struct.pack("<Q", digest.intdigest()), *payload]
 
 
-def encode_chunk(codec: Codec, seq: int, layer: int, start: int, count: int, keys: torch.Tensor, values: torch.Tensor) -> list:
-    """Chunk ``seq`` as buffers: tokens [start, start + count) of one layer's full-width K, V."""
-    payload = codec.for_layer(layer).encode_parts(keys[:, :, start : start + count], values[:, :, start : start + count])
+def encode_chunk(codec: Codec, seq: int, layer: int, start: int, count: int, keys: torch.Tensor, values: torch.Tensor,
+                 scratch: bool = False) -> list:
+    """Chunk ``seq`` as buffers: tokens [start, start + count) of one layer's full-width K, V (``scratch``:
+    the buffers may be this thread's scratch, for a caller that joins them at once)."""
+    if start or count != keys.shape[2]:  # a token range of the layer (a view; the whole layer needs no slicing)
+        keys, values = keys[:, :, start : start + count], values[:, :, start : start + count]
+    coder = codec.for_layer(layer)
+    payload = coder.encode_frame_parts(keys, values) if scratch else coder.encode_parts(keys, values)
     return chunk_parts(seq, layer, start, count, payload)
+
+
+def encode_chunk_frame(codec: Codec, seq: int, layer: int, start: int, count: int, keys: torch.Tensor, values: torch.Tensor) -> bytes:
+    """Chunk ``seq`` as one byte string, joined where it was encoded (a pool joins in parallel; the
+    codec's buffers may be scratch)."""
+    return b"".join(encode_chunk(codec, seq, layer, start, count, keys, values, scratch=True))
 
 
 def layer_frames(header: WireHeader, codec: Codec, layer: int, keys: torch.Tensor, values: torch.Tensor) -> list[bytes]:
     """The chunk frames of one layer (full-width K, V), with the sequence numbers the header assigns."""
-    return [b"".join(encode_chunk(codec, seq, layer, start, count, keys, values))
-            for seq, (chunk_layer, start, count) in enumerate(header.chunk_ranges()) if chunk_layer == layer]
+    return [encode_chunk_frame(codec, seq, layer, start, count, keys, values)
+            for seq, (chunk_layer, start, count) in enumerate(header.ranges) if chunk_layer == layer]
 
 
 def start_stream(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, bases=None) -> tuple[KVCache, Codec, WireHeader]:
@@ -171,16 +203,25 @@ def start_stream(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, 
 
 def iter_chunk_parts(cache: KVCache, codec: Codec, header: WireHeader, workers: int = 1) -> Iterator[list]:
     """The chunk frames of a started stream in sequence order, each as a list of buffers
-    (``workers`` encode chunks in parallel)."""
-    def encode_one(item: tuple[int, tuple[int, int, int]]) -> list:
-        seq, (layer, start, count) = item
-        return encode_chunk(codec, seq, layer, start, count, cache.keys[layer], cache.values[layer])
+    (``workers`` encode chunks in parallel when they are big enough to pay for it)."""
+    yield from _map_chunks(encode_chunk, cache, codec, header, workers)
 
-    items = list(enumerate(header.chunk_ranges()))
-    if workers <= 1 or len(items) == 1:
+
+def iter_chunk_frames(cache: KVCache, codec: Codec, header: WireHeader, workers: int = 1) -> Iterator[bytes]:
+    """``iter_chunk_parts`` with each frame joined into one byte string by the thread that encoded it."""
+    yield from _map_chunks(encode_chunk_frame, cache, codec, header, workers)
+
+
+def _map_chunks(encode, cache: KVCache, codec: Codec, header: WireHeader, workers: int) -> Iterator:
+    def encode_one(item: tuple[int, tuple[int, int, int]]):
+        seq, (layer, start, count) = item
+        return encode(codec, seq, layer, start, count, cache.keys[layer], cache.values[layer])
+
+    items = enumerate(header.ranges)
+    if chunk_workers(header, workers) == 1:
         yield from map(encode_one, items)
     else:
-        yield from worker_pool(workers).map(encode_one, items)  # zstd and numpy release the GIL
+        yield from worker_pool(workers).map(encode_one, items)  # zstd, xxhash and numpy release the GIL
 
 
 def iter_encode_parts(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, workers: int = 1, bases=None) -> Iterator[list]:
@@ -193,8 +234,9 @@ def iter_encode_parts(cache: KVCache, codec: Codec, chunk_tokens: int | None = N
 
 def iter_encode(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, workers: int = 1, bases=None) -> Iterator[bytes]:
     """Yield the header frame, then chunk frames in sequence order, each as one byte string."""
-    for parts in iter_encode_parts(cache, codec, chunk_tokens, workers, bases):
-        yield b"".join(parts)
+    cache, codec, header = start_stream(cache, codec, chunk_tokens, bases)
+    yield header_frame(header)
+    yield from iter_chunk_frames(cache, codec, header, workers)
 
 
 def encode_cache(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, workers: int = 1, bases=None) -> bytes:
@@ -260,7 +302,8 @@ def validate_header(h: WireHeader, limits: DecodeLimits) -> None:
     _require(isinstance(h.lengths, list) and len(h.lengths) == h.batch and all(_is_int(n, 0, h.tokens) for n in h.lengths),
              f"header lengths must be {h.batch} integers in [0, {h.tokens}]")
     _require(isinstance(h.positions, list) and len(h.positions) == h.batch
-             and all(isinstance(row, list) and len(row) == h.tokens and all(_is_int(p, 0, 1 << 31) for p in row) for row in h.positions),
+             and all(isinstance(row, list) and len(row) == h.tokens and all(type(p) is int and 0 <= p <= 1 << 31 for p in row)
+                     for row in h.positions),
              f"header positions must be {h.batch} rows of {h.tokens} non-negative integers")
     _require(isinstance(h.rope_applied, bool) and isinstance(h.fingerprint, str), "header rope_applied must be a bool and fingerprint a string")
     _require(_is_int(h.chunk_tokens, 1), f"header chunk_tokens {h.chunk_tokens!r} must be an integer >= 1")
@@ -304,8 +347,10 @@ class StreamDecoder:
             self.codec = get_codec(self.header.codec, **self.header.params).bind(self.header.fingerprint, self.header.rope_applied, self.bases)
             self.keys = [None] * len(self.header.layers)
             self.values = [None] * len(self.header.layers)
+            if self.codec.writes_in_place:
+                self.keys, self.values = cache_storage(self.header)
             self.pending_per_layer = [0] * len(self.header.layers)
-            for layer, _, _ in self.header.chunk_ranges():
+            for layer, _, _ in self.header.ranges:
                 self.pending_per_layer[layer] += 1
             return None
         return self._chunk(memoryview(frame))
@@ -326,11 +371,19 @@ class StreamDecoder:
         check.update(frame[CHUNK_PREFIX_SIZE:])
         _require(check.intdigest() == digest, f"chunk {seq} checksum mismatch", ChecksumError)
         _require(seq < h.num_chunks, f"chunk sequence number {seq} is beyond the header's {h.num_chunks} chunks", ShapeMismatchError)
-        want = h.chunk_ranges()[seq]
+        want = h.ranges[seq]
         _require((layer, start, count) == want, f"chunk {seq} covers (layer, start, count) = {(layer, start, count)}, header says {want}", ShapeMismatchError)
         key_shape, value_shape = h.chunk_shapes(layer, count)
         try:
-            keys, values = self.codec.for_layer(layer).decode(frame[CHUNK_PREFIX_SIZE:], key_shape, value_shape, h.torch_dtype)
+            if self.codec.writes_in_place:  # straight into the cache's storage (chunks cover disjoint slots)
+                # A chunk that already arrived must not overwrite slots a consumer may be reading.
+                _require(seq not in self.received, f"chunk {seq} arrived twice", DuplicateChunkError)
+                keys, values = self.keys[layer], self.values[layer]
+                if count != h.tokens:
+                    keys, values = keys[:, :, start : start + count], values[:, :, start : start + count]
+                self.codec.for_layer(layer).decode_into(frame[CHUNK_PREFIX_SIZE:], keys, values)
+            else:
+                keys, values = self.codec.for_layer(layer).decode(frame[CHUNK_PREFIX_SIZE:], key_shape, value_shape, h.torch_dtype)
         except CodecError:
             raise
         except Exception as exc:  # a codec bug must still surface as a codec error, never crash a service
@@ -346,7 +399,9 @@ class StreamDecoder:
         _require(seq not in self.received, f"chunk {seq} arrived twice", DuplicateChunkError)
         if self.strict_order:
             _require(seq == len(self.received), f"chunk {seq} arrived out of order (expected {len(self.received)})", OutOfOrderChunkError)
-        if count == h.tokens:  # the chunk is the whole layer: keep the decoded tensors, no copy
+        if self.codec.writes_in_place:
+            pass  # decoded in place
+        elif count == h.tokens:  # the chunk is the whole layer: keep the decoded tensors, no copy
             self.keys[layer], self.values[layer] = event.keys, event.values
         else:
             self._write(layer, start, count, event)
@@ -376,8 +431,29 @@ class StreamDecoder:
         _require(not missing, f"stream ended with {len(missing)} of {self.header.num_chunks} chunks missing (first: {missing[:5]})", MissingChunkError)
         h = self.header
         positions = torch.tensor(h.positions, dtype=torch.long).reshape(h.batch, h.tokens)
-        mask = torch.arange(h.tokens)[None, :] < torch.tensor(h.lengths)[:, None]
+        mask = torch.from_numpy(np.arange(h.tokens)[None, :] < np.array(h.lengths, dtype=np.int64)[:, None])  # (B, T)
         return KVCache(list(self.keys), list(self.values), mask, positions, h.rope_applied, h.fingerprint)
+
+
+HUGE_PAGE_STORAGE_BYTES = 4 << 20  # numpy's threshold for madvise(MADV_HUGEPAGE)
+
+
+def cache_storage(header: WireHeader) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every layer's K and V of a stream as views of one buffer, allocated once when the header arrives.
+
+    One numpy allocation (transparent huge pages above 4 MB) instead of two per chunk: a 26.5 MB cache in
+    fresh per-chunk tensors faulted in ~6,500 pages, about as long as decoding it. Untouched pages cost
+    nothing, so a header whose chunks never come holds no memory (its size is within ``DecodeLimits``).
+    """
+    dtype = header.torch_dtype
+    shapes = [shape for layer in range(len(header.layers)) for shape in header.chunk_shapes(layer, header.tokens)]
+    sizes = [math.prod(shape) for shape in shapes]
+    if header.raw_nbytes() >= HUGE_PAGE_STORAGE_BYTES:  # numpy asks for transparent huge pages (madvise)
+        storage = torch.from_numpy(np.empty(header.raw_nbytes(), dtype=np.uint8)).view(dtype)
+    else:  # small caches: one torch allocation, cheaper than numpy's round trip
+        storage = torch.empty(sum(sizes), dtype=dtype)
+    tensors = [piece.view(shape) for piece, shape in zip(storage.split(sizes), shapes)]
+    return tensors[0::2], tensors[1::2]
 
 
 def _byte_view(tensor: torch.Tensor) -> np.ndarray:
@@ -414,7 +490,7 @@ def decode_frames(
     for frame in frames:
         decoder.feed(frame)
         break
-    if workers <= 1 or decoder.header is None or decoder.header.num_chunks == 1:
+    if decoder.header is None or chunk_workers(decoder.header, workers) == 1:
         for frame in frames:
             decoder.feed(frame)
     else:

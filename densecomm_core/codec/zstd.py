@@ -63,6 +63,39 @@ def decompress(data: bytes | memoryview, expected_size: int) -> bytes:
     return out
 
 
+def decompress_into(data: bytes | memoryview, out) -> None:
+    """Decompress a frame of exactly ``len(out)`` bytes into the writable buffer ``out`` (no allocation:
+    zstd writes straight into it when the whole frame is at hand); errors as ``decompress``."""
+    out = memoryview(out).cast("B")
+    try:
+        declared = zstandard.frame_content_size(data)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"corrupt zstd frame: {exc}") from exc
+    if declared != len(out):
+        raise CodecError(f"zstd frame declares {declared} bytes, expected {len(out)}")
+    try:
+        # The whole frame in one read: zstd then decodes it in one pass, checking its declared size.
+        size = decompressor().stream_reader(data, read_size=len(data) + 1).readinto(out)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"corrupt zstd frame: {exc}") from exc
+    if size != len(out):
+        raise CodecError(f"zstd frame yielded {size} bytes, expected {len(out)}")
+
+
+def scratch(size: int, slot=0):
+    """A thread-local uint8 buffer of ``size`` bytes, reused across calls on this thread (no fresh pages
+    to fault in per chunk); valid until the next ``scratch(..., slot)`` call on the same thread."""
+    import numpy as np
+
+    buffers = getattr(_local, "scratch", None)
+    if buffers is None:
+        buffers = _local.scratch = {}
+    buffer = buffers.get(slot)
+    if buffer is None or buffer.size < size:
+        buffer = buffers[slot] = np.empty(max(size, 1 << 16), dtype=np.uint8)
+    return buffer[:size]
+
+
 PROBE_BYTES = 8 << 10
 
 
@@ -88,8 +121,10 @@ def pack_section(data, level: int | None) -> bytes:
     return b"".join(section_parts(data, level))
 
 
-def unpack_section(payload: memoryview, offset: int, expected_size: int) -> tuple[bytes | memoryview, int]:
-    """Read one section at ``offset``; returns (exactly ``expected_size`` bytes, next offset)."""
+def unpack_section(payload: memoryview, offset: int, expected_size: int, out=None) -> tuple[bytes | memoryview, int]:
+    """Read one section at ``offset``; returns (exactly ``expected_size`` bytes, next offset). A compressed
+    section is decompressed into ``out`` (a writable buffer of ``expected_size`` bytes) when given; a
+    stored one is returned as a view of ``payload`` either way."""
     if offset + SECTION.size > len(payload):
         raise TruncatedError(f"payload ends inside a section header at byte {offset}")
     mode, size = SECTION.unpack_from(payload, offset)
@@ -102,5 +137,8 @@ def unpack_section(payload: memoryview, offset: int, expected_size: int) -> tupl
             raise CodecError(f"stored section is {size} bytes, expected {expected_size}")
         return body, end
     if mode == ZSTD:
+        if out is not None:
+            decompress_into(body, out)
+            return out, end
         return decompress(body, expected_size), end
     raise CodecError(f"unknown section mode {mode}")

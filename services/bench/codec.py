@@ -10,7 +10,10 @@ The ``pca`` rows use KV bases calibrated on other inputs of the same model (the 
 ship keys RoPE-stripped as the services do (stripping is the sender's work, outside the timing). The
 stand-in's weights are random, so its KV is close to isotropic: the least favourable case for a
 transform codec (a trained model's KV concentrates in few directions; the zoo's does).
-Throughput is MB/s of raw KV (best of ``repeats``), encode and decode, with ``workers`` threads.
+Throughput is MB/s of raw KV (best of ``repeats``), encode and decode, with ``workers`` threads; ``µs/req``
+is encode + decode time per request (a cache's fixed cost: for the zoo's 48 KB caches it dominates).
+``targets`` checks the rows against issue 11's codec goals and ``profile`` splits encode and decode
+time into stages (zstd, byte planes, checksums, torch ops, Python) from a cProfile of one thread.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ class CodecRow:
     ratio: float
     encode_mb_s: float
     decode_mb_s: float
+    requests: int = 1  # caches (one request each) in the row
+    us_per_request: float = 0.0  # encode + decode per request, µs
 
 
 def qwen3_4b_geometry_model(tokenizer, rope_theta: float = 1_000_000.0):
@@ -171,14 +176,69 @@ def measure(cache_name: str, model, caches: list[KVCache], repeats: int, workers
         encode_s, streams = best_of(repeats, lambda: [encode_hop(c, codec, bases, workers) for c in shipped])
         decode_s, _ = best_of(repeats, lambda: [decode_hop(frames, bases, workers) for frames in streams])
         wire = sum(len(f) for frames in streams for f in frames)
-        rows.append(CodecRow(cache_name, label, raw_bytes / 1e6, raw_bytes / wire, raw_bytes / encode_s / 1e6, raw_bytes / decode_s / 1e6))
+        rows.append(row(cache_name, label, raw_bytes, wire, encode_s, decode_s, len(caches)))
     raws = [b"".join(tensor_bytes(t) for t in (*c.keys, *c.values)) for c in caches]
-    compressor = zstandard.ZstdCompressor(level=1, threads=workers if workers > 1 else 0)
+    # zstd's own threads only pay on big inputs (it splits into jobs of >= 512 KB); one thread below that.
+    compressor = zstandard.ZstdCompressor(level=1, threads=workers if workers > 1 and raw_bytes / len(caches) > (1 << 20) else 0)
     encode_s, packed = best_of(repeats, lambda: [compressor.compress(r) for r in raws])
-    decode_s, _ = best_of(repeats, lambda: [zstandard.ZstdDecompressor().decompress(p) for p in packed])
-    rows.append(CodecRow(cache_name, "zstd -1 (reference)", raw_bytes / 1e6, raw_bytes / sum(len(p) for p in packed),
-                         raw_bytes / encode_s / 1e6, raw_bytes / decode_s / 1e6))
+    decompressor = zstandard.ZstdDecompressor()
+    decode_s, _ = best_of(repeats, lambda: [decompressor.decompress(p) for p in packed])
+    rows.append(row(cache_name, REFERENCE, raw_bytes, sum(len(p) for p in packed), encode_s, decode_s, len(caches)))
     return rows
+
+
+REFERENCE = "zstd -1 (reference)"
+
+
+def row(cache: str, codec: str, raw_bytes: int, wire_bytes: int, encode_s: float, decode_s: float, requests: int) -> CodecRow:
+    return CodecRow(cache, codec, raw_bytes / 1e6, raw_bytes / wire_bytes, raw_bytes / encode_s / 1e6, raw_bytes / decode_s / 1e6,
+                    requests, (encode_s + decode_s) / requests * 1e6)
+
+
+@dataclass
+class Target:
+    """One of issue 11's codec goals, checked against a row of the table measured in the same run."""
+
+    name: str
+    value: float
+    goal: float
+    unit: str
+    higher_is_better: bool = True
+    compare: str = ""  # the same figure of the reference, for context
+
+    @property
+    def ok(self) -> bool:
+        return self.value >= self.goal if self.higher_is_better else self.value <= self.goal
+
+
+def targets(rows: list[CodecRow]) -> list[Target]:
+    """Issue 11's codec goals, from the rows that are present (a missing row is no target)."""
+    by = {(r.cache, r.codec): r for r in rows}
+    found = []
+    big, zoo = by.get(("qwen3-4b", "lossless")), by.get(("zoo", "lossless"))
+    big_ref, zoo_ref = by.get(("qwen3-4b", REFERENCE)), by.get(("zoo", REFERENCE))
+    if big is not None:
+        found.append(Target("qwen3-4b lossless decode", big.decode_mb_s, 2000, "MB/s",
+                            compare=f"zstd -1 {big_ref.decode_mb_s:.0f} MB/s" if big_ref else ""))
+        found.append(Target("qwen3-4b lossless encode", big.encode_mb_s, 1200, "MB/s",
+                            compare=f"zstd -1 {big_ref.encode_mb_s:.0f} MB/s" if big_ref else ""))
+    if zoo is not None:
+        found.append(Target("zoo lossless enc+dec per request", zoo.us_per_request / 1e3, 0.5, "ms", higher_is_better=False,
+                            compare=f"zstd -1 {zoo_ref.us_per_request / 1e3:.3f} ms" if zoo_ref else ""))
+    pca = by.get(("qwen3-4b", "pca k.25/v.35"))
+    if pca is not None:
+        found.append(Target("qwen3-4b pca k.25/v.35 encode", pca.encode_mb_s, 400, "MB/s"))
+    return found
+
+
+def render_targets(found: list[Target]) -> str:
+    lines = []
+    for t in found:
+        sign = ">=" if t.higher_is_better else "<="
+        value = f"{t.value:.3f}" if t.unit == "ms" else f"{t.value:.0f}"
+        lines.append(f"{'ok    ' if t.ok else 'MISSED'} {t.name:34s} {value:>8s} {t.unit:4s} (target {sign} {t.goal:g} {t.unit})"
+                     + (f"  [{t.compare}]" if t.compare else ""))
+    return "\n".join(lines)
 
 
 def accuracy_through_codecs(per_family: int, hops: tuple[int, ...] = (0, 1)) -> list[dict]:
@@ -222,7 +282,80 @@ def accuracy_through_codecs(per_family: int, hops: tuple[int, ...] = (0, 1)) -> 
     return results
 
 
+# Stages of a codec's time, recognised in a cProfile by function name: (stage, substrings of the
+# profiler's function label). C functions count where they run; numpy ufuncs, which cProfile does not
+# see, count in the Python function that calls them (byte_planes, merge_planes).
+STAGES: list[tuple[str, tuple[str, ...]]] = [
+    ("zstd compress", ("ZstdCompressor' objects",)),
+    ("zstd decompress", ("ZstdDecompressor' objects", "ZstdDecompressionReader' objects", "frame_content_size")),
+    ("xxh3 checksums", ("xxh3",)),
+    ("split byte planes (numpy)", ("byte_planes", "tensor_uint8")),
+    ("merge byte planes (numpy)", ("merge_planes", "tensor_from_bytes")),
+    ("join frames", ("join' of 'bytes",)),
+    ("matmul", ("matmul", "baddbmm", "bmm")),
+    ("other torch ops", ("torch", "Tensor")),
+    ("header (json, validation)", ("json", "header", "validate", "_require", "_is_int")),
+    ("thread pool handoff", ("acquire' of '_thread.lock", "threading.py", "futures")),
+]
+
+
+def stage_times(profiler: cProfile.Profile) -> dict[str, float]:
+    """Seconds of self time per stage (``STAGES``; everything else is "python (rest)")."""
+    totals: dict[str, float] = {}
+    for (filename, _, name), (_, _, tottime, _, _) in pstats.Stats(profiler).stats.items():
+        label = f"{filename}:{name}"
+        stage = next((stage for stage, keys in STAGES if any(k in label for k in keys)), "python (rest)")
+        totals[stage] = totals.get(stage, 0.0) + tottime
+    return totals
+
+
+def profile_codec(caches: list[KVCache], codec, bases: KVBases, repeats: int = 3) -> tuple[dict, dict, float, float]:
+    """(encode stages, decode stages, encode s, decode s) per request, one thread: the stages from a
+    cProfile of ``repeats`` passes, the seconds without the profiler (best of ``repeats``)."""
+    encode_s, streams = best_of(repeats, lambda: [encode_hop(c, codec, bases, 1) for c in caches])
+    decode_s, _ = best_of(repeats, lambda: [decode_hop(frames, bases, 1) for frames in streams])
+    stages = []
+    for work in (lambda: [encode_hop(c, codec, bases, 1) for c in caches], lambda: [decode_hop(f, bases, 1) for f in streams]):
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(repeats):
+            work()
+        profiler.disable()
+        stages.append({k: v / repeats / len(caches) for k, v in stage_times(profiler).items()})
+    return stages[0], stages[1], encode_s / len(caches), decode_s / len(caches)
+
+
+def render_profile(title: str, profile: tuple[dict, dict, float, float], unit: str = "ms") -> str:
+    """A stage table: self time per stage under the profiler, and the wall time without it."""
+    encode, decode, encode_s, decode_s = profile
+    scale = 1e3 if unit == "ms" else 1e6
+    names = [stage for stage, _ in STAGES] + ["python (rest)"]
+    lines = [title, f"  {'stage':28s} {'encode ' + unit:>10s} {'decode ' + unit:>10s}"]
+    for name in names:
+        if encode.get(name, 0) or decode.get(name, 0):
+            lines.append(f"  {name:28s} {encode.get(name, 0) * scale:10.2f} {decode.get(name, 0) * scale:10.2f}")
+    lines.append(f"  {'total under cProfile':28s} {sum(encode.values()) * scale:10.2f} {sum(decode.values()) * scale:10.2f}")
+    lines.append(f"  {'wall, no profiler':28s} {encode_s * scale:10.2f} {decode_s * scale:10.2f}")
+    return "\n".join(lines)
+
+
+def profiles(big: KVCache, big_model, big_bases: KVBases, zoo: list[KVCache], zoo_model, zoo_bases: KVBases) -> str:
+    """The ``--profile`` view: lossless and pca on the big cache, lossless on one zoo request, 1 thread."""
+    from densecomm_core.rope import strip_rope
+
+    lossless, pca = get_codec("lossless"), get_codec("pca", key_step=0.25, value_step=0.35)
+    stripped = strip_rope(big, big_model).to(dtype=big.dtype)
+    zoo_stripped = [strip_rope(c, zoo_model).to(dtype=c.dtype) for c in zoo]
+    return "\n\n".join([
+        render_profile("lossless, qwen3-4b cache, 1 thread, ms per request", profile_codec([big], lossless, KVBases())),
+        render_profile("pca k.25/v.35, qwen3-4b cache, 1 thread, ms per request", profile_codec([stripped], pca, big_bases)),
+        render_profile(f"lossless, zoo caches ({len(zoo)} requests), 1 thread, µs per request", profile_codec(zoo, lossless, KVBases(), 5), "µs"),
+        render_profile(f"pca k.25/v.35, zoo caches ({len(zoo)} requests), 1 thread, µs per request", profile_codec(zoo_stripped, pca, zoo_bases, 5), "µs"),
+    ])
+
+
 def profile_lossless(cache: KVCache, workers: int) -> str:
+    """The top functions of one lossless encode + decode of ``cache`` by self time (cProfile)."""
     codec = get_codec("lossless")
     profiler = cProfile.Profile()
     profiler.enable()
@@ -234,10 +367,11 @@ def profile_lossless(cache: KVCache, workers: int) -> str:
 
 
 def render(rows: list[CodecRow]) -> str:
-    header = f"{'cache':10s} {'codec':20s} {'raw MB':>8s} {'ratio':>7s} {'enc MB/s':>9s} {'dec MB/s':>9s}"
+    header = f"{'cache':10s} {'codec':20s} {'raw MB':>8s} {'ratio':>7s} {'enc MB/s':>9s} {'dec MB/s':>9s} {'µs/req':>8s}"
     lines = [header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r.cache:10s} {r.codec:20s} {r.raw_mb:8.2f} {r.ratio:7.2f} {r.encode_mb_s:9.0f} {r.decode_mb_s:9.0f}")
+        lines.append(f"{r.cache:10s} {r.codec:20s} {r.raw_mb:8.2f} {r.ratio:7.2f} {r.encode_mb_s:9.0f} {r.decode_mb_s:9.0f} "
+                     f"{r.us_per_request:8.0f}")
     return "\n".join(lines)
 
 

@@ -245,3 +245,42 @@ def test_fuzz_mutations_only_raise_codec_errors(zoo_pair):
         except CodecError:
             outcomes["error"] += 1
     assert outcomes["error"] > 2000
+
+
+def test_in_place_decoding_refuses_a_duplicate_before_it_overwrites_a_placed_chunk():
+    first, other = make_cache(seed=1), make_cache(seed=2)  # same geometry, different values
+    frames = list(iter_encode(first, get_codec("lossless"), chunk_tokens=4))
+    impostor = list(iter_encode(other, get_codec("lossless"), chunk_tokens=4))[1]  # seq 0, a valid checksum
+    decoder = StreamDecoder(strict_order=False)
+    decoder.feed(frames[0])
+    decoder.feed(frames[1])
+    with pytest.raises(DuplicateChunkError):
+        decoder.feed(impostor)
+    torch.testing.assert_close(decoder.keys[0][:, :, :4], first.keys[0][:, :, :4], rtol=0, atol=0)
+
+
+def test_decode_into_matches_decode_for_every_codec_and_strided_outputs():
+    cache = make_cache(layers=1, tokens=12, dims=(16, 16))
+    for name in ("raw", "lossless", "quantized"):
+        codec = get_codec(name)
+        keys, values = cache.keys[0][:, :, 2:9], cache.values[0][:, :, 2:9]
+        payload = codec.encode(keys, values)
+        k, v = codec.decode(payload, tuple(keys.shape), tuple(values.shape), keys.dtype)
+        k_out, v_out = torch.zeros_like(cache.keys[0]), torch.zeros_like(cache.values[0])
+        codec.decode_into(payload, k_out[:, :, 2:9], v_out[:, :, 2:9])  # strided views of bigger tensors
+        assert torch.equal(k_out[:, :, 2:9].view(torch.int16), k.view(torch.int16)) and torch.equal(v_out[:, :, 2:9].view(torch.int16), v.view(torch.int16))
+        assert not k_out[:, :, :2].any() and not k_out[:, :, 9:].any()  # nothing outside the slots
+
+
+def test_small_streams_are_coded_inline_and_big_ones_on_the_pool():
+    from densecomm_core.codec.wire import (
+        PARALLEL_MIN_CHUNK_BYTES,
+        chunk_workers,
+        make_header,
+    )
+
+    small = make_header(make_cache(layers=4), get_codec("raw"), None)
+    assert chunk_workers(small, 2) == 1
+    tokens = PARALLEL_MIN_CHUNK_BYTES // (2 * 2 * 8 * 2) + 1  # each layer's K + V just over the threshold
+    big = make_header(make_cache(layers=2, tokens=tokens), get_codec("raw"), None)
+    assert chunk_workers(big, 2) == 2 and chunk_workers(big, 1) == 1
