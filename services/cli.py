@@ -184,7 +184,7 @@ def cmd_bench_resume(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.reference:
         bench.check_reference(config, Path(args.reference))
-        reference = bench.summarize("uninterrupted", Path(args.reference), 0.0)
+        reference = bench.summarize("uninterrupted", Path(args.reference))
     else:
         reference = bench.run_reference(args.config, out / "uninterrupted", args.seed)
     killed = bench.run_killed(args.config, config, out / "killed", args.seed, args.at, print)

@@ -77,9 +77,12 @@ def kill_run(process: subprocess.Popen) -> int:
     return len(victims)
 
 
-def summarize(name: str, out: Path, wall_s: float) -> ResumeRow:
+def summarize(name: str, out: Path, wall_s: float | None = None) -> ResumeRow:
+    """A finished run's figures; ``wall_s`` None: the sum of its stages' wall times (an earlier run)."""
     state = json.loads((out / "run_state.json").read_text())
     stages = state["stages"]
+    if wall_s is None:
+        wall_s = sum(stage.get("wall_s", 0.0) for stage in stages.values())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     resumed = {r["phase"]: r["step"] for r in records if r.get("event") == "resumed"}
     finalize = stages["finalize"]
