@@ -259,6 +259,22 @@ class OverlappedDecode:
             self.pending.cancel()
 
 
+async def decode_overlapped(frames, decoding: OverlappedDecode | None, reader: shm.ShmReader | None) -> None:
+    """Run ``frames`` (wire frames, e.g. ``read_frames``) through ``decoding``, each frame decoded while the
+    next arrives (None: only read them), then close ``reader``'s slots however the stream ended."""
+    try:
+        async for frame in frames:
+            if decoding is not None:
+                await decoding.submit(frame)
+        if decoding is not None:
+            await decoding.drain()
+    finally:
+        if decoding is not None:
+            decoding.cancel()
+        if reader is not None:
+            reader.close()
+
+
 async def read_setup(messages):
     """The first message of a KV stream, which must carry the hop setup."""
     first = await anext(messages, None)
@@ -321,14 +337,17 @@ async def relay_events(call, on_stats=None):
 
 class ServicerBase:
     service = ""
+    pool: shm.ShmPool | None = None  # shared-memory slots of the hop this servicer sends frames on, if any
 
     def __init__(self, config: ServeConfig, metrics: ServiceMetrics, downstream: Downstream | None = None) -> None:
         self.config, self.metrics, self.downstream = config, metrics, downstream
 
     async def close(self) -> None:
-        """Release what the servicer holds (its downstream channels)."""
+        """Release what the servicer holds (its downstream channels, its shared-memory pool)."""
         if self.downstream is not None:
             await self.downstream.close()
+        if self.pool is not None:
+            self.pool.close()
 
     @property
     def limits(self) -> DecodeLimits:
@@ -402,14 +421,7 @@ class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
         upstream: list = []  # the StreamDone the adapter forwards after its last frame
         decoding = OverlappedDecode(feed, on_event)  # decode frame i while frame i+1 arrives
         decoder.report.transport = "shm" if reader is not None else "bytes"
-        try:
-            async for frame in read_frames(messages, upstream.append, first.setup.transport or "bytes", reader):
-                await decoding.submit(frame)
-            await decoding.drain()
-        finally:
-            decoding.cancel()
-            if reader is not None:
-                reader.close()
+        await decode_overlapped(read_frames(messages, upstream.append, first.setup.transport or "bytes", reader), decoding, reader)
         done = upstream[-1] if upstream else None
         # the receiver's space, RoPE, dtype and device
         cache = None if text_only else await asyncio.to_thread(decoder.finish)
@@ -481,11 +493,6 @@ class AdapterServicer(ServicerBase, kv_pb2_grpc.AdapterServicer):
         super().__init__(config, metrics, receivers)
         self.routes, self.receivers = routes, receivers
         self.pool = transport.make_pool(config)  # shared-memory slots of the adapter -> receiver hop
-
-    async def close(self) -> None:
-        await super().close()
-        if self.pool is not None:
-            self.pool.close()
 
     @classmethod
     def build(cls, config: ServeConfig, metrics: ServiceMetrics, downstream: Downstream | None = None) -> AdapterServicer:
@@ -586,11 +593,6 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
         super().__init__(config, metrics, adapters)
         self.routes, self.adapters = routes, adapters
         self.pool = transport.make_pool(config)  # shared-memory slots of the sender -> adapter hop
-
-    async def close(self) -> None:
-        await super().close()
-        if self.pool is not None:
-            self.pool.close()
 
     @classmethod
     def build(cls, config: ServeConfig, metrics: ServiceMetrics, downstream: Downstream | None = None) -> SenderServicer:

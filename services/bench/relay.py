@@ -44,6 +44,7 @@ from services.servicers import (
     AHEAD_FRAMES,
     OverlappedDecode,
     ahead,
+    decode_overlapped,
     read_frames,
     read_setup,
     send_frame,
@@ -100,18 +101,15 @@ class SinkServicer:
                 reader.decoded(frame)
             return event
 
-        decoding = OverlappedDecode(feed)
         wire = 0
-        try:
+
+        async def counted():
+            nonlocal wire
             async for frame in read_frames(request_iterator, lambda done: None, first.setup.transport or "bytes", reader):
                 wire += len(frame)
-                if self.decode or reader is not None:
-                    await decoding.submit(frame)
-            await decoding.drain()
-        finally:
-            decoding.cancel()
-            if reader is not None:
-                reader.close()
+                yield frame
+
+        await decode_overlapped(counted(), OverlappedDecode(feed) if self.decode or reader is not None else None, reader)
         if self.decode:
             await asyncio.to_thread(decoder.finish)
         yield relay_pb2.RelayEvent(stats=relay_pb2.RelayStats(wire_bytes=wire))

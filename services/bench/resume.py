@@ -124,12 +124,12 @@ def run_reference(config_arg: str, out: Path, seed: int) -> ResumeRow:
 
 def check_reference(config: TrainConfig, reference: Path) -> None:
     """The reference run must be this config (output directory and name aside)."""
-    theirs = json.loads((reference / "run_state.json").read_text())["config"]
-    ours = config.to_dict()
+    state = json.loads((reference / "run_state.json").read_text())
+    theirs, ours = state["config"], config.to_dict()
     differ = sorted(k for k in set(ours) | set(theirs) if k not in ("output_dir", "name") and ours.get(k) != theirs.get(k))
     if differ:
         raise SystemExit(f"--reference {reference} ran another config: {', '.join(differ)} differ")
-    if "finalize" not in json.loads((reference / "run_state.json").read_text())["stages"]:
+    if "finalize" not in state["stages"]:
         raise SystemExit(f"--reference {reference} has not finished (no finalize stage)")
 
 
