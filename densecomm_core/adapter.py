@@ -4,8 +4,9 @@ For every receiver layer l and receiver KV group g:
     (K'_R, V'_R)[l, g] = γ[l, g] · (T_K[l, g](K̂_S[a(l), π(g)]), T_V[l, g](V̂_S[a(l), π(g)]))
 where K̂_S, V̂_S are the sender's RoPE-stripped keys and values, a(l) the depth map (eq. 10), π the
 KV-group map, T_* a token-wise MLP d_S -> e·d_S -> d_R with GELU (eq. 12) and γ ∈ [0, 1] a learned gate
-(a sigmoid of a free logit). Parameters of all groups of a layer are stacked so one batched matmul
-serves a whole layer; ``transform_layer`` lets a service map layers as they stream in.
+(a sigmoid of a free logit). Parameters are stacked (layer, group) so one batched matmul serves every
+K and V MLP of the cache at once, on real tokens only; ``transform_layer`` lets a service map layers
+as they stream in.
 
 A checkpoint is a directory: ``adapter.safetensors`` plus ``adapter_config.json`` holding both models'
 geometry and fingerprints, the maps, the training recipe and the fingerprint of the data it saw.
@@ -120,10 +121,18 @@ class GroupwiseMLP(nn.Module):
             nn.init.uniform_(w, -bound, bound)
             nn.init.uniform_(b, -bound, bound)
 
-    def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """x (B, G, T, d_in) -> (B, G, T, d_out) with layer ``layer``'s per-group weights."""
-        h = torch.einsum("bgtd,gdh->bgth", x, self.w1[layer]) + self.b1[layer][None, :, None, :]  # (B, G, T, hidden)
-        return torch.einsum("bgth,gho->bgto", F.gelu(h), self.w2[layer]) + self.b2[layer][None, :, None, :]
+
+def paired_mlp(key_mlp: GroupwiseMLP, value_mlp: GroupwiseMLP, layers: slice, x: torch.Tensor) -> torch.Tensor:
+    """Both MLPs of receiver layers ``layers`` on packed tokens in two batched matmuls.
+
+    x (L, 2, G, N, d_in): N tokens of every (layer, K|V, group) -> (L, 2, G, N, d_out). One
+    ``baddbmm`` per matmul serves all L·2·G MLPs, on the real tokens only (callers drop the padding).
+    """
+    L, _, G, N, d_in = x.shape
+    stack = lambda name: torch.stack((getattr(key_mlp, name)[layers], getattr(value_mlp, name)[layers]), 1).flatten(0, 2)
+    h = torch.baddbmm(stack("b1").unsqueeze(1), x.reshape(L * 2 * G, N, d_in), stack("w1"))  # (L·2·G, N, hidden)
+    y = torch.baddbmm(stack("b2").unsqueeze(1), F.gelu(h), stack("w2"))
+    return y.reshape(L, 2, G, N, y.shape[-1])
 
 
 class DenseAdapter(nn.Module):
@@ -146,28 +155,52 @@ class DenseAdapter(nn.Module):
         """γ (L_R, G_R) in [0, 1]."""
         return torch.sigmoid(self.gate_logit)
 
-    def transform_layer(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def transform_layer(
+        self, layer: int, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Receiver layer ``layer`` from sender layer a(layer)'s stripped K, V (B, G_S, T, d_S) -> (B, G_R, T, d_R).
 
         Inputs move to the adapter's device and dtype (its parameters'; float32 unless the adapter was
-        cast); the outputs are in that device and dtype too."""
+        cast); the outputs are in that device and dtype too. With ``mask`` (B, T) only real tokens are
+        mapped and padding comes out as zeros."""
+        k, v = self._transform(slice(layer, layer + 1), keys[None], values[None], mask)
+        return k[0], v[0]
+
+    def _transform(
+        self, layers: slice, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacked sender layers (L, B, G_S, T, d_S) for receiver layers ``layers`` -> (L, B, G_R, T, d_R) K, V.
+
+        Padded positions (``mask`` false) come out as zeros, which attention never reads. T_θ is token-wise,
+        so on the CPU, where the matmuls are the cost, padding is left out of them (a batch of prompts of
+        uneven length is often a third padding); on an accelerator every position is computed and the
+        padding zeroed by the mask, which needs no host sync for a data-dependent shape."""
         device, dtype = self.gate_logit.device, self.gate_logit.dtype
-        keys = keys.to(device).index_select(1, self.group_index).to(dtype)  # (B, G_R, T, d_S)
-        values = values.to(device).index_select(1, self.group_index).to(dtype)
-        gate = self.gates[layer][None, :, None, None]  # (1, G_R, 1, 1)
-        return gate * self.key_mlp(layer, keys), gate * self.value_mlp(layer, values)
+        x = torch.stack((keys.to(device), values.to(device)), 1).index_select(3, self.group_index).to(dtype)  # (L, 2, B, G_R, T, d_S)
+        L, _, B, G, T, _ = x.shape
+        tokens = x.permute(0, 1, 3, 2, 4, 5)  # (L, 2, G_R, B, T, d_S)
+        real = None if mask is None else mask.to(device=device, dtype=torch.bool)
+        if real is not None and device.type == "cpu" and not bool(real.all()):
+            y = paired_mlp(self.key_mlp, self.value_mlp, layers, tokens[:, :, :, real])
+            out = y.new_zeros(L, 2, B, G, T, y.shape[-1])
+            out.transpose(2, 3)[:, :, :, real] = y
+        else:
+            y = paired_mlp(self.key_mlp, self.value_mlp, layers, tokens.reshape(L, 2, G, B * T, -1))
+            out = y.reshape(L, 2, G, B, T, -1).transpose(2, 3)
+            if real is not None:
+                out = out * real[:, None, :, None].to(out.dtype)
+        out = out * self.gates[layers][:, None, None, :, None, None]  # γ per (layer, group)
+        return out[:, 0], out[:, 1]
 
     def forward(self, sender_stripped: KVCache) -> KVCache:
         """Map a stripped sender cache to a stripped receiver cache (same tokens, mask and positions),
-        on the adapter's device and in its dtype."""
+        on the adapter's device and in its dtype; padded positions come out as zeros."""
         s = self.config.sender
         sender_stripped.check_matches(s.num_layers, s.num_kv_heads, s.head_dim, who="adapter (sender side)")
-        keys, values = [], []
-        for layer, source in enumerate(self.config.layer_map):
-            k, v = self.transform_layer(layer, sender_stripped.keys[source], sender_stripped.values[source])
-            keys.append(k)
-            values.append(v)
-        return sender_stripped.with_tensors(keys, values, fingerprint=self.config.receiver.fingerprint())
+        source = self.config.layer_map
+        keys, values = self._transform(slice(None), torch.stack([sender_stripped.keys[a] for a in source]),
+                                       torch.stack([sender_stripped.values[a] for a in source]), sender_stripped.mask)
+        return sender_stripped.with_tensors(list(keys.unbind(0)), list(values.unbind(0)), fingerprint=self.config.receiver.fingerprint())
 
     def num_flops_per_token(self) -> int:
         """2 · parameters touched per token (both MLPs, all receiver layers and groups)."""

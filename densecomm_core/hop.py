@@ -13,6 +13,8 @@
                                                                   when the stream travelled stripped, cast to the
                                                                   model's dtype, on its device
     round_trip(cache, codec, model=, bases=)                      the two in process, one payload per batch row
+    reconstruct(cache, codec, model=, bases=)                     what round_trip gives on every real token, on
+                                                                  tensors (token-wise codecs; training's path)
 
 Both ends fill a ``HopReport`` (codec, raw and wire bytes, chunks, seconds) that the services turn into
 stats and metrics. Bases are passed in (a ``transform.KVBases``; None = the process-wide default).
@@ -295,3 +297,23 @@ def round_trip(cache: KVCache, codec: Codec, dtype: torch.dtype = torch.bfloat16
         if on_payload is not None:
             on_payload(encoder.report.raw_bytes, encoder.report.wire_bytes)
     return KVCache.stack_rows(rows)
+
+
+def reconstruct(cache: KVCache, codec: Codec, dtype: torch.dtype = torch.bfloat16, model=None, bases=None) -> KVCache:
+    """``cache`` as ``round_trip`` delivers it, on every real token, computed on tensors where it lives.
+
+    For a ``token_wise`` codec the padded batch is coded as a whole (each token's reconstruction depends
+    on that token alone, so padding changes nothing), without bytes, on the cache's device: the path for
+    training through a codec. A codec that codes RoPE-stripped keys returns the cache stripped (in the
+    cache's dtype): the consumer re-applies its rotation (``relay.transform_cache`` reads it as it is).
+    Other codecs (per-chunk scales, token selection) make the byte round trip."""
+    if not codec.token_wise:
+        return round_trip(cache, codec, dtype=dtype, model=model, bases=bases)
+    shipped = HopEncoder(codec, bases, model, dtype=dtype).ship(cache)
+    bound = codec.bind(shipped.fingerprint, shipped.rope_applied, bases)
+    keys, values = [], []
+    for layer, (k, v) in enumerate(zip(shipped.keys, shipped.values)):
+        k, v = bound.for_layer(layer).reconstruct(k, v)
+        keys.append(k.to(cache.dtype))
+        values.append(v.to(cache.dtype))
+    return shipped.with_tensors(keys, values)

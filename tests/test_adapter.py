@@ -18,6 +18,7 @@ from densecomm_core.adapter import (
 from densecomm_core.errors import CheckpointError, GeometryMismatchError
 from densecomm_core.generation import forward_after_cache
 from densecomm_core.relay import encode, sender_prefill, transform_cache
+from densecomm_core.rope import strip_rope
 from tests.conftest import QWEN3_LAYOUTS, tiny_model
 
 
@@ -79,6 +80,29 @@ def test_groups_use_their_own_parameters(tiny_pair):
     after = adapter.transform_layer(1, *stripped)
     assert torch.equal(before[0], after[0])
     assert torch.equal(before[1][:, :2], after[1][:, :2]) and not torch.equal(before[1][:, 2], after[1][:, 2])
+
+
+def test_padding_is_left_out_and_comes_out_as_zeros(tiny_pair):
+    """A padded batch maps every real token as that request alone would (T_θ is token-wise), the padding to zeros,
+    and the whole-cache path agrees with the per-layer (streaming) one."""
+    sender, receiver = tiny_pair
+    adapter = DenseAdapter(AdapterConfig(sender.geometry, receiver.geometry, expansion=4))
+    texts = ["a short one", "a much longer prompt with many more words in it than the first"]
+    with torch.no_grad():
+        batch = strip_rope(sender_prefill(sender, texts), sender)
+        assert not bool(batch.mask.all())
+        out = adapter(batch)
+        for row, text in enumerate(texts):
+            alone = adapter(strip_rope(sender_prefill(sender, [text]), sender))
+            real = batch.mask[row]
+            for a, b in zip(out.keys + out.values, alone.keys + alone.values):
+                torch.testing.assert_close(a[row][:, real], b[0], atol=1e-5, rtol=1e-5)
+                assert not a[row][:, ~real].any()
+        for layer, source in enumerate(adapter.config.layer_map):
+            k, v = adapter.transform_layer(layer, batch.keys[source], batch.values[source])  # every position, no mask
+            mask = batch.mask[:, None, :, None]
+            torch.testing.assert_close(k * mask, out.keys[layer], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(v * mask, out.values[layer], atol=1e-5, rtol=1e-5)
 
 
 def test_save_load_round_trip(tmp_path, tiny_pair):

@@ -107,6 +107,9 @@ class Codec(ABC):
     name: str = ""
     lossless: bool = True
     writes_in_place: bool = False  # decode_into writes straight into its outputs (no decoded copy first)
+    # Each token's decoded K/V depends on that token alone (no per-chunk scales, no token selection), so a
+    # padded batch can be reconstructed on tensors (``reconstruct``) with the bytes' result on every real token.
+    token_wise: bool = False
 
     @property
     def params(self) -> dict:
@@ -154,6 +157,11 @@ class Codec(ABC):
     @abstractmethod
     def decode(self, payload: bytes, key_shape: tuple[int, ...], value_shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """payload -> keys, values of exactly the given shapes and dtype; CodecError on any inconsistency."""
+
+    def reconstruct(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``decode(encode(keys, values))`` in the inputs' dtype and device; token-wise codecs compute it on
+        tensors, without bytes (the training path through a codec). This default makes the byte round trip."""
+        return self.decode(self.encode(keys, values), tuple(keys.shape), tuple(values.shape), keys.dtype)
 
     def decode_into(self, payload: bytes, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Decode into ``keys``/``values`` (views of the receiver's storage, possibly strided: their shapes

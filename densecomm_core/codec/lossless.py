@@ -70,6 +70,10 @@ def write_planes(planes: list, out: torch.Tensor) -> None:
 class LosslessCodec(Codec):
     name = "lossless"
     writes_in_place = True
+    token_wise = True
+
+    def reconstruct(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return keys, values  # bit-exact
 
     def __init__(self, level: int = 1) -> None:
         if not isinstance(level, int) or not -7 <= level <= 19:

@@ -16,6 +16,10 @@ from densecomm_core.codec.bytes import (
 
 class RawCodec(Codec):
     name = "raw"
+    token_wise = True
+
+    def reconstruct(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return keys, values  # bit-exact
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor) -> bytes:
         return tensor_bytes(keys) + tensor_bytes(values)

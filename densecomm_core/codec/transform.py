@@ -221,6 +221,7 @@ def registered_basis(fingerprint: str) -> KVBasis:
 class TransformCodec(Codec):
     name = "pca"
     lossless = False
+    token_wise = True  # fixed per-layer steps: a token's codes depend on that token alone
 
     def __init__(self, key_step: float = 0.25, value_step: float = 0.35, strip_rope: bool = True, basis: str = "auto",
                  level: int = 1, layer: int | None = None) -> None:
@@ -326,6 +327,24 @@ class TransformCodec(Codec):
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor) -> bytes:
         return b"".join(self.encode_parts(keys, values))
+
+    def reconstruct(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What ``decode(encode(...))`` gives, on the inputs' device without bytes: the same codes (the
+        wire stores them as integers, exactly) times the same steps, through the same basis."""
+        out = []
+        for which, (x, side, rel, what) in enumerate(zip((keys, values), self._sides(), (self.key_step, self.value_step), ("keys", "values"))):
+            self._check(tuple(x.shape), side, what)
+            centred = x.float() - side.mean.to(x.device)[None, :, None]
+            codes = torch.matmul(self._analysis(which, side, rel, x.device), centred.transpose(2, 3)).round_()  # (B, H, D, t)
+            peak = float(codes.abs().max()) if codes.numel() else 0.0
+            if not math.isfinite(peak):
+                raise CodecError(f"pca cannot code non-finite {what}; use a lossless codec for such caches")
+            if peak >= 2 ** 31:  # the widest code on the wire
+                raise CodecError(f"{what} lie {peak:.3g} steps from the basis mean: not this basis's cache space")
+            synthesis = side.basis.transpose(1, 2).to(x.device)[None]  # (1, H, D, D)
+            decoded = codes.transpose(2, 3) * (rel * side.rms) @ synthesis + side.mean.to(x.device)[None, :, None]
+            out.append(decoded.to(x.dtype))
+        return out[0], out[1]
 
     def decode(self, payload, key_shape, value_shape, dtype):
         view, offset, out = memoryview(payload), 0, []

@@ -19,8 +19,9 @@ import torch
 from torch.nn import functional as F
 
 from densecomm_core.adapter import DenseAdapter
-from densecomm_core.codec import Codec, get_codec, round_trip
+from densecomm_core.codec import Codec, get_codec
 from densecomm_core.generation import forward_after_cache, model_device
+from densecomm_core.hop import reconstruct
 from densecomm_core.models import LoadedModel
 from densecomm_core.relay import (
     ContextMode,
@@ -52,8 +53,8 @@ class Phase2Config:
     seed: int = 0
     eval_every: int = 200  # also the checkpoint interval
     # Codec-aware training (ours, not the paper's): with probability ``p_input_codec`` a batch's sender
-    # cache reaches the adapter through this codec (a registry name and its parameters), one wire
-    # payload per request as the services ship it, so the adapter learns to read a compressed cache.
+    # cache reaches the adapter through this codec (a registry name and its parameters) as the services
+    # ship it (``hop.reconstruct``), so the adapter learns to read a compressed cache.
     input_codec: str | None = None
     input_codec_params: dict | None = None
     p_input_codec: float = 0.5
@@ -92,12 +93,12 @@ def generation_loss(
 ) -> torch.Tensor:
     """Eq. 7: −Σ log p_R(y_t | y_<t, T_θ(C_S(X)), X_R), averaged over target tokens.
 
-    With ``input_codec`` the sender's cache first makes a round trip through it (no gradient needed:
-    only the adapter learns, and it sits after the codec)."""
+    With ``input_codec`` the sender's cache first goes through it as the relay ships it (``hop.reconstruct``:
+    on tensors for token-wise codecs; no gradient needed, only the adapter learns and it sits after the codec)."""
     with torch.no_grad():
         source = sender_prefill(sender, [prompt_format.sender.format(context=r.context) for r in records])
         if input_codec is not None:
-            source = round_trip(source, input_codec, model=sender)
+            source = reconstruct(source, input_codec, model=sender)
     cache = transform_cache(adapter, source, sender, receiver)
     prompts = [prompt_format.receiver_prompt(m, r.context) for r, m in zip(records, modes)]
     ids, mask, labels = receiver_batch(receiver, prompts, [r.trace for r in records], model_device(receiver.model))

@@ -211,3 +211,37 @@ def test_bind_prefers_the_callers_bases_among_those_of_one_space(basis):
     assert codec.bind("pca-test-space", False, KVBases.of(basis)).params["basis"] == basis.fingerprint
     with pytest.raises(UnknownBasisError, match="no KV basis"):
         codec.bind("pca-test-space", False, KVBases())
+
+
+@pytest.mark.parametrize("codec", ["pca", "lossless", "quantized"])
+def test_reconstruct_is_round_trip_on_every_real_token(registry, tiny_pair, codec):
+    """Training's tensor path through a codec (hop.reconstruct, a padded batch at once) gives exactly what
+    the byte round trip (one payload per request) gives; a non-token-wise codec makes the round trip."""
+    from densecomm_core.hop import reconstruct
+    from densecomm_core.relay import sender_prefill
+    from densecomm_core.zoo import tasks
+
+    sender, _ = tiny_pair
+    texts = [e.context for e in tasks.make_split("train", 6)]
+    register_basis(KVBasis.fit([strip_rope(sender_prefill(sender, [t]), sender) for t in texts]))
+    cache = sender_prefill(sender, [texts[0], texts[1] + " " + texts[2], texts[3][:20]])  # uneven: padding
+    assert not bool(cache.mask.all())
+    c = get_codec(codec)
+    shipped = round_trip(cache, c, model=sender)
+    tensors = reconstruct(cache, c, model=sender)
+    assert tensors.dtype == cache.dtype and tensors.mask.equal(cache.mask)
+    if c.strips_rope:
+        assert not tensors.rope_applied
+        tensors = restore_rope(tensors, sender, dtype=cache.dtype)
+    real = cache.mask[:, None, :, None]
+    for a, b in zip(shipped.keys + shipped.values, tensors.keys + tensors.values):
+        assert torch.equal(a * real, b * real)
+    assert c.name == "quantized" or c.token_wise
+
+
+def test_reconstruct_refuses_what_the_wire_refuses(basis):
+    bound = get_codec("pca").bind("pca-test-space", False).for_layer(0)
+    keys = correlated_cache().keys[0].clone()
+    keys[0, 0, 3, 0] = float("nan")
+    with pytest.raises(CodecError, match="non-finite"):
+        bound.reconstruct(keys, keys)
