@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -48,20 +49,20 @@ def generate(out: Path | None = None) -> Path:
     if stamp.exists() and stamp.read_text() == wanted:
         return out
     staging = Path(tempfile.mkdtemp(prefix="protos-", dir=out.parent if out.parent.exists() else None))
-    include = Path(protoc.__file__).resolve().parent / "_proto"
-    args = ["grpc_tools.protoc", f"-I{PROTO_ROOT}", f"-I{include}", f"--python_out={staging}",
-            f"--grpc_python_out={staging}", f"--pyi_out={staging}", *[str(PROTO_ROOT / f) for f in PROTO_FILES]]
-    if protoc.main(args) != 0:
-        raise RuntimeError(f"protoc failed on {PROTO_FILES} (see its output above)")
-    (staging / "SOURCES_HASH").write_text(wanted)
-    out.mkdir(parents=True, exist_ok=True)
-    for path in staging.rglob("*"):
-        target = out / path.relative_to(staging)
-        if path.is_dir():
-            target.mkdir(parents=True, exist_ok=True)
-        else:
+    try:
+        include = Path(protoc.__file__).resolve().parent / "_proto"
+        args = ["grpc_tools.protoc", f"-I{PROTO_ROOT}", f"-I{include}", f"--python_out={staging}",
+                f"--grpc_python_out={staging}", f"--pyi_out={staging}", *[str(PROTO_ROOT / f) for f in PROTO_FILES]]
+        if protoc.main(args) != 0:
+            raise RuntimeError(f"protoc failed on {PROTO_FILES} (see its output above)")
+        out.mkdir(parents=True, exist_ok=True)
+        for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+            target = out / path.relative_to(staging)
             target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, target)  # atomic per file; SOURCES_HASH lands last of the files written
+            os.replace(path, target)  # atomic per file
+        (out / "SOURCES_HASH").write_text(wanted)  # last: a reader that sees the stamp sees every stub
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
