@@ -29,6 +29,9 @@ from densecomm_core.errors import CheckpointError, GeometryMismatchError
 from densecomm_core.models import ModelGeometry
 
 FORMAT_VERSION = 1
+# Packed token counts are padded up to a multiple of this: a handful of buffer sizes instead of one per batch,
+# so the allocator reuses its blocks (exact sizes let glibc's heap fragment: 2x the RSS in a training run).
+TOKEN_BUCKET = 128
 WEIGHTS_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
 
@@ -173,7 +176,8 @@ class DenseAdapter(nn.Module):
 
         Padded positions (``mask`` false) come out as zeros, which attention never reads. T_θ is token-wise,
         so on the CPU, where the matmuls are the cost, padding is left out of them (a batch of prompts of
-        uneven length is often a third padding); on an accelerator every position is computed and the
+        uneven length is often a third padding; the packed tokens are padded to a multiple of
+        ``TOKEN_BUCKET`` instead); on an accelerator every position is computed and the
         padding zeroed by the mask, which needs no host sync for a data-dependent shape."""
         device, dtype = self.gate_logit.device, self.gate_logit.dtype
         x = torch.stack((keys.to(device), values.to(device)), 1).index_select(3, self.group_index).to(dtype)  # (L, 2, B, G_R, T, d_S)
@@ -181,7 +185,10 @@ class DenseAdapter(nn.Module):
         tokens = x.permute(0, 1, 3, 2, 4, 5)  # (L, 2, G_R, B, T, d_S)
         real = None if mask is None else mask.to(device=device, dtype=torch.bool)
         if real is not None and device.type == "cpu" and not bool(real.all()):
-            y = paired_mlp(self.key_mlp, self.value_mlp, layers, tokens[:, :, :, real])
+            picked = tokens[:, :, :, real]  # (L, 2, G_R, N, d_S)
+            n = picked.shape[3]
+            padded = F.pad(picked, (0, 0, 0, -n % TOKEN_BUCKET))
+            y = paired_mlp(self.key_mlp, self.value_mlp, layers, padded)[:, :, :, :n]
             out = y.new_zeros(L, 2, B, G, T, y.shape[-1])
             out.transpose(2, 3)[:, :, :, real] = y
         else:
