@@ -9,6 +9,11 @@ Series (every one carries ``service``):
     densecomm_hop_bytes_total{hop, kind}             counter: raw / wire bytes
     densecomm_compression_ratio{hop}                 histogram: raw / wire per request
     densecomm_chunks_total{hop}                      KV chunks sent
+    densecomm_hop_transport_bytes_total{hop, transport}
+                                                     counter: wire bytes by how they crossed: "bytes" (in the
+                                                     gRPC messages) or "shm" (the same-node shortcut)
+    densecomm_hop_transport_total{hop, transport}    counter: hops by the transport their stats report
+                                                     ("bytes", "shm", "shm+bytes" = a full pool spilled some)
     densecomm_stage_seconds{stage}                   histogram: prefill, encode, transfer, transform,
                                                      decode, first_token, generate, end_to_end,
                                                      time_to_first_token (relay: request in -> first token out)
@@ -19,6 +24,7 @@ Series (every one carries ``service``):
     densecomm_t2t_flops_total                        FLOPs the same requests would cost as text-to-text
                                                      (sender decodes a message, receiver re-reads it)
 Byte histograms have buckets from 1 KiB to 1 GiB (factor 4).
+Hop series are counted once per hop: sender->adapter by the sender, adapter->receiver by the receiver.
 """
 
 from __future__ import annotations
@@ -49,6 +55,10 @@ class ServiceMetrics:
         self.bytes_total = Counter("densecomm_hop_bytes_total", "KV bytes moved", ["service", "hop", "kind"], **labels)
         self.ratio = Histogram("densecomm_compression_ratio", "raw / wire bytes per request", ["service", "hop"], buckets=RATIO_BUCKETS, **labels)
         self.chunks = Counter("densecomm_chunks_total", "KV chunks sent", ["service", "hop"], **labels)
+        self.transport_bytes = Counter("densecomm_hop_transport_bytes_total", "KV wire bytes by transport (bytes: in the gRPC "
+                                       "messages, shm: same-node shared memory)", ["service", "hop", "transport"], **labels)
+        self.transports = Counter("densecomm_hop_transport_total", "KV hops by the transport they used (bytes, shm, shm+bytes)",
+                                  ["service", "hop", "transport"], **labels)
         self.stage = Histogram("densecomm_stage_seconds", "Latency of one stage", ["service", "stage"], buckets=SECOND_BUCKETS, **labels)
         self.tokens = Counter("densecomm_tokens_total", "Tokens processed", ["service", "side", "phase"], **labels)
         self.flops = Counter("densecomm_flops_total", "Estimated FLOPs (2 x params x tokens)", ["service", "side"], **labels)
@@ -68,7 +78,8 @@ class ServiceMetrics:
             http.shutdown()
             http.server_close()
 
-    def observe_hop(self, hop: str, raw: int, wire: int, chunks: int) -> None:
+    def observe_hop(self, hop: str, raw: int, wire: int, chunks: int, transport: str = "bytes", shm_bytes: int = 0) -> None:
+        """One hop's bytes; ``transport`` as its stats report it, ``shm_bytes`` of ``wire`` crossed in shared memory."""
         s = self.service
         self.raw_bytes.labels(s, hop).observe(raw)
         self.wire_bytes.labels(s, hop).observe(wire)
@@ -77,6 +88,11 @@ class ServiceMetrics:
         if wire:
             self.ratio.labels(s, hop).observe(raw / wire)
         self.chunks.labels(s, hop).inc(chunks)
+        shm_bytes = min(max(shm_bytes, 0), wire)
+        self.transport_bytes.labels(s, hop, "bytes").inc(wire - shm_bytes)
+        if shm_bytes:
+            self.transport_bytes.labels(s, hop, "shm").inc(shm_bytes)
+        self.transports.labels(s, hop, transport).inc()
 
     def observe_hop_transfer(self, hop: str, seconds: float) -> None:
         self.hop_transfer.labels(self.service, hop).observe(seconds)

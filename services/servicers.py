@@ -477,7 +477,8 @@ class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
             del stats.hops[:]
         else:
             last = stats.hops[-1]
-            self.metrics.observe_hop(last.hop, last.raw_bytes, last.wire_bytes, last.chunks)
+            self.metrics.observe_hop(last.hop, last.raw_bytes, last.wire_bytes, last.chunks, last.transport or "bytes",
+                                     reader.bytes_read if reader is not None else 0)
         for stage, seconds in stages.items():
             self.metrics.observe_stage(stage, seconds)
         self.metrics.tokens.labels(self.service, "receiver", "prefill").inc(out.counts.receiver_prefill)
@@ -654,7 +655,8 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
             done.latencies.add(stage="encode", seconds=report.encode_s)
             self.metrics.observe_stage("prefill", prefill_s)
             self.metrics.observe_stage("encode", report.encode_s)
-            self.metrics.observe_hop("sender->adapter", report.raw_bytes, report.wire_bytes, report.chunks)
+            self.metrics.observe_hop("sender->adapter", report.raw_bytes, report.wire_bytes, report.chunks,
+                                     report.transport, link.shm_bytes)
             self.metrics.tokens.labels(self.service, "sender", "prefill").inc(tokens)
             self.metrics.flops.labels(self.service, "sender").inc(sender_flops)
             yield kv_pb2.KVMessage(done=done)

@@ -19,7 +19,10 @@
     ShmReader.decoded(frame)                 after a frame is decoded: once every frame of its slot is, the
                                              slot is released to its sender
     ShmReader.close()                        end of the stream: unmap everything
+    .carried_bytes / .bytes_read             a lease's / a reader's frame bytes that crossed in shared memory
     is_reference(message) -> bool            whether a transport message is a reference (by its magic)
+    sweep_dead() -> SweepReport              unlink the segments of densecomm processes that died without
+                                             cleaning up (every ShmPool runs it when it starts)
 
 Reference (little-endian)::
 
@@ -36,6 +39,14 @@ then the token; the reader writes token 0 when it has decoded every frame (relea
 sender reuse the slot. Segments are created with ``posix_fallocate`` (a full /dev/shm is an error at
 creation, which the sender answers by sending bytes, never SIGBUS on a write) and registered with
 multiprocessing's resource tracker, which unlinks them if the sending process dies.
+
+Segment names are ``densecomm_<pid namespace inode>_<pid>_<12 hex>``: the creating process is in the name.
+A process SIGKILLed together with its resource tracker (an OOM kill of the whole process group, a killed
+container whose /dev/shm outlives it) leaves its segments behind; ``sweep_dead`` finds ours in /dev/shm
+by that name, owned by this user, created in this PID namespace by a PID that no longer exists, and unlinks
+them. Anything else (another program's segment, one of a live process, one from another PID namespace,
+where a PID says nothing about liveness) is never touched. A PID that was reused keeps its dead segments
+until the new process exits too: the sweep errs on the side of leaving a segment.
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ import mmap
 import os
 import re
 import secrets
+import stat
 import struct
 import threading
 from dataclasses import dataclass
@@ -68,7 +80,10 @@ REF_PREFIX = struct.Struct("<4sHHQQQ")  # magic, version, name length, token, le
 SLOT_HEADER = struct.Struct("<QQ")  # token, length
 DATA_OFFSET = 64  # the message starts here (cache-line aligned)
 MIN_CAPACITY = 1 << 16
-NAME_PATTERN = re.compile(r"dc[0-9]+_[0-9a-f]{12}")  # the only segments a reader opens: ours
+NAME_PREFIX = "densecomm_"
+# densecomm_<pid namespace>_<pid>_<random>: the only segments a reader opens, the only ones a sweep unlinks
+NAME_PATTERN = re.compile(r"densecomm_([0-9]+)_([0-9]+)_[0-9a-f]{12}")
+SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared-memory segments (a tmpfs)
 PROBE_BYTES = 16
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map every page up front: no page faults while copying
 
@@ -236,6 +251,7 @@ class ShmPool:
         self._nonce = ""
         self.no_space = False  # /dev/shm refused a segment: stop trying until a slot is freed
         self.closed = False
+        self.swept = sweep_dead()  # segments that crashed processes left behind: this pool may need the room
 
     # -- the hop setup --
     def offer(self) -> ShmOffer:
@@ -350,8 +366,70 @@ class ShmPool:
                 self._probe = None
 
 
+def pid_namespace() -> int:
+    """The inode of this process's PID namespace (0 where /proc cannot tell): PIDs are only comparable within one."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
 def _new_name() -> str:
-    return f"dc{os.getpid()}_{secrets.token_hex(6)}"
+    return f"{NAME_PREFIX}{pid_namespace()}_{os.getpid()}_{secrets.token_hex(6)}"
+
+
+def process_exists(pid: int) -> bool:
+    """Whether a process with this PID exists in this PID namespace (a zombie or another user's counts)."""
+    if pid <= 0:
+        return True  # not a PID a segment of ours can name: treat as alive, never sweep on it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists and belongs to someone else
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    """What one ``sweep_dead`` unlinked."""
+
+    segments: int = 0
+    total_bytes: int = 0  # their sizes
+
+
+def sweep_dead(directory: str = SHM_DIR) -> SweepReport:
+    """Unlink densecomm's segments in ``directory`` whose creating process no longer exists.
+
+    Only names matching ``NAME_PATTERN``, regular files owned by this user, created in this PID namespace,
+    by a PID with no process now. A directory that cannot be listed (no /dev/shm: macOS, Windows), or a
+    process that cannot see its PID namespace, sweeps nothing; a segment that vanishes meanwhile (another
+    sweeper, its owner) is skipped."""
+    namespace, uid = pid_namespace(), os.getuid()
+    try:
+        names = os.listdir(directory) if namespace else []
+    except OSError:
+        return SweepReport()
+    segments = swept_bytes = 0
+    for name in names:
+        match = NAME_PATTERN.fullmatch(name)
+        if match is None or int(match.group(1)) != namespace or process_exists(int(match.group(2))):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            info = os.lstat(path)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != uid:
+                continue
+            os.unlink(path)  # shm_unlink on Linux is exactly this
+        except OSError:  # gone meanwhile, or not ours to remove
+            continue
+        segments += 1
+        swept_bytes += info.st_size
+    if segments:
+        log.warning("swept %d shared-memory segment(s) of %d bytes left in %s by densecomm processes that died "
+                    "without cleaning up", segments, swept_bytes, directory)
+    return SweepReport(segments, swept_bytes)
 
 
 def join(message) -> bytes | bytearray | memoryview:
@@ -377,6 +455,7 @@ class ShmLease:
         self.pool = pool
         self.closed = False  # the stream ended (set by the pool under its lock)
         self.carried = 0  # messages that went by reference
+        self.carried_bytes = 0  # their frames' bytes (what crossed in shared memory)
         self.spilled = 0  # messages big enough for a slot that went as bytes (pool full)
 
     def carry(self, message):
@@ -399,6 +478,7 @@ class ShmLease:
         if not self.pool.publish(slot, token, size):  # last: the slot is complete
             return join(message)  # the stream ended while we copied: nobody will read either
         self.carried += 1
+        self.carried_bytes += size
         return pack_reference(slot.name, token, size, digest)
 
     @property
@@ -456,6 +536,7 @@ class ShmReader:
         self.segments: dict[str, Segment] = {}
         self.pending: dict[int, list] = {}  # id(mmap) -> [segment, token, frames not yet decoded]
         self.lock = threading.Lock()
+        self.bytes_read = 0  # frames' bytes that arrived in shared memory (references resolved)
 
     def _segment(self, name: str) -> Segment:
         segment = self.segments.get(name)
@@ -487,6 +568,7 @@ class ShmReader:
             raise ShmReferenceError(f"the frames in shared-memory slot {name!r} do not carry the checksums their reference names")
         with self.lock:
             self.pending[id(segment.mmap)] = [segment, token, len(frames)]
+            self.bytes_read += length
         return frames
 
     def decoded(self, frame) -> None:

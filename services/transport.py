@@ -5,6 +5,7 @@
       await .negotiate(call)                the receiving end's verdict, from the call's initial metadata
       .carry(message) -> bytes              a message to send: a slot reference on the shortcut, else the bytes
       .transport                            what the stream used: "bytes", "shm", or "shm+bytes" (a full pool)
+      .shm_bytes                            of its frames' bytes, those that crossed in shared memory
       .close()                              end of the stream: its slots back to the pool (or unlinked)
     await accept(setup, context, config)    the receiving end: test the offer, send the verdict as initial
                                             metadata; a ShmReader when the shortcut is on, else None
@@ -83,6 +84,10 @@ class HopLink:
     @property
     def transport(self) -> str:
         return self.lease.transport if self.lease is not None else "bytes"
+
+    @property
+    def shm_bytes(self) -> int:
+        return self.lease.carried_bytes if self.lease is not None else 0
 
     def close(self) -> None:
         if self.lease is not None:

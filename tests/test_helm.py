@@ -227,6 +227,7 @@ def test_dashboard_queries_only_series_the_services_export():
     alerted = {name for group in rules["groups"] for rule in group["rules"] for name in re.findall(r"densecomm_\w+", rule["expr"])}
     assert alerted and alerted <= exported, alerted - exported
     titles = " ".join(p["title"] for p in dashboard["panels"])
-    for wanted in ("Time to first token", "Transfer time per hop", "raw vs wire", "dense vs text-to-text"):
+    for wanted in ("Time to first token", "Transfer time per hop", "raw vs wire", "dense vs text-to-text", "by transport",
+                   "through shared memory"):
         assert wanted in titles, wanted
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])

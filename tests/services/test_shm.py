@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -134,9 +136,10 @@ def test_a_missing_frame_is_data_loss_on_both_paths(pool):
 
 @pytest.mark.parametrize("ref, fragment", [
     (b"DCSR", "truncated"),
-    (shm.pack_reference("dc1_000000000000", 1, 10, 0)[:-1], "prefix says"),
+    (shm.pack_reference("densecomm_1_1_000000000000", 1, 10, 0)[:-1], "prefix says"),
     (shm.pack_reference("../etc/passwd", 1, 10, 0), "not a densecomm slot"),
-    (b"XXXX" + shm.pack_reference("dc1_000000000000", 1, 10, 0)[4:], "bad shared-memory reference"),
+    (shm.pack_reference("dc1_000000000000", 1, 10, 0), "not a densecomm slot"),  # the names of builds before the sweep
+    (b"XXXX" + shm.pack_reference("densecomm_1_1_000000000000", 1, 10, 0)[4:], "bad shared-memory reference"),
 ])
 def test_malformed_references_are_data_loss(ref, fragment):
     with pytest.raises(shm.ShmReferenceError, match=fragment) as error:
@@ -149,8 +152,10 @@ def test_the_probe_accepts_this_node_and_refuses_others(pool):
     assert shm.accept_offer(offer) == (True, "")
     assert shm.accept_offer(shm.ShmOffer("another-boot/ipc:[1]", offer.probe, offer.nonce))[0] is False
     assert shm.accept_offer(shm.ShmOffer(offer.identity, offer.probe, "00" * 16)) == (False, "probe segment holds another nonce")
-    refused, reason = shm.accept_offer(shm.ShmOffer(offer.identity, "dc1_0123456789ab", offer.nonce))
+    refused, reason = shm.accept_offer(shm.ShmOffer(offer.identity, f"densecomm_{shm.pid_namespace()}_1_0123456789ab", offer.nonce))
     assert not refused and "cannot be opened" in reason
+    refused, reason = shm.accept_offer(shm.ShmOffer(offer.identity, "dc1_0123456789ab", offer.nonce))  # a build before the sweep
+    assert not refused and "not a densecomm segment" in reason  # its hops stay on bytes
 
 
 CHILD = """
@@ -196,3 +201,56 @@ def test_decoded_tensors_never_alias_the_frame(codec, params):
     for frame in frames[1:]:
         frame[32:] = bytes(len(frame) - 32)  # the slot is reused: every payload byte overwritten
     assert all(torch.equal(a, b) for a, b in zip(before, decoder.stream.keys + decoder.stream.values))
+
+
+LEAKER = """
+import sys
+from multiprocessing import resource_tracker
+from services import shm
+segment = shm.Segment(shm._new_name(), 1 << 16, create=True)  # registered with this process's resource tracker
+print(segment.name, resource_tracker._resource_tracker._pid, flush=True)
+sys.stdin.readline()  # alive until the test kills it
+"""
+
+
+def make_foreign(name: str) -> Path:
+    """A shared-memory segment that is not a densecomm slot of this PID namespace (as another program's)."""
+    import _posixshmem
+
+    os.close(_posixshmem.shm_open("/" + name, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode=0o600))
+    return Path(shm.SHM_DIR) / name
+
+
+@pytest.mark.skipif(not Path(shm.SHM_DIR).is_dir() or not shm.pid_namespace(), reason="no /dev/shm or /proc to sweep")
+def test_a_pool_sweeps_the_segments_of_processes_killed_with_their_tracker_and_nothing_else(caplog):
+    child = subprocess.Popen([sys.executable, "-c", LEAKER], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    foreign: list[Path] = []
+    leaked = None
+    try:
+        name, tracker = child.stdout.readline().split()
+        leaked = Path(shm.SHM_DIR) / name
+        assert leaked.exists() and shm.NAME_PATTERN.fullmatch(name).group(2) == str(child.pid)  # the creator is named
+        # same PID, not ours to sweep: another program's name, the old name scheme, another PID namespace
+        foreign = [make_foreign(f"othertool_{child.pid}"), make_foreign(f"dc{child.pid}_0123456789ab"),
+                   make_foreign(f"densecomm_{shm.pid_namespace() + 1}_{child.pid}_0123456789ab")]
+        alive = shm.ShmPool(max_bytes=1 << 20)
+        alive.close()
+        assert leaked.exists()  # its creator is alive: untouched
+
+        os.kill(int(tracker), signal.SIGKILL)  # killed together with its resource tracker: nobody unlinks the slot
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+        assert leaked.exists() and not shm.process_exists(child.pid)
+        with caplog.at_level("WARNING", logger="services.shm"):
+            pool = shm.ShmPool(max_bytes=1 << 20)
+        pool.close()
+        assert not leaked.exists()
+        assert pool.swept.segments >= 1 and pool.swept.total_bytes >= 1 << 16  # (any other dead process's leaks too)
+        assert "swept" in caplog.text and "bytes" in caplog.text
+        assert all(path.exists() for path in foreign)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=30)
+        for path in foreign + ([leaked] if leaked is not None else []):
+            path.unlink(missing_ok=True)

@@ -58,6 +58,33 @@ def test_the_shortcut_and_bytes_give_bit_identical_caches_and_say_which_they_use
         assert pool.lent_count == 0 and pool.total > 0
 
 
+def transport_counters(stack) -> dict[tuple[str, str], float]:
+    """(hop, transport) -> wire bytes, and (hop, "hops " + transport) -> hops, from the series of the service
+    that counts each hop (sender->adapter: the sender, adapter->receiver: the receiver)."""
+    out = {}
+    for service, hop in (("sender", "sender->adapter"), ("receiver", "adapter->receiver")):
+        registry = stack.hosts[service].metrics.registry
+        for name in ("bytes", "shm", "shm+bytes"):
+            labels = {"service": service, "hop": hop, "transport": name}
+            out[hop, name] = registry.get_sample_value("densecomm_hop_transport_bytes_total", labels) or 0.0
+            out[hop, "hops " + name] = registry.get_sample_value("densecomm_hop_transport_total", labels) or 0.0
+    return out
+
+
+def test_the_transport_series_count_a_relay_over_shm_as_shm_and_one_over_bytes_as_bytes(stacks):
+    for stack, expected in zip(stacks, ("shm", "bytes")):
+        other = "bytes" if expected == "shm" else "shm"
+        before = transport_counters(stack)
+        stats = run(collect(stack.relay_address, build_request(EXAMPLES[1].context, max_new_tokens=2, codec="lossless")))[-1].stats
+        after = transport_counters(stack)
+        delta = {key: after[key] - before[key] for key in after}
+        for hop in stats.hops:
+            assert hop.transport == expected and hop.wire_bytes > 0
+            # every message of these hops is big enough for a slot (shm_min_bytes = 1): all wire bytes on one path
+            assert delta[hop.hop, expected] == hop.wire_bytes and delta[hop.hop, other] == 0, (expected, hop.hop, delta)
+            assert delta[hop.hop, "hops " + expected] == 1 and delta[hop.hop, "hops " + other] == 0, (expected, hop.hop, delta)
+
+
 def test_a_receiving_end_set_to_bytes_refuses_the_offer(stacks):
     shm_stack, bytes_stack = stacks
     for stack, expected in ((shm_stack, "shm"), (bytes_stack, "bytes: hop_transport = bytes here")):
