@@ -57,7 +57,7 @@ def cmd_cs(args: argparse.Namespace) -> int:
     layers, heads, kv_heads = result.sender_layout
     summary = (
         f"# Compressed-sensing head importance\n\nSender: {layers} layers x {heads} query heads ({kv_heads} KV groups per layer); "
-        f"{config.masks} masks ablating {result.heads_per_mask} head(s) each; {result.examples} test examples; "
+        f"{config.masks} masks ({result.distinct_masks} distinct) ablating {result.heads_per_mask} head(s) each; {result.examples} test examples; "
         f"Lasso alpha {'LassoCV' if args.alpha is None else args.alpha}; groups ranked by the {config.rank_by} scores; "
         f"dropped groups zeroed at the {config.filter_site} side.\n\n"
         f"Unfiltered relay: aware {result.baseline['aware']:.3f}, unaware {result.baseline['unaware']:.3f}. "

@@ -291,6 +291,7 @@ class CSResult:
     spearman: dict[str, tuple[float, float]]  # per score kind: (ρ, p)
     seconds: float = 0.0
     receiver_groups: int = 0  # L_R·G_R, the points of the receiver-level correlation
+    distinct_masks: int = 0  # masks actually scored (repeats reuse the first score)
 
     def to_dict(self) -> dict:
         lists = lambda d: {k: np.asarray(v).tolist() for k, v in d.items()}
@@ -310,6 +311,7 @@ class CSResult:
             "spearman": {k: {"rho": r, "p": p} for k, (r, p) in self.spearman.items()},
             "seconds": self.seconds,
             "receiver_groups": self.receiver_groups,
+            "distinct_masks": self.distinct_masks,
         }
 
 
@@ -336,16 +338,21 @@ def run_cs(
              f"receiver with input {alone['with input']:.3f}, without {alone['without input']:.3f}")
 
     accuracy = {m.value: np.zeros(config.masks) for m in MODES}
+    seen: dict[bytes, dict[str, float]] = {}  # generation is greedy: a repeated mask gives the same accuracies
     tick = time.perf_counter()
     for i, mask in enumerate(masks):
-        with ablate_heads(sender.model, torch.from_numpy(mask)):
-            caches = scorer.prefill()
-        for mode, value in scorer.score(caches).items():
+        key = np.packbits(mask).tobytes()
+        if key not in seen:
+            with ablate_heads(sender.model, torch.from_numpy(mask)):
+                caches = scorer.prefill()
+            seen[key] = scorer.score(caches)
+        for mode, value in seen[key].items():
             accuracy[mode][i] = value
         if (i + 1) % max(1, config.masks // 10) == 0 or i + 1 == config.masks:
             eta = (time.perf_counter() - tick) / (i + 1) * (config.masks - i - 1)
             progress(f"masks {i + 1}/{config.masks}: last aware {accuracy['aware'][i]:.3f} unaware {accuracy['unaware'][i]:.3f} (eta {eta:.0f} s)")
 
+    progress(f"{len(seen)} distinct masks of {config.masks} evaluated (a repeat is scored once: greedy decoding is deterministic)")
     flat = masks.reshape(config.masks, layers * heads)
     importance = {mode: fit_head_importance(flat, accuracy[mode], baseline[mode], config.alpha).reshape(layers, heads) for mode in accuracy}
     scores = {mode: group_scores(value, kv_heads) for mode, value in importance.items()}
@@ -375,7 +382,7 @@ def run_cs(
     # the same at the receiver's granularity: every receiver group against the score of the sender group it reads
     spearman["ranking per receiver group"] = rank_correlation(receiver_gates, scores["ranking"][np.ix_(layer_of, group_of)])
     return CSResult(config, (layers, heads, kv_heads), int(masks[0].sum()), len(examples), baseline, alone, masks, accuracy,
-                    importance, scores, sweep, gates, spearman, time.perf_counter() - started, receiver_gates.size)
+                    importance, scores, sweep, gates, spearman, time.perf_counter() - started, receiver_gates.size, len(seen))
 
 
 # ---- tables --------------------------------------------------------------------------------------

@@ -87,6 +87,7 @@ def test_run_cs_on_a_tiny_pair(tiny_pair):
     config = CSConfig(masks=3, examples_per_family=2, topk=(0, 2, 6), seeds=2, max_new_tokens=3)
     result = run_cs(sender, receiver, adapter, config, progress=lines.append)
     assert result.masks.shape == (3, 3, 4) and result.heads_per_mask == 1 and result.examples == 6
+    assert result.distinct_masks == 3  # one head in each of the three layers
     assert [row.k for row in result.sweep] == [0, 2, 6]
     assert result.sweep[-1].cs == result.baseline  # all groups kept = the unfiltered relay
     assert result.group_scores["ranking"].shape == (3, 2) and result.gates.shape == (3, 2)
