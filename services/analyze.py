@@ -94,7 +94,7 @@ def cmd_pca(args: argparse.Namespace) -> int:
     png = plot_pca(result, out / "pca_values.png")
     report = (f"# PCA of value vectors\n\n{result.tokens} tokens per cloud (BOS left out); value widths sender {result.widths[0]}, "
               f"receiver {result.widths[1]}; raw sender: {result.raw_sender}. Centroid shift: distance of a cloud's centroid from "
-              "the receiver's on its two PCs, in units of the receiver's spread there; paired error: mean ‖v_T − v_R‖ over "
+              "the receiver's on its two PCs, in units of the receiver's spread there; spread: a cloud's RMS spread on that plane over the receiver's; paired error: mean ‖v_T − v_R‖ over "
               "tokens / mean ‖v_R − mean‖, full width.\n\n" + result.table())
     (out / "pca.md").write_text(report + "\n")
     (out / "pca.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")

@@ -65,6 +65,7 @@ class LayerClouds:
     explained: np.ndarray  # (2,) variance share of the receiver's two axes
     transformed_error: float  # mean ‖v_T − v_R‖ / mean ‖v_R − μ_R‖ over paired tokens, full width
     centroid_shift: dict[str, float]  # 2-D distance of each cloud's centroid from the receiver's, in receiver std units
+    spread: dict[str, float]  # each cloud's RMS spread on the plane over the receiver's (1 = as wide as the native cloud)
 
 
 @dataclass
@@ -76,23 +77,29 @@ class PCAResult:
 
     def table(self) -> str:
         """Markdown: per layer, explained variance and how far the transformed and raw clouds sit from the receiver's."""
-        lines = ["| receiver layer | sender layer | PC1+PC2 variance | centroid shift transformed | centroid shift raw sender | paired error transformed |",
-                 "|---:|---:|---:|---:|---:|---:|"]
+        lines = ["| receiver layer | sender layer | PC1+PC2 variance | centroid shift transformed | centroid shift raw sender "
+                 "| spread transformed | spread raw sender | paired error transformed |",
+                 "|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for c in self.layers:
             lines.append(f"| {c.receiver_layer} | {c.sender_layer} | {c.explained.sum():.3f} | {c.centroid_shift['transformed']:.3f} | "
-                         f"{c.centroid_shift['raw sender']:.3f} | {c.transformed_error:.3f} |")
+                         f"{c.centroid_shift['raw sender']:.3f} | {c.spread['transformed']:.3f} | {c.spread['raw sender']:.3f} | "
+                         f"{c.transformed_error:.3f} |")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return {"tokens": self.tokens, "raw_sender": self.raw_sender, "widths": list(self.widths),
                 "layers": [{"receiver_layer": c.receiver_layer, "sender_layer": c.sender_layer, "explained": c.explained.tolist(),
-                            "transformed_error": c.transformed_error, "centroid_shift": c.centroid_shift} for c in self.layers]}
+                            "transformed_error": c.transformed_error, "centroid_shift": c.centroid_shift, "spread": c.spread} for c in self.layers]}
+
+
+def rms_spread(points: np.ndarray) -> float:
+    """Root-mean-square distance of the points (N, 2) from their centroid."""
+    return float(np.sqrt(points.var(axis=0).sum()))
 
 
 def centroid_shift(points: np.ndarray, reference: np.ndarray) -> float:
     """Distance between the two clouds' centroids (N, 2), in units of the reference cloud's RMS spread."""
-    spread = float(np.sqrt(reference.var(axis=0).sum()))
-    return float(np.linalg.norm(points.mean(axis=0) - reference.mean(axis=0)) / spread)
+    return float(np.linalg.norm(points.mean(axis=0) - reference.mean(axis=0)) / rms_spread(reference))
 
 
 def default_layers(num_layers: int) -> tuple[int, int]:
@@ -147,5 +154,6 @@ def run_pca(
         error = float(np.linalg.norm(transformed - native, axis=1).mean() / np.linalg.norm(native - mean, axis=1).mean())
         shifts = {"transformed": centroid_shift(transformed_2d, native_2d),
                   "raw sender": centroid_shift(raw_2d, native_2d) if raw_sender == "pad" else float("nan")}
-        clouds.append(LayerClouds(layer, source, native_2d, transformed_2d, raw_2d, explained, error, shifts))
+        spreads = {"transformed": rms_spread(transformed_2d) / rms_spread(native_2d), "raw sender": rms_spread(raw_2d) / rms_spread(native_2d)}
+        clouds.append(LayerClouds(layer, source, native_2d, transformed_2d, raw_2d, explained, error, shifts, spreads))
     return PCAResult(clouds, int(clouds[0].receiver.shape[0]), raw_sender, (s_width, r_width))

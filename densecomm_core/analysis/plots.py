@@ -41,7 +41,7 @@ def plot_cs(result: CSResult, path: str | Path) -> Path:
     ax.set_xlabel(f"KV groups kept, K (of {total} sender groups; dropped groups zeroed at the {result.config.filter_site} side)")
     ax.set_ylabel(f"accuracy (mean over families, {result.examples} examples)")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"CS head selection: {result.config.masks} masks x {result.heads_per_mask} heads, ranked by {result.config.rank_by}")
+    ax.set_title(f"CS head selection: {result.config.masks} masks x {result.heads_per_mask} head(s) ablated, ranked by {result.config.rank_by}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
 
@@ -69,9 +69,10 @@ def plot_pca(result: PCAResult, path: str | Path) -> Path:
     fig, axes = plt.subplots(1, len(result.layers), figsize=(5.5 * len(result.layers), 5), squeeze=False)
     raw_label = "raw sender (zero-padded)" if result.raw_sender == "pad" else "raw sender (its own PCs)"
     for ax, clouds in zip(axes[0], result.layers):
-        for points, colour, label in ((clouds.raw_sender, "tab:gray", raw_label), (clouds.receiver, "tab:blue", "receiver (native)"),
-                                      (clouds.transformed, "tab:orange", "transformed sender T_θ")):
-            ax.scatter(points[:, 0], points[:, 1], s=4, alpha=0.35, color=colour, label=f"{label}", rasterized=True)
+        # the raw sender last: zero-padded onto the receiver's axes it is a tight blob the others would hide
+        for points, colour, label in ((clouds.receiver, "tab:blue", "receiver (native)"), (clouds.transformed, "tab:orange", "transformed sender T_θ"),
+                                      (clouds.raw_sender, "dimgray", raw_label)):
+            ax.scatter(points[:, 0], points[:, 1], s=4, alpha=0.3, color=colour, label=label, rasterized=True)
         ax.set_title(f"receiver layer {clouds.receiver_layer} (sender layer {clouds.sender_layer}): value vectors")
         ax.set_xlabel(f"receiver PC1 ({100 * clouds.explained[0]:.0f} % var)")
         ax.set_ylabel(f"receiver PC2 ({100 * clouds.explained[1]:.0f} % var)")
