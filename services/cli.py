@@ -487,6 +487,10 @@ def build_parser() -> argparse.ArgumentParser:
     load_bench.add_argument("--no-ray", action="store_true", help="host the services in this process")
     load_bench.add_argument("--json", action="store_true")
     load_bench.set_defaults(func=cmd_bench_load)
+
+    from services import analyze
+
+    analyze.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,133 @@
+"""`densecomm analyze cs | pca`: run an analysis on a pair (default: the embedded zoo pair and its committed adapter), print its tables, write PNG, Markdown and JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def load_pair(adapter_dir: str | None):
+    from densecomm_core.adapter import DenseAdapter
+    from densecomm_core.zoo.pair import load_zoo_pair, zoo_adapter_dir
+
+    sender, receiver = load_zoo_pair()
+    adapter = DenseAdapter.load(Path(adapter_dir) if adapter_dir else zoo_adapter_dir(), sender.geometry, receiver.geometry)
+    return sender, receiver, adapter
+
+
+def int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise SystemExit(f"{option} takes comma-separated integers, got {text!r}") from None
+
+
+def alpha_arg(text: str) -> float | None:
+    """--alpha: a positive float, or 'cv' for LassoCV."""
+    if text == "cv":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"--alpha takes a positive number or 'cv', got {text!r}")
+    return value
+
+
+def progress_printer(enabled: bool):
+    started = time.perf_counter()
+    return (lambda line: print(f"[{time.perf_counter() - started:6.1f} s] {line}", flush=True)) if enabled else (lambda line: None)
+
+
+def cmd_cs(args: argparse.Namespace) -> int:
+    from densecomm_core.analysis.cs import CSConfig, group_table, run_cs, spearman_lines, sweep_table
+    from densecomm_core.analysis.plots import plot_cs
+
+    config = CSConfig(masks=args.masks, examples_per_family=args.examples, fraction=args.fraction, alpha=args.alpha,
+                      topk=int_list(args.topk, "--topk") if args.topk else (), seeds=args.seeds, rank_by=args.rank_by,
+                      filter_site=args.filter_at, seed=args.seed, batch_size=args.batch_size)
+    sender, receiver, adapter = load_pair(args.adapter)
+    result = run_cs(sender, receiver, adapter, config, progress_printer(not args.json))
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    png = plot_cs(result, out / "cs_topk.png")
+    layers, heads, kv_heads = result.sender_layout
+    summary = (
+        f"# Compressed-sensing head importance\n\nSender: {layers} layers x {heads} query heads ({kv_heads} KV groups per layer); "
+        f"{config.masks} masks ({result.distinct_masks} distinct) ablating {result.heads_per_mask} head(s) each; {result.examples} test examples; "
+        f"Lasso alpha {'LassoCV' if args.alpha is None else args.alpha}; groups ranked by the {config.rank_by} scores; "
+        f"dropped groups zeroed at the {config.filter_site} side.\n\n"
+        f"Unfiltered relay: aware {result.baseline['aware']:.3f}, unaware {result.baseline['unaware']:.3f}. "
+        f"Receiver with input {result.receiver_alone['with input']:.3f}, without input {result.receiver_alone['without input']:.3f}."
+    )
+    report = "\n\n".join([
+        summary,
+        "## Top-K sweep\n\n" + sweep_table(result),
+        "## Sender KV groups\n\n" + group_table(result),
+        "## Gates vs CS scores\n\n" + spearman_lines(result),
+    ])
+    (out / "cs.md").write_text(report + "\n")
+    (out / "cs.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print("\n" + report + f"\n\nwrote {png}, {out / 'cs.md'}, {out / 'cs.json'} ({result.seconds:.0f} s)")
+    return 0
+
+
+def cmd_pca(args: argparse.Namespace) -> int:
+    from densecomm_core.analysis.pca import run_pca
+    from densecomm_core.analysis.plots import plot_pca
+    from densecomm_core.zoo import tasks
+
+    sender, receiver, adapter = load_pair(args.adapter)
+    examples = tasks.make_split("test", args.examples)
+    layers = int_list(args.layers, "--layers") if args.layers else None
+    progress = progress_printer(not args.json)
+    progress(f"prefilling sender and receiver on {len(examples)} test contexts")
+    result = run_pca(sender, receiver, adapter, [e.context for e in examples], layers, raw_sender=args.raw_sender)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    png = plot_pca(result, out / "pca_values.png")
+    report = (f"# PCA of value vectors\n\n{result.tokens} tokens per cloud (BOS left out); value widths sender {result.widths[0]}, "
+              f"receiver {result.widths[1]}; raw sender: {result.raw_sender}. Centroid shift: distance of a cloud's centroid from "
+              "the receiver's on its two PCs, in units of the receiver's spread there; spread: a cloud's RMS spread on that plane over the receiver's; paired error: mean ‖v_T − v_R‖ over "
+              "tokens / mean ‖v_R − mean‖, full width.\n\n" + result.table())
+    (out / "pca.md").write_text(report + "\n")
+    (out / "pca.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    print(json.dumps(result.to_dict()) if args.json else "\n" + report + f"\n\nwrote {png}, {out / 'pca.md'}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    """`densecomm analyze cs|pca` on the subparsers of the main CLI."""
+    analyze = sub.add_parser("analyze", help="post-hoc analyses: CS head importance (Figure 5), PCA of caches (Figure 7)")
+    kinds = analyze.add_subparsers(dest="analyze_command", required=True)
+    cs = kinds.add_parser("cs", help="compressed-sensing head importance, top-K group sweep vs random, gates vs scores")
+    cs.add_argument("--masks", type=int, default=48, help="M random ablation masks")
+    cs.add_argument("--examples", type=int, default=40, help="test examples per task family, scored for every mask")
+    cs.add_argument("--fraction", type=float, default=0.05, help="share of sender query heads ablated per mask (at least one)")
+    cs.add_argument("--alpha", type=alpha_arg, default=1e-4, help="Lasso penalty (paper 1e-4), or 'cv' for LassoCV")
+    cs.add_argument("--topk", default="", help="K levels, e.g. 0,1,2,4,8 (default: every K up to 16 groups, else powers of 2)")
+    cs.add_argument("--seeds", type=int, default=3, help="random-selection repeats per K")
+    cs.add_argument("--rank-by", choices=["unaware", "aware", "both"], default="unaware", help="regime whose scores rank the groups")
+    cs.add_argument("--filter-at", choices=["sender", "receiver"], default="sender",
+                    help="zero dropped groups in the transmitted sender cache (paper C.3) or in the adapter's output")
+    cs.add_argument("--seed", type=int, default=0)
+    cs.add_argument("--batch-size", type=int, default=128)
+    cs.add_argument("--adapter", help="adapter directory (default: the committed zoo adapter)")
+    cs.add_argument("--output-dir", default="runs/analyze", help="where cs_topk.png, cs.md and cs.json go")
+    cs.add_argument("--json", action="store_true", help="print the result as JSON instead of tables")
+    cs.set_defaults(func=cmd_cs)
+    pca = kinds.add_parser("pca", help="receiver / transformed sender / raw sender value vectors on the receiver's PCs")
+    pca.add_argument("--examples", type=int, default=100, help="test contexts per task family")
+    pca.add_argument("--layers", default="", help="receiver layers, e.g. 1,4 (default: an early and a late one, as the paper's L7/L34 of 36)")
+    pca.add_argument("--raw-sender", choices=["pad", "own"], default="pad",
+                     help="raw sender values zero-padded onto the receiver's PCs (paper), or on their own PCs")
+    pca.add_argument("--adapter", help="adapter directory (default: the committed zoo adapter)")
+    pca.add_argument("--output-dir", default="runs/analyze", help="where pca_values.png, pca.md and pca.json go")
+    pca.add_argument("--json", action="store_true")
+    pca.set_defaults(func=cmd_pca)
