@@ -91,7 +91,14 @@ def load_pair(options: EvalOptions):
 
 
 def run(options: EvalOptions, progress: Callable[[str, str, int, int], None] | None = None) -> EvalReport:
-    from densecomm_core.evaluation.flops import PROJECTIONS, ModelLayout, PairCost, add_counts, qwen3_pair, token_row
+    from densecomm_core.evaluation.flops import (
+        PROJECTIONS,
+        ModelLayout,
+        PairCost,
+        add_counts,
+        qwen3_pair,
+        token_row,
+    )
     from densecomm_core.evaluation.methods import EvaluationError, build_methods
     from densecomm_core.evaluation.runner import evaluate, mode_label
     from densecomm_core.evaluation.tasksets import parse_task_specs
@@ -102,6 +109,8 @@ def run(options: EvalOptions, progress: Callable[[str, str, int, int], None] | N
         modes = tuple(ContextMode(m) for m in options.modes)
     except ValueError:
         raise EvaluationError(f"--modes takes aware and/or unaware; got {list(options.modes)}") from None
+    if options.limit is not None and options.limit < 1:
+        raise EvaluationError(f"--limit must be >= 1 example per task set; got {options.limit}")
     task_sets = parse_task_specs(options.tasks, options.split, options.limit, options.seed)
     pair = load_pair(options)
     names = list(options.methods)
@@ -237,7 +246,7 @@ def check_targets(report: EvalReport) -> list[Target]:
     receiver, aware, unaware, t2t = (table.get(k) for k in
                                      (("receiver", "-"), ("dense", "aware"), ("dense", "unaware"), ("t2t", "aware")))
     out: list[Target] = []
-    need = lambda *cells: all(c is not None for c in cells)  # noqa: E731
+    need = lambda *cells: all(c is not None for c in cells)
 
     # 1. dense context-unaware >= 95 % of receiver-with-input, in-domain; OOD side by side.
     if need(receiver, unaware):

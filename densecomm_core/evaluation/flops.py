@@ -130,7 +130,7 @@ def token_row(counts: TokenCounts, requests: int, flops: dict[str, int]) -> Toke
     """Per-request means of summed ``counts`` and of the ``flops`` a method computed from them."""
     if requests < 1:
         raise ValueError(f"requests must be >= 1, got {requests}")
-    mean = lambda x: x / requests  # noqa: E731
+    mean = lambda x: x / requests
     return TokenRow(requests, mean(counts.sender_prefill), mean(counts.sender_decode), mean(counts.receiver_prefill),
                     mean(counts.receiver_decode), {side: mean(value) for side, value in flops.items()})
 

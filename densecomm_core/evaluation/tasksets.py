@@ -18,7 +18,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from densecomm_core.data import DataError, TaskExample, answers_match, extract_answer, load_task_file
+from densecomm_core.data import (
+    DataError,
+    TaskExample,
+    answers_match,
+    extract_answer,
+    load_task_file,
+)
 from densecomm_core.zoo import tasks
 
 # Answer extraction per public format (the paper's: last number; the answer letter for multiple choice).
