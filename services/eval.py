@@ -178,6 +178,8 @@ def render_accuracy(report: EvalReport) -> str:
     ood = [t.name for t in report.task_sets if not t.in_domain]
     header = ["method", "mode", *(t.name + ("" if t.in_domain else " (OOD)") for t in report.task_sets)]
     header += ["in-domain mean"] * bool(in_domain) + ["OOD mean"] * bool(ood)
+    projected = list(report.costs)[1]  # the paper's FLOPs column, on the first projected pair
+    header.append(f"TFLOPs/req {projected}")
     rows = []
     for key in _cell_order(report):
         acc = table[key]
@@ -185,6 +187,7 @@ def render_accuracy(report: EvalReport) -> str:
         for names in (in_domain, ood):
             if names:
                 row.append(f"{100 * mean_accuracy(acc, names):.1f}")
+        row.append(f"{report.tokens[key][projected].flops['total'] / 1e12:.3f}")
         rows.append(row)
     return markdown(header, rows)
 

@@ -35,7 +35,7 @@ def test_qwen3_4b_non_embedding_params_hand_count():
     assert QWEN3["qwen3-14b"].non_embedding_params() == 13_212_482_560  # model card: 13.2B
 
 
-@pytest.mark.parametrize("name", ["qwen3-4b", "qwen3-14b"])
+@pytest.mark.parametrize("name", ["qwen3-4b", "qwen3-8b", "qwen3-14b"])
 def test_qwen3_count_matches_transformers_model(name):
     """The formula equals the parameters of transformers' own Qwen3 built from the same numbers (meta device)."""
     from transformers import Qwen3Config as HFQwen3Config
