@@ -53,9 +53,11 @@ class PromptFormat:
     with_input: str = "{context} =>"  # a model answering from the input alone (baselines, T2T)
     without_input: str = "=>"  # the receiver alone, without the input (after BOS)
     # T2T, the text baseline: the sender writes a message (greedy) after ``message``; the receiver reads it
-    # after ``t2t_aware`` (with X) or ``t2t_unaware`` (the message only). ``{message}`` is the sender's text.
+    # in ``t2t_aware`` (with X) or ``t2t_unaware`` (the message only). ``{message}`` is the sender's text.
+    # The zoo LMs never saw a message in training; these two layouts scored best of four on the zoo's
+    # validation split (`densecomm eval --split validation --methods t2t --prompt-format ...`).
     message: str = "{context} =>"
-    t2t_aware: str = "{context} hint {message} =>"
+    t2t_aware: str = "{message} {context} =>"
     t2t_unaware: str = "hint {message} =>"
 
     def receiver_prompt(self, mode: ContextMode, context: str) -> str:
