@@ -337,9 +337,11 @@ def write_outputs(report: EvalReport, targets: list[Target], directory: str | Pa
     examples = {t.name: t.examples for t in report.task_sets}
     with paths[2].open("w") as handle:
         for c in report.results:
-            for example, text in zip(examples[c.task], c.texts):
-                handle.write(json.dumps({"method": c.method, "mode": mode_label(c.mode), "task": c.task,
-                                         "source": example.source, "answer": example.answer, "output": text}) + "\n")
+            messages = c.messages or [None] * len(c.texts)
+            for example, text, message in zip(examples[c.task], c.texts, messages, strict=True):
+                row = {"method": c.method, "mode": mode_label(c.mode), "task": c.task, "source": example.source,
+                       "answer": example.answer, "output": text}
+                handle.write(json.dumps(row | ({"message": message} if message is not None else {})) + "\n")
     costs = {name: {"sender": asdict(cost.sender), "receiver": asdict(cost.receiver), "expansion": cost.expansion}
              for name, cost in report.costs.items()}
     options = asdict(report.options) | {"methods": list(report.options.methods), "modes": list(report.options.modes)}

@@ -121,6 +121,13 @@ class ReceiverAlone(Method):
         return answer_without_input(p.receiver, len(contexts), p.generation, p.prompt_format)
 
 
+@dataclass
+class TextToTextOutput(RelayOutput):
+    """The receiver's answers plus the messages the sender wrote (what crossed, as text)."""
+
+    messages: list[str] = field(default_factory=list)
+
+
 class TextToText(Method):
     """T2T: the sender really decodes a message (greedy); the receiver reads it as text."""
 
@@ -140,10 +147,11 @@ class TextToText(Method):
         p = self.pair
         message = self.messages(contexts)
         prompts = [p.prompt_format.t2t_prompt(mode, c, m) for c, m in zip(contexts, message.texts, strict=True)]
-        out = receiver_generate(p.receiver, None, prompts, p.generation)
-        out.counts.sender_prefill = message.counts.receiver_prefill  # the sender's side of the message
-        out.counts.sender_decode = message.counts.receiver_decode
-        return out
+        answer = receiver_generate(p.receiver, None, prompts, p.generation)
+        counts = TokenCounts(sender_prefill=message.counts.receiver_prefill,  # the sender's side: the message
+                             sender_decode=message.counts.receiver_decode,
+                             receiver_prefill=answer.counts.receiver_prefill, receiver_decode=answer.counts.receiver_decode)
+        return TextToTextOutput(answer.texts, answer.tokens, answer.lengths, counts, messages=message.texts)
 
 
 class Dense(Method):

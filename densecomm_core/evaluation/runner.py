@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from densecomm_core.evaluation.flops import add_counts
-from densecomm_core.evaluation.methods import EvaluationError, Method
+from densecomm_core.evaluation.methods import EvaluationError, Method, TextToTextOutput
 from densecomm_core.evaluation.tasksets import TaskSet
 from densecomm_core.relay import ContextMode, TokenCounts
 
@@ -35,6 +35,7 @@ class CellResult:
     counts: TokenCounts = field(default_factory=TokenCounts)  # summed over the requests
     payload_bytes: int = 0  # raw bytes of transferred caches, summed
     texts: list[str] = field(default_factory=list, repr=False)
+    messages: list[str] = field(default_factory=list, repr=False)  # T2T: the sender's messages, in order
 
     @property
     def accuracy(self) -> float:
@@ -74,6 +75,8 @@ def evaluate(
                 cell.counts = add_counts(cell.counts, out.counts)
                 cell.payload_bytes += out.payload_bytes
                 cell.texts.extend(out.texts)
+                if isinstance(out, TextToTextOutput):
+                    cell.messages.extend(out.messages)
                 if progress is not None:
                     progress(label, task.name, cell.requests, len(examples))
             results.append(cell)

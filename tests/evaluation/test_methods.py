@@ -57,6 +57,7 @@ def test_t2t_really_decodes_on_the_sender_and_the_receiver_reads_the_message(pai
     out = run(t2t, mode)
     assert out.counts.sender_prefill == sum(w + 2 for w in WORDS)  # "<bos> X =>"
     assert out.counts.sender_decode == int(messages.lengths.sum()) > 0  # greedy: the same message again
+    assert out.messages == messages.texts
     prompts = [pair.prompt_format.t2t_prompt(mode, c, m) for c, m in zip(CONTEXTS, messages.texts)]
     if mode is ContextMode.AWARE:
         assert all(c in p and m in p for p, c, m in zip(prompts, CONTEXTS, messages.texts))

@@ -24,4 +24,6 @@ def test_eval_command_writes_csv_json_and_prints_tables(tmp_path, capsys):
     assert tokens[("t2t", "aware", "zoo")]["S_dec"] > 0 and tokens[("dense", "aware", "zoo")]["S_dec"] == 0
     assert tokens[("dense", "unaware", "qwen3-14b->qwen3-4b")]["flops_adapter"] > 0
     assert {t["status"] for t in report["targets"]} <= {"ok", "missed", "info"}
-    assert sum(1 for _ in (tmp_path / "predictions.jsonl").open()) == len(rows) * 4
+    predictions = [json.loads(line) for line in (tmp_path / "predictions.jsonl").open()]
+    assert len(predictions) == len(rows) * 4
+    assert all(("message" in p) == (p["method"] == "t2t") for p in predictions)
