@@ -52,9 +52,20 @@ class PromptFormat:
     unaware: str = "=>"  # receiver prompt after the cache, context-unaware
     with_input: str = "{context} =>"  # a model answering from the input alone (baselines, T2T)
     without_input: str = "=>"  # the receiver alone, without the input (after BOS)
+    # T2T, the text baseline: the sender writes a message (greedy) after ``message``; the receiver reads it
+    # in ``t2t_aware`` (with X) or ``t2t_unaware`` (the message only). ``{message}`` is the sender's text.
+    # The zoo LMs never saw a message in training; these two layouts scored best of four on the zoo's
+    # validation split (`densecomm eval --split validation --methods t2t --prompt-format ...`).
+    message: str = "{context} =>"
+    t2t_aware: str = "{message} {context} =>"
+    t2t_unaware: str = "hint {message} =>"
 
     def receiver_prompt(self, mode: ContextMode, context: str) -> str:
         return (self.aware if mode is ContextMode.AWARE else self.unaware).format(context=context)
+
+    def t2t_prompt(self, mode: ContextMode, context: str, message: str) -> str:
+        """The receiver's prompt in T2T: the sender's ``message``, after X in context-aware mode."""
+        return (self.t2t_aware if mode is ContextMode.AWARE else self.t2t_unaware).format(context=context, message=message)
 
 
 @dataclass

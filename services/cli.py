@@ -117,6 +117,51 @@ def dense_rows_through_services(rows, adapter_dir: Path, per_family: int, use_ra
     return merged, agreement
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from services import eval as evaluation
+
+    def parse_json(text: str, flag: str) -> dict:
+        try:
+            value = json.loads(text) if text else {}
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"{flag} must be a JSON object: {exc}") from None
+        if not isinstance(value, dict):
+            raise SystemExit(f"{flag} must be a JSON object, got {text!r}")
+        return value
+
+    options = evaluation.EvalOptions(
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()), tasks=args.tasks, split=args.split,
+        limit=args.limit, seed=args.seed, codec=args.codec, codec_params=parse_json(args.codec_params, "--codec-params"),
+        sender=args.sender or "", receiver=args.receiver or "", adapter=args.adapter or "", device=args.device,
+        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, message_tokens=args.message_tokens,
+        prompt_format=parse_json(args.prompt_format, "--prompt-format"), output_dir=args.output_dir)
+
+    def progress(label: str, task: str, done: int, total: int) -> None:
+        if not args.quiet:
+            print(f"[eval] {label:28s} {task:16s} {done:5d}/{total}", file=sys.stderr, flush=True)
+
+    report = evaluation.run(options, progress)
+    targets = evaluation.check_targets(report)
+    paths = evaluation.write_outputs(report, targets, args.output_dir)
+    sizes = ", ".join(f"{t.name} {len(t.examples)}" for t in report.task_sets)
+    print(f"pair: {report.pair_name}\ntask sets (examples): {sizes}\n")
+    print("## Accuracy (%)\n")
+    print(evaluation.render_accuracy(report))
+    print(f"\n## Tokens and FLOPs per request on the {next(iter(report.costs))} models as they are\n")
+    print(evaluation.render_tokens(report))
+    print("\n## The same measured tokens projected onto Qwen3 geometries (sender->receiver)\n")
+    print(evaluation.render_projected(report))
+    print("\n" + evaluation.describe_costs(report))
+    codec_bytes = evaluation.render_codec_bytes(report)
+    if codec_bytes:
+        print("\n" + codec_bytes)
+    print("\n## Targets (issue 10)\n")
+    print(evaluation.render_targets(targets))
+    print(f"\nwrote {', '.join(str(p) for p in paths)} ({report.seconds:.0f} s)")
+    return 1 if args.check and any(t.status == "missed" for t in targets) else 0
+
+
 def cmd_zoo_build(args: argparse.Namespace) -> int:
     import shutil
 
@@ -377,6 +422,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--in-process", action="store_true", help="relay in this process instead of through the gRPC services")
     demo.add_argument("--no-ray", action="store_true", help="host the services in this process rather than as Ray actors")
     demo.set_defaults(func=cmd_demo)
+
+    ev = sub.add_parser("eval", help="methods x modes x task sets: accuracy, per-side tokens and FLOPs, issue 10's targets")
+    ev.add_argument("--methods", default="sender,receiver,receiver-without-input,t2t,dense",
+                    help="comma list of: sender, receiver, receiver-without-input, t2t, dense, dense-codec")
+    ev.add_argument("--modes", default="aware,unaware", help="regimes of the methods that have them: aware, unaware")
+    ev.add_argument("--tasks", default="zoo", help="comma list of 'zoo' and FORMAT=PATH (gsm8k, math, arc, mmlu-redux, "
+                    "medqa, openbookqa, jsonl), e.g. zoo,gsm8k=gsm8k.jsonl")
+    ev.add_argument("--split", default="test", choices=["test", "validation"], help="the zoo's split")
+    ev.add_argument("--limit", type=int, help="examples per task set (zoo: per family; default 200 there, a whole file)")
+    ev.add_argument("--seed", type=int, help="draw a seeded random subset of each task set (default: the first --limit)")
+    ev.add_argument("--codec", default="", help="also run dense through this registered codec (both hops)")
+    ev.add_argument("--codec-params", default="", help='JSON parameters of --codec, e.g. \'{"key_bits": 4}\'')
+    ev.add_argument("--sender", help="local sender checkpoint directory (default: the zoo pair)")
+    ev.add_argument("--receiver", help="local receiver checkpoint directory (with --sender)")
+    ev.add_argument("--adapter", help="adapter checkpoint directory (default: the zoo adapter)")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--max-new-tokens", type=int, default=24, help="answer budget of the answering model")
+    ev.add_argument("--message-tokens", type=int, default=24, help="T2T: the sender's message budget")
+    ev.add_argument("--prompt-format", default="", help="JSON overrides of PromptFormat fields (default: the zoo's layouts)")
+    ev.add_argument("--output-dir", default="runs/eval", help="where accuracy.csv, tokens.csv, predictions.jsonl, eval.json go")
+    ev.add_argument("--check", action="store_true", help="exit with status 1 when a target is missed")
+    ev.add_argument("--quiet", action="store_true", help="no progress lines")
+    ev.set_defaults(func=cmd_eval)
 
     zoo = sub.add_parser("zoo", help="the embedded model zoo").add_subparsers(dest="zoo_command", required=True)
     build = zoo.add_parser("build", help="train the tiny LM pair from scratch and its adapter (seeded)")
