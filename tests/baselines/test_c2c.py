@@ -151,3 +151,19 @@ def test_a_few_steps_lower_the_generation_loss_on_the_zoo(zoo_pair):
     assert history[-1]["step"] == 12 and fuser.config.recipe["c2c"]["steps"] == 12
     assert after < before - 0.05, (before, after)
     assert torch.isfinite(torch.tensor(loss(train=False)))
+
+
+def test_zoo_traces_are_built_or_read_and_never_from_held_out_questions(tmp_path, zoo_pair):
+    from densecomm_core.baselines.c2c_training import zoo_trace_records
+    from densecomm_core.training.traces import TraceFileError, save_traces
+
+    _, receiver = zoo_pair
+    built = zoo_trace_records(receiver, None, per_family=2)  # guided decoding by the receiver itself
+    train = {e.context for e in tasks.make_split("train", 2)}
+    assert built and {r.context for r in built} <= train and all(r.trace.split()[-2] == "answer" for r in built)
+    save_traces(built, tmp_path / "traces.jsonl")
+    assert zoo_trace_records(receiver, tmp_path / "traces.jsonl", per_family=2) == built
+    held_out = tasks.make_split("test", 1)[0]
+    save_traces([*built, TraceRecord(held_out.context, held_out.answer, held_out.trace, held_out.family)], tmp_path / "bad.jsonl")
+    with pytest.raises(TraceFileError, match="not zoo train-split"):
+        zoo_trace_records(receiver, tmp_path / "bad.jsonl", per_family=2)
