@@ -400,6 +400,20 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_baseline_c2c(args: argparse.Namespace) -> int:
+    from densecomm_core.baselines.c2c_zoo import ZooC2COptions, render_report, run_zoo_c2c
+
+    torch_threads(args.threads)
+    options = ZooC2COptions(Path(args.output_dir), steps=args.steps, seed=args.seed,
+                            traces=Path(args.traces) if args.traces else None, hidden=args.hidden, p_aware=args.p_aware,
+                            eval_every=args.eval_every)
+    report = run_zoo_c2c(options, progress=lambda line: print(line, flush=True))
+    print()
+    print(render_report(report))
+    print(f"\n{report['seconds']:.0f} s (training {report['train_seconds']:.0f} s, {report['torch_threads']} torch thread(s))")
+    return 0
+
+
 def torch_threads(workers: int) -> None:
     import torch
 
@@ -509,6 +523,19 @@ def build_parser() -> argparse.ArgumentParser:
     relay.add_argument("--tls-key", default="", help="PEM key of --tls-cert")
     relay.add_argument("--tls-server-name", default="", help="name to verify in the Relay's certificate (default: the address's host)")
     relay.set_defaults(func=cmd_relay)
+
+    baseline = sub.add_parser("baseline", help="train the paper's baselines on the embedded zoo")
+    baseline_sub = baseline.add_subparsers(dest="baseline_command", required=True)
+    c2c = baseline_sub.add_parser("c2c", help="C2C-style fuser: generation loss only, checkpoint chosen on validation, scored on test")
+    c2c.add_argument("--output-dir", required=True, help="gets fuser/ (the checkpoint) and report.json")
+    c2c.add_argument("--steps", type=int, default=1200)
+    c2c.add_argument("--seed", type=int, default=0)
+    c2c.add_argument("--traces", help="receiver-self traces of the zoo (a `densecomm train` traces.jsonl); default: build them")
+    c2c.add_argument("--hidden", type=int, default=128, help="width of each layer's fuser MLP")
+    c2c.add_argument("--p-aware", type=float, default=0.5, help="share of context-aware training examples")
+    c2c.add_argument("--eval-every", type=int, default=200, help="validation (model selection) interval in steps")
+    c2c.add_argument("--threads", type=int, default=1, help="torch threads")
+    c2c.set_defaults(func=cmd_baseline_c2c)
 
     bench = sub.add_parser("bench", help="benchmarks that print ours vs the baseline, measured in one run")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
