@@ -133,7 +133,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
         modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()), tasks=args.tasks, split=args.split,
         limit=args.limit, seed=args.seed, codec=args.codec, codec_params=parse_json(args.codec_params, "--codec-params"),
-        sender=args.sender or "", receiver=args.receiver or "", adapter=args.adapter or "", device=args.device,
+        sender=args.sender or "", receiver=args.receiver or "", adapter=args.adapter or "", c2c=args.c2c or "", device=args.device,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, message_tokens=args.message_tokens,
         prompt_format=parse_json(args.prompt_format, "--prompt-format"), output_dir=args.output_dir)
 
@@ -438,8 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     ev = sub.add_parser("eval", help="methods x modes x task sets: accuracy, per-side tokens and FLOPs, issue 10's targets")
-    ev.add_argument("--methods", default="sender,receiver,receiver-without-input,t2t,dense",
-                    help="comma list of: sender, receiver, receiver-without-input, t2t, dense, dense-codec")
+    ev.add_argument("--methods", default="sender,receiver,receiver-without-input,t2t,dense,c2c",
+                    help="comma list of: sender, receiver, receiver-without-input, t2t, dense, dense-codec, c2c "
+                         "(the default list skips c2c when the pair has no fuser)")
     ev.add_argument("--modes", default="aware,unaware", help="regimes of the methods that have them: aware, unaware")
     ev.add_argument("--tasks", default="zoo", help="comma list of 'zoo' and FORMAT=PATH (gsm8k, math, arc, mmlu-redux, "
                     "medqa, openbookqa, jsonl), e.g. zoo,gsm8k=gsm8k.jsonl")
@@ -451,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sender", help="local sender checkpoint directory (default: the zoo pair)")
     ev.add_argument("--receiver", help="local receiver checkpoint directory (with --sender)")
     ev.add_argument("--adapter", help="adapter checkpoint directory (default: the zoo adapter)")
+    ev.add_argument("--c2c", help="C2C fuser directory from `densecomm baseline c2c` (default: the zoo's committed one)")
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--max-new-tokens", type=int, default=24, help="answer budget of the answering model")

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-DEFAULT_METHODS = ("sender", "receiver", "receiver-without-input", "t2t", "dense")
+DEFAULT_METHODS = ("sender", "receiver", "receiver-without-input", "t2t", "dense", "c2c")
 
 
 @dataclass
@@ -33,6 +33,7 @@ class EvalOptions:
     sender: str = ""  # local checkpoints instead of the zoo pair
     receiver: str = ""
     adapter: str = ""
+    c2c: str = ""  # a C2C fuser directory (`densecomm baseline c2c`); the zoo's committed one for the zoo pair
     device: str = "cpu"
     batch_size: int = 64
     max_new_tokens: int = 24  # the receiver's (or a lone model's) answer budget
@@ -80,6 +81,17 @@ def load_pair(options: EvalOptions):
     if adapter_dir is not None:
         adapter = DenseAdapter.load(adapter_dir, sender.geometry, receiver.geometry).to(options.device)
         adapter.eval()
+    fuser = None
+    c2c_dir = Path(options.c2c) if options.c2c else None
+    if c2c_dir is None and not options.sender:
+        from densecomm_core.zoo.pair import zoo_c2c_dir
+
+        c2c_dir = zoo_c2c_dir() if zoo_c2c_dir().is_dir() else None
+    if c2c_dir is not None:
+        from densecomm_core.baselines.c2c import C2CFuser
+
+        fuser = C2CFuser.load(c2c_dir, sender.geometry, receiver.geometry).to(options.device)
+        fuser.eval()
     try:
         prompt_format = PromptFormat(**options.prompt_format)
     except TypeError as exc:
@@ -87,7 +99,7 @@ def load_pair(options: EvalOptions):
     return EvalPair(sender, receiver, adapter, adapter_dir, prompt_format,
                     GenerationConfig(max_new_tokens=options.max_new_tokens, seed=options.seed or 0),
                     GenerationConfig(max_new_tokens=options.message_tokens, seed=options.seed or 0),
-                    options.codec, options.codec_params)
+                    options.codec, options.codec_params, fuser)
 
 
 def run(options: EvalOptions, progress: Callable[[str, str, int, int], None] | None = None) -> EvalReport:
@@ -114,14 +126,17 @@ def run(options: EvalOptions, progress: Callable[[str, str, int, int], None] | N
     task_sets = parse_task_specs(options.tasks, options.split, options.limit, options.seed)
     pair = load_pair(options)
     names = list(options.methods)
+    if pair.fuser is None and "c2c" in names and tuple(options.methods) == DEFAULT_METHODS:
+        names.remove("c2c")  # the default list runs C2C where a fuser exists (the zoo's); asked for by name, it must
     if options.codec and "dense-codec" not in names:
         names.append("dense-codec")
     methods = build_methods(names, pair)
     results = evaluate(methods, task_sets, modes, options.batch_size, progress)
 
     expansion = pair.adapter.config.expansion if pair.adapter is not None else 16
+    c2c_hidden = {"c2c_hidden": pair.fuser.config.hidden} if pair.fuser is not None else {}
     costs = {"zoo" if not options.sender else "local": PairCost(ModelLayout.of(pair.sender, "sender"),
-                                                               ModelLayout.of(pair.receiver, "receiver"), expansion)}
+                                                               ModelLayout.of(pair.receiver, "receiver"), expansion, **c2c_hidden)}
     for s, r in PROJECTIONS:
         cost = qwen3_pair(s, r, expansion)
         costs[cost.name] = cost
@@ -285,6 +300,16 @@ def check_targets(report: EvalReport) -> list[Target]:
                               f"{100 * aware[task.name]:.1f} vs {100 * receiver[task.name]:.1f} ({gap:+.1f})"))
     else:
         out.append(Target("dense aware >= receiver with input - 2 points", "skipped", "needs methods receiver and dense (aware)"))
+
+    # 4. C2C-style context-unaware far (>= 20 points, in-domain mean) below dense context-unaware: the paper's collapse.
+    c2c = table.get(("c2c", "unaware"))
+    if need(c2c, unaware):
+        names = [t.name for t in report.task_sets if t.in_domain]
+        acc_c, acc_d = mean_accuracy(c2c, names), mean_accuracy(unaware, names)
+        out.append(Target("C2C unaware >= 20 points below dense unaware (in-domain mean)", "ok" if acc_d - acc_c >= 0.2 else "missed",
+                          f"{100 * acc_c:.1f} vs {100 * acc_d:.1f} ({100 * (acc_c - acc_d):+.1f})"))
+    else:
+        out.append(Target("C2C unaware far below dense unaware", "skipped", "needs methods c2c and dense (unaware)"))
     return out
 
 

@@ -3,6 +3,7 @@
     ModelLayout                     what FLOPs need of one model: non-embedding params, layers, KV heads, head dim
     PairCost                        a sender, a receiver and the dense adapter's expansion between them
     dense_adapter_params(pair)      parameters of T_θ's K and V MLPs for that pair (all receiver layers and groups)
+    c2c_fuser_params(pair)          parameters of the C2C-style fuser for that pair
     QWEN3 / qwen3_pair(s, r)        public Qwen3 configs and the pairs a zoo measurement is projected onto
     TokenRow / token_row(...)       mean per-request S_pre, S_dec, R_pre, R_dec, all tokens and FLOPs per side
 
@@ -42,6 +43,7 @@ class PairCost:
     sender: ModelLayout
     receiver: ModelLayout
     expansion: int = 16  # the paper's e (AdapterConfig.expansion)
+    c2c_hidden: int = 1024  # width of the C2C-style fuser's MLPs (C2C's own on Qwen-scale caches; the zoo's is 128)
 
     @property
     def name(self) -> str:
@@ -54,6 +56,16 @@ def dense_adapter_params(pair: PairCost) -> int:
     hidden = pair.expansion * d_s
     one_mlp = d_s * hidden + hidden + hidden * d_r + d_r
     return 2 * one_mlp * pair.receiver.num_layers * pair.receiver.num_kv_heads
+
+
+def c2c_fuser_params(pair: PairCost) -> int:
+    """Parameters of the C2C-style fuser (``baselines.c2c.C2CFuser``): per receiver layer, for K and for V,
+    [all sender groups ; all receiver groups] -> hidden, RMSNorm scale, a bias-free FFN hidden -> hidden -> hidden,
+    a projection to the receiver's groups and per-group weights (the 2·L_R gate logits are left out: no FLOPs)."""
+    s, r, h = pair.sender, pair.receiver, pair.c2c_hidden
+    d_in, d_out = s.num_kv_heads * s.head_dim + r.num_kv_heads * r.head_dim, r.num_kv_heads * r.head_dim
+    one = d_in * h + h + h + 2 * h * h + h * d_out + d_out + h * r.num_kv_heads + r.num_kv_heads
+    return 2 * r.num_layers * one
 
 
 def dense_adapter_flops_per_token(pair: PairCost) -> int:

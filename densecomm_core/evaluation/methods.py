@@ -16,8 +16,10 @@ Methods (``METHODS``: name -> builder of an ``EvalPair``)
 - ``dense``:                  ours: the sender's cache through T_θ, the receiver answers (both modes)
 - ``dense-codec``:            ours with both cache hops through a registered codec, shipped as the services do
                               (``hop.round_trip``: one bf16 wire payload per request); its row is ``dense+<codec>``
+- ``c2c``:                    the C2C-style fuser (``baselines.c2c``): the sender's cache steers the receiver's own
+                              cache of X (context-aware) or zeros (context-unaware)
 
-Adding a method (e.g. a C2C-style fuser) is one ``Method`` subclass and one ``METHODS`` line.
+Adding a method is one ``Method`` subclass and one ``METHODS`` line.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 from densecomm_core.adapter import DenseAdapter
 from densecomm_core.cache import KVCache
 from densecomm_core.errors import DenseCommError
-from densecomm_core.evaluation.flops import PairCost, dense_adapter_flops_per_token
+from densecomm_core.evaluation.flops import PairCost, c2c_fuser_params, dense_adapter_flops_per_token
 from densecomm_core.generation import GenerationConfig
 from densecomm_core.models import LoadedModel
 from densecomm_core.relay import (
@@ -64,6 +66,7 @@ class EvalPair:
     message_generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=24))  # T2T
     codec: str = ""  # registered codec name for ``dense-codec``
     codec_params: dict = field(default_factory=dict)
+    fuser: object | None = None  # a ``baselines.c2c.C2CFuser`` for ``c2c``
 
 
 class Method(ABC):
@@ -201,6 +204,28 @@ class DenseThroughCodec(Dense):
         self.name = f"dense+{pair.codec}"
 
 
+class C2C(Method):
+    """The C2C-style baseline: a fuser adds a gated projection of the sender's cache onto the receiver's own."""
+
+    name = "c2c"
+    modes = (ContextMode.AWARE, ContextMode.UNAWARE)
+
+    def __init__(self, pair: EvalPair) -> None:
+        if pair.fuser is None:
+            raise EvaluationError("method 'c2c' needs a C2C fuser for the pair (--c2c DIR, from `densecomm baseline c2c`)")
+        self.pair = pair
+
+    def run(self, contexts: Sequence[str], mode: ContextMode | None) -> RelayOutput:
+        from densecomm_core.baselines.c2c import c2c_run
+
+        self.check_mode(mode)
+        p = self.pair
+        return c2c_run(p.sender, p.receiver, p.fuser, contexts, mode, p.generation, p.prompt_format)
+
+    def adapter_flops_per_token(self, pair: PairCost) -> int:
+        return 2 * c2c_fuser_params(pair)
+
+
 METHODS: dict[str, Callable[[EvalPair], Method]] = {
     "sender": SenderAlone,
     "receiver": lambda pair: ReceiverAlone(pair, with_input=True),
@@ -208,6 +233,7 @@ METHODS: dict[str, Callable[[EvalPair], Method]] = {
     "t2t": TextToText,
     "dense": Dense,
     "dense-codec": DenseThroughCodec,
+    "c2c": C2C,
 }
 
 

@@ -31,6 +31,7 @@ from densecomm_core.zoo.build import RECEIVER_SPEC, SENDER_SPEC
 log = logging.getLogger(__name__)
 
 ADAPTER_NAME = f"adapter-{SENDER_SPEC.name}-to-{RECEIVER_SPEC.name}"
+C2C_NAME = f"c2c-{SENDER_SPEC.name}-to-{RECEIVER_SPEC.name}"
 GREEDY = GenerationConfig(max_new_tokens=24)
 ANSWER_TEMPLATE = f"{tasks.ANSWER_WORD} {{answer}}"  # the zoo's canonical final answer statement
 BASIS_CALIBRATION_PER_FAMILY = 300  # train-split contexts per family the pca codec's bases are fitted on
@@ -42,6 +43,11 @@ def zoo_root() -> Path:
 
 def zoo_adapter_dir(root: Path | None = None) -> Path:
     return (root or zoo_root()) / ADAPTER_NAME
+
+
+def zoo_c2c_dir(root: Path | None = None) -> Path:
+    """The committed C2C-style fuser of the zoo pair (``densecomm baseline c2c``; a baseline, not served)."""
+    return (root or zoo_root()) / C2C_NAME
 
 
 def load_zoo_pair(root: Path | None = None) -> tuple[LoadedModel, LoadedModel]:

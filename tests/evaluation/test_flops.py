@@ -94,3 +94,13 @@ def test_token_row_means():
         token_row(TokenCounts(), 0, {})
     with pytest.raises(ValueError, match="qwen3-2b"):
         qwen3_pair("qwen3-2b", "qwen3-4b")
+
+
+def test_c2c_fuser_params_formula_matches_the_fuser(tiny_pair):
+    from densecomm_core.baselines.c2c import C2CConfig, C2CFuser
+    from densecomm_core.evaluation.flops import c2c_fuser_params
+
+    sender, receiver = tiny_pair
+    fuser = C2CFuser(C2CConfig(sender.geometry, receiver.geometry, hidden=12))
+    cost = PairCost(ModelLayout.of(sender), ModelLayout.of(receiver), c2c_hidden=12)
+    assert 2 * c2c_fuser_params(cost) == fuser.num_flops_per_token()

@@ -120,3 +120,20 @@ def test_runner_scores_and_sums_batches():
     assert (cell.requests, cell.correct, cell.accuracy) == (5, 3, 0.6)
     assert cell.counts == TokenCounts(15, 0, 10, 5) and cell.payload_bytes == 50
     assert seen == [("scripted (aware)", "t", 2, 5), ("scripted (aware)", "t", 4, 5), ("scripted (aware)", "t", 5, 5)]
+
+
+@pytest.mark.parametrize("mode", [ContextMode.AWARE, ContextMode.UNAWARE])
+def test_c2c_method_never_decodes_on_the_sender_and_reads_x_only_when_aware(pair, mode):
+    from dataclasses import replace
+
+    from densecomm_core.baselines.c2c import C2CConfig, C2CFuser
+
+    with pytest.raises(EvaluationError, match="needs a C2C fuser"):
+        METHODS["c2c"](pair)
+    torch.manual_seed(0)
+    fuser = C2CFuser(C2CConfig(pair.sender.geometry, pair.receiver.geometry, hidden=8))
+    out = run(METHODS["c2c"](replace(pair, fuser=fuser)), mode)
+    assert out.counts.sender_prefill == sum(w + 1 for w in WORDS) and out.counts.sender_decode == 0  # "<bos> X"
+    own_prefill = sum(w + 1 for w in WORDS) if mode is ContextMode.AWARE else 0  # the receiver's own cache of X
+    prompt = sum(w + 1 for w in WORDS) if mode is ContextMode.AWARE else len(CONTEXTS)  # "X =>" or "=>"
+    assert out.counts.receiver_prefill == own_prefill + prompt
