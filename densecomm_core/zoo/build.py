@@ -34,6 +34,7 @@ from transformers import (
 from densecomm_core.evaluation.accuracy import evaluate_with_input
 from densecomm_core.training.common import cosine_lr, optimizer_step
 from densecomm_core.zoo import tasks
+from densecomm_core.zoo.suite import get_suite
 from densecomm_core.zoo.tokenizer import build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class ZooTrainConfig:
     # Stage-1 share of each task family in the training stream (None = uniform). Lookup families
     # (recall, choice) need far more examples than arithmetic before their induction circuits form.
     family_weights: dict[str, float] | None = None
+    suite: str = "v1"  # the task suite (densecomm_core.zoo.suite) the model trains and is validated on
 
 
 # Each model's recipe. The receiver's stream is weighted towards the lookup families: a Llama without
@@ -90,6 +92,47 @@ class ZooTrainConfig:
 SENDER_TRAIN = ZooTrainConfig()
 RECEIVER_TRAIN = ZooTrainConfig(max_steps=8000, family_weights={"recall": 0.5, "math": 0.15, "choice": 0.35})
 ZOO_MODELS: tuple[tuple[ZooModelSpec, ZooTrainConfig], ...] = ((SENDER_SPEC, SENDER_TRAIN), (RECEIVER_SPEC, RECEIVER_TRAIN))
+
+# Zoo v2 (suite "v2"): headroom by design. The receiver is the smaller AND the shallower model (3 layers,
+# 96 wide) and the sender the deeper one (5 layers, 128 wide). The ``hops`` family answers without a
+# written trace, so following h hops takes about h + 1 layers inside one forward pass (bind each fact's
+# key to its value, then one lookup per hop): the 3-layer receiver can follow at most 2 of the 1-3 hops,
+# the 5-layer sender all 3. Every other family has a step-by-step trace (one lookup or one mod-10 step
+# per token), which 3 layers learn. Widths, head layouts and RoPE bases still differ everywhere.
+# One stage each, no warm restart (the receiver never reaches the target on ``hops``, by design, and a
+# restart would only spend time); both run side by side on one core each, so the sender's step count
+# (the slower, deeper model) sets the build's wall time (see README: zoo v2).
+SENDER_SPEC_V2 = ZooModelSpec("zoo2-qwen3-sender", "qwen3", 128, 5, 4, 2, 32, 384, 10_000.0)
+RECEIVER_SPEC_V2 = ZooModelSpec("zoo2-llama-receiver", "llama", 96, 3, 6, 3, 24, 256, 100_000.0)
+# hops (the hardest) gets the largest share of the sender's stream; the Llama receiver gets the lookup
+# families' weighting of v1 (it forms lookup circuits late), the OOD families a tenth each on both sides.
+SENDER_TRAIN_V2 = ZooTrainConfig(
+    max_steps=7000, restart_steps=0, suite="v2",
+    family_weights={"recall": 0.15, "math": 0.15, "choice": 0.2, "hops": 0.3, "compare": 0.1, "owner": 0.1},
+)
+RECEIVER_TRAIN_V2 = ZooTrainConfig(
+    max_steps=11000, restart_steps=0, suite="v2",
+    family_weights={"recall": 0.25, "math": 0.1, "choice": 0.25, "hops": 0.2, "compare": 0.1, "owner": 0.1},
+)
+ZOO_RECIPES: dict[str, tuple[tuple[ZooModelSpec, ZooTrainConfig], ...]] = {
+    "v1": ZOO_MODELS,
+    "v2": ((SENDER_SPEC_V2, SENDER_TRAIN_V2), (RECEIVER_SPEC_V2, RECEIVER_TRAIN_V2)),
+}
+
+
+def zoo_recipe(suite: str) -> tuple[tuple[ZooModelSpec, ZooTrainConfig], ...]:
+    """((sender spec, its recipe), (receiver spec, its recipe)) of the zoo built on ``suite``."""
+    if suite not in ZOO_RECIPES:
+        raise ValueError(f"no zoo recipe for task suite {suite!r}; expected one of {tuple(ZOO_RECIPES)}")
+    return ZOO_RECIPES[suite]
+
+
+def smoke_config(config: ZooTrainConfig, max_steps: int) -> ZooTrainConfig:
+    """``config`` cut to a ``max_steps`` single-stage smoke run (the pipeline end to end, not a usable zoo)."""
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    return replace(config, max_steps=max_steps, restart_steps=0, eval_every=min(config.eval_every, max_steps),
+                   warmup_steps=min(config.warmup_steps, max(1, max_steps // 10)))
 
 
 @dataclass
@@ -170,17 +213,18 @@ def run_stage(
     from tqdm import tqdm
 
     rng = random.Random(seed)
+    suite = get_suite(config.suite)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=config.weight_decay)
-    validation = tasks.make_split("validation", config.eval_per_family)
+    validation = suite.make_split("validation", config.eval_per_family)
     accuracy: dict[str, float] = {}
     bar = tqdm(range(steps), desc=name, disable=not progress)
     step = 0
     for step in bar:
         if family_weights is None:
-            batch = [tasks.sample_in_split(rng, "train") for _ in range(config.batch_size)]
+            batch = [suite.sample_in_split(rng, "train") for _ in range(config.batch_size)]
         else:
             families = rng.choices(list(family_weights), weights=list(family_weights.values()), k=config.batch_size)
-            batch = [tasks.sample_in_split(rng, "train", family) for family in families]
+            batch = [suite.sample_in_split(rng, "train", family) for family in families]
         ids, mask, labels = encode_documents(tokenizer, [training_document(e, rng, config) for e in batch])
         model.train()
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -210,7 +254,7 @@ def save_zoo_model(model: PreTrainedModel, tokenizer, out_dir: Path, spec: ZooMo
 def train_stage_1(spec: ZooModelSpec, config: ZooTrainConfig, out_dir: Path, progress: bool = True) -> list[dict]:
     """Stage 1 from scratch; saves the model and its recipe. Returns the stage log."""
     torch.manual_seed(config.seed)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(get_suite(config.suite).vocabulary)
     model = build_model(spec, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
     started = time.perf_counter()
     steps, accuracy = run_stage(model, tokenizer, config, config.seed, config.max_steps, config.lr, spec.name, progress,
@@ -224,10 +268,10 @@ def train_stage_2(spec: ZooModelSpec, config: ZooTrainConfig, out_dir: Path, pro
     """Stage 2 (warm restart) on the stage-1 model saved in ``out_dir``, if it missed the target; saves again."""
     recipe = json.loads((out_dir / "zoo_recipe.json").read_text())
     stages = [s for s in recipe["stages"] if s["stage"] == 1]
-    if min(stages[0]["validation_accuracy"].values()) >= config.target_accuracy:
+    if config.restart_steps == 0 or min(stages[0]["validation_accuracy"].values()) >= config.target_accuracy:
         return stages
     torch.manual_seed(config.seed + 1)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(get_suite(config.suite).vocabulary)
     model = AutoModelForCausalLM.from_pretrained(out_dir, local_files_only=True, dtype=torch.float32)
     started = time.perf_counter()
     # Families the model still fails get more of the batch: weight = error + 0.1.
@@ -252,9 +296,14 @@ def _train_in_worker(spec: ZooModelSpec, config: ZooTrainConfig, out_dir: Path) 
     return train_zoo_model(spec, config, out_dir, progress=False)
 
 
-def build_zoo(root: Path, seed: int = 0, progress: bool = True, parallel: bool = True) -> list[ZooTrainResult]:
-    """Train and save both zoo LMs under ``root/<name>`` (in two processes of one thread each by default)."""
-    models = [(spec, replace(config, seed=seed)) for spec, config in ZOO_MODELS]
+def build_zoo(
+    root: Path, seed: int = 0, progress: bool = True, parallel: bool = True, suite: str = "v1", max_steps: int | None = None
+) -> list[ZooTrainResult]:
+    """Train and save both zoo LMs of ``suite`` under ``root/<name>`` (two processes of one thread each by
+    default). ``max_steps`` cuts both recipes to a smoke run of that many steps."""
+    models = [(spec, replace(config, seed=seed)) for spec, config in zoo_recipe(suite)]
+    if max_steps is not None:
+        models = [(spec, smoke_config(config, max_steps)) for spec, config in models]
     if not parallel:
         return [train_zoo_model(spec, config, root / spec.name, progress) for spec, config in models]
     import multiprocessing
