@@ -133,10 +133,15 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
         root = Path(args.out or f"runs/zoo-{args.suite}")
         if root.resolve() == zoo_root().resolve() or args.adapter_only:
             raise SystemExit("--suite v2 / --max-steps build LMs into their own --out directory, never the committed zoo")
-        from densecomm_core.zoo.build import build_zoo
+        from densecomm_core.zoo.build import build_zoo, zoo_recipe
 
+        full = {spec.name: config for spec, config in zoo_recipe(args.suite)}
         for result in build_zoo(root, seed=args.seed, suite=args.suite, max_steps=args.max_steps):
-            print(f"{result.spec.name}: {result.steps} steps, {result.seconds:.0f} s, validation {result.validation_accuracy}")
+            print(f"{result.spec.name}: {result.steps} steps, {result.seconds:.0f} s ({result.eval_seconds:.0f} s in "
+                  f"{result.evaluations} validation runs), validation {result.validation_accuracy}")
+            if args.max_steps is not None:
+                print(f"  full recipe ({full[result.spec.name].max_steps} steps) projected at these rates: "
+                      f"{result.projected_seconds(full[result.spec.name]) / 60:.1f} min")
         sender, receiver = load_zoo_pair(root, args.suite)
         fit_zoo_bases(sender, receiver, suite=args.suite)[0].save(Path(sender.path) / BASIS_FILE)
         print(f"LMs saved under {root}; the adapter is not trained for this build (densecomm train --config zoo reads the v1 suite)")

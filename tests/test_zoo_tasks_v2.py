@@ -235,3 +235,21 @@ def test_v2_smoke_stage_trains_saves_and_records_its_suite(tmp_path):
     assert set(saved) == set(V2.vocabulary)
     with pytest.raises(ValueError, match="max_steps must be >= 1"):
         build.smoke_config(config, 0)
+
+
+def test_projection_scales_measured_step_and_validation_rates():
+    spec, _ = build.zoo_recipe("v2")[0]
+    result = build.ZooTrainResult(spec, steps=100, seconds=60.0, eval_seconds=10.0, evaluations=2)
+    config = build.replace(build.SENDER_TRAIN_V2, max_steps=1000, eval_every=400)
+    assert result.projected_seconds(config) == pytest.approx(0.5 * 1000 + 5.0 * 3)  # 3 validation runs: 400, 800, 1000
+
+
+def test_cli_never_builds_v2_over_the_committed_zoo():
+    from densecomm_core.zoo.pair import zoo_root
+    from services.cli import build_parser
+
+    for argv in (["zoo", "build", "--suite", "v2", "--output", str(zoo_root())], ["zoo", "build", "--max-steps", "5", "--out", str(zoo_root())],
+                 ["zoo", "build", "--suite", "v2", "--adapter-only"]):
+        args = build_parser().parse_args(argv)
+        with pytest.raises(SystemExit, match="never the committed zoo"):
+            args.func(args)

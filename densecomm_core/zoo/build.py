@@ -10,6 +10,9 @@ The training stream mixes three document formats of the same examples:
 - ``X hint a => trace``     guided trace generation (appendix A needs a receiver that can use a hint);
 - ``X X => trace``          the context twice, as a context-aware receiver sees it after a cache of X.
 The loss covers the solution tokens only (after ``=>``).
+
+Each task suite (``densecomm_core.zoo.suite``) has its own pair and recipe in ``ZOO_RECIPES``: ``v1`` is the
+committed zoo, ``v2`` the generalising zoo with headroom (``build_zoo(root, suite="v2")``, into its own root).
 """
 
 from __future__ import annotations
@@ -141,6 +144,14 @@ class ZooTrainResult:
     steps: int
     seconds: float
     validation_accuracy: dict[str, float] = field(default_factory=dict)
+    eval_seconds: float = 0.0  # of ``seconds``, the time spent on validation runs
+    evaluations: int = 0
+
+    def projected_seconds(self, config: ZooTrainConfig) -> float:
+        """Wall time of one full stage of ``config`` at this run's measured rates (training step, validation run)."""
+        per_step = (self.seconds - self.eval_seconds) / self.steps
+        per_eval = self.eval_seconds / max(self.evaluations, 1)
+        return per_step * config.max_steps + per_eval * -(-config.max_steps // config.eval_every)
 
 
 def build_model(spec: ZooModelSpec, vocab_size: int, pad_id: int, bos_id: int, eos_id: int) -> PreTrainedModel:
@@ -204,11 +215,12 @@ def encode_documents(
 
 def run_stage(
     model: PreTrainedModel, tokenizer, config: ZooTrainConfig, seed: int, steps: int, lr: float, name: str, progress: bool,
-    family_weights: dict[str, float] | None = None,
+    family_weights: dict[str, float] | None = None, eval_seconds: list[float] | None = None,
 ) -> tuple[int, dict[str, float]]:
     """One training stage (AdamW, warmup + cosine); stops early at the target. Returns (steps, accuracy).
 
-    ``family_weights`` (None = uniform) biases which task family each training example comes from.
+    ``family_weights`` (None = uniform) biases which task family each training example comes from;
+    ``eval_seconds``, when given, receives the wall time of each validation run.
     """
     from tqdm import tqdm
 
@@ -232,7 +244,10 @@ def run_stage(
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % config.eval_every == 0 or step + 1 == steps:
             model.eval()
+            started = time.perf_counter()
             accuracy = evaluate_with_input(model, tokenizer, validation)
+            if eval_seconds is not None:
+                eval_seconds.append(time.perf_counter() - started)
             log.info("%s step %d validation accuracy %s", name, step + 1, accuracy)
             bar.write(f"{name} step {step + 1}: validation accuracy {accuracy}")
             if min(accuracy.values()) >= config.target_accuracy:
@@ -256,10 +271,11 @@ def train_stage_1(spec: ZooModelSpec, config: ZooTrainConfig, out_dir: Path, pro
     torch.manual_seed(config.seed)
     tokenizer = build_tokenizer(get_suite(config.suite).vocabulary)
     model = build_model(spec, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
-    started = time.perf_counter()
+    started, evals = time.perf_counter(), []
     steps, accuracy = run_stage(model, tokenizer, config, config.seed, config.max_steps, config.lr, spec.name, progress,
-                                config.family_weights)
-    stages = [{"stage": 1, "steps": steps, "seconds": time.perf_counter() - started, "validation_accuracy": accuracy}]
+                                config.family_weights, evals)
+    stages = [{"stage": 1, "steps": steps, "seconds": time.perf_counter() - started, "validation_accuracy": accuracy,
+               "eval_seconds": sum(evals), "evaluations": len(evals)}]
     save_zoo_model(model, tokenizer, out_dir, spec, config, stages)
     return stages
 
@@ -273,13 +289,13 @@ def train_stage_2(spec: ZooModelSpec, config: ZooTrainConfig, out_dir: Path, pro
     torch.manual_seed(config.seed + 1)
     tokenizer = build_tokenizer(get_suite(config.suite).vocabulary)
     model = AutoModelForCausalLM.from_pretrained(out_dir, local_files_only=True, dtype=torch.float32)
-    started = time.perf_counter()
+    started, evals = time.perf_counter(), []
     # Families the model still fails get more of the batch: weight = error + 0.1.
     weights = {family: 1.0 - acc + 0.1 for family, acc in sorted(stages[0]["validation_accuracy"].items())}
     steps, accuracy = run_stage(model, tokenizer, config, config.seed + 1, config.restart_steps, config.restart_lr,
-                                f"{spec.name} (restart)", progress, weights)
+                                f"{spec.name} (restart)", progress, weights, evals)
     stages.append({"stage": 2, "steps": steps, "seconds": time.perf_counter() - started, "validation_accuracy": accuracy,
-                   "family_weights": weights})
+                   "family_weights": weights, "eval_seconds": sum(evals), "evaluations": len(evals)})
     save_zoo_model(model, tokenizer, out_dir, spec, config, stages)
     return stages
 
@@ -288,7 +304,8 @@ def train_zoo_model(spec: ZooModelSpec, config: ZooTrainConfig, out_dir: Path, p
     """Stage 1, then stage 2 if needed; the model in ``out_dir`` is the result (HF format + zoo_recipe.json)."""
     train_stage_1(spec, config, out_dir, progress)
     stages = train_stage_2(spec, config, out_dir, progress)
-    return ZooTrainResult(spec, sum(s["steps"] for s in stages), sum(s["seconds"] for s in stages), stages[-1]["validation_accuracy"])
+    return ZooTrainResult(spec, sum(s["steps"] for s in stages), sum(s["seconds"] for s in stages), stages[-1]["validation_accuracy"],
+                          sum(s.get("eval_seconds", 0.0) for s in stages), sum(s.get("evaluations", 0) for s in stages))
 
 
 def _train_in_worker(spec: ZooModelSpec, config: ZooTrainConfig, out_dir: Path) -> ZooTrainResult:
