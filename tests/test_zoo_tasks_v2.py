@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
@@ -93,7 +94,7 @@ def solve(example: tasks.Example) -> tuple[str, dict[str, int]]:
     if family == "choice":
         listing, options, animal = parts
         facts = facts_of(listing)
-        real = dict((k, v) for k, v in facts if k in tasks.ANIMALS)
+        real = {k: v for k, v in facts if k in tasks.ANIMALS}
         letter_of = {colour: letter for colour, letter in facts_of(options)}
         assert [letter for _, letter in facts_of(options)] == list(tasks_v2.LETTERS_V2[: len(letter_of)])
         return letter_of[real[animal]], {"facts": len(real), "distractors": len(facts) - len(real), "options": len(letter_of)}
@@ -226,7 +227,7 @@ def test_v2_receiver_is_the_smaller_and_shallower_model_of_a_heterogeneous_pair(
 
 def test_v2_smoke_stage_trains_saves_and_records_its_suite(tmp_path):
     spec = build.ZooModelSpec("tiny-v2", "llama", 32, 2, 4, 2, 8, 64, 10_000.0)
-    config = build.smoke_config(build.replace(build.RECEIVER_TRAIN_V2, eval_per_family=2, batch_size=8), 3)
+    config = build.smoke_config(replace(build.RECEIVER_TRAIN_V2, eval_per_family=2, batch_size=8), 3)
     result = build.train_zoo_model(spec, config, tmp_path / spec.name, progress=False)
     assert result.steps == 3 and set(result.validation_accuracy) == set(V2.family_names)
     recipe = json.loads((tmp_path / spec.name / "zoo_recipe.json").read_text())
@@ -240,7 +241,7 @@ def test_v2_smoke_stage_trains_saves_and_records_its_suite(tmp_path):
 def test_projection_scales_measured_step_and_validation_rates():
     spec, _ = build.zoo_recipe("v2")[0]
     result = build.ZooTrainResult(spec, steps=100, seconds=60.0, eval_seconds=10.0, evaluations=2)
-    config = build.replace(build.SENDER_TRAIN_V2, max_steps=1000, eval_every=400)
+    config = replace(build.SENDER_TRAIN_V2, max_steps=1000, eval_every=400)
     assert result.projected_seconds(config) == pytest.approx(0.5 * 1000 + 5.0 * 3)  # 3 validation runs: 400, 800, 1000
 
 
