@@ -137,11 +137,14 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
 
         full = {spec.name: config for spec, config in zoo_recipe(args.suite)}
         for result in build_zoo(root, seed=args.seed, suite=args.suite, max_steps=args.max_steps):
-            print(f"{result.spec.name}: {result.steps} steps, {result.seconds:.0f} s ({result.eval_seconds:.0f} s in "
-                  f"{result.evaluations} validation runs), validation {result.validation_accuracy}")
+            t = result.tally
+            print(f"{result.spec.name}: {result.steps} steps, {result.seconds:.0f} s wall / {t.cpu_seconds:.0f} s CPU "
+                  f"({t.eval_seconds:.0f} / {t.eval_cpu_seconds:.0f} s in {t.evaluations} validation runs), "
+                  f"validation {result.validation_accuracy}")
             if args.max_steps is not None:
-                print(f"  full recipe ({full[result.spec.name].max_steps} steps) projected at these rates: "
-                      f"{result.projected_seconds(full[result.spec.name]) / 60:.1f} min")
+                config = full[result.spec.name]
+                print(f"  full recipe ({config.max_steps} steps) projected: {result.projected_seconds(config) / 60:.1f} min "
+                      f"at these wall rates, {result.projected_seconds(config, cpu=True) / 60:.1f} min at these CPU rates")
         sender, receiver = load_zoo_pair(root, args.suite)
         fit_zoo_bases(sender, receiver, suite=args.suite)[0].save(Path(sender.path) / BASIS_FILE)
         print(f"LMs saved under {root}; the adapter is not trained for this build (densecomm train --config zoo reads the v1 suite)")

@@ -232,6 +232,7 @@ def test_v2_smoke_stage_trains_saves_and_records_its_suite(tmp_path):
     assert result.steps == 3 and set(result.validation_accuracy) == set(V2.family_names)
     recipe = json.loads((tmp_path / spec.name / "zoo_recipe.json").read_text())
     assert recipe["train"]["suite"] == "v2" and [s["stage"] for s in recipe["stages"]] == [1]  # no restart
+    assert result.tally.evaluations == 1 and 0 < result.tally.eval_cpu_seconds <= result.tally.cpu_seconds
     saved = json.loads((tmp_path / spec.name / "tokenizer.json").read_text())["model"]["vocab"]
     assert set(saved) == set(V2.vocabulary)
     with pytest.raises(ValueError, match="max_steps must be >= 1"):
@@ -240,9 +241,11 @@ def test_v2_smoke_stage_trains_saves_and_records_its_suite(tmp_path):
 
 def test_projection_scales_measured_step_and_validation_rates():
     spec, _ = build.zoo_recipe("v2")[0]
-    result = build.ZooTrainResult(spec, steps=100, seconds=60.0, eval_seconds=10.0, evaluations=2)
+    tally = build.StageTally(cpu_seconds=30.0, eval_seconds=10.0, eval_cpu_seconds=4.0, evaluations=2)
+    result = build.ZooTrainResult(spec, steps=100, seconds=60.0, tally=tally)
     config = replace(build.SENDER_TRAIN_V2, max_steps=1000, eval_every=400)
     assert result.projected_seconds(config) == pytest.approx(0.5 * 1000 + 5.0 * 3)  # 3 validation runs: 400, 800, 1000
+    assert result.projected_seconds(config, cpu=True) == pytest.approx(0.26 * 1000 + 2.0 * 3)
 
 
 def test_cli_never_builds_v2_over_the_committed_zoo():

@@ -139,18 +139,36 @@ def smoke_config(config: ZooTrainConfig, max_steps: int) -> ZooTrainConfig:
 
 
 @dataclass
+class StageTally:
+    """Where a training stage's time went: wall and CPU seconds (this process), validation runs included."""
+
+    cpu_seconds: float = 0.0
+    eval_seconds: float = 0.0  # wall seconds of the validation runs
+    eval_cpu_seconds: float = 0.0
+    evaluations: int = 0
+
+    def add(self, other: dict) -> None:
+        """Add a stage log's tally (stage logs written before tallies existed count as zero)."""
+        for name in ("cpu_seconds", "eval_seconds", "eval_cpu_seconds", "evaluations"):
+            setattr(self, name, getattr(self, name) + other.get(name, 0))
+
+
+@dataclass
 class ZooTrainResult:
     spec: ZooModelSpec
     steps: int
     seconds: float
     validation_accuracy: dict[str, float] = field(default_factory=dict)
-    eval_seconds: float = 0.0  # of ``seconds``, the time spent on validation runs
-    evaluations: int = 0
+    tally: StageTally = field(default_factory=StageTally)
 
-    def projected_seconds(self, config: ZooTrainConfig) -> float:
-        """Wall time of one full stage of ``config`` at this run's measured rates (training step, validation run)."""
-        per_step = (self.seconds - self.eval_seconds) / self.steps
-        per_eval = self.eval_seconds / max(self.evaluations, 1)
+    def projected_seconds(self, config: ZooTrainConfig, cpu: bool = False) -> float:
+        """Time of one full stage of ``config`` at this run's measured rates (per training step, per
+        validation run). ``cpu``: from CPU seconds, which a machine shared with other jobs inflates far
+        less than wall seconds (each LM trains on one thread, so on a quiet core CPU ~ wall)."""
+        t = self.tally
+        total, evals = (t.cpu_seconds, t.eval_cpu_seconds) if cpu else (self.seconds, t.eval_seconds)
+        per_step = (total - evals) / self.steps
+        per_eval = evals / max(t.evaluations, 1)
         return per_step * config.max_steps + per_eval * -(-config.max_steps // config.eval_every)
 
 
@@ -215,12 +233,12 @@ def encode_documents(
 
 def run_stage(
     model: PreTrainedModel, tokenizer, config: ZooTrainConfig, seed: int, steps: int, lr: float, name: str, progress: bool,
-    family_weights: dict[str, float] | None = None, eval_seconds: list[float] | None = None,
+    family_weights: dict[str, float] | None = None, tally: StageTally | None = None,
 ) -> tuple[int, dict[str, float]]:
     """One training stage (AdamW, warmup + cosine); stops early at the target. Returns (steps, accuracy).
 
     ``family_weights`` (None = uniform) biases which task family each training example comes from;
-    ``eval_seconds``, when given, receives the wall time of each validation run.
+    ``tally``, when given, receives the wall and CPU time of every validation run.
     """
     from tqdm import tqdm
 
@@ -244,10 +262,12 @@ def run_stage(
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % config.eval_every == 0 or step + 1 == steps:
             model.eval()
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.process_time()
             accuracy = evaluate_with_input(model, tokenizer, validation)
-            if eval_seconds is not None:
-                eval_seconds.append(time.perf_counter() - started)
+            if tally is not None:
+                tally.eval_seconds += time.perf_counter() - started
+                tally.eval_cpu_seconds += time.process_time() - started_cpu
+                tally.evaluations += 1
             log.info("%s step %d validation accuracy %s", name, step + 1, accuracy)
             bar.write(f"{name} step {step + 1}: validation accuracy {accuracy}")
             if min(accuracy.values()) >= config.target_accuracy:
@@ -271,11 +291,12 @@ def train_stage_1(spec: ZooModelSpec, config: ZooTrainConfig, out_dir: Path, pro
     torch.manual_seed(config.seed)
     tokenizer = build_tokenizer(get_suite(config.suite).vocabulary)
     model = build_model(spec, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
-    started, evals = time.perf_counter(), []
+    started, started_cpu, tally = time.perf_counter(), time.process_time(), StageTally()
     steps, accuracy = run_stage(model, tokenizer, config, config.seed, config.max_steps, config.lr, spec.name, progress,
-                                config.family_weights, evals)
+                                config.family_weights, tally)
+    tally.cpu_seconds = time.process_time() - started_cpu
     stages = [{"stage": 1, "steps": steps, "seconds": time.perf_counter() - started, "validation_accuracy": accuracy,
-               "eval_seconds": sum(evals), "evaluations": len(evals)}]
+               **asdict(tally)}]
     save_zoo_model(model, tokenizer, out_dir, spec, config, stages)
     return stages
 
@@ -289,13 +310,14 @@ def train_stage_2(spec: ZooModelSpec, config: ZooTrainConfig, out_dir: Path, pro
     torch.manual_seed(config.seed + 1)
     tokenizer = build_tokenizer(get_suite(config.suite).vocabulary)
     model = AutoModelForCausalLM.from_pretrained(out_dir, local_files_only=True, dtype=torch.float32)
-    started, evals = time.perf_counter(), []
+    started, started_cpu, tally = time.perf_counter(), time.process_time(), StageTally()
     # Families the model still fails get more of the batch: weight = error + 0.1.
     weights = {family: 1.0 - acc + 0.1 for family, acc in sorted(stages[0]["validation_accuracy"].items())}
     steps, accuracy = run_stage(model, tokenizer, config, config.seed + 1, config.restart_steps, config.restart_lr,
-                                f"{spec.name} (restart)", progress, weights, evals)
+                                f"{spec.name} (restart)", progress, weights, tally)
+    tally.cpu_seconds = time.process_time() - started_cpu
     stages.append({"stage": 2, "steps": steps, "seconds": time.perf_counter() - started, "validation_accuracy": accuracy,
-                   "family_weights": weights, "eval_seconds": sum(evals), "evaluations": len(evals)})
+                   "family_weights": weights, **asdict(tally)})
     save_zoo_model(model, tokenizer, out_dir, spec, config, stages)
     return stages
 
@@ -304,8 +326,10 @@ def train_zoo_model(spec: ZooModelSpec, config: ZooTrainConfig, out_dir: Path, p
     """Stage 1, then stage 2 if needed; the model in ``out_dir`` is the result (HF format + zoo_recipe.json)."""
     train_stage_1(spec, config, out_dir, progress)
     stages = train_stage_2(spec, config, out_dir, progress)
-    return ZooTrainResult(spec, sum(s["steps"] for s in stages), sum(s["seconds"] for s in stages), stages[-1]["validation_accuracy"],
-                          sum(s.get("eval_seconds", 0.0) for s in stages), sum(s.get("evaluations", 0) for s in stages))
+    tally = StageTally()
+    for stage in stages:
+        tally.add(stage)
+    return ZooTrainResult(spec, sum(s["steps"] for s in stages), sum(s["seconds"] for s in stages), stages[-1]["validation_accuracy"], tally)
 
 
 def _train_in_worker(spec: ZooModelSpec, config: ZooTrainConfig, out_dir: Path) -> ZooTrainResult:
