@@ -14,7 +14,9 @@ In-domain (the adapter trains on these; the LMs too):
   digit at its end. The trace is the answer alone
   (``answer 7``): following h hops happens inside the forward pass, so it needs about h + 1 layers
   (one to bind each fact's key to its value, one per hop). This is the headroom family: a shallow
-  receiver cannot follow three hops, a deeper sender can (chance 10 %).
+  receiver cannot follow three hops, a deeper sender can (chance 10 %, the no-input floor; a reader that
+  only learned "answer with the end of some chain" scores about 42 %, (1/2 + 1/3) / 2, as 400-step smoke
+  LMs do).
 
 Out-of-domain (held out from adapter training, learned by the LMs; the analogue of the paper's
 MMLU-Redux / MedQA / OpenBookQA):
