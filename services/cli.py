@@ -174,6 +174,26 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
     )
     from services.train.job import train_zoo_adapter
 
+    if args.suite != "v1" or args.max_steps is not None:  # a new suite or a smoke build: never over the committed zoo
+        root = Path(args.out or f"runs/zoo-{args.suite}")
+        if root.resolve() == zoo_root().resolve() or args.adapter_only:
+            raise SystemExit("--suite v2 / --max-steps build LMs into their own --out directory, never the committed zoo")
+        from densecomm_core.zoo.build import build_zoo, zoo_recipe
+
+        full = {spec.name: config for spec, config in zoo_recipe(args.suite)}
+        for result in build_zoo(root, seed=args.seed, suite=args.suite, max_steps=args.max_steps):
+            t = result.tally
+            print(f"{result.spec.name}: {result.steps} steps, {result.seconds:.0f} s wall / {t.cpu_seconds:.0f} s CPU "
+                  f"({t.eval_seconds:.0f} / {t.eval_cpu_seconds:.0f} s in {t.evaluations} validation runs), "
+                  f"validation {result.validation_accuracy}")
+            if args.max_steps is not None:
+                config = full[result.spec.name]
+                print(f"  full recipe ({config.max_steps} steps) projected: {result.projected_seconds(config) / 60:.1f} min "
+                      f"at these wall rates, {result.projected_seconds(config, cpu=True) / 60:.1f} min at these CPU rates")
+        sender, receiver = load_zoo_pair(root, args.suite)
+        fit_zoo_bases(sender, receiver, suite=args.suite)[0].save(Path(sender.path) / BASIS_FILE)
+        print(f"LMs saved under {root}; the adapter is not trained for this build (densecomm train --config zoo reads the v1 suite)")
+        return 0
     root = Path(args.out) if args.out else zoo_root()
     if not args.adapter_only:
         from densecomm_core.zoo.build import build_zoo
@@ -465,7 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     zoo = sub.add_parser("zoo", help="the embedded model zoo").add_subparsers(dest="zoo_command", required=True)
     build = zoo.add_parser("build", help="train the tiny LM pair from scratch and its adapter (seeded)")
-    build.add_argument("--out", help="output root (default: the package's committed weights)")
+    build.add_argument("--out", "--output", help="output root (default: the package's committed weights; runs/zoo-SUITE for --suite v2)")
+    build.add_argument("--suite", choices=("v1", "v2"), default="v1", help="task suite; v2 builds its LMs only, into --out")
+    build.add_argument("--max-steps", type=int, help="smoke build: one stage of this many steps per LM, into --out")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--adapter-only", action="store_true", help="keep the LMs, retrain only the adapter")
     build.add_argument("--work-dir", default="runs/zoo-build", help="output_dir of the adapter's training run")

@@ -10,6 +10,9 @@ The training stream mixes three document formats of the same examples:
 - ``X hint a => trace``     guided trace generation (appendix A needs a receiver that can use a hint);
 - ``X X => trace``          the context twice, as a context-aware receiver sees it after a cache of X.
 The loss covers the solution tokens only (after ``=>``).
+
+Each task suite (``densecomm_core.zoo.suite``) has its own pair and recipe in ``ZOO_RECIPES``: ``v1`` is the
+committed zoo, ``v2`` the generalising zoo with headroom (``build_zoo(root, suite="v2")``, into its own root).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from transformers import (
 from densecomm_core.evaluation.accuracy import evaluate_with_input
 from densecomm_core.training.common import cosine_lr, optimizer_step
 from densecomm_core.zoo import tasks
+from densecomm_core.zoo.suite import get_suite
 from densecomm_core.zoo.tokenizer import build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -81,6 +85,7 @@ class ZooTrainConfig:
     # Stage-1 share of each task family in the training stream (None = uniform). Lookup families
     # (recall, choice) need far more examples than arithmetic before their induction circuits form.
     family_weights: dict[str, float] | None = None
+    suite: str = "v1"  # the task suite (densecomm_core.zoo.suite) the model trains and is validated on
 
 
 # Each model's recipe. The receiver's stream is weighted towards the lookup families: a Llama without
@@ -91,6 +96,67 @@ SENDER_TRAIN = ZooTrainConfig()
 RECEIVER_TRAIN = ZooTrainConfig(max_steps=8000, family_weights={"recall": 0.5, "math": 0.15, "choice": 0.35})
 ZOO_MODELS: tuple[tuple[ZooModelSpec, ZooTrainConfig], ...] = ((SENDER_SPEC, SENDER_TRAIN), (RECEIVER_SPEC, RECEIVER_TRAIN))
 
+# Zoo v2 (suite "v2"): headroom by design. The receiver is the smaller AND the shallower model (3 layers,
+# 96 wide) and the sender the deeper one (5 layers, 128 wide). The ``hops`` family answers without a
+# written trace, so following h hops takes about h + 1 layers inside one forward pass (bind each fact's
+# key to its value, then one lookup per hop): the 3-layer receiver can follow at most 2 of the 1-3 hops,
+# the 5-layer sender all 3. Every other family has a step-by-step trace (one lookup or one mod-10 step
+# per token), which 3 layers learn. Widths, head layouts and RoPE bases still differ everywhere.
+# One stage each, no warm restart (the receiver never reaches the target on ``hops``, by design, and a
+# restart would only spend time); both run side by side on one core each. Time budget: v2 batches pad to
+# ~81 tokens against v1's 65, so the sender keeps v1's width but a 256-wide MLP (737 k non-embedding
+# parameters against v1's 786 k; the receiver has 346 k). Measured with 150-step smoke builds of v1 and
+# v2 back to back (CPU seconds per step, shared machine), a v2 sender step costs 1.21x a v1 sender step
+# and a v2 receiver step 0.75-0.86x a v1 receiver step; scaled to v1's quiet rates (0.36 / 0.34 s per
+# step) that is ~51 min for 7000 sender steps and ~47-54 min for 11000 receiver steps: the LMs in under
+# an hour, as v1's, leaving the adapter's ~30 min inside the 90-minute build.
+SENDER_SPEC_V2 = ZooModelSpec("zoo2-qwen3-sender", "qwen3", 128, 5, 4, 2, 32, 256, 10_000.0)
+RECEIVER_SPEC_V2 = ZooModelSpec("zoo2-llama-receiver", "llama", 96, 3, 6, 3, 24, 256, 100_000.0)
+# hops (the hardest) gets the largest share of the sender's stream; the Llama receiver gets the lookup
+# families' weighting of v1 (it forms lookup circuits late), the OOD families a tenth each on both sides.
+SENDER_TRAIN_V2 = ZooTrainConfig(
+    max_steps=7000, restart_steps=0, suite="v2",
+    family_weights={"recall": 0.15, "math": 0.15, "choice": 0.2, "hops": 0.3, "compare": 0.1, "owner": 0.1},
+)
+RECEIVER_TRAIN_V2 = ZooTrainConfig(
+    max_steps=11000, restart_steps=0, suite="v2",
+    family_weights={"recall": 0.25, "math": 0.1, "choice": 0.25, "hops": 0.2, "compare": 0.1, "owner": 0.1},
+)
+ZOO_RECIPES: dict[str, tuple[tuple[ZooModelSpec, ZooTrainConfig], ...]] = {
+    "v1": ZOO_MODELS,
+    "v2": ((SENDER_SPEC_V2, SENDER_TRAIN_V2), (RECEIVER_SPEC_V2, RECEIVER_TRAIN_V2)),
+}
+
+
+def zoo_recipe(suite: str) -> tuple[tuple[ZooModelSpec, ZooTrainConfig], ...]:
+    """((sender spec, its recipe), (receiver spec, its recipe)) of the zoo built on ``suite``."""
+    if suite not in ZOO_RECIPES:
+        raise ValueError(f"no zoo recipe for task suite {suite!r}; expected one of {tuple(ZOO_RECIPES)}")
+    return ZOO_RECIPES[suite]
+
+
+def smoke_config(config: ZooTrainConfig, max_steps: int) -> ZooTrainConfig:
+    """``config`` cut to a ``max_steps`` single-stage smoke run (the pipeline end to end, not a usable zoo)."""
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    return replace(config, max_steps=max_steps, restart_steps=0, eval_every=min(config.eval_every, max_steps),
+                   warmup_steps=min(config.warmup_steps, max(1, max_steps // 10)))
+
+
+@dataclass
+class StageTally:
+    """Where a training stage's time went: wall and CPU seconds (this process), validation runs included."""
+
+    cpu_seconds: float = 0.0
+    eval_seconds: float = 0.0  # wall seconds of the validation runs
+    eval_cpu_seconds: float = 0.0
+    evaluations: int = 0
+
+    def add(self, other: dict) -> None:
+        """Add a stage log's tally (stage logs written before tallies existed count as zero)."""
+        for name in ("cpu_seconds", "eval_seconds", "eval_cpu_seconds", "evaluations"):
+            setattr(self, name, getattr(self, name) + other.get(name, 0))
+
 
 @dataclass
 class ZooTrainResult:
@@ -98,6 +164,17 @@ class ZooTrainResult:
     steps: int
     seconds: float
     validation_accuracy: dict[str, float] = field(default_factory=dict)
+    tally: StageTally = field(default_factory=StageTally)
+
+    def projected_seconds(self, config: ZooTrainConfig, cpu: bool = False) -> float:
+        """Time of one full stage of ``config`` at this run's measured rates (per training step, per
+        validation run). ``cpu``: from CPU seconds, which a machine shared with other jobs inflates far
+        less than wall seconds (each LM trains on one thread, so on a quiet core CPU ~ wall)."""
+        t = self.tally
+        total, evals = (t.cpu_seconds, t.eval_cpu_seconds) if cpu else (self.seconds, t.eval_seconds)
+        per_step = (total - evals) / self.steps
+        per_eval = evals / max(t.evaluations, 1)
+        return per_step * config.max_steps + per_eval * -(-config.max_steps // config.eval_every)
 
 
 def build_model(spec: ZooModelSpec, vocab_size: int, pad_id: int, bos_id: int, eos_id: int) -> PreTrainedModel:
@@ -161,26 +238,28 @@ def encode_documents(
 
 def run_stage(
     model: PreTrainedModel, tokenizer, config: ZooTrainConfig, seed: int, steps: int, lr: float, name: str, progress: bool,
-    family_weights: dict[str, float] | None = None,
+    family_weights: dict[str, float] | None = None, tally: StageTally | None = None,
 ) -> tuple[int, dict[str, float]]:
     """One training stage (AdamW, warmup + cosine); stops early at the target. Returns (steps, accuracy).
 
-    ``family_weights`` (None = uniform) biases which task family each training example comes from.
+    ``family_weights`` (None = uniform) biases which task family each training example comes from;
+    ``tally``, when given, receives the wall and CPU time of every validation run.
     """
     from tqdm import tqdm
 
     rng = random.Random(seed)
+    suite = get_suite(config.suite)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=config.weight_decay)
-    validation = tasks.make_split("validation", config.eval_per_family)
+    validation = suite.make_split("validation", config.eval_per_family)
     accuracy: dict[str, float] = {}
     bar = tqdm(range(steps), desc=name, disable=not progress)
     step = 0
     for step in bar:
         if family_weights is None:
-            batch = [tasks.sample_in_split(rng, "train") for _ in range(config.batch_size)]
+            batch = [suite.sample_in_split(rng, "train") for _ in range(config.batch_size)]
         else:
             families = rng.choices(list(family_weights), weights=list(family_weights.values()), k=config.batch_size)
-            batch = [tasks.sample_in_split(rng, "train", family) for family in families]
+            batch = [suite.sample_in_split(rng, "train", family) for family in families]
         ids, mask, labels = encode_documents(tokenizer, [training_document(e, rng, config) for e in batch])
         model.train()
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -188,7 +267,12 @@ def run_stage(
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % config.eval_every == 0 or step + 1 == steps:
             model.eval()
+            started, started_cpu = time.perf_counter(), time.process_time()
             accuracy = evaluate_with_input(model, tokenizer, validation)
+            if tally is not None:
+                tally.eval_seconds += time.perf_counter() - started
+                tally.eval_cpu_seconds += time.process_time() - started_cpu
+                tally.evaluations += 1
             log.info("%s step %d validation accuracy %s", name, step + 1, accuracy)
             bar.write(f"{name} step {step + 1}: validation accuracy {accuracy}")
             if min(accuracy.values()) >= config.target_accuracy:
@@ -210,12 +294,14 @@ def save_zoo_model(model: PreTrainedModel, tokenizer, out_dir: Path, spec: ZooMo
 def train_stage_1(spec: ZooModelSpec, config: ZooTrainConfig, out_dir: Path, progress: bool = True) -> list[dict]:
     """Stage 1 from scratch; saves the model and its recipe. Returns the stage log."""
     torch.manual_seed(config.seed)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(get_suite(config.suite).vocabulary)
     model = build_model(spec, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
-    started = time.perf_counter()
+    started, started_cpu, tally = time.perf_counter(), time.process_time(), StageTally()
     steps, accuracy = run_stage(model, tokenizer, config, config.seed, config.max_steps, config.lr, spec.name, progress,
-                                config.family_weights)
-    stages = [{"stage": 1, "steps": steps, "seconds": time.perf_counter() - started, "validation_accuracy": accuracy}]
+                                config.family_weights, tally)
+    tally.cpu_seconds = time.process_time() - started_cpu
+    stages = [{"stage": 1, "steps": steps, "seconds": time.perf_counter() - started, "validation_accuracy": accuracy,
+               **asdict(tally)}]
     save_zoo_model(model, tokenizer, out_dir, spec, config, stages)
     return stages
 
@@ -224,18 +310,19 @@ def train_stage_2(spec: ZooModelSpec, config: ZooTrainConfig, out_dir: Path, pro
     """Stage 2 (warm restart) on the stage-1 model saved in ``out_dir``, if it missed the target; saves again."""
     recipe = json.loads((out_dir / "zoo_recipe.json").read_text())
     stages = [s for s in recipe["stages"] if s["stage"] == 1]
-    if min(stages[0]["validation_accuracy"].values()) >= config.target_accuracy:
+    if config.restart_steps == 0 or min(stages[0]["validation_accuracy"].values()) >= config.target_accuracy:
         return stages
     torch.manual_seed(config.seed + 1)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(get_suite(config.suite).vocabulary)
     model = AutoModelForCausalLM.from_pretrained(out_dir, local_files_only=True, dtype=torch.float32)
-    started = time.perf_counter()
+    started, started_cpu, tally = time.perf_counter(), time.process_time(), StageTally()
     # Families the model still fails get more of the batch: weight = error + 0.1.
     weights = {family: 1.0 - acc + 0.1 for family, acc in sorted(stages[0]["validation_accuracy"].items())}
     steps, accuracy = run_stage(model, tokenizer, config, config.seed + 1, config.restart_steps, config.restart_lr,
-                                f"{spec.name} (restart)", progress, weights)
+                                f"{spec.name} (restart)", progress, weights, tally)
+    tally.cpu_seconds = time.process_time() - started_cpu
     stages.append({"stage": 2, "steps": steps, "seconds": time.perf_counter() - started, "validation_accuracy": accuracy,
-                   "family_weights": weights})
+                   "family_weights": weights, **asdict(tally)})
     save_zoo_model(model, tokenizer, out_dir, spec, config, stages)
     return stages
 
@@ -244,7 +331,10 @@ def train_zoo_model(spec: ZooModelSpec, config: ZooTrainConfig, out_dir: Path, p
     """Stage 1, then stage 2 if needed; the model in ``out_dir`` is the result (HF format + zoo_recipe.json)."""
     train_stage_1(spec, config, out_dir, progress)
     stages = train_stage_2(spec, config, out_dir, progress)
-    return ZooTrainResult(spec, sum(s["steps"] for s in stages), sum(s["seconds"] for s in stages), stages[-1]["validation_accuracy"])
+    tally = StageTally()
+    for stage in stages:
+        tally.add(stage)
+    return ZooTrainResult(spec, sum(s["steps"] for s in stages), sum(s["seconds"] for s in stages), stages[-1]["validation_accuracy"], tally)
 
 
 def _train_in_worker(spec: ZooModelSpec, config: ZooTrainConfig, out_dir: Path) -> ZooTrainResult:
@@ -252,9 +342,14 @@ def _train_in_worker(spec: ZooModelSpec, config: ZooTrainConfig, out_dir: Path) 
     return train_zoo_model(spec, config, out_dir, progress=False)
 
 
-def build_zoo(root: Path, seed: int = 0, progress: bool = True, parallel: bool = True) -> list[ZooTrainResult]:
-    """Train and save both zoo LMs under ``root/<name>`` (in two processes of one thread each by default)."""
-    models = [(spec, replace(config, seed=seed)) for spec, config in ZOO_MODELS]
+def build_zoo(
+    root: Path, seed: int = 0, progress: bool = True, parallel: bool = True, suite: str = "v1", max_steps: int | None = None
+) -> list[ZooTrainResult]:
+    """Train and save both zoo LMs of ``suite`` under ``root/<name>`` (two processes of one thread each by
+    default). ``max_steps`` cuts both recipes to a smoke run of that many steps."""
+    models = [(spec, replace(config, seed=seed)) for spec, config in zoo_recipe(suite)]
+    if max_steps is not None:
+        models = [(spec, smoke_config(config, max_steps)) for spec, config in models]
     if not parallel:
         return [train_zoo_model(spec, config, root / spec.name, progress) for spec, config in models]
     import multiprocessing

@@ -1,7 +1,7 @@
 """The embedded default pair: where its committed weights live, how its adapter is trained, how it is scored.
 
     zoo_root()                      directory of the committed zoo weights (inside the package)
-    load_zoo_pair()                 (sender, receiver) LoadedModels from there
+    load_zoo_pair()                 (sender, receiver) LoadedModels from there (suite="v2": a v2 build's root)
     (its adapter is trained by `densecomm train --config zoo`: services/train/zoo.toml)
     evaluate_pair(...)              the demo's table: baselines and both dense regimes on the test split
 """
@@ -26,7 +26,8 @@ from densecomm_core.relay import (
     answer_without_input,
 )
 from densecomm_core.zoo import tasks
-from densecomm_core.zoo.build import RECEIVER_SPEC, SENDER_SPEC
+from densecomm_core.zoo.build import RECEIVER_SPEC, SENDER_SPEC, zoo_recipe
+from densecomm_core.zoo.suite import get_suite
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,11 @@ def zoo_c2c_dir(root: Path | None = None) -> Path:
     return (root or zoo_root()) / C2C_NAME
 
 
-def load_zoo_pair(root: Path | None = None) -> tuple[LoadedModel, LoadedModel]:
+def load_zoo_pair(root: Path | None = None, suite: str = "v1") -> tuple[LoadedModel, LoadedModel]:
+    """The pair under ``root`` (default: the committed v1 weights); ``suite`` names its models' directories."""
     root = root or zoo_root()
-    return load_model(root / SENDER_SPEC.name, dtype=torch.float32), load_model(root / RECEIVER_SPEC.name, dtype=torch.float32)
+    (sender_spec, _), (receiver_spec, _) = zoo_recipe(suite)
+    return load_model(root / sender_spec.name, dtype=torch.float32), load_model(root / receiver_spec.name, dtype=torch.float32)
 
 
 def batched(items: list, size: int):
@@ -65,12 +68,13 @@ def relay_accuracy(relay: DenseRelay, examples: list[tasks.Example], mode: Conte
     return accuracy_by_family(examples, [t for o in outputs for t in o.texts]), outputs
 
 
-def fit_zoo_bases(sender: LoadedModel, receiver: LoadedModel, adapter: DenseAdapter | None = None):
+def fit_zoo_bases(sender: LoadedModel, receiver: LoadedModel, adapter: DenseAdapter | None = None, suite: str = "v1"):
     """The pca codec's KV bases of the sender's space (and, with ``adapter``, of the receiver space it
-    writes), fitted on train-split contexts: (sender basis, receiver-space basis or None)."""
+    writes), fitted on train-split contexts of ``suite``'s in-domain families: (sender basis,
+    receiver-space basis or None). v1's are exactly ``tasks.make_split("train", 300)``."""
     from densecomm_core.codec.calibrate import calibrate
 
-    texts = [e.context for e in tasks.make_split("train", BASIS_CALIBRATION_PER_FAMILY)]
+    texts = [e.context for e in get_suite(suite).adapter_split("train", BASIS_CALIBRATION_PER_FAMILY)]
     return calibrate(sender, texts, adapter, receiver if adapter is not None else None)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -10,9 +11,12 @@ from transformers import PreTrainedTokenizerFast
 from densecomm_core.zoo.tasks import VOCABULARY
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A closed-vocabulary word tokenizer that prepends ``<bos>``; both zoo LMs share it."""
-    vocab = {word: i for i, word in enumerate(VOCABULARY)}
+def build_tokenizer(vocabulary: Sequence[str] = VOCABULARY) -> PreTrainedTokenizerFast:
+    """A closed-vocabulary word tokenizer that prepends ``<bos>``; both zoo LMs share it.
+
+    ``vocabulary`` defaults to the v1 suite's; a later suite's vocabulary appends words to it, so the
+    ids of v1 words never change."""
+    vocab = {word: i for i, word in enumerate(vocabulary)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.post_processor = processors.TemplateProcessing(
