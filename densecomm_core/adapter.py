@@ -29,9 +29,6 @@ from densecomm_core.errors import CheckpointError, GeometryMismatchError
 from densecomm_core.models import ModelGeometry
 
 FORMAT_VERSION = 1
-# Packed token counts are padded up to a multiple of this: a handful of buffer sizes instead of one per batch,
-# so the allocator reuses its blocks (exact sizes let glibc's heap fragment: 2x the RSS in a training run).
-TOKEN_BUCKET = 128
 WEIGHTS_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
 
@@ -125,6 +122,15 @@ class GroupwiseMLP(nn.Module):
             nn.init.uniform_(b, -bound, bound)
 
 
+def bucket(n: int) -> int:
+    """``n`` rounded up to one of 8 sizes per octave (a multiple of 2^(bit_length(n) - 4)): at most 1/8 extra rows.
+
+    Packed token counts are padded to these sizes so the allocator meets a handful of buffer sizes instead of
+    one per batch and reuses its blocks (exact sizes let glibc's heap fragment: 2x the RSS in a training run)."""
+    step = 1 << max(0, n.bit_length() - 4)
+    return -(-n // step) * step
+
+
 def paired_mlp(key_mlp: GroupwiseMLP, value_mlp: GroupwiseMLP, layers: slice, x: torch.Tensor) -> torch.Tensor:
     """Both MLPs of receiver layers ``layers`` on packed tokens in two batched matmuls.
 
@@ -176,9 +182,9 @@ class DenseAdapter(nn.Module):
 
         Padded positions (``mask`` false) come out as zeros, which attention never reads. T_θ is token-wise,
         so on the CPU, where the matmuls are the cost, padding is left out of them (a batch of prompts of
-        uneven length is often a third padding; the packed tokens are padded to a multiple of
-        ``TOKEN_BUCKET`` instead); on an accelerator every position is computed and the
-        padding zeroed by the mask, which needs no host sync for a data-dependent shape."""
+        uneven length is often a third padding; the packed tokens are padded up to a ``bucket`` size instead);
+        on an accelerator every position is computed and the padding zeroed by the mask, which needs no host
+        sync for a data-dependent shape."""
         device, dtype = self.gate_logit.device, self.gate_logit.dtype
         x = torch.stack((keys.to(device), values.to(device)), 1).index_select(3, self.group_index).to(dtype)  # (L, 2, B, G_R, T, d_S)
         L, _, B, G, T, _ = x.shape
@@ -187,7 +193,7 @@ class DenseAdapter(nn.Module):
         if real is not None and device.type == "cpu" and not bool(real.all()):
             picked = tokens[:, :, :, real]  # (L, 2, G_R, N, d_S)
             n = picked.shape[3]
-            padded = F.pad(picked, (0, 0, 0, -n % TOKEN_BUCKET))
+            padded = F.pad(picked, (0, 0, 0, bucket(n) - n))
             y = paired_mlp(self.key_mlp, self.value_mlp, layers, padded)[:, :, :, :n]
             out = y.new_zeros(L, 2, B, G, T, y.shape[-1])
             out.transpose(2, 3)[:, :, :, real] = y

@@ -141,3 +141,11 @@ def test_missing_or_corrupt_checkpoint(tmp_path, tiny_pair):
     (tmp_path / CONFIG_FILE).write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match="format_version"):
         DenseAdapter.load(tmp_path)
+
+
+def test_packed_token_buckets_are_few_and_tight():
+    from densecomm_core.adapter import bucket
+
+    sizes = [bucket(n) for n in range(1, 4097)]
+    assert all(n <= b <= n + max(1, n // 8) for n, b in zip(range(1, 4097), sizes))
+    assert len({b for b in sizes if 256 < b <= 512}) == 8  # 8 sizes per octave
