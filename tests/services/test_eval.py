@@ -17,13 +17,16 @@ def test_eval_command_writes_csv_json_and_prints_tables(tmp_path, capsys):
         assert heading in printed
     assert "| t2t | aware |" in printed and "| dense+quantized | unaware |" in printed
     rows = list(csv.DictReader((tmp_path / "accuracy.csv").open()))
-    # sender, receiver, receiver-without-input: 1 mode; t2t, dense, dense+quantized: 2 modes; 3 zoo families
-    assert len(rows) == (3 + 3 * 2) * 3 and all(int(r["requests"]) == 4 for r in rows)
+    # sender, receiver, receiver-without-input: 1 mode; t2t, dense, c2c (the zoo's committed fuser),
+    # dense+quantized: 2 modes; 3 zoo families
+    assert len(rows) == (3 + 4 * 2) * 3 and all(int(r["requests"]) == 4 for r in rows)
     report = json.loads((tmp_path / "eval.json").read_text())
     tokens = {(t["method"], t["mode"], t["pair"]): t for t in report["tokens"]}
     assert tokens[("t2t", "aware", "zoo")]["S_dec"] > 0 and tokens[("dense", "aware", "zoo")]["S_dec"] == 0
+    assert tokens[("c2c", "unaware", "zoo")]["S_dec"] == 0 and tokens[("c2c", "aware", "qwen3-14b->qwen3-4b")]["flops_adapter"] > 0
     assert tokens[("dense", "unaware", "qwen3-14b->qwen3-4b")]["flops_adapter"] > 0
     assert {t["status"] for t in report["targets"]} <= {"ok", "missed", "info"}
+    assert any(t["name"].startswith("C2C unaware") for t in report["targets"])
     predictions = [json.loads(line) for line in (tmp_path / "predictions.jsonl").open()]
     assert len(predictions) == len(rows) * 4
     assert all(("message" in p) == (p["method"] == "t2t") for p in predictions)
