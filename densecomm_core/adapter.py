@@ -49,6 +49,18 @@ def group_map(sender_groups: int, receiver_groups: int) -> list[int]:
     return [g * sender_groups // receiver_groups for g in range(receiver_groups)]
 
 
+def refuse_other_pair(what: str, trained, sender: ModelGeometry | None, receiver: ModelGeometry | None) -> None:
+    """GeometryMismatchError unless the given geometries (None: not checked) are the ones ``trained`` (a
+    checkpoint config with ``sender`` and ``receiver``) was trained for; ``what`` names the checkpoint."""
+    for side, want in (("sender", sender), ("receiver", receiver)):
+        have = getattr(trained, side)
+        if want is not None and want != have:
+            raise GeometryMismatchError(
+                f"{what} was trained for {side} {have.fingerprint()} but the given {side} is {want.fingerprint()} "
+                f"({want.model_type}, {want.num_layers} layers, {want.num_kv_heads} KV heads x {want.head_dim})"
+            )
+
+
 @dataclass
 class AdapterConfig:
     """Everything needed to rebuild an adapter and to know what it was trained for and on."""
@@ -239,14 +251,7 @@ class DenseAdapter(nn.Module):
             config = AdapterConfig.from_dict(json.loads(config_path.read_text()))
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise CheckpointError(f"unreadable {config_path}: {exc}") from exc
-        for side, want in (("sender", sender), ("receiver", receiver)):
-            have = getattr(config, side)
-            if want is not None and want != have:
-                raise GeometryMismatchError(
-                    f"adapter {str(directory)!r} was trained for {side} {have.fingerprint()} but the given "
-                    f"{side} is {want.fingerprint()} ({want.model_type}, {want.num_layers} layers, "
-                    f"{want.num_kv_heads} KV heads x {want.head_dim})"
-                )
+        refuse_other_pair(f"adapter {str(directory)!r}", config, sender, receiver)
         adapter = cls(config)
         try:
             adapter.load_state_dict(load_file(weights_path))

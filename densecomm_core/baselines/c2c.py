@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
-from densecomm_core.adapter import group_map, layer_map
+from densecomm_core.adapter import group_map, layer_map, refuse_other_pair
 from densecomm_core.cache import KVCache
 from densecomm_core.errors import CacheLayoutError, CheckpointError, GeometryMismatchError
 from densecomm_core.generation import GenerationConfig
@@ -245,13 +245,7 @@ class C2CFuser(nn.Module):
             config = C2CConfig.from_dict(json.loads(config_path.read_text()))
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise CheckpointError(f"unreadable {config_path}: {exc}") from exc
-        for side, want in (("sender", sender), ("receiver", receiver)):
-            have = getattr(config, side)
-            if want is not None and want != have:
-                raise GeometryMismatchError(
-                    f"C2C fuser {str(directory)!r} was trained for {side} {have.fingerprint()} but the given "
-                    f"{side} is {want.fingerprint()} ({want.model_type}, {want.num_layers} layers, "
-                    f"{want.num_kv_heads} KV heads x {want.head_dim})")
+        refuse_other_pair(f"C2C fuser {str(directory)!r}", config, sender, receiver)
         fuser = cls(config)
         try:
             fuser.load_state_dict(load_file(weights_path))
