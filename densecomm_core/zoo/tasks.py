@@ -70,8 +70,13 @@ def make_recall(rng: random.Random) -> Example:
 
 
 def make_math(rng: random.Random) -> Example:
-    digits = [rng.randrange(10) for _ in range(N_OPERANDS)]
-    ops = [rng.choice("+-") for _ in range(N_OPERANDS - 1)]
+    return math_chain(rng, N_OPERANDS)
+
+
+def math_chain(rng: random.Random, operands: int) -> Example:
+    """A chain of ``operands`` digits joined by + / - modulo 10, solved step by step."""
+    digits = [rng.randrange(10) for _ in range(operands)]
+    ops = [rng.choice("+-") for _ in range(operands - 1)]
     context = "math " + " ".join(
         [str(digits[0])] + [f"{op} {d}" for op, d in zip(ops, digits[1:])]
     ) + " ?"

@@ -42,6 +42,7 @@ from densecomm_core.zoo.tasks import (
     NAMES,
     VOCABULARY,
     Example,
+    math_chain,
 )
 
 LETTERS_V2: tuple[str, ...] = LETTERS + ("E",)
@@ -99,16 +100,7 @@ def make_recall(rng: random.Random) -> Example:
 
 
 def make_math(rng: random.Random) -> Example:
-    n = _size(rng, "math", "operands")
-    digits = [rng.randrange(10) for _ in range(n)]
-    ops = [rng.choice("+-") for _ in range(n - 1)]
-    context = "math " + " ".join([str(digits[0])] + [f"{op} {d}" for op, d in zip(ops, digits[1:])]) + " ?"
-    steps, acc = [], digits[0]
-    for op, d in zip(ops, digits[1:]):
-        new = (acc + d) % 10 if op == "+" else (acc - d) % 10
-        steps.append(f"{acc} {op} {d} = {new} .")
-        acc = new
-    return Example("math", context, str(acc), " ".join(steps) + f" {ANSWER_WORD} {acc}")
+    return math_chain(rng, _size(rng, "math", "operands"))
 
 
 def make_choice(rng: random.Random) -> Example:
