@@ -27,6 +27,12 @@ def tiny_model(spec: ZooModelSpec, seed: int = 0) -> LoadedModel:
 
 
 @pytest.fixture(scope="session")
+def qwen3_models() -> dict[str, LoadedModel]:
+    """One tiny random model per Qwen3 layout of ``QWEN3_LAYOUTS`` (real layer / head layout, tiny width)."""
+    return {name: tiny_model(spec, seed=i) for i, (name, spec) in enumerate(QWEN3_LAYOUTS.items())}
+
+
+@pytest.fixture(scope="session")
 def tiny_pair() -> tuple[LoadedModel, LoadedModel]:
     return tiny_model(TINY_SENDER, 1), tiny_model(TINY_RECEIVER, 2)
 

@@ -19,7 +19,7 @@ from densecomm_core.errors import CheckpointError, GeometryMismatchError
 from densecomm_core.generation import forward_after_cache
 from densecomm_core.relay import encode, sender_prefill, transform_cache
 from densecomm_core.rope import strip_rope
-from tests.conftest import QWEN3_LAYOUTS, tiny_model
+from tests.conftest import QWEN3_LAYOUTS
 
 
 def test_layer_map_matches_eq_10():
@@ -39,11 +39,6 @@ def test_group_map():
     assert group_map(8, 4) == [0, 2, 4, 6]
     with pytest.raises(ValueError, match="KV group counts"):
         group_map(0, 4)
-
-
-@pytest.fixture(scope="module")
-def qwen3_models():
-    return {name: tiny_model(spec, seed=i) for i, (name, spec) in enumerate(QWEN3_LAYOUTS.items())}
 
 
 @pytest.mark.parametrize("src, dst", list(itertools.permutations(QWEN3_LAYOUTS, 2)))

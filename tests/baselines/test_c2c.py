@@ -15,7 +15,7 @@ from densecomm_core.generation import GenerationConfig, forward_after_cache
 from densecomm_core.relay import ContextMode, encode, sender_prefill
 from densecomm_core.training.traces import TraceRecord
 from densecomm_core.zoo import tasks
-from tests.conftest import QWEN3_LAYOUTS, tiny_model
+from tests.conftest import QWEN3_LAYOUTS
 
 CONTEXTS = ["math 1 + 2 ?", "recall ann 3 , bob 4 . ann ?", "choice cat red . red A , blue B . cat ?"]
 
@@ -25,11 +25,6 @@ def open_all(fuser: C2CFuser) -> C2CFuser:
     with torch.no_grad():
         fuser.gate_logit.fill_(1.0)
     return fuser.eval()
-
-
-@pytest.fixture(scope="module")
-def qwen3_models():
-    return {name: tiny_model(spec, seed=i) for i, (name, spec) in enumerate(QWEN3_LAYOUTS.items())}
 
 
 @pytest.mark.parametrize("src, dst", list(itertools.permutations(QWEN3_LAYOUTS, 2)))
