@@ -257,3 +257,58 @@ def test_cli_never_builds_v2_over_the_committed_zoo():
         args = build_parser().parse_args(argv)
         with pytest.raises(SystemExit, match="never the committed zoo"):
             args.func(args)
+
+
+# ---- the LM training stream: message documents, length-grouped batches --------------------------------
+
+
+def test_message_documents_use_the_suites_t2t_layouts_and_v1_has_none():
+    config = replace(build.SENDER_TRAIN_V2, p_hint=0.0, p_duplicated=0.0, p_message=1.0)
+    rng = random.Random(3)
+    fmt = V2.prompt_format
+    seen = set()
+    for _ in range(40):
+        e = V2.sample_example(rng)
+        text, predictable = build.training_document(e, rng, config)
+        aware, unaware = fmt.t2t_prompt(ContextMode.AWARE, e.context, e.trace), fmt.t2t_prompt(ContextMode.UNAWARE, e.context, e.trace)
+        assert text in (f"{aware} {e.trace}", f"{unaware} {e.trace}") and predictable == 0
+        seen.add(text.startswith(tasks_v2.MESSAGE_WORD))
+    assert seen == {True, False}  # both layouts occur
+    assert build.SENDER_TRAIN.p_message == 0.0 and build.RECEIVER_TRAIN.p_message == 0.0  # v1's stream is unchanged
+
+
+def test_length_groups_find_the_least_padded_split():
+    rng = random.Random(0)
+    for _ in range(30):
+        lengths = [rng.randint(1, 30) for _ in range(rng.randint(1, 9))]
+        groups = build.length_groups(lengths, 3)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths))) and 1 <= len(groups) <= 3
+
+        def area(gs):
+            return sum(len(g) * max(lengths[i] for i in g) for g in gs)
+
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)  # brute force over every 1-3 way cut
+        cuts = [(a, b) for a in range(len(order) + 1) for b in range(a, len(order) + 1)]
+        brute = min(area([g for g in (order[:a], order[a:b], order[b:]) if g]) for a, b in cuts)
+        assert area(groups) == brute
+
+
+def test_length_grouped_loss_and_gradient_equal_one_padded_batch():
+    import torch
+
+    tokenizer = build_tokenizer(V2.vocabulary)
+    torch.manual_seed(0)
+    model = build.build_model(build.SENDER_SPEC_V2, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id,
+                              tokenizer.eos_token_id)
+    rng = random.Random(1)
+    documents = [build.training_document(V2.sample_example(rng), rng, build.SENDER_TRAIN_V2) for _ in range(24)]
+    ids, mask, labels = build.encode_documents(tokenizer, documents)
+    whole = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    whole.backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    grouped = build.batch_loss(model, tokenizer, documents, max_groups=3)
+    grouped.backward()
+    torch.testing.assert_close(grouped, whole, rtol=1e-6, atol=1e-6)
+    for p, g in zip(model.parameters(), want, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)

@@ -35,6 +35,7 @@ from transformers import (
 )
 
 from densecomm_core.evaluation.accuracy import evaluate_with_input
+from densecomm_core.relay import ContextMode
 from densecomm_core.training.common import cosine_lr, optimizer_step
 from densecomm_core.zoo import tasks
 from densecomm_core.zoo.suite import get_suite
@@ -77,6 +78,7 @@ class ZooTrainConfig:
     target_accuracy: float = 0.99  # stop once every family reaches this on validation
     p_hint: float = 0.15
     p_duplicated: float = 0.35
+    p_message: float = 0.0  # T2T message documents (the suite's t2t layouts, half aware, half unaware)
     # Stage 2, only when stage 1 ends below the target: a warm restart (fresh AdamW, new warmup and
     # cosine, new data seed) that draws more examples from the families still failed. Lookup skills
     # emerge in sudden phase changes; a restarted rate lets a stalled one happen without starting over.
@@ -114,12 +116,13 @@ SENDER_SPEC_V2 = ZooModelSpec("zoo2-qwen3-sender", "qwen3", 128, 5, 4, 2, 32, 25
 RECEIVER_SPEC_V2 = ZooModelSpec("zoo2-llama-receiver", "llama", 96, 3, 6, 3, 24, 256, 100_000.0)
 # hops (the hardest) gets the largest share of the sender's stream; the Llama receiver gets the lookup
 # families' weighting of v1 (it forms lookup circuits late), the OOD families a tenth each on both sides.
+# Both read T2T messages (p_message): the text baseline needs a receiver that can use one.
 SENDER_TRAIN_V2 = ZooTrainConfig(
-    max_steps=7000, restart_steps=0, suite="v2",
+    max_steps=7000, restart_steps=0, suite="v2", p_message=0.15,
     family_weights={"recall": 0.15, "math": 0.15, "choice": 0.2, "hops": 0.3, "compare": 0.1, "owner": 0.1},
 )
 RECEIVER_TRAIN_V2 = ZooTrainConfig(
-    max_steps=11000, restart_steps=0, suite="v2",
+    max_steps=11000, restart_steps=0, suite="v2", p_message=0.15,
     family_weights={"recall": 0.25, "math": 0.1, "choice": 0.25, "hops": 0.2, "compare": 0.1, "owner": 0.1},
 )
 ZOO_RECIPES: dict[str, tuple[tuple[ZooModelSpec, ZooTrainConfig], ...]] = {
@@ -209,6 +212,9 @@ def training_document(example: tasks.Example, rng: random.Random, config: ZooTra
     elif draw < config.p_hint + config.p_duplicated:
         prompt = tasks.prompt_duplicated(example)
         predictable = len(example.context.split()) - 1  # all but the copy's first word
+    elif draw < config.p_hint + config.p_duplicated + config.p_message:
+        mode = ContextMode.AWARE if rng.random() < 0.5 else ContextMode.UNAWARE
+        prompt = get_suite(config.suite).prompt_format.t2t_prompt(mode, example.context, example.trace)
     else:
         prompt = tasks.prompt_with_input(example)
     return f"{prompt} {example.trace}", predictable
@@ -222,8 +228,17 @@ def encode_documents(
     ``documents`` are (text, predictable_words): labels cover the solution + EOS and, for a duplicated
     context, its second copy (predictable from the first; this is what teaches lookups quickly).
     """
+    return pad_documents(tokenizer, tokenize_documents(tokenizer, documents))
+
+
+def tokenize_documents(tokenizer, documents: list[tuple[str, int]]) -> list[tuple[list[int], int]]:
+    """(ids + EOS, predictable words) per document."""
+    return [(tokenizer(text)["input_ids"] + [tokenizer.eos_token_id], extra) for text, extra in documents]
+
+
+def pad_documents(tokenizer, rows: list[tuple[list[int], int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``encode_documents`` on already tokenized rows."""
     sep_id = tokenizer.convert_tokens_to_ids(tasks.SEPARATOR)
-    rows = [(tokenizer(text)["input_ids"] + [tokenizer.eos_token_id], extra) for text, extra in documents]
     width = max(len(r) for r, _ in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -234,6 +249,44 @@ def encode_documents(
         start = len(row) - row[::-1].index(sep_id) - 1 - extra  # the separator, minus predictable words
         labels[i, start + 1 : len(row)] = ids[i, start + 1 : len(row)]
     return ids, mask, labels
+
+
+def length_groups(lengths: list[int], max_groups: int) -> list[list[int]]:
+    """Split row indices into at most ``max_groups`` groups of similar length that minimise the padded area
+    (sum over groups of rows x longest row): an exact dynamic programme over the rows sorted by length."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    sorted_lengths = [lengths[i] for i in order]
+    n, groups = len(order), min(max_groups, len(order))
+    # best[g][j]: least padded area of the j shortest rows in g groups; cut[g][j]: where its last group starts
+    best = [[0.0] + [float("inf")] * n for _ in range(groups + 1)]
+    cut = [[0] * (n + 1) for _ in range(groups + 1)]
+    for g in range(1, groups + 1):
+        for j in range(1, n + 1):
+            for i in range(g - 1, j):
+                area = best[g - 1][i] + (j - i) * sorted_lengths[j - 1]
+                if area < best[g][j]:
+                    best[g][j], cut[g][j] = area, i
+    g = min(range(1, groups + 1), key=lambda k: best[k][n])
+    bounds, j = [], n
+    while g > 0:
+        bounds.append((cut[g][j], j))
+        j, g = cut[g][j], g - 1
+    return [order[a:b] for a, b in reversed(bounds) if b > a]
+
+
+def batch_loss(model: PreTrainedModel, tokenizer, documents: list[tuple[str, int]], max_groups: int = 3) -> torch.Tensor:
+    """The mean token loss of ``documents``, computed in up to ``max_groups`` length groups.
+
+    Zoo v2's documents vary from ~10 to ~95 tokens: one right-padded batch is 60 % padding. Each group is
+    padded to its own longest row and its summed loss divided by the whole batch's label count, so the sum
+    over groups is exactly the single batch's mean loss (and gradient), at a fraction of the compute.
+    """
+    rows = tokenize_documents(tokenizer, documents)
+    groups = length_groups([len(r) for r, _ in rows], max_groups)
+    encoded = [pad_documents(tokenizer, [rows[i] for i in group]) for group in groups]
+    items = sum(int((labels != -100).sum()) for _, _, labels in encoded)
+    return sum(model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=items).loss
+               for ids, mask, labels in encoded)
 
 
 def run_stage(
@@ -260,9 +313,8 @@ def run_stage(
         else:
             families = rng.choices(list(family_weights), weights=list(family_weights.values()), k=config.batch_size)
             batch = [suite.sample_in_split(rng, "train", family) for family in families]
-        ids, mask, labels = encode_documents(tokenizer, [training_document(e, rng, config) for e in batch])
         model.train()
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = batch_loss(model, tokenizer, [training_document(e, rng, config) for e in batch])
         optimizer_step(optimizer, loss, cosine_lr(step, steps, lr, config.warmup_steps))
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % config.eval_every == 0 or step + 1 == steps:

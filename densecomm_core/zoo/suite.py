@@ -6,6 +6,7 @@
     suite.sample_in_split(rng, split, ...)   draw until the example hashes into ``split``
     suite.make_split(split, per_family, families=None)   a deterministic split, families interleaved
     suite.adapter_split(split, per_family)   the same over in-domain families only: what adapters train on
+    suite.prompt_format                      the relay's prompt layouts for the suite's LMs (T2T's differ in v2)
 
 ``v1`` is a view of ``tasks.py``: the same makers, vocabulary and split seeds drawn in the same order, so
 its splits and the zoo LMs' training stream are byte-identical to ``tasks.make_split`` /
@@ -19,6 +20,7 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from densecomm_core.relay import PromptFormat
 from densecomm_core.zoo import tasks, tasks_v2
 from densecomm_core.zoo.tasks import Example, split_of
 
@@ -42,6 +44,7 @@ class TaskSuite:
     families: tuple[TaskFamily, ...]
     vocabulary: tuple[str, ...]
     split_seeds: Mapping[str, int]
+    prompt_format: PromptFormat = PromptFormat()
 
     @property
     def family_names(self) -> tuple[str, ...]:
@@ -111,6 +114,7 @@ V2 = TaskSuite(
     ),
     tasks_v2.VOCABULARY_V2,
     tasks.SPLIT_SEEDS,
+    PromptFormat(t2t_aware=tasks_v2.MESSAGE_AWARE, t2t_unaware=tasks_v2.MESSAGE_UNAWARE),  # what v2's LMs read
 )
 
 SUITES: dict[str, TaskSuite] = {"v1": V1, "v2": V2}

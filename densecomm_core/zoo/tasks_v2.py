@@ -27,6 +27,11 @@ MMLU-Redux / MedQA / OpenBookQA):
 
 The vocabulary is v1's plus ``NEW_WORDS`` appended, so v1 token ids are unchanged and v2 LMs still
 share one word-level tokenizer.
+
+T2T, the text baseline, needs a receiver that reads another agent's message. v1's LMs never saw one; v2's
+train on message documents too (``ZooTrainConfig.p_message``): the context and a written trace after the
+word ``note`` (``MESSAGE_AWARE``), or the note alone (``MESSAGE_UNAWARE``), then the solution. The same two
+layouts are the v2 suite's T2T prompts (``suite.prompt_format``), so training and evaluation share them.
 """
 
 from __future__ import annotations
@@ -40,14 +45,19 @@ from densecomm_core.zoo.tasks import (
     DIGITS,
     LETTERS,
     NAMES,
+    SEPARATOR,
     VOCABULARY,
     Example,
     math_chain,
 )
 
 LETTERS_V2: tuple[str, ...] = LETTERS + ("E",)
-NEW_WORDS: tuple[str, ...] = ("E", "hops", "compare", "owner", "max", "min")
+MESSAGE_WORD = "note"  # introduces another agent's written message (T2T)
+NEW_WORDS: tuple[str, ...] = ("E", "hops", "compare", "owner", "max", "min", MESSAGE_WORD)
 VOCABULARY_V2: tuple[str, ...] = VOCABULARY + NEW_WORDS
+
+MESSAGE_AWARE = f"{{context}} {MESSAGE_WORD} {{message}} {SEPARATOR}"  # T2T context-aware: X, then the sender's message
+MESSAGE_UNAWARE = f"{MESSAGE_WORD} {{message}} {SEPARATOR}"  # T2T context-unaware: the message alone
 
 # Inclusive (low, high) ranges each example's sizes are drawn from, uniformly.
 SIZES: dict[str, dict[str, tuple[int, int]]] = {
