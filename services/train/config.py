@@ -38,10 +38,11 @@ from typing import Any
 from densecomm_core.errors import DenseCommError
 
 DTYPES = ("float32", "bfloat16", "float16")
+ZOO_SUITES = ("v1", "v2")  # densecomm_core.zoo.suite.SUITES (not imported: config parsing stays torch-free)
 DATA_SOURCES = ("zoo", "gsm8k", "math", "arc", "mmlu-redux", "medqa", "openbookqa", "jsonl")  # densecomm_core.data.FORMATS
 ANSWER_KINDS = ("word", "number", "letter", "boxed")
 STAGES = ("traces", "phase1", "phase2", "finalize")
-BUILTIN = {"zoo": Path(__file__).with_name("zoo.toml")}  # configs shipped with the package, by name
+BUILTIN = {"zoo": Path(__file__).with_name("zoo.toml"), "zoo-v2": Path(__file__).with_name("zoo-v2.toml")}  # configs shipped with the package, by name
 
 
 class TrainConfigError(DenseCommError, ValueError):
@@ -88,6 +89,9 @@ class DataConfig:
     test_size: int = 600
     validation_fraction: float = 0.05  # share of train carved out as validation when no file is given
     subject: str = ""  # math: keep only this subject (e.g. "Algebra"); empty = all
+    # zoo: the task suite (densecomm_core.zoo.suite): its in-domain families are the data, and [models] "zoo"
+    # names that suite's committed LMs. v1 = the committed default zoo, v2 = the generalising zoo.
+    suite: str = "v1"
 
 
 @dataclass(frozen=True)
@@ -226,6 +230,8 @@ def validate(config: TrainConfig) -> TrainConfig:
     _check(p.answer_kind in ANSWER_KINDS, "[prompts].answer_kind", f"must be one of {ANSWER_KINDS}, got {p.answer_kind!r}")
     _check(d.source in DATA_SOURCES, "[data].source", f"must be one of {DATA_SOURCES}, got {d.source!r}")
     _check(d.source == "zoo" or bool(d.train), "[data].train", f"is required for source {d.source!r}")
+    _check(d.suite in ZOO_SUITES, "[data].suite", f"must be one of {ZOO_SUITES}, got {d.suite!r}")
+    _check(d.suite == "v1" or d.source == "zoo", "[data].suite", f"is {d.suite!r}: a zoo suite needs source = 'zoo', got {d.source!r}")
     for key in ("train", "validation", "test"):
         path = getattr(d, key)
         _check(not path or Path(path).expanduser().is_file(), f"[data].{key}", f"file {path!r} does not exist")

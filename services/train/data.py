@@ -45,12 +45,15 @@ def examples_fingerprint(examples: Sequence[Example]) -> str:
 
 
 def _zoo_splits(config: TrainConfig) -> Splits:
-    from densecomm_core.zoo import tasks
+    """The suite's in-domain families, evenly (v1: exactly ``tasks.make_split``); OOD families never appear."""
+    from densecomm_core.zoo.suite import get_suite
+
+    suite = get_suite(config.data.suite)
 
     def convert(split: str, size: int) -> list[Example]:
-        per_family = -(-size // len(tasks.FAMILIES)) if size else 0
-        return [Example(e.family, e.context, e.answer, e.family == "choice")
-                for e in tasks.make_split(split, per_family)] if per_family else []
+        per_family = -(-size // len(suite.in_domain)) if size else 0
+        return [Example(e.family, e.context, e.answer, suite.family(e.family).multiple_choice)
+                for e in suite.adapter_split(split, per_family)] if per_family else []
 
     d = config.data
     return Splits(convert("train", d.train_size), convert("validation", d.validation_size), convert("test", d.test_size))

@@ -55,13 +55,14 @@ def resolve_device(name: str, worker_device: torch.device) -> torch.device:
 
 
 def model_paths(config: TrainConfig) -> dict[str, str]:
-    """The sender's and receiver's directories ("zoo" = the committed zoo model of that side)."""
-    from densecomm_core.zoo.build import RECEIVER_SPEC, SENDER_SPEC
+    """The sender's and receiver's directories ("zoo" = the committed zoo model of that side, of [data].suite)."""
+    from densecomm_core.zoo.build import zoo_recipe
     from densecomm_core.zoo.pair import zoo_root
 
     m = config.models
-    return {"sender": m.sender if m.sender != "zoo" else str(zoo_root() / SENDER_SPEC.name),
-            "receiver": m.receiver if m.receiver != "zoo" else str(zoo_root() / RECEIVER_SPEC.name)}
+    (sender_spec, _), (receiver_spec, _) = zoo_recipe(config.data.suite)
+    return {"sender": m.sender if m.sender != "zoo" else str(zoo_root() / sender_spec.name),
+            "receiver": m.receiver if m.receiver != "zoo" else str(zoo_root() / receiver_spec.name)}
 
 
 def load_pair(config: TrainConfig, worker_device: torch.device) -> tuple[LoadedModel, LoadedModel]:

@@ -22,6 +22,23 @@ def test_zoo_config_loads_and_round_trips():
     assert config_from_dict(config.to_dict()) == config
 
 
+def test_zoo_v2_config_trains_on_v2_in_domain_families_and_its_lms():
+    from densecomm_core.zoo import tasks
+    from densecomm_core.zoo.suite import get_suite
+    from services.train.data import load_splits
+    from services.train.worker import model_paths
+
+    v1, v2 = load_train_config("zoo"), load_train_config("zoo-v2")
+    assert v2.data.suite == "v2" and config_from_dict(v2.to_dict()) == v2
+    splits = load_splits(v2)
+    assert {e.family for e in splits.train} == set(get_suite("v2").in_domain)  # OOD families never trained on
+    assert len(splits.validation) == v2.data.validation_size and len(splits.test) == v2.data.test_size
+    assert {e.family for e in splits.train if e.multiple_choice} == {"choice"}
+    assert model_paths(v2)["sender"].endswith("zoo2-qwen3-sender") and model_paths(v2)["receiver"].endswith("zoo2-llama-receiver")
+    want = tasks.make_split("validation", 50)  # v1 is unchanged by the suite field
+    assert [(e.family, e.question, e.answer) for e in load_splits(v1).validation] == [(e.family, e.context, e.answer) for e in want]
+
+
 @pytest.mark.parametrize(
     ("text", "match"),
     [
@@ -40,6 +57,7 @@ def test_zoo_config_loads_and_round_trips():
         ("[models]\nsender_device = 'tpu'", r"\[models\]\.sender_device must be 'auto', 'cpu' or 'cuda\[:N\]'"),
         ("[data]\nsource = 'gsm8k'", r"\[data\]\.train is required for source 'gsm8k'"),
         ("[data]\nsource = 'imagenet'", r"\[data\]\.source must be one of"),
+        ("[data]\nsuite = 'v9'", r"\[data\]\.suite must be one of \('v1', 'v2'\), got 'v9'"),
         ("[data]\nsource = 'gsm8k'\ntrain = '/no/such.jsonl'", r"\[data\]\.train file '/no/such.jsonl' does not exist"),
         ("[prompts]\nguided = '{context} =>'", r"\[prompts\]\.guided must contain '\{answer\}'"),
         ("[prompts]\nanswer_kind = 'vibes'", r"\[prompts\]\.answer_kind must be one of"),
