@@ -125,12 +125,14 @@ class ServeConfig:
         return self.routes or (zoo_route(),)
 
 
-def zoo_route() -> RouteConfig:
-    from densecomm_core.zoo.build import RECEIVER_SPEC, SENDER_SPEC
+def zoo_route(suite: str = "v1") -> RouteConfig:
+    """The committed zoo pair of ``suite`` as a route named "zoo" (v1: the default route)."""
+    from densecomm_core.zoo.build import zoo_recipe
     from densecomm_core.zoo.pair import zoo_adapter_dir, zoo_root
 
     root = zoo_root()
-    return RouteConfig("zoo", str(root / SENDER_SPEC.name), str(root / RECEIVER_SPEC.name), str(zoo_adapter_dir()))
+    (sender_spec, _), (receiver_spec, _) = zoo_recipe(suite)
+    return RouteConfig("zoo", str(root / sender_spec.name), str(root / receiver_spec.name), str(zoo_adapter_dir(suite=suite)))
 
 
 def _build(cls, data: dict, where: str):

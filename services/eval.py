@@ -25,6 +25,7 @@ class EvalOptions:
     methods: tuple[str, ...] = DEFAULT_METHODS
     modes: tuple[str, ...] = ("aware", "unaware")
     tasks: str = "zoo"  # parse_task_specs: zoo and FORMAT=PATH items
+    zoo: str = "v1"  # the zoo suite: its pair, adapter, fuser and prompt layouts, and the families "zoo" means
     split: str = "test"  # zoo split
     limit: int | None = None  # examples per task set (zoo: per family; default 200 there, all of a file)
     seed: int | None = None  # None: the first `limit` examples; else a seeded random subset
@@ -73,10 +74,10 @@ def load_pair(options: EvalOptions):
     else:
         from densecomm_core.zoo.pair import load_zoo_pair, zoo_adapter_dir
 
-        sender, receiver = load_zoo_pair()
+        sender, receiver = load_zoo_pair(suite=options.zoo)
         sender.model.to(options.device)
         receiver.model.to(options.device)
-        adapter_dir = Path(options.adapter) if options.adapter else zoo_adapter_dir()
+        adapter_dir = Path(options.adapter) if options.adapter else zoo_adapter_dir(suite=options.zoo)
     adapter = None
     if adapter_dir is not None:
         adapter = DenseAdapter.load(adapter_dir, sender.geometry, receiver.geometry).to(options.device)
@@ -86,14 +87,19 @@ def load_pair(options: EvalOptions):
     if c2c_dir is None and not options.sender:
         from densecomm_core.zoo.pair import zoo_c2c_dir
 
-        c2c_dir = zoo_c2c_dir() if zoo_c2c_dir().is_dir() else None
+        c2c_dir = zoo_c2c_dir(suite=options.zoo) if zoo_c2c_dir(suite=options.zoo).is_dir() else None
     if c2c_dir is not None:
         from densecomm_core.baselines.c2c import C2CFuser
 
         fuser = C2CFuser.load(c2c_dir, sender.geometry, receiver.geometry).to(options.device)
         fuser.eval()
+    from dataclasses import replace
+
+    from densecomm_core.zoo.suite import get_suite
+
+    base = get_suite(options.zoo).prompt_format if not options.sender else PromptFormat()  # the zoo LMs' layouts
     try:
-        prompt_format = PromptFormat(**options.prompt_format)
+        prompt_format = replace(base, **options.prompt_format)
     except TypeError as exc:
         raise EvaluationError(f"--prompt-format: {exc}; fields are {list(PromptFormat.__dataclass_fields__)}") from None
     return EvalPair(sender, receiver, adapter, adapter_dir, prompt_format,
@@ -123,7 +129,7 @@ def run(options: EvalOptions, progress: Callable[[str, str, int, int], None] | N
         raise EvaluationError(f"--modes takes aware and/or unaware; got {list(options.modes)}") from None
     if options.limit is not None and options.limit < 1:
         raise EvaluationError(f"--limit must be >= 1 example per task set; got {options.limit}")
-    task_sets = parse_task_specs(options.tasks, options.split, options.limit, options.seed)
+    task_sets = parse_task_specs(options.tasks, options.split, options.limit, options.seed, options.zoo)
     pair = load_pair(options)
     names = list(options.methods)
     if pair.fuser is None and "c2c" in names and tuple(options.methods) == DEFAULT_METHODS:

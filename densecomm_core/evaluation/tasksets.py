@@ -2,7 +2,7 @@
 
     TaskSet(name, examples, kind, in_domain, source)    one column of the accuracy table
     TaskSet.correct(example, text)                      the paper's extraction, compared canonically
-    zoo_task_sets(split, limit, seed)                   one set per zoo family (in-domain: the adapter trained on them)
+    zoo_task_sets(split, limit, seed, suite=)           one set per family of a zoo suite (v2's OOD ones marked so)
     file_task_sets(format, path, limit, seed)           a local file through ``data.load_task_file``, one set per
                                                         family it holds (out-of-domain for the zoo adapter)
     parse_task_specs("zoo,gsm8k=a.jsonl", ...)          the CLI's ``--tasks`` list
@@ -25,7 +25,7 @@ from densecomm_core.data import (
     extract_answer,
     load_task_file,
 )
-from densecomm_core.zoo import tasks
+from densecomm_core.zoo.suite import get_suite
 
 # Answer extraction per public format (the paper's: last number; the answer letter for multiple choice).
 FORMAT_KINDS: dict[str, str] = {
@@ -64,21 +64,24 @@ def _subset(items: list, limit: int | None, seed: int | None) -> list:
 
 
 def zoo_task_sets(split: str = "test", limit: int | None = 200, seed: int | None = None,
-                  families: Sequence[str] = tasks.FAMILIES) -> list[TaskSet]:
-    """One task set per zoo family: ``limit`` examples of ``split`` (the split's own stream without a seed)."""
-    if split not in tasks.SPLIT_SEEDS:
-        raise DataError(f"unknown zoo split {split!r}; expected one of {tuple(tasks.SPLIT_SEEDS)}")
+                  families: Sequence[str] | None = None, suite: str = "v1") -> list[TaskSet]:
+    """One task set per family of the zoo ``suite`` (default: all of them; its out-of-domain families are
+    marked so): ``limit`` examples of ``split`` (the split's own stream without a seed)."""
+    zoo = get_suite(suite)
+    if split not in zoo.split_seeds:
+        raise DataError(f"unknown zoo split {split!r}; expected one of {tuple(zoo.split_seeds)}")
+    names = zoo.family_names if families is None else tuple(families)
     per_family = 200 if limit is None else limit
     if seed is None:
-        drawn = tasks.make_split(split, per_family)
+        drawn = zoo.make_split(split, per_family, names)
     else:  # another stream, still inside the split's hash partition
         rng = random.Random(f"{split}-{seed}")
-        drawn = [tasks.sample_in_split(rng, split, f) for _ in range(per_family) for f in tasks.FAMILIES]
+        drawn = [zoo.sample_in_split(rng, split, f) for _ in range(per_family) for f in names]
     sets = []
-    for family in families:
+    for family in names:
         examples = tuple(TaskExample(e.family, e.context, e.answer, (), e.trace, f"zoo:{split}")
                          for e in drawn if e.family == family)
-        sets.append(TaskSet(family, examples, "word", True, f"zoo {split} split"))
+        sets.append(TaskSet(family, examples, "word", not zoo.family(family).out_of_domain, f"zoo {suite} {split} split"))
     return sets
 
 
@@ -96,14 +99,16 @@ def file_task_sets(format: str, path: str | Path, limit: int | None = None, seed
             for name, items in families.items()]
 
 
-def parse_task_specs(specs: str, split: str = "test", limit: int | None = None, seed: int | None = None) -> list[TaskSet]:
-    """``zoo`` and ``FORMAT=PATH`` items, comma-separated, e.g. ``zoo,gsm8k=gsm8k.jsonl,arc=arc.jsonl``."""
+def parse_task_specs(specs: str, split: str = "test", limit: int | None = None, seed: int | None = None,
+                     suite: str = "v1") -> list[TaskSet]:
+    """``zoo`` (the families of the zoo ``suite``) and ``FORMAT=PATH`` items, comma-separated, e.g.
+    ``zoo,gsm8k=gsm8k.jsonl,arc=arc.jsonl``."""
     sets: list[TaskSet] = []
     for item in (s.strip() for s in specs.split(",")):
         if not item:
             continue
         if item == "zoo":
-            sets.extend(zoo_task_sets(split, limit, seed))
+            sets.extend(zoo_task_sets(split, limit, seed, suite=suite))
         elif "=" in item:
             format, path = (part.strip() for part in item.split("=", 1))
             sets.extend(file_task_sets(format, path, limit, seed))

@@ -42,13 +42,19 @@ def zoo_root() -> Path:
     return Path(__file__).resolve().parent / "weights"
 
 
-def zoo_adapter_dir(root: Path | None = None) -> Path:
-    return (root or zoo_root()) / ADAPTER_NAME
+def _pair_name(suite: str) -> str:
+    (sender_spec, _), (receiver_spec, _) = zoo_recipe(suite)
+    return f"{sender_spec.name}-to-{receiver_spec.name}"
 
 
-def zoo_c2c_dir(root: Path | None = None) -> Path:
-    """The committed C2C-style fuser of the zoo pair (``densecomm baseline c2c``; a baseline, not served)."""
-    return (root or zoo_root()) / C2C_NAME
+def zoo_adapter_dir(root: Path | None = None, suite: str = "v1") -> Path:
+    """The committed adapter of ``suite``'s zoo pair (v1: ``ADAPTER_NAME``)."""
+    return (root or zoo_root()) / f"adapter-{_pair_name(suite)}"
+
+
+def zoo_c2c_dir(root: Path | None = None, suite: str = "v1") -> Path:
+    """The committed C2C-style fuser of ``suite``'s zoo pair (``densecomm baseline c2c``; a baseline, not served)."""
+    return (root or zoo_root()) / f"c2c-{_pair_name(suite)}"
 
 
 def load_zoo_pair(root: Path | None = None, suite: str = "v1") -> tuple[LoadedModel, LoadedModel]:
@@ -102,13 +108,16 @@ class TableRow:
 
 
 def evaluate_pair(
-    sender: LoadedModel, receiver: LoadedModel, adapter: DenseAdapter, per_family: int = 200, batch_size: int = 128
+    sender: LoadedModel, receiver: LoadedModel, adapter: DenseAdapter, per_family: int = 200, batch_size: int = 128,
+    suite: str = "v1",
 ) -> list[TableRow]:
-    """Every method of the demo's table on ``per_family`` test examples of each family."""
-    examples = tasks.make_split("test", per_family)
+    """Every method of the demo's table on ``per_family`` test examples of each family of ``suite``."""
+    zoo = get_suite(suite)
+    examples = zoo.make_split("test", per_family)
     contexts = [e.context for e in examples]
     n = len(examples)
-    relay = DenseRelay(sender, receiver, adapter)
+    fmt = zoo.prompt_format
+    relay = DenseRelay(sender, receiver, adapter, fmt)
     rows: list[TableRow] = []
 
     def add(method: str, outputs: list[RelayOutput], flops_fn) -> None:
@@ -122,9 +131,9 @@ def evaluate_pair(
         """FLOPs of one model answering by itself (its tokens are counted on the answering side)."""
         return lambda o: 2 * params * (o.counts.receiver_prefill + o.counts.receiver_decode)
 
-    add("sender with input", [answer_with_input(sender, c, GREEDY) for c in batched(contexts, batch_size)], alone(n_s))
-    add("receiver with input", [answer_with_input(receiver, c, GREEDY) for c in batched(contexts, batch_size)], alone(n_r))
-    add("receiver without input", [answer_without_input(receiver, len(c), GREEDY) for c in batched(contexts, batch_size)], alone(n_r))
+    add("sender with input", [answer_with_input(sender, c, GREEDY, fmt) for c in batched(contexts, batch_size)], alone(n_s))
+    add("receiver with input", [answer_with_input(receiver, c, GREEDY, fmt) for c in batched(contexts, batch_size)], alone(n_r))
+    add("receiver without input", [answer_without_input(receiver, len(c), GREEDY, fmt) for c in batched(contexts, batch_size)], alone(n_r))
     adapter_flops = adapter.num_flops_per_token()
     for mode in (ContextMode.AWARE, ContextMode.UNAWARE):
         outputs = [relay.run(c, mode, GREEDY) for c in batched(contexts, batch_size)]

@@ -398,16 +398,18 @@ def run(config: TrainConfig, stages: tuple[str, ...] = STAGES, resume: bool = Fa
     return state.data
 
 
-def train_zoo_adapter(work_dir: str | Path, root: Path | None = None, seed: int | None = None, resume: bool = False) -> Path:
-    """The zoo recipe (``--config zoo``) on the zoo LMs under ``root`` (default: the committed ones);
-    returns the finished adapter directory (``<work_dir>/adapter``)."""
+def train_zoo_adapter(work_dir: str | Path, root: Path | None = None, seed: int | None = None, resume: bool = False,
+                      suite: str = "v1") -> Path:
+    """The zoo recipe of ``suite`` (``--config zoo``, ``zoo-v2``) on its LMs under ``root`` (default: the
+    committed ones); returns the finished adapter directory (``<work_dir>/adapter``)."""
     from dataclasses import replace
 
-    from densecomm_core.zoo.build import RECEIVER_SPEC, SENDER_SPEC
+    from densecomm_core.zoo.build import zoo_recipe
     from services.train.config import load_train_config
 
-    config = load_train_config("zoo", output_dir=str(work_dir), seed=seed)
+    config = load_train_config("zoo" if suite == "v1" else f"zoo-{suite}", output_dir=str(work_dir), seed=seed)
     if root is not None:
-        config = replace(config, models=replace(config.models, sender=str(root / SENDER_SPEC.name),
-                                                receiver=str(root / RECEIVER_SPEC.name)))
+        (sender_spec, _), (receiver_spec, _) = zoo_recipe(suite)
+        config = replace(config, models=replace(config.models, sender=str(root / sender_spec.name),
+                                                receiver=str(root / receiver_spec.name)))
     return Path(run(config, STAGES, resume=resume)["stages"]["finalize"]["adapter"])

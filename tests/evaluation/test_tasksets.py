@@ -23,6 +23,17 @@ def test_zoo_sets_are_the_split_by_family():
     assert seeded[0].examples != zoo_task_sets("validation", 3)[0].examples
 
 
+def test_zoo_v2_sets_mark_the_out_of_domain_families():
+    from densecomm_core.zoo.suite import get_suite
+
+    v2 = get_suite("v2")
+    sets = parse_task_specs("zoo", "validation", 4, suite="v2")
+    assert [s.name for s in sets] == list(v2.family_names)
+    assert {s.name for s in sets if not s.in_domain} == set(v2.out_of_domain) == {"compare", "owner"}
+    assert all(len(s.examples) == 4 and all(e.family == s.name for e in s.examples) for s in sets)
+    assert all(tasks.split_of(e.question) == "validation" for s in sets for e in s.examples)
+
+
 def test_files_limits_seeds_and_scoring():
     sets = parse_task_specs(f"zoo,gsm8k={DATA / 'gsm8k.jsonl'},arc={DATA / 'arc_challenge.jsonl'},jsonl={DATA / 'generic.jsonl'}",
                             limit=2)
