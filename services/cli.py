@@ -437,7 +437,7 @@ def cmd_baseline_c2c(args: argparse.Namespace) -> int:
     torch_threads(args.threads)
     options = ZooC2COptions(Path(args.output_dir), steps=args.steps, seed=args.seed,
                             traces=Path(args.traces) if args.traces else None, hidden=args.hidden, p_aware=args.p_aware,
-                            eval_every=args.eval_every)
+                            eval_every=args.eval_every, suite=args.zoo)
     report = run_zoo_c2c(options, progress=lambda line: print(line, flush=True))
     print()
     print(render_report(report))
@@ -566,6 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     baseline_sub = baseline.add_subparsers(dest="baseline_command", required=True)
     c2c = baseline_sub.add_parser("c2c", help="C2C-style fuser: generation loss only, checkpoint chosen on validation, scored on test")
     c2c.add_argument("--output-dir", required=True, help="gets fuser/ (the checkpoint) and report.json")
+    c2c.add_argument("--zoo", default="v1", choices=("v1", "v2"), help="the zoo suite whose committed pair it fuses")
     c2c.add_argument("--steps", type=int, default=1200)
     c2c.add_argument("--seed", type=int, default=0)
     c2c.add_argument("--traces", help="receiver-self traces of the zoo (a `densecomm train` traces.jsonl); default: build them")

@@ -164,9 +164,12 @@ def train_c2c(
     return history
 
 
-def zoo_trace_records(receiver: LoadedModel, path: Path | None, per_family: int, batch_size: int = 128) -> list[TraceRecord]:
-    """The usable receiver-self traces of the zoo's first ``per_family`` train examples of every family: read from
-    ``path`` (a ``densecomm train`` traces.jsonl, matched by question text) or built by guided decoding."""
+def zoo_trace_records(receiver: LoadedModel, path: Path | None, per_family: int, batch_size: int = 128,
+                      suite: str = "v1") -> list[TraceRecord]:
+    """The usable receiver-self traces of the first ``per_family`` train examples of every in-domain family of the
+    zoo ``suite``: read from ``path`` (a ``densecomm train`` traces.jsonl, matched by question text) or built by
+    guided decoding."""
+    from densecomm_core.zoo.suite import get_suite
     from densecomm_core.training.traces import (
         TraceFileError,
         TraceRequest,
@@ -175,7 +178,8 @@ def zoo_trace_records(receiver: LoadedModel, path: Path | None, per_family: int,
         match_traces,
     )
 
-    train = tasks.make_split("train", per_family)
+    zoo = get_suite(suite)
+    train = zoo.adapter_split("train", per_family)
     questions = {e.context for e in train}
     if path is not None:
         loaded = load_traces(Path(path))
@@ -183,7 +187,8 @@ def zoo_trace_records(receiver: LoadedModel, path: Path | None, per_family: int,
         if outside:  # a validation or test question must never be trained on
             raise TraceFileError(f"{path}: {len(outside)} trace(s) are not zoo train-split questions, e.g. {outside[0][:80]!r}")
         return match_traces([r for r in loaded if r.context in questions], questions)
-    requests = [TraceRequest(e.context, e.answer, tasks.prompt_guided(e), e.family, e.family == "choice") for e in train]
+    requests = [TraceRequest(e.context, e.answer, tasks.prompt_guided(e), e.family, zoo.family(e.family).multiple_choice)
+                for e in train]
     records, stats = generate_receiver_traces(receiver, requests, tasks.extract_answer, f"{tasks.ANSWER_WORD} {{answer}}",
                                               GenerationConfig(max_new_tokens=32), batch_size)
     log.info("zoo traces: %s", stats)
