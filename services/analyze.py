@@ -8,13 +8,20 @@ import time
 from pathlib import Path
 
 
-def load_pair(adapter_dir: str | None):
+def load_pair(adapter_dir: str | None, suite: str = "v1"):
     from densecomm_core.adapter import DenseAdapter
     from densecomm_core.zoo.pair import load_zoo_pair, zoo_adapter_dir
 
-    sender, receiver = load_zoo_pair()
-    adapter = DenseAdapter.load(Path(adapter_dir) if adapter_dir else zoo_adapter_dir(), sender.geometry, receiver.geometry)
+    sender, receiver = load_zoo_pair(suite=suite)
+    adapter = DenseAdapter.load(Path(adapter_dir) if adapter_dir else zoo_adapter_dir(suite=suite), sender.geometry, receiver.geometry)
     return sender, receiver, adapter
+
+
+def test_examples(suite: str, per_family: int):
+    """``per_family`` test examples of each in-domain family of the zoo ``suite`` (v1: ``tasks.make_split``)."""
+    from densecomm_core.zoo.suite import get_suite
+
+    return get_suite(suite).adapter_split("test", per_family)
 
 
 def int_list(text: str, option: str) -> tuple[int, ...]:
@@ -49,8 +56,8 @@ def cmd_cs(args: argparse.Namespace) -> int:
     config = CSConfig(masks=args.masks, examples_per_family=args.examples, fraction=args.fraction, alpha=args.alpha,
                       topk=int_list(args.topk, "--topk") if args.topk else (), seeds=args.seeds, rank_by=args.rank_by,
                       filter_site=args.filter_at, seed=args.seed, batch_size=args.batch_size)
-    sender, receiver, adapter = load_pair(args.adapter)
-    result = run_cs(sender, receiver, adapter, config, progress_printer(not args.json))
+    sender, receiver, adapter = load_pair(args.adapter, args.zoo)
+    result = run_cs(sender, receiver, adapter, config, progress_printer(not args.json), test_examples(args.zoo, args.examples))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     png = plot_cs(result, out / "cs_topk.png")
@@ -81,10 +88,8 @@ def cmd_cs(args: argparse.Namespace) -> int:
 def cmd_pca(args: argparse.Namespace) -> int:
     from densecomm_core.analysis.pca import run_pca
     from densecomm_core.analysis.plots import plot_pca
-    from densecomm_core.zoo import tasks
-
-    sender, receiver, adapter = load_pair(args.adapter)
-    examples = tasks.make_split("test", args.examples)
+    sender, receiver, adapter = load_pair(args.adapter, args.zoo)
+    examples = test_examples(args.zoo, args.examples)
     layers = int_list(args.layers, "--layers") if args.layers else None
     progress = progress_printer(not args.json)
     progress(f"prefilling sender and receiver on {len(examples)} test contexts")
@@ -107,6 +112,7 @@ def add_parser(sub) -> None:
     analyze = sub.add_parser("analyze", help="post-hoc analyses: CS head importance (Figure 5), PCA of caches (Figure 7)")
     kinds = analyze.add_subparsers(dest="analyze_command", required=True)
     cs = kinds.add_parser("cs", help="compressed-sensing head importance, top-K group sweep vs random, gates vs scores")
+    cs.add_argument("--zoo", default="v1", choices=("v1", "v2"), help="the zoo suite whose pair and adapter are analysed")
     cs.add_argument("--masks", type=int, default=48, help="M random ablation masks")
     cs.add_argument("--examples", type=int, default=40, help="test examples per task family, scored for every mask")
     cs.add_argument("--fraction", type=float, default=0.05, help="share of sender query heads ablated per mask (at least one)")
@@ -123,6 +129,7 @@ def add_parser(sub) -> None:
     cs.add_argument("--json", action="store_true", help="print the result as JSON instead of tables")
     cs.set_defaults(func=cmd_cs)
     pca = kinds.add_parser("pca", help="receiver / transformed sender / raw sender value vectors on the receiver's PCs")
+    pca.add_argument("--zoo", default="v1", choices=("v1", "v2"), help="the zoo suite whose pair and adapter are analysed")
     pca.add_argument("--examples", type=int, default=100, help="test contexts per task family")
     pca.add_argument("--layers", default="", help="receiver layers, e.g. 1,4 (default: an early and a late one, as the paper's L7/L34 of 36)")
     pca.add_argument("--raw-sender", choices=["pad", "own"], default="pad",
