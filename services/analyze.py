@@ -17,7 +17,7 @@ def load_pair(adapter_dir: str | None, suite: str = "v1"):
     return sender, receiver, adapter
 
 
-def test_examples(suite: str, per_family: int):
+def zoo_test_examples(suite: str, per_family: int):
     """``per_family`` test examples of each in-domain family of the zoo ``suite`` (v1: ``tasks.make_split``)."""
     from densecomm_core.zoo.suite import get_suite
 
@@ -57,7 +57,7 @@ def cmd_cs(args: argparse.Namespace) -> int:
                       topk=int_list(args.topk, "--topk") if args.topk else (), seeds=args.seeds, rank_by=args.rank_by,
                       filter_site=args.filter_at, seed=args.seed, batch_size=args.batch_size)
     sender, receiver, adapter = load_pair(args.adapter, args.zoo)
-    result = run_cs(sender, receiver, adapter, config, progress_printer(not args.json), test_examples(args.zoo, args.examples))
+    result = run_cs(sender, receiver, adapter, config, progress_printer(not args.json), zoo_test_examples(args.zoo, args.examples))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     png = plot_cs(result, out / "cs_topk.png")
@@ -89,7 +89,7 @@ def cmd_pca(args: argparse.Namespace) -> int:
     from densecomm_core.analysis.pca import run_pca
     from densecomm_core.analysis.plots import plot_pca
     sender, receiver, adapter = load_pair(args.adapter, args.zoo)
-    examples = test_examples(args.zoo, args.examples)
+    examples = zoo_test_examples(args.zoo, args.examples)
     layers = int_list(args.layers, "--layers") if args.layers else None
     progress = progress_printer(not args.json)
     progress(f"prefilling sender and receiver on {len(examples)} test contexts")
