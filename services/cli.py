@@ -186,8 +186,9 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
 
     if args.suite != "v1" or args.max_steps is not None:  # a new suite or a smoke build: never over the committed zoo
         root = Path(args.out or f"runs/zoo-{args.suite}")
-        if root.resolve() == zoo_root().resolve() or args.adapter_only:
-            raise SystemExit("--suite v2 / --max-steps build LMs into their own --out directory, never the committed zoo")
+        if args.adapter_only or (args.max_steps is not None and root.resolve() == zoo_root().resolve()):
+            raise SystemExit("--max-steps builds LMs into their own --out directory, never the committed zoo "
+                             "(a full --suite v2 build may go there: its models have their own names)")
         from densecomm_core.zoo.build import build_zoo, zoo_recipe
 
         full = {spec.name: config for spec, config in zoo_recipe(args.suite)}

@@ -248,11 +248,12 @@ def test_projection_scales_measured_step_and_validation_rates():
     assert result.projected_seconds(config, cpu=True) == pytest.approx(0.26 * 1000 + 2.0 * 3)
 
 
-def test_cli_never_builds_v2_over_the_committed_zoo():
+def test_cli_never_builds_a_smoke_zoo_over_the_committed_one():
     from densecomm_core.zoo.pair import zoo_root
     from services.cli import build_parser
 
-    for argv in (["zoo", "build", "--suite", "v2", "--output", str(zoo_root())], ["zoo", "build", "--max-steps", "5", "--out", str(zoo_root())],
+    for argv in (["zoo", "build", "--suite", "v2", "--max-steps", "5", "--output", str(zoo_root())],
+                 ["zoo", "build", "--max-steps", "5", "--out", str(zoo_root())],
                  ["zoo", "build", "--suite", "v2", "--adapter-only"]):
         args = build_parser().parse_args(argv)
         with pytest.raises(SystemExit, match="never the committed zoo"):
