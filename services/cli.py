@@ -184,39 +184,34 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
     )
     from services.train.job import train_zoo_adapter
 
-    if args.suite != "v1" or args.max_steps is not None:  # a new suite or a smoke build: never over the committed zoo
-        root = Path(args.out or f"runs/zoo-{args.suite}")
-        if args.adapter_only or (args.max_steps is not None and root.resolve() == zoo_root().resolve()):
-            raise SystemExit("--max-steps builds LMs into their own --out directory, never the committed zoo "
-                             "(a full --suite v2 build may go there: its models have their own names)")
-        from densecomm_core.zoo.build import build_zoo, zoo_recipe
+    from densecomm_core.zoo.build import build_zoo, zoo_recipe
 
+    smoke = args.max_steps is not None
+    # v1 builds into the package by default; v2 and smoke builds into runs/zoo-SUITE (a full v2 build may be
+    # pointed at the package: its models have their own names). A smoke build never goes there.
+    root = Path(args.out) if args.out else (zoo_root() if args.suite == "v1" and not smoke else Path(f"runs/zoo-{args.suite}"))
+    if smoke and (args.adapter_only or root.resolve() == zoo_root().resolve()):
+        raise SystemExit("--max-steps builds LMs into their own --out directory, never the committed zoo, and has no adapter")
+    started = time.perf_counter()
+    if not args.adapter_only:
         full = {spec.name: config for spec, config in zoo_recipe(args.suite)}
         for result in build_zoo(root, seed=args.seed, suite=args.suite, max_steps=args.max_steps):
             t = result.tally
             print(f"{result.spec.name}: {result.steps} steps, {result.seconds:.0f} s wall / {t.cpu_seconds:.0f} s CPU "
                   f"({t.eval_seconds:.0f} / {t.eval_cpu_seconds:.0f} s in {t.evaluations} validation runs), "
-                  f"validation {result.validation_accuracy}")
-            if args.max_steps is not None:
+                  f"validation {result.validation_accuracy}", flush=True)
+            if smoke:
                 config = full[result.spec.name]
                 print(f"  full recipe ({config.max_steps} steps) projected: {result.projected_seconds(config) / 60:.1f} min "
                       f"at these wall rates, {result.projected_seconds(config, cpu=True) / 60:.1f} min at these CPU rates")
         sender, receiver = load_zoo_pair(root, args.suite)
-        fit_zoo_bases(sender, receiver, suite=args.suite)[0].save(Path(sender.path) / BASIS_FILE)
-        print(f"LMs saved under {root}; their adapter: `densecomm train --config zoo-{args.suite}` once they are in the package"
-              f" (densecomm_core/zoo/weights), or with [models] pointing at them")
+        fit_zoo_bases(sender, receiver, suite=args.suite)[0].save(Path(sender.path) / BASIS_FILE)  # the sender space's pca basis
+    if smoke:
+        print(f"LMs saved under {root} (a smoke build: no adapter)")
         return 0
-    root = Path(args.out) if args.out else zoo_root()
-    if not args.adapter_only:
-        from densecomm_core.zoo.build import build_zoo
-
-        for result in build_zoo(root, seed=args.seed):
-            print(f"{result.spec.name}: {result.steps} steps, {result.seconds:.0f} s, validation {result.validation_accuracy}")
-        sender, receiver = load_zoo_pair(root)
-        fit_zoo_bases(sender, receiver)[0].save(Path(sender.path) / BASIS_FILE)  # the sender space's pca basis
-    trained = train_zoo_adapter(args.work_dir, root, resume=args.resume)
-    shutil.copytree(trained, zoo_adapter_dir(root), dirs_exist_ok=True)
-    print(f"adapter saved to {zoo_adapter_dir(root)}")
+    trained = train_zoo_adapter(args.work_dir or f"runs/zoo-build-{args.suite}", root, resume=args.resume, suite=args.suite)
+    shutil.copytree(trained, zoo_adapter_dir(root, args.suite), dirs_exist_ok=True)
+    print(f"adapter saved to {zoo_adapter_dir(root, args.suite)}; the whole build {(time.perf_counter() - started) / 60:.1f} min")
     return 0
 
 
@@ -501,11 +496,11 @@ def build_parser() -> argparse.ArgumentParser:
     zoo = sub.add_parser("zoo", help="the embedded model zoo").add_subparsers(dest="zoo_command", required=True)
     build = zoo.add_parser("build", help="train the tiny LM pair from scratch and its adapter (seeded)")
     build.add_argument("--out", "--output", help="output root (default: the package's committed weights; runs/zoo-SUITE for --suite v2)")
-    build.add_argument("--suite", choices=("v1", "v2"), default="v1", help="task suite; v2 builds its LMs only, into --out")
+    build.add_argument("--suite", choices=("v1", "v2"), default="v1", help="task suite (v2: the generalising zoo with OOD families)")
     build.add_argument("--max-steps", type=int, help="smoke build: one stage of this many steps per LM, into --out")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--adapter-only", action="store_true", help="keep the LMs, retrain only the adapter")
-    build.add_argument("--work-dir", default="runs/zoo-build", help="output_dir of the adapter's training run")
+    build.add_argument("--work-dir", help="output_dir of the adapter's training run (default: runs/zoo-build-SUITE)")
     build.add_argument("--resume", action="store_true", help="continue the adapter's training run in --work-dir")
     build.set_defaults(func=cmd_zoo_build)
 
