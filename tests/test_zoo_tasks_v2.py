@@ -254,9 +254,9 @@ def test_cli_never_builds_a_smoke_zoo_over_the_committed_one():
 
     for argv in (["zoo", "build", "--suite", "v2", "--max-steps", "5", "--output", str(zoo_root())],
                  ["zoo", "build", "--max-steps", "5", "--out", str(zoo_root())],
-                 ["zoo", "build", "--suite", "v2", "--adapter-only"]):
+                 ["zoo", "build", "--suite", "v2", "--max-steps", "5", "--adapter-only"]):
         args = build_parser().parse_args(argv)
-        with pytest.raises(SystemExit, match="never the committed zoo"):
+        with pytest.raises(SystemExit, match="never the committed zoo, and has no adapter"):
             args.func(args)
 
 
