@@ -42,3 +42,19 @@ def test_demo_through_the_services_matches_in_process(capsys):
     assert report["service_matches_in_process"] == {"aware": [24, 24], "unaware": [24, 24]}
     rows = {row["method"]: row for row in report["rows"]}
     assert 0 < rows["dense context-unaware"]["wire_bytes_per_request"] < rows["dense context-unaware"]["payload_bytes_per_request"]  # lossless shrinks it
+
+
+def test_demo_on_zoo_v2_through_the_services_reports_ood_apart(capsys):
+    """The v2 pair's demo: six families (two OOD), the dense rows through the local gRPC stack equal the
+    in-process relay, and the unaware-vs-with-input targets are stated on the in-domain families only."""
+    from densecomm_core.zoo.suite import get_suite
+
+    v2 = get_suite("v2")
+    main(["demo", "--zoo", "v2", "--json", "--per-family", "4", "--no-ray"])
+    report = json.loads(capsys.readouterr().out)
+    rows = {row["method"]: row for row in report["rows"]}
+    assert set(rows["dense context-unaware"]["accuracy"]) == set(v2.family_names)
+    assert report["service_matches_in_process"] == {"aware": [24, 24], "unaware": [24, 24]}
+    assert report["receiver"]["num_layers"] == 3 and report["sender"]["num_layers"] == 5
+    ratio_targets = [t["target"] for t in report["targets"] if t["target"].startswith("unaware/with-input")]
+    assert ratio_targets == [f"unaware/with-input on {f} >= 0.95" for f in v2.in_domain]

@@ -30,3 +30,20 @@ def test_eval_command_writes_csv_json_and_prints_tables(tmp_path, capsys):
     predictions = [json.loads(line) for line in (tmp_path / "predictions.jsonl").open()]
     assert len(predictions) == len(rows) * 4
     assert all(("message" in p) == (p["method"] == "t2t") for p in predictions)
+
+
+def test_eval_on_zoo_v2_marks_ood_and_uses_the_suites_t2t_layout(tmp_path, capsys):
+    from densecomm_core.zoo import tasks_v2
+    from services.eval import EvalOptions, load_pair
+
+    pair = load_pair(EvalOptions(zoo="v2"))
+    assert (pair.prompt_format.t2t_aware, pair.prompt_format.t2t_unaware) == (tasks_v2.MESSAGE_AWARE, tasks_v2.MESSAGE_UNAWARE)
+    assert pair.receiver.geometry.num_layers == 3 and pair.fuser is not None  # the v2 pair's committed fuser
+    code = main(["eval", "--zoo", "v2", "--limit", "2", "--methods", "receiver,t2t,dense", "--output-dir", str(tmp_path), "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "compare (OOD)" in printed and "owner (OOD)" in printed and "OOD mean" in printed
+    rows = list(csv.DictReader((tmp_path / "accuracy.csv").open()))
+    assert len(rows) == (1 + 2 + 2) * 6
+    assert {r["task"] for r in rows if r["in_domain"] == "False"} == {"compare", "owner"}
+    assert any(t["name"].endswith("on compare (OOD, reported)") for t in json.loads((tmp_path / "eval.json").read_text())["targets"])
