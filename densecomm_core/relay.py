@@ -54,8 +54,9 @@ class PromptFormat:
     without_input: str = "=>"  # the receiver alone, without the input (after BOS)
     # T2T, the text baseline: the sender writes a message (greedy) after ``message``; the receiver reads it
     # in ``t2t_aware`` (with X) or ``t2t_unaware`` (the message only). ``{message}`` is the sender's text.
-    # The zoo LMs never saw a message in training; these two layouts scored best of four on the zoo's
-    # validation split (`densecomm eval --split validation --methods t2t --prompt-format ...`).
+    # The v1 zoo LMs never saw a message in training; these two layouts scored best of four on its validation
+    # split (`densecomm eval --split validation --methods t2t --prompt-format ...`). The v2 zoo LMs train on
+    # message documents; their layouts are the v2 suite's ``prompt_format`` (``zoo.tasks_v2.MESSAGE_*``).
     message: str = "{context} =>"
     t2t_aware: str = "{message} {context} =>"
     t2t_unaware: str = "hint {message} =>"
