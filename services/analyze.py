@@ -7,6 +7,8 @@ import json
 import time
 from pathlib import Path
 
+from services.train.config import ZOO_SUITES
+
 
 def load_pair(adapter_dir: str | None, suite: str = "v1"):
     from densecomm_core.adapter import DenseAdapter
@@ -112,7 +114,7 @@ def add_parser(sub) -> None:
     analyze = sub.add_parser("analyze", help="post-hoc analyses: CS head importance (Figure 5), PCA of caches (Figure 7)")
     kinds = analyze.add_subparsers(dest="analyze_command", required=True)
     cs = kinds.add_parser("cs", help="compressed-sensing head importance, top-K group sweep vs random, gates vs scores")
-    cs.add_argument("--zoo", default="v1", choices=("v1", "v2"), help="the zoo suite whose pair and adapter are analysed")
+    cs.add_argument("--zoo", default="v1", choices=ZOO_SUITES, help="the zoo suite whose pair and adapter are analysed")
     cs.add_argument("--masks", type=int, default=48, help="M random ablation masks")
     cs.add_argument("--examples", type=int, default=40, help="test examples per task family, scored for every mask")
     cs.add_argument("--fraction", type=float, default=0.05, help="share of sender query heads ablated per mask (at least one)")
@@ -129,7 +131,7 @@ def add_parser(sub) -> None:
     cs.add_argument("--json", action="store_true", help="print the result as JSON instead of tables")
     cs.set_defaults(func=cmd_cs)
     pca = kinds.add_parser("pca", help="receiver / transformed sender / raw sender value vectors on the receiver's PCs")
-    pca.add_argument("--zoo", default="v1", choices=("v1", "v2"), help="the zoo suite whose pair and adapter are analysed")
+    pca.add_argument("--zoo", default="v1", choices=ZOO_SUITES, help="the zoo suite whose pair and adapter are analysed")
     pca.add_argument("--examples", type=int, default=100, help="test contexts per task family")
     pca.add_argument("--layers", default="", help="receiver layers, e.g. 1,4 (default: an early and a late one, as the paper's L7/L34 of 36)")
     pca.add_argument("--raw-sender", choices=["pad", "own"], default="pad",

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from services.train.config import ZOO_SUITES  # torch-free: the CLI parses before any heavy import
+
 
 def table_text(rows, families: list[str]) -> str:
     header = ["method", *families, "mean", "KV raw KB/req", "KV wire KB/req", "MFLOPs/req"]
@@ -58,12 +60,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     sender, receiver = load_zoo_pair(suite=args.zoo)
     adapter_dir = Path(args.adapter) if args.adapter else zoo_adapter_dir(suite=args.zoo)
     if args.retrain or not adapter_dir.exists():
+        from services.train.config import zoo_config_name
         from services.train.job import train_zoo_adapter
 
         adapter_dir = train_zoo_adapter(args.work_dir, resume=args.resume, suite=args.zoo)
         if not args.json:
-            print(f"adapter trained (densecomm train --config {'zoo' if args.zoo == 'v1' else 'zoo-' + args.zoo}) "
-                  f"and saved to {adapter_dir}")
+            print(f"adapter trained (densecomm train --config {zoo_config_name(args.zoo)}) and saved to {adapter_dir}")
     adapter = DenseAdapter.load(adapter_dir, sender.geometry, receiver.geometry)
     rows = evaluate_pair(sender, receiver, adapter, per_family=args.per_family, suite=args.zoo)
     agreement = {}
@@ -359,17 +361,16 @@ def cmd_codec_calibrate(args: argparse.Namespace) -> int:
     from densecomm_core.codec.transform import BASIS_FILE
     from densecomm_core.models import load_model
     from densecomm_core.zoo import tasks
-    from densecomm_core.zoo.build import RECEIVER_SPEC, SENDER_SPEC
     from densecomm_core.zoo.pair import (
         BASIS_CALIBRATION_PER_FAMILY,
         zoo_adapter_dir,
-        zoo_root,
+        zoo_model_dirs,
     )
 
     dtype = getattr(torch, args.dtype)
     if args.sender is None:  # the embedded pair, exactly as `densecomm zoo build` fits it
-        args.sender, args.adapter, args.receiver = (str(zoo_root() / SENDER_SPEC.name), str(zoo_adapter_dir()),
-                                                    str(zoo_root() / RECEIVER_SPEC.name))
+        sender_dir, receiver_dir = zoo_model_dirs()
+        args.sender, args.adapter, args.receiver = str(sender_dir), str(zoo_adapter_dir()), str(receiver_dir)
     if bool(args.adapter) != bool(args.receiver):
         raise SystemExit("--adapter and --receiver go together")
     if args.texts:
@@ -453,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="score the embedded pair: baselines and dense relay in both regimes")
-    demo.add_argument("--zoo", default="v1", choices=("v1", "v2"), help="the zoo suite whose committed pair and adapter run")
+    demo.add_argument("--zoo", default="v1", choices=ZOO_SUITES, help="the zoo suite whose committed pair and adapter run")
     demo.add_argument("--retrain", action="store_true", help="train the adapter again instead of loading the committed one")
     demo.add_argument("--adapter", help="adapter checkpoint directory (default: the committed zoo adapter)")
     demo.add_argument("--per-family", type=int, default=200, help="test examples per task family")
@@ -472,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--modes", default="aware,unaware", help="regimes of the methods that have them: aware, unaware")
     ev.add_argument("--tasks", default="zoo", help="comma list of 'zoo' and FORMAT=PATH (gsm8k, math, arc, mmlu-redux, "
                     "medqa, openbookqa, jsonl), e.g. zoo,gsm8k=gsm8k.jsonl")
-    ev.add_argument("--zoo", default="v1", choices=("v1", "v2"), help="the zoo suite: its committed pair, adapter, "
+    ev.add_argument("--zoo", default="v1", choices=ZOO_SUITES, help="the zoo suite: its committed pair, adapter, "
                     "fuser and prompt layouts, and the families 'zoo' names (v2: four in-domain, two OOD)")
     ev.add_argument("--split", default="test", choices=["test", "validation"], help="the zoo's split")
     ev.add_argument("--limit", type=int, help="examples per task set (zoo: per family; default 200 there, a whole file)")
@@ -496,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     zoo = sub.add_parser("zoo", help="the embedded model zoo").add_subparsers(dest="zoo_command", required=True)
     build = zoo.add_parser("build", help="train the tiny LM pair from scratch and its adapter (seeded)")
     build.add_argument("--out", "--output", help="output root (default: the package's committed weights; runs/zoo-SUITE for --suite v2)")
-    build.add_argument("--suite", choices=("v1", "v2"), default="v1", help="task suite (v2: the generalising zoo with OOD families)")
+    build.add_argument("--suite", choices=ZOO_SUITES, default="v1", help="task suite (v2: the generalising zoo with OOD families)")
     build.add_argument("--max-steps", type=int, help="smoke build: one stage of this many steps per LM, into --out")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--adapter-only", action="store_true", help="keep the LMs, retrain only the adapter")
@@ -562,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     baseline_sub = baseline.add_subparsers(dest="baseline_command", required=True)
     c2c = baseline_sub.add_parser("c2c", help="C2C-style fuser: generation loss only, checkpoint chosen on validation, scored on test")
     c2c.add_argument("--output-dir", required=True, help="gets fuser/ (the checkpoint) and report.json")
-    c2c.add_argument("--zoo", default="v1", choices=("v1", "v2"), help="the zoo suite whose committed pair it fuses")
+    c2c.add_argument("--zoo", default="v1", choices=ZOO_SUITES, help="the zoo suite whose committed pair it fuses")
     c2c.add_argument("--steps", type=int, default=1200)
     c2c.add_argument("--seed", type=int, default=0)
     c2c.add_argument("--traces", help="receiver-self traces of the zoo (a `densecomm train` traces.jsonl); default: build them")

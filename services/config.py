@@ -127,12 +127,10 @@ class ServeConfig:
 
 def zoo_route(suite: str = "v1") -> RouteConfig:
     """The committed zoo pair of ``suite`` as a route named "zoo" (v1: the default route)."""
-    from densecomm_core.zoo.build import zoo_recipe
-    from densecomm_core.zoo.pair import zoo_adapter_dir, zoo_root
+    from densecomm_core.zoo.pair import zoo_adapter_dir, zoo_model_dirs
 
-    root = zoo_root()
-    (sender_spec, _), (receiver_spec, _) = zoo_recipe(suite)
-    return RouteConfig("zoo", str(root / sender_spec.name), str(root / receiver_spec.name), str(zoo_adapter_dir(suite=suite)))
+    sender_dir, receiver_dir = zoo_model_dirs(suite=suite)
+    return RouteConfig("zoo", str(sender_dir), str(receiver_dir), str(zoo_adapter_dir(suite=suite)))
 
 
 def _build(cls, data: dict, where: str):

@@ -87,7 +87,8 @@ def load_pair(options: EvalOptions):
     if c2c_dir is None and not options.sender:
         from densecomm_core.zoo.pair import zoo_c2c_dir
 
-        c2c_dir = zoo_c2c_dir(suite=options.zoo) if zoo_c2c_dir(suite=options.zoo).is_dir() else None
+        committed = zoo_c2c_dir(suite=options.zoo)
+        c2c_dir = committed if committed.is_dir() else None
     if c2c_dir is not None:
         from densecomm_core.baselines.c2c import C2CFuser
 

@@ -12,7 +12,8 @@ The training stream mixes three document formats of the same examples:
 The loss covers the solution tokens only (after ``=>``).
 
 Each task suite (``densecomm_core.zoo.suite``) has its own pair and recipe in ``ZOO_RECIPES``: ``v1`` is the
-committed zoo, ``v2`` the generalising zoo with headroom (``build_zoo(root, suite="v2")``, into its own root).
+committed default zoo, ``v2`` the generalising zoo with headroom (``build_zoo(root, suite="v2")``; its models have
+their own names, so both zoos live side by side in the package).
 """
 
 from __future__ import annotations
@@ -101,17 +102,17 @@ ZOO_MODELS: tuple[tuple[ZooModelSpec, ZooTrainConfig], ...] = ((SENDER_SPEC, SEN
 # Zoo v2 (suite "v2"): headroom by design. The receiver is the smaller AND the shallower model (3 layers,
 # 96 wide) and the sender the deeper one (5 layers, 128 wide). The ``hops`` family answers without a
 # written trace, so following h hops takes about h + 1 layers inside one forward pass (bind each fact's
-# key to its value, then one lookup per hop): the 3-layer receiver can follow at most 2 of the 1-3 hops,
-# the 5-layer sender all 3. Every other family has a step-by-step trace (one lookup or one mod-10 step
-# per token), which 3 layers learn. Widths, head layouts and RoPE bases still differ everywhere.
+# key to its value, then one lookup per hop): the design expected the 3-layer receiver to follow at most
+# 2 of the 1-3 hops and the 5-layer sender all 3. Measured on the committed build (test, with the input):
+# the receiver has the headroom (hops 69), but the sender ends weaker (hops 51, and near chance on the
+# OOD families): it learned its lookups late, between steps 5000 and 6000 of 7000. Every other family has
+# a step-by-step trace (one lookup or one mod-10 step per token), which 3 layers learn. Widths, head
+# layouts and RoPE bases still differ everywhere.
 # One stage each, no warm restart (the receiver never reaches the target on ``hops``, by design, and a
-# restart would only spend time); both run side by side on one core each. Time budget: v2 batches pad to
-# ~81 tokens against v1's 65, so the sender keeps v1's width but a 256-wide MLP (737 k non-embedding
-# parameters against v1's 786 k; the receiver has 346 k). Measured with 150-step smoke builds of v1 and
-# v2 back to back (CPU seconds per step, shared machine), a v2 sender step costs 1.21x a v1 sender step
-# and a v2 receiver step 0.75-0.86x a v1 receiver step; scaled to v1's quiet rates (0.36 / 0.34 s per
-# step) that is ~51 min for 7000 sender steps and ~47-54 min for 11000 receiver steps: the LMs in under
-# an hour, as v1's, leaving the adapter's ~30 min inside the 90-minute build.
+# restart would only spend time); both run side by side on one core each. Time budget: the sender keeps
+# v1's width but a 256-wide MLP (737 k non-embedding parameters against v1's 786 k; the receiver has
+# 346 k), and batches are padded per length group (``batch_loss``). The committed build took 47 min 25 s
+# for both LMs side by side, and its adapter (`densecomm train --config zoo-v2`) 23 min 32 s.
 SENDER_SPEC_V2 = ZooModelSpec("zoo2-qwen3-sender", "qwen3", 128, 5, 4, 2, 32, 256, 10_000.0)
 RECEIVER_SPEC_V2 = ZooModelSpec("zoo2-llama-receiver", "llama", 96, 3, 6, 3, 24, 256, 100_000.0)
 # hops (the hardest) gets the largest share of the sender's stream; the Llama receiver gets the lookup

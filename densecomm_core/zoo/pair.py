@@ -1,7 +1,8 @@
 """The embedded default pair: where its committed weights live, how its adapter is trained, how it is scored.
 
     zoo_root()                      directory of the committed zoo weights (inside the package)
-    load_zoo_pair()                 (sender, receiver) LoadedModels from there (suite="v2": a v2 build's root)
+    zoo_model_dirs(root, suite)     the sender's and receiver's directories of a suite's pair (default: v1, committed)
+    load_zoo_pair(root, suite)      (sender, receiver) LoadedModels from there
     (its adapter is trained by `densecomm train --config zoo`: services/train/zoo.toml)
     evaluate_pair(...)              the demo's table: baselines and both dense regimes on the test split
 """
@@ -26,13 +27,11 @@ from densecomm_core.relay import (
     answer_without_input,
 )
 from densecomm_core.zoo import tasks
-from densecomm_core.zoo.build import RECEIVER_SPEC, SENDER_SPEC, zoo_recipe
+from densecomm_core.zoo.build import zoo_recipe
 from densecomm_core.zoo.suite import get_suite
 
 log = logging.getLogger(__name__)
 
-ADAPTER_NAME = f"adapter-{SENDER_SPEC.name}-to-{RECEIVER_SPEC.name}"
-C2C_NAME = f"c2c-{SENDER_SPEC.name}-to-{RECEIVER_SPEC.name}"
 GREEDY = GenerationConfig(max_new_tokens=24)
 ANSWER_TEMPLATE = f"{tasks.ANSWER_WORD} {{answer}}"  # the zoo's canonical final answer statement
 BASIS_CALIBRATION_PER_FAMILY = 300  # train-split contexts per family the pca codec's bases are fitted on
@@ -48,7 +47,7 @@ def _pair_name(suite: str) -> str:
 
 
 def zoo_adapter_dir(root: Path | None = None, suite: str = "v1") -> Path:
-    """The committed adapter of ``suite``'s zoo pair (v1: ``ADAPTER_NAME``)."""
+    """The committed adapter of ``suite``'s zoo pair."""
     return (root or zoo_root()) / f"adapter-{_pair_name(suite)}"
 
 
@@ -57,11 +56,17 @@ def zoo_c2c_dir(root: Path | None = None, suite: str = "v1") -> Path:
     return (root or zoo_root()) / f"c2c-{_pair_name(suite)}"
 
 
-def load_zoo_pair(root: Path | None = None, suite: str = "v1") -> tuple[LoadedModel, LoadedModel]:
-    """The pair under ``root`` (default: the committed v1 weights); ``suite`` names its models' directories."""
+def zoo_model_dirs(root: Path | None = None, suite: str = "v1") -> tuple[Path, Path]:
+    """(sender directory, receiver directory) of ``suite``'s pair under ``root`` (default: the committed weights)."""
     root = root or zoo_root()
     (sender_spec, _), (receiver_spec, _) = zoo_recipe(suite)
-    return load_model(root / sender_spec.name, dtype=torch.float32), load_model(root / receiver_spec.name, dtype=torch.float32)
+    return root / sender_spec.name, root / receiver_spec.name
+
+
+def load_zoo_pair(root: Path | None = None, suite: str = "v1") -> tuple[LoadedModel, LoadedModel]:
+    """``suite``'s pair under ``root`` (default: the committed weights)."""
+    sender_dir, receiver_dir = zoo_model_dirs(root, suite)
+    return load_model(sender_dir, dtype=torch.float32), load_model(receiver_dir, dtype=torch.float32)
 
 
 def batched(items: list, size: int):

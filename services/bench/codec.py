@@ -117,18 +117,17 @@ def load_zoo_bases() -> KVBases:
     from densecomm_core.adapter import DenseAdapter
     from densecomm_core.codec.calibrate import calibrate
     from densecomm_core.zoo import tasks
-    from densecomm_core.zoo.build import SENDER_SPEC
     from densecomm_core.zoo.pair import (
         BASIS_CALIBRATION_PER_FAMILY,
         load_zoo_pair,
         zoo_adapter_dir,
-        zoo_root,
+        zoo_model_dirs,
     )
 
     sender, receiver = load_zoo_pair()
     adapter = DenseAdapter.load(zoo_adapter_dir(), sender.geometry, receiver.geometry)
     texts = [e.context for e in tasks.make_split("train", BASIS_CALIBRATION_PER_FAMILY)]
-    committed = KVBases.load(zoo_root() / SENDER_SPEC.name, zoo_adapter_dir())
+    committed = KVBases.load(zoo_model_dirs()[0], zoo_adapter_dir())
     return KVBases.of(*calibrate(sender, texts, adapter, receiver, strip_rope=False), *committed.by_fingerprint.values())
 
 

@@ -45,6 +45,11 @@ STAGES = ("traces", "phase1", "phase2", "finalize")
 BUILTIN = {"zoo": Path(__file__).with_name("zoo.toml"), "zoo-v2": Path(__file__).with_name("zoo-v2.toml")}  # configs shipped with the package, by name
 
 
+def zoo_config_name(suite: str) -> str:
+    """The built-in config that trains the adapter of ``suite``'s zoo pair (v1: ``zoo``, v2: ``zoo-v2``)."""
+    return "zoo" if suite == "v1" else f"zoo-{suite}"
+
+
 class TrainConfigError(DenseCommError, ValueError):
     """A training config names a missing file, an unknown field or a bad value."""
 

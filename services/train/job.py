@@ -404,12 +404,11 @@ def train_zoo_adapter(work_dir: str | Path, root: Path | None = None, seed: int 
     committed ones); returns the finished adapter directory (``<work_dir>/adapter``)."""
     from dataclasses import replace
 
-    from densecomm_core.zoo.build import zoo_recipe
-    from services.train.config import load_train_config
+    from densecomm_core.zoo.pair import zoo_model_dirs
+    from services.train.config import load_train_config, zoo_config_name
 
-    config = load_train_config("zoo" if suite == "v1" else f"zoo-{suite}", output_dir=str(work_dir), seed=seed)
+    config = load_train_config(zoo_config_name(suite), output_dir=str(work_dir), seed=seed)
     if root is not None:
-        (sender_spec, _), (receiver_spec, _) = zoo_recipe(suite)
-        config = replace(config, models=replace(config.models, sender=str(root / sender_spec.name),
-                                                receiver=str(root / receiver_spec.name)))
+        sender_dir, receiver_dir = zoo_model_dirs(root, suite)
+        config = replace(config, models=replace(config.models, sender=str(sender_dir), receiver=str(receiver_dir)))
     return Path(run(config, STAGES, resume=resume)["stages"]["finalize"]["adapter"])

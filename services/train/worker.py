@@ -56,13 +56,11 @@ def resolve_device(name: str, worker_device: torch.device) -> torch.device:
 
 def model_paths(config: TrainConfig) -> dict[str, str]:
     """The sender's and receiver's directories ("zoo" = the committed zoo model of that side, of [data].suite)."""
-    from densecomm_core.zoo.build import zoo_recipe
-    from densecomm_core.zoo.pair import zoo_root
+    from densecomm_core.zoo.pair import zoo_model_dirs
 
-    m = config.models
-    (sender_spec, _), (receiver_spec, _) = zoo_recipe(config.data.suite)
-    return {"sender": m.sender if m.sender != "zoo" else str(zoo_root() / sender_spec.name),
-            "receiver": m.receiver if m.receiver != "zoo" else str(zoo_root() / receiver_spec.name)}
+    m, committed = config.models, zoo_model_dirs(suite=config.data.suite)
+    return {"sender": m.sender if m.sender != "zoo" else str(committed[0]),
+            "receiver": m.receiver if m.receiver != "zoo" else str(committed[1])}
 
 
 def load_pair(config: TrainConfig, worker_device: torch.device) -> tuple[LoadedModel, LoadedModel]:

@@ -28,6 +28,11 @@ def test_zoo_v2_config_trains_on_v2_in_domain_families_and_its_lms():
     from services.train.data import load_splits
     from services.train.worker import model_paths
 
+    from densecomm_core.zoo.suite import SUITES
+    from services.train.config import ZOO_SUITES, zoo_config_name
+
+    assert ZOO_SUITES == tuple(SUITES)  # the torch-free copy the CLI and the config check use
+    assert [zoo_config_name(s) for s in ZOO_SUITES] == ["zoo", "zoo-v2"]
     v1, v2 = load_train_config("zoo"), load_train_config("zoo-v2")
     assert v2.data.suite == "v2" and config_from_dict(v2.to_dict()) == v2
     splits = load_splits(v2)
