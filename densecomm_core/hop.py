@@ -20,7 +20,9 @@ Both ends fill a ``HopReport`` (codec, raw and wire bytes, chunks, seconds) that
 stats and metrics. Bases are passed in (a ``transform.KVBases``; None = the process-wide default).
 
 Frames sized for the transport: given ``frame_bytes`` (and no explicit ``chunk_tokens``), the encoder
-splits a layer into token ranges of at most ``frame_bytes`` raw bytes; ``pack_frames`` / ``join_messages``
+splits a layer into token ranges of at most ``frame_bytes`` raw bytes, or, when whole layers are smaller
+and the codec ``packs_layers``, packs as many whole layers as fit into one chunk (wire version 2: a small
+cache is one chunk); ``pack_frames`` / ``join_messages``
 join consecutive frames into one message while it stays within ``frame_bytes`` (``wire.split_frames``
 cuts them apart again); ``group_messages`` gives the same messages as lists of buffers, unjoined.
 """
@@ -40,6 +42,7 @@ from densecomm_core.codec.wire import (
     StreamDecoder,
     WireHeader,
     chunk_workers,
+    encode_packed_chunk,
     header_frame,
     is_chunk,
     iter_chunk_frames,
@@ -88,6 +91,7 @@ class HopEncoder:
         self.report = HopReport(codec=codec.name)
         self.header: WireHeader | None = None
         self._stream: tuple[KVCache, Codec, WireHeader] | None = None
+        self._held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layers of a packed chunk not yet complete
 
     def ship(self, cache: KVCache) -> KVCache:
         """The cache as it travels: RoPE-stripped (in float32, then cast) when the codec codes stripped keys."""
@@ -107,7 +111,8 @@ class HopEncoder:
         self.report.raw_bytes = shipped.nbytes
         layers = [[k.shape[1], k.shape[3], v.shape[1], v.shape[3]] for k, v in zip(shipped.keys, shipped.values)]
         chunk_tokens = self._chunk_tokens(layers, shipped.batch_size, shipped.dtype)
-        self._stream = start_stream(shipped, self.codec, chunk_tokens, self.bases)
+        packing = self._layers_per_chunk(layers, shipped.batch_size, shipped.keys[0].shape[2], shipped.dtype)
+        self._stream = start_stream(shipped, self.codec, chunk_tokens, self.bases, packing)
         self.codec, self.header = self._stream[1], self._stream[2]
         frame = header_frame(self.header)
         self.report.count(frame)
@@ -145,6 +150,14 @@ class HopEncoder:
         per_token = max(batch * (hk * dk + hv * dv) * dtype.itemsize for hk, dk, hv, dv in layers)  # bytes of one token, one layer
         return max(1, self.frame_bytes // max(per_token, 1))
 
+    def _layers_per_chunk(self, layers: list, batch: int, tokens: int, dtype: torch.dtype) -> int:
+        """Whole layers per chunk: as many as fit in ``frame_bytes`` of raw K and V when the codec packs
+        layers and the sizing is left to ``frame_bytes`` (1: a chunk per layer, or per token range)."""
+        if not self.codec.packs_layers or self.chunk_tokens or not self.frame_bytes:
+            return 1
+        per_layer = max(batch * tokens * (hk * dk + hv * dv) * dtype.itemsize for hk, dk, hv, dv in layers)
+        return max(1, min(len(layers), self.frame_bytes // max(per_layer, 1)))
+
 
     def frames(self, cache: KVCache) -> Iterator[bytes]:
         yield self.start(cache)
@@ -156,21 +169,39 @@ class HopEncoder:
         started = time.perf_counter()
         self.codec = self.codec.bind(fingerprint, rope_applied, self.bases)
         chunk_tokens = self._chunk_tokens(layers, len(lengths), dtype)
-        self.header = stream_header(self.codec, dtype, layers, lengths, positions, rope_applied, fingerprint, chunk_tokens)
+        packing = self._layers_per_chunk(layers, len(lengths), len(positions[0]) if positions else 0, dtype)
+        self.header = stream_header(self.codec, dtype, layers, lengths, positions, rope_applied, fingerprint, chunk_tokens, packing)
         frame = header_frame(self.header)
         self.report.count(frame)
         self.report.encode_s += time.perf_counter() - started
         return frame
 
     def layer(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> list[bytes]:
-        """The chunk frames of one layer (full-width K, V in the stream's dtype)."""
+        """The chunk frames of one layer (full-width K, V in the stream's dtype); in a packed stream, the
+        chunk of its group once the group's last layer is in (layers arrive in order), else nothing."""
         started = time.perf_counter()
-        frames = layer_frames(self.header, self.codec, layer, keys, values)
+        if self.header.layers_per_chunk > 1:
+            frames = self._packed_layer(layer, keys, values)
+        else:
+            frames = layer_frames(self.header, self.codec, layer, keys, values)
         self.report.raw_bytes += keys.numel() * keys.element_size() + values.numel() * values.element_size()
         for frame in frames:
             self.report.count(frame)
         self.report.encode_s += time.perf_counter() - started
         return frames
+
+    def _packed_layer(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> list[bytes]:
+        header = self.header
+        first = layer - layer % header.layers_per_chunk
+        if layer != first + len(self._held):
+            raise CodecError(f"layer {layer} arrived out of order: a packed stream takes its layers in order")
+        self._held[layer] = (keys, values)
+        if layer != header.span(first)[-1]:
+            return []
+        held, self._held = self._held, {}
+        keys_by_layer = {l: kv[0] for l, kv in held.items()}
+        values_by_layer = {l: kv[1] for l, kv in held.items()}
+        return [b"".join(encode_packed_chunk(self.codec, first // header.layers_per_chunk, header, keys_by_layer, values_by_layer))]
 
 
 def join_messages(frames: Iterable[list], frame_bytes: int | None) -> Iterator[bytes]:

@@ -5,6 +5,9 @@
     Codec.decode(payload, k_shape, v_shape, dtype) -> (keys, values)
     Codec.decode_into(payload, keys, values)  the same into given tensors (``writes_in_place``: without a copy)
     Codec.encode_frame_parts(keys, values)    ``encode_parts`` whose buffers may be this thread's scratch
+    Codec.encode_packed_parts(tensors) -> list  ``packs_layers`` codecs: several whole layers' K and V as one
+                                              run of elements (a small cache in one chunk)
+    Codec.decode_packed_into(payload, out)    the inverse, into a flat tensor (the receiver's storage)
     Codec.prepare(cache) -> KVCache           optional cache-level step before chunking (eviction)
     Codec.for_forwarding() -> Codec           codec for later hops of the same request
     Codec.params -> dict                      what the wire header records to rebuild the codec
@@ -110,6 +113,9 @@ class Codec(ABC):
     # Each token's decoded K/V depends on that token alone (no per-chunk scales, no token selection), so a
     # padded batch can be reconstructed on tensors (``reconstruct``) with the bytes' result on every real token.
     token_wise: bool = False
+    # Elementwise, with no per-layer or per-chunk state: the elements of several whole layers may be coded
+    # as one run (``encode_packed_parts``), so a small cache costs one chunk instead of one per layer.
+    packs_layers: bool = False
 
     @property
     def params(self) -> dict:
@@ -153,6 +159,15 @@ class Codec(ABC):
         """``encode_parts`` for a caller that joins the buffers before this thread encodes again (the
         frame builder): codecs may hand out thread-local scratch here instead of fresh memory."""
         return self.encode_parts(keys, values)
+
+    def encode_packed_parts(self, tensors: list[torch.Tensor]) -> list:
+        """``packs_layers`` codecs: the elements of ``tensors`` (K0, V0, K1, V1, ... of whole layers), back to
+        back, as one payload's buffers."""
+        raise CodecError(f"codec {self.name!r} does not pack layers into one chunk")
+
+    def decode_packed_into(self, payload, out: torch.Tensor) -> None:
+        """Inverse of ``encode_packed_parts`` into ``out``, a flat contiguous CPU tensor of every element."""
+        raise CodecError(f"codec {self.name!r} does not pack layers into one chunk")
 
     @abstractmethod
     def decode(self, payload: bytes, key_shape: tuple[int, ...], value_shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -71,6 +71,7 @@ class LosslessCodec(Codec):
     name = "lossless"
     writes_in_place = True
     token_wise = True
+    packs_layers = True
 
     def reconstruct(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return keys, values  # bit-exact
@@ -85,14 +86,19 @@ class LosslessCodec(Codec):
         return {"level": self.level}
 
     def encode_parts(self, keys: torch.Tensor, values: torch.Tensor) -> list:
-        return self._encode(keys, values, scratch_planes=False)
+        return self._encode((keys, values), scratch_planes=False)
 
     def encode_frame_parts(self, keys: torch.Tensor, values: torch.Tensor) -> list:
-        return self._encode(keys, values, scratch_planes=True)
+        return self._encode((keys, values), scratch_planes=True)
 
-    def _encode(self, keys: torch.Tensor, values: torch.Tensor, scratch_planes: bool) -> list:
+    def encode_packed_parts(self, tensors: list[torch.Tensor]) -> list:
+        # one run of elements: two planes, two zstd calls for the whole group (not four per layer)
+        flat = torch.cat([t.reshape(-1) for t in tensors]) if len(tensors) > 1 else tensors[0].reshape(-1)
+        return self._encode((flat,), scratch_planes=False)
+
+    def _encode(self, tensors: tuple[torch.Tensor, ...], scratch_planes: bool) -> list:
         parts = []
-        for which, tensor in enumerate((keys, values)):
+        for which, tensor in enumerate(tensors):
             n, size = tensor.numel(), tensor.element_size()
             # Scratch planes: no fresh pages to fault in per chunk (26 MB of planes per Qwen3-4B cache).
             out = [scratch(n, ("encode", which, i)) for i in range(size)] if scratch_planes and size > 1 else None
@@ -110,9 +116,15 @@ class LosslessCodec(Codec):
         return keys, values
 
     def decode_into(self, payload, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self._decode(payload, (keys, values))
+
+    def decode_packed_into(self, payload, out: torch.Tensor) -> None:
+        self._decode(payload, (out,))
+
+    def _decode(self, payload, outs: tuple[torch.Tensor, ...]) -> None:
         view = memoryview(payload)
         offset = 0
-        for out in (keys, values):
+        for out in outs:
             n = out.numel()
             planes = []
             for i in range(out.element_size()):  # compressed planes land in this thread's scratch, merged at once

@@ -17,6 +17,7 @@ from densecomm_core.codec.bytes import (
 class RawCodec(Codec):
     name = "raw"
     token_wise = True
+    packs_layers = True
 
     def reconstruct(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return keys, values  # bit-exact
@@ -37,6 +38,16 @@ class RawCodec(Codec):
         for out, part in ((keys, payload[:k_bytes]), (values, payload[k_bytes:])):
             words = numpy_words(out)
             words[...] = np.frombuffer(part, dtype=words.dtype).reshape(words.shape)
+
+    def encode_packed_parts(self, tensors: list[torch.Tensor]) -> list:
+        return [tensor_buffer(t) for t in tensors]
+
+    def decode_packed_into(self, payload, out: torch.Tensor) -> None:
+        expected = out.numel() * out.element_size()
+        if len(payload) != expected:
+            raise TruncatedError(f"raw payload is {len(payload)} bytes, expected {expected}")
+        words = numpy_words(out)
+        words[...] = np.frombuffer(payload, dtype=words.dtype)
 
     def decode(self, payload, key_shape, value_shape, dtype):
         size = dtype.itemsize

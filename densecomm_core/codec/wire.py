@@ -7,7 +7,13 @@ Header frame (little-endian)::
 The JSON header names the codec and its parameters, the dtype, batch size and slot count, per-layer
 K/V shapes ``[kv_heads_k, head_dim_k, kv_heads_v, head_dim_v]``, per-row valid lengths and logical
 positions (RoPE stays right after eviction), the RoPE state, the fingerprint of the model or adapter
-whose cache space this is, and the chunking (``chunk_tokens``, ``num_chunks``).
+whose cache space this is, and the chunking (``chunk_tokens``, ``num_chunks``, and in version 2
+``layers_per_chunk``).
+
+Version 2 (a header with ``layers_per_chunk`` > 1; everything else is version 1, unchanged): each chunk
+carries whole layers [layer, layer + layers_per_chunk), all tokens, their K0, V0, K1, V1, ... elements as
+one run coded by a ``packs_layers`` codec (raw, lossless). A small cache (the zoo's: 4 layers of ~4 KB)
+then costs one chunk, one checksum and two zstd calls instead of four chunks and sixteen calls.
 
 Chunk frame::
 
@@ -53,7 +59,8 @@ from densecomm_core.codec.base import (
     get_codec,
 )
 
-VERSION = 1
+VERSION = 1  # one layer (or a token range of it) per chunk
+PACKED_VERSION = 2  # whole layers packed into one chunk (``layers_per_chunk`` > 1)
 HEADER_MAGIC = b"DCKV"
 CHUNK_MAGIC = b"DCCH"
 HEADER_PREFIX = struct.Struct("<4sHHI")  # magic, version, reserved, json length
@@ -76,6 +83,11 @@ class WireHeader:
     fingerprint: str
     chunk_tokens: int
     num_chunks: int
+    layers_per_chunk: int = 1  # > 1: each chunk is that many whole layers packed (version 2)
+
+    @property
+    def version(self) -> int:
+        return PACKED_VERSION if self.layers_per_chunk > 1 else VERSION
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -88,12 +100,18 @@ class WireHeader:
     @cached_property
     def ranges(self) -> tuple[tuple[int, int, int], ...]:
         """``chunk_ranges``, computed once per header (decoders look every chunk up in it)."""
+        if self.layers_per_chunk > 1:  # a chunk = whole layers from its first one
+            return tuple((layer, 0, self.tokens) for layer in range(0, len(self.layers), self.layers_per_chunk))
         starts = range(0, self.tokens, self.chunk_tokens) if self.tokens else [0]
         return tuple((layer, s, min(self.chunk_tokens, self.tokens - s)) for layer in range(len(self.layers)) for s in starts)
 
     def raw_nbytes(self) -> int:
         size = DTYPES[self.dtype].itemsize
         return sum(self.batch * self.tokens * (hk * dk + hv * dv) * size for hk, dk, hv, dv in self.layers)
+
+    def span(self, layer: int) -> range:
+        """The layers of the chunk that starts at ``layer`` (only ``layer`` itself unless packed)."""
+        return range(layer, min(layer + self.layers_per_chunk, len(self.layers)))
 
     def chunk_shapes(self, layer: int, count: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         hk, dk, hv, dv = self.layers[layer]
@@ -127,7 +145,7 @@ def chunk_workers(header: WireHeader, workers: int) -> int:
 
 
 
-def make_header(cache: KVCache, codec: Codec, chunk_tokens: int | None) -> WireHeader:
+def make_header(cache: KVCache, codec: Codec, chunk_tokens: int | None, layers_per_chunk: int = 1) -> WireHeader:
     """The header for ``cache`` (already through ``codec.prepare``)."""
     mask = cache.mask.cpu().numpy()  # (B, T) bool; numpy: a few µs where torch's small ops cost tens
     lengths = mask.sum(axis=1)
@@ -135,15 +153,25 @@ def make_header(cache: KVCache, codec: Codec, chunk_tokens: int | None) -> WireH
         raise CodecError("the wire format carries right-padded caches: every row's valid slots must come first")
     layers = [[k.shape[1], k.shape[3], v.shape[1], v.shape[3]] for k, v in zip(cache.keys, cache.values)]
     return stream_header(codec, cache.dtype, layers, lengths.tolist(), cache.positions.tolist(),
-                         cache.rope_applied, cache.fingerprint, chunk_tokens)
+                         cache.rope_applied, cache.fingerprint, chunk_tokens, layers_per_chunk)
 
 
 def stream_header(
     codec: Codec, dtype: torch.dtype, layers: list, lengths: list, positions: list,
-    rope_applied: bool, fingerprint: str, chunk_tokens: int | None,
+    rope_applied: bool, fingerprint: str, chunk_tokens: int | None, layers_per_chunk: int = 1,
 ) -> WireHeader:
-    """A header from its parts, for producers that emit layers one by one (the adapter service)."""
+    """A header from its parts, for producers that emit layers one by one (the adapter service).
+    ``layers_per_chunk`` > 1 packs whole layers (a ``packs_layers`` codec; chunk_tokens is then ignored)."""
     tokens = len(positions[0]) if positions else 0
+    layers_per_chunk = min(layers_per_chunk, len(layers))
+    if layers_per_chunk > 1:
+        if not codec.packs_layers:
+            raise CodecError(f"codec {codec.name!r} does not pack layers into one chunk")
+        return WireHeader(
+            codec=codec.name, params=codec.params, dtype=dtype_name(dtype), batch=len(lengths), tokens=tokens,
+            layers=[list(map(int, layer)) for layer in layers], lengths=list(lengths), positions=positions,
+            rope_applied=rope_applied, fingerprint=fingerprint, chunk_tokens=max(tokens, 1),
+            num_chunks=math.ceil(len(layers) / layers_per_chunk), layers_per_chunk=layers_per_chunk)
     chunk_tokens = min(chunk_tokens or DEFAULT_CHUNK_TOKENS, max(tokens, 1))
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
@@ -157,8 +185,10 @@ def stream_header(
 
 def header_frame(header: WireHeader) -> bytes:
     # Shallow: dataclasses.asdict would deep-copy the positions (a millisecond per stream before any chunk).
-    body = json.dumps({f.name: getattr(header, f.name) for f in fields(header)}, separators=(",", ":")).encode()
-    return HEADER_PREFIX.pack(HEADER_MAGIC, VERSION, 0, len(body)) + body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body))
+    # Version 1 headers stay byte for byte what they were: no layers_per_chunk field.
+    body = json.dumps({f.name: getattr(header, f.name) for f in fields(header)
+                       if f.name != "layers_per_chunk" or header.layers_per_chunk > 1}, separators=(",", ":")).encode()
+    return HEADER_PREFIX.pack(HEADER_MAGIC, header.version, 0, len(body)) + body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body))
 
 
 def chunk_parts(seq: int, layer: int, token_start: int, token_count: int, payload: list) -> list:
@@ -181,6 +211,14 @@ def encode_chunk(codec: Codec, seq: int, layer: int, start: int, count: int, key
     return chunk_parts(seq, layer, start, count, payload)
 
 
+def encode_packed_chunk(codec: Codec, seq: int, header: WireHeader, keys: list, values: list) -> list:
+    """Packed chunk ``seq`` (version 2) as buffers: the whole layers it spans, from ``keys``/``values``
+    indexed by layer."""
+    layer = header.ranges[seq][0]
+    tensors = [t for l in header.span(layer) for t in (keys[l], values[l])]
+    return chunk_parts(seq, layer, 0, header.tokens, codec.encode_packed_parts(tensors))
+
+
 def encode_chunk_frame(codec: Codec, seq: int, layer: int, start: int, count: int, keys: torch.Tensor, values: torch.Tensor) -> bytes:
     """Chunk ``seq`` as one byte string, joined where it was encoded (a pool joins in parallel; the
     codec's buffers may be scratch)."""
@@ -193,12 +231,13 @@ def layer_frames(header: WireHeader, codec: Codec, layer: int, keys: torch.Tenso
             for seq, (chunk_layer, start, count) in enumerate(header.ranges) if chunk_layer == layer]
 
 
-def start_stream(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, bases=None) -> tuple[KVCache, Codec, WireHeader]:
+def start_stream(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, bases=None,
+                 layers_per_chunk: int = 1) -> tuple[KVCache, Codec, WireHeader]:
     """(the cache as coded, the codec bound to its space among ``bases``, the header): what the first
     frame needs, computed eagerly so a bad codec or a missing basis fails before any frame is sent."""
     cache = codec.prepare(cache)
     codec = codec.bind(cache.fingerprint, cache.rope_applied, bases)
-    return cache, codec, make_header(cache, codec, chunk_tokens)
+    return cache, codec, make_header(cache, codec, chunk_tokens, layers_per_chunk)
 
 
 def iter_chunk_parts(cache: KVCache, codec: Codec, header: WireHeader, workers: int = 1) -> Iterator[list]:
@@ -215,6 +254,9 @@ def iter_chunk_frames(cache: KVCache, codec: Codec, header: WireHeader, workers:
 def _map_chunks(encode, cache: KVCache, codec: Codec, header: WireHeader, workers: int) -> Iterator:
     def encode_one(item: tuple[int, tuple[int, int, int]]):
         seq, (layer, start, count) = item
+        if header.layers_per_chunk > 1:
+            parts = encode_packed_chunk(codec, seq, header, cache.keys, cache.values)
+            return parts if encode is encode_chunk else b"".join(parts)
         return encode(codec, seq, layer, start, count, cache.keys[layer], cache.values[layer])
 
     items = enumerate(header.ranges)
@@ -224,24 +266,28 @@ def _map_chunks(encode, cache: KVCache, codec: Codec, header: WireHeader, worker
         yield from worker_pool(workers).map(encode_one, items)  # zstd, xxhash and numpy release the GIL
 
 
-def iter_encode_parts(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, workers: int = 1, bases=None) -> Iterator[list]:
+def iter_encode_parts(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, workers: int = 1, bases=None,
+                      layers_per_chunk: int = 1) -> Iterator[list]:
     """Yield the header frame, then chunk frames in sequence order, each frame as a list of buffers
-    (``workers`` encode chunks in parallel)."""
-    cache, codec, header = start_stream(cache, codec, chunk_tokens, bases)
+    (``workers`` encode chunks in parallel; ``layers_per_chunk`` > 1 packs whole layers, version 2)."""
+    cache, codec, header = start_stream(cache, codec, chunk_tokens, bases, layers_per_chunk)
     yield [header_frame(header)]
     yield from iter_chunk_parts(cache, codec, header, workers)
 
 
-def iter_encode(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, workers: int = 1, bases=None) -> Iterator[bytes]:
+def iter_encode(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, workers: int = 1, bases=None,
+                layers_per_chunk: int = 1) -> Iterator[bytes]:
     """Yield the header frame, then chunk frames in sequence order, each as one byte string."""
-    cache, codec, header = start_stream(cache, codec, chunk_tokens, bases)
+    cache, codec, header = start_stream(cache, codec, chunk_tokens, bases, layers_per_chunk)
     yield header_frame(header)
     yield from iter_chunk_frames(cache, codec, header, workers)
 
 
-def encode_cache(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, workers: int = 1, bases=None) -> bytes:
+def encode_cache(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, workers: int = 1, bases=None,
+                 layers_per_chunk: int = 1) -> bytes:
     """The whole stream as one byte string (frames concatenated; big buffers are copied once)."""
-    return b"".join(part for parts in iter_encode_parts(cache, codec, chunk_tokens, workers, bases) for part in parts)
+    return b"".join(part for parts in iter_encode_parts(cache, codec, chunk_tokens, workers, bases, layers_per_chunk)
+                    for part in parts)
 
 
 def is_chunk(frame: bytes | memoryview) -> bool:
@@ -271,7 +317,8 @@ def parse_header(frame: bytes, limits: DecodeLimits) -> WireHeader:
     _require(len(frame) >= HEADER_PREFIX.size, f"header frame of {len(frame)} bytes is truncated", TruncatedError)
     magic, version, _, size = HEADER_PREFIX.unpack_from(frame)
     _require(magic == HEADER_MAGIC, f"bad magic {magic!r}, expected {HEADER_MAGIC!r}", BadMagicError)
-    _require(version == VERSION, f"wire format version {version} is not supported (this build reads {VERSION})", UnsupportedVersionError)
+    _require(version in (VERSION, PACKED_VERSION),
+             f"wire format version {version} is not supported (this build reads {VERSION} and {PACKED_VERSION})", UnsupportedVersionError)
     _require(size <= limits.max_header_bytes, f"header of {size} bytes exceeds the limit of {limits.max_header_bytes}", LimitExceededError)
     _require(len(frame) == HEADER_PREFIX.size + size + 8, f"header frame is {len(frame)} bytes, expected {HEADER_PREFIX.size + size + 8}", TruncatedError)
     body = frame[HEADER_PREFIX.size : HEADER_PREFIX.size + size]
@@ -283,6 +330,8 @@ def parse_header(frame: bytes, limits: DecodeLimits) -> WireHeader:
     except (ValueError, TypeError, RecursionError) as exc:
         raise CodecError(f"malformed header: {exc}") from exc
     validate_header(header, limits)
+    _require(header.version == version, f"a version {version} header with layers_per_chunk {header.layers_per_chunk} "
+             f"(packed layers are version {PACKED_VERSION}, one layer per chunk version {VERSION})", UnsupportedVersionError)
     return header
 
 
@@ -307,7 +356,14 @@ def validate_header(h: WireHeader, limits: DecodeLimits) -> None:
              f"header positions must be {h.batch} rows of {h.tokens} non-negative integers")
     _require(isinstance(h.rope_applied, bool) and isinstance(h.fingerprint, str), "header rope_applied must be a bool and fingerprint a string")
     _require(_is_int(h.chunk_tokens, 1), f"header chunk_tokens {h.chunk_tokens!r} must be an integer >= 1")
-    expected = len(h.layers) * max(1, math.ceil(h.tokens / h.chunk_tokens))
+    _require(_is_int(h.layers_per_chunk, 1, len(h.layers)),
+             f"header layers_per_chunk {h.layers_per_chunk!r} must be an integer in [1, {len(h.layers)}]")
+    if h.layers_per_chunk > 1:
+        _require(h.chunk_tokens >= h.tokens, f"a packed header's chunk_tokens {h.chunk_tokens} must cover its {h.tokens} tokens",
+                 ShapeMismatchError)
+        expected = math.ceil(len(h.layers) / h.layers_per_chunk)
+    else:
+        expected = len(h.layers) * max(1, math.ceil(h.tokens / h.chunk_tokens))
     _require(expected <= limits.max_chunks, f"{expected} chunks exceed the limit of {limits.max_chunks}", LimitExceededError)
     _require(h.num_chunks == expected, f"header num_chunks {h.num_chunks!r} disagrees with its shapes ({expected})", ShapeMismatchError)
 
@@ -339,6 +395,8 @@ class StreamDecoder:
         self.received: set[int] = set()
         self.pending_per_layer: list[int] = []
         self.wire_bytes = 0
+        self._flat: torch.Tensor | None = None  # packed streams: every layer's K, V as one run of elements
+        self._offsets: list[int] = []  # element offset of each layer's K in ``_flat`` (and the total, last)
 
     def feed(self, frame: bytes) -> ChunkEvent | None:
         self.wire_bytes += len(frame)
@@ -347,11 +405,18 @@ class StreamDecoder:
             self.codec = get_codec(self.header.codec, **self.header.params).bind(self.header.fingerprint, self.header.rope_applied, self.bases)
             self.keys = [None] * len(self.header.layers)
             self.values = [None] * len(self.header.layers)
-            if self.codec.writes_in_place:
-                self.keys, self.values = cache_storage(self.header)
+            packed = self.header.layers_per_chunk > 1
+            _require(not packed or self.codec.packs_layers,
+                     f"codec {self.header.codec!r} cannot decode packed layers (layers_per_chunk {self.header.layers_per_chunk})")
+            if self.codec.writes_in_place or packed:
+                self.keys, self.values, self._flat = cache_storage(self.header)
+                self._offsets = [0]
+                for k, v in zip(self.keys, self.values):
+                    self._offsets.append(self._offsets[-1] + k.numel() + v.numel())
             self.pending_per_layer = [0] * len(self.header.layers)
             for layer, _, _ in self.header.ranges:
-                self.pending_per_layer[layer] += 1
+                for covered in self.header.span(layer):
+                    self.pending_per_layer[covered] += 1
             return None
         return self._chunk(memoryview(frame))
 
@@ -373,6 +438,8 @@ class StreamDecoder:
         _require(seq < h.num_chunks, f"chunk sequence number {seq} is beyond the header's {h.num_chunks} chunks", ShapeMismatchError)
         want = h.ranges[seq]
         _require((layer, start, count) == want, f"chunk {seq} covers (layer, start, count) = {(layer, start, count)}, header says {want}", ShapeMismatchError)
+        if h.layers_per_chunk > 1:
+            return self._decode_packed(seq, layer, count, frame[CHUNK_PREFIX_SIZE:])
         key_shape, value_shape = h.chunk_shapes(layer, count)
         try:
             if self.codec.writes_in_place:  # straight into the cache's storage (chunks cover disjoint slots)
@@ -393,20 +460,33 @@ class StreamDecoder:
                  ShapeMismatchError)
         return ChunkEvent(seq, layer, start, count, keys, values, False)
 
+    def _decode_packed(self, seq: int, layer: int, count: int, payload: memoryview) -> ChunkEvent:
+        """A packed chunk straight into its layers' run of the cache's storage; the event holds its first layer."""
+        _require(seq not in self.received, f"chunk {seq} arrived twice", DuplicateChunkError)
+        span = self.header.span(layer)
+        try:
+            self.codec.decode_packed_into(payload, self._flat[self._offsets[span.start] : self._offsets[span.stop]])
+        except CodecError:
+            raise
+        except Exception as exc:  # a codec bug must still surface as a codec error, never crash a service
+            raise CodecError(f"chunk {seq} could not be decoded: {type(exc).__name__}: {exc}") from exc
+        return ChunkEvent(seq, layer, 0, count, self.keys[layer], self.values[layer], False)
+
     def place(self, event: ChunkEvent) -> ChunkEvent:
         """Check the chunk's sequence number against what arrived, then write it into the cache."""
         h, seq, layer, start, count = self.header, event.seq, event.layer, event.token_start, event.token_count
         _require(seq not in self.received, f"chunk {seq} arrived twice", DuplicateChunkError)
         if self.strict_order:
             _require(seq == len(self.received), f"chunk {seq} arrived out of order (expected {len(self.received)})", OutOfOrderChunkError)
-        if self.codec.writes_in_place:
+        if self.codec.writes_in_place or h.layers_per_chunk > 1:
             pass  # decoded in place
         elif count == h.tokens:  # the chunk is the whole layer: keep the decoded tensors, no copy
             self.keys[layer], self.values[layer] = event.keys, event.values
         else:
             self._write(layer, start, count, event)
         self.received.add(seq)
-        self.pending_per_layer[layer] -= 1
+        for covered in h.span(layer):
+            self.pending_per_layer[covered] -= 1
         event.layer_complete = self.pending_per_layer[layer] == 0
         return event
 
@@ -438,8 +518,9 @@ class StreamDecoder:
 HUGE_PAGE_STORAGE_BYTES = 4 << 20  # numpy's threshold for madvise(MADV_HUGEPAGE)
 
 
-def cache_storage(header: WireHeader) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Every layer's K and V of a stream as views of one buffer, allocated once when the header arrives.
+def cache_storage(header: WireHeader) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Every layer's K and V of a stream as views of one buffer, allocated once when the header arrives
+    (K0, V0, K1, V1, ... back to back: a packed chunk's run of elements), and that buffer, flat.
 
     One numpy allocation (transparent huge pages above 4 MB) instead of two per chunk: a 26.5 MB cache in
     fresh per-chunk tensors faulted in ~6,500 pages, about as long as decoding it. Untouched pages cost
@@ -453,7 +534,7 @@ def cache_storage(header: WireHeader) -> tuple[list[torch.Tensor], list[torch.Te
     else:  # small caches: one torch allocation, cheaper than numpy's round trip
         storage = torch.empty(sum(sizes), dtype=dtype)
     tensors = [piece.view(shape) for piece, shape in zip(storage.split(sizes), shapes)]
-    return tensors[0::2], tensors[1::2]
+    return tensors[0::2], tensors[1::2], storage
 
 
 def _byte_view(tensor: torch.Tensor) -> np.ndarray:

@@ -151,7 +151,10 @@ def best_of(repeats: int, fn) -> tuple[float, object]:
 
 
 def encode_hop(cache: KVCache, codec, bases: KVBases, workers: int) -> list[bytes]:
-    encoder = HopEncoder(codec, bases, workers=workers)
+    """One hop's frames as the services encode them (their ``frame_bytes``: small caches packed in one chunk)."""
+    from services.config import ServeConfig
+
+    encoder = HopEncoder(codec, bases, workers=workers, frame_bytes=ServeConfig().frame_bytes)
     return list(encoder.frames(cache))
 
 

@@ -17,8 +17,10 @@ time is lower where the encode-ahead / decode-behind threads hide a stage behind
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
+import torch
 import xxhash
 
 from densecomm_core.cache import KVCache
@@ -52,10 +54,15 @@ def stage_table(cache: KVCache, codec_name: str, params: dict, frame_bytes: int,
 
     probe = HopEncoder(get_codec(codec_name, **params), frame_bytes=frame_bytes)
     header_frame = probe.start(cache)
-    coded, codec, header = start_stream(cache, get_codec(codec_name, **params), probe.header.chunk_tokens)
+    coded, codec, header = start_stream(cache, get_codec(codec_name, **params), probe.header.chunk_tokens, None,
+                                        probe.header.layers_per_chunk)
     ranges = list(enumerate(header.chunk_ranges()))
+    packed = header.layers_per_chunk > 1  # a small cache: whole layers per chunk (wire version 2)
 
     def encode_payloads() -> list:
+        if packed:
+            return [codec.encode_packed_parts([t for l in header.span(layer) for t in (coded.keys[l], coded.values[l])])
+                    for _, (layer, _, _) in ranges]
         return [codec.for_layer(layer).encode_parts(coded.keys[layer][:, :, start : start + count],
                                                     coded.values[layer][:, :, start : start + count])
                 for _, (layer, start, count) in ranges]
@@ -75,6 +82,10 @@ def stage_table(cache: KVCache, codec_name: str, params: dict, frame_bytes: int,
 
     def codec_decode() -> None:
         for frame, (_, (layer, _, count)) in zip(frames[1:], ranges):
+            if packed:
+                numel = sum(math.prod(shape) for l in header.span(layer) for shape in header.chunk_shapes(l, count))
+                codec.decode_packed_into(memoryview(frame)[CHUNK_PREFIX_SIZE:], torch.empty(numel, dtype=header.torch_dtype))
+                continue
             key_shape, value_shape = header.chunk_shapes(layer, count)
             codec.for_layer(layer).decode(memoryview(frame)[CHUNK_PREFIX_SIZE:], key_shape, value_shape, header.torch_dtype)
 

@@ -222,6 +222,7 @@ def test_fuzz_mutations_only_raise_codec_errors(zoo_pair):
                [("raw", {}), ("lossless", {}), ("quantized", {"key_bits": 4, "value_bits": 2}), ("ecsq", {}),
                 ("eviction", {"keep": 0.5, "inner": "quantized"})]]
     streams.append(encode_cache(strip_rope(cache, sender).to(dtype=torch.float16), get_codec("pca"), chunk_tokens=8))
+    streams += [encode_cache(cache, get_codec(name), layers_per_chunk=2) for name in ("raw", "lossless")]  # packed (v2)
     rng = random.Random(0)
     limits = DecodeLimits(max_raw_bytes=64 << 20)
     outcomes = {"ok": 0, "error": 0}
@@ -284,3 +285,101 @@ def test_small_streams_are_coded_inline_and_big_ones_on_the_pool():
     tokens = PARALLEL_MIN_CHUNK_BYTES // (2 * 2 * 8 * 2) + 1  # each layer's K + V just over the threshold
     big = make_header(make_cache(layers=2, tokens=tokens), get_codec("raw"), None)
     assert chunk_workers(big, 2) == 2 and chunk_workers(big, 1) == 1
+
+
+# ---- version 2: whole layers packed into one chunk -------------------------------------------------------
+
+
+@pytest.mark.parametrize("codec", ["raw", "lossless"])
+@pytest.mark.parametrize("layers, per_chunk, lengths", [(4, 4, None), (5, 2, None), (3, 2, [11, 6]), (1, 1, None)])
+def test_packed_layers_round_trip_bit_exact(codec, layers, per_chunk, lengths):
+    cache = make_cache(layers=layers, batch=len(lengths or [0]), dims=(8, 4), lengths=lengths)
+    frames = list(iter_encode(cache, get_codec(codec), layers_per_chunk=per_chunk))
+    header = parse_header(frames[0], DecodeLimits())
+    assert header.layers_per_chunk == per_chunk and header.version == (2 if per_chunk > 1 else 1)
+    assert len(frames) - 1 == -(-layers // per_chunk)  # one chunk per group of whole layers
+    decoder = StreamDecoder()
+    decoder.feed(frames[0])
+    complete = []
+    for frame in frames[1:]:
+        event = decoder.feed(frame)
+        assert event.layer_complete
+        complete.append([layer for layer, pending in enumerate(decoder.pending_per_layer) if pending == 0])
+    assert complete[0] == list(range(min(per_chunk, layers)))  # a group's layers are usable together, in order
+    assert_bit_exact(decoder.finish(), cache)
+
+
+def test_one_layer_per_chunk_headers_stay_version_1_byte_for_byte():
+    frame = next(iter_encode(make_cache(), get_codec("raw")))
+    assert HEADER_PREFIX.unpack_from(frame)[1] == 1 and b"layers_per_chunk" not in frame
+
+
+def test_the_hop_encoder_packs_small_caches_and_emits_groups_as_their_layers_arrive():
+    from densecomm_core.hop import HopEncoder
+
+    cache = make_cache(layers=5, tokens=11)  # 704 raw bytes per layer
+    frames = list(HopEncoder(get_codec("lossless"), frame_bytes=1500).frames(cache))
+    assert parse_header(frames[0], DecodeLimits()).layers_per_chunk == 2 and len(frames) == 1 + 3
+    split = list(HopEncoder(get_codec("lossless"), frame_bytes=600).frames(cache))  # a layer alone exceeds it
+    assert parse_header(split[0], DecodeLimits()).layers_per_chunk == 1 and len(split) == 1 + 5 * 2  # token ranges
+    assert parse_header(next(HopEncoder(get_codec("quantized"), frame_bytes=1 << 20).frames(cache)), DecodeLimits()).layers_per_chunk == 1
+    # a producer that emits layer by layer (the adapter) gets the same frames, a group once its last layer is in
+    layered = HopEncoder(get_codec("lossless"), frame_bytes=1500)
+    out = [layered.begin(cache.dtype, [[2, 8, 2, 8]] * 5, cache.lengths.tolist(), cache.positions.tolist(), True, "test-fp")]
+    emitted = []
+    for layer in range(5):
+        emitted.append(layered.layer(layer, cache.keys[layer], cache.values[layer]))
+    assert [len(e) for e in emitted] == [0, 1, 0, 1, 1]
+    out += [f for e in emitted for f in e]
+    assert out == frames and layered.report.raw_bytes == cache.nbytes and layered.report.chunks == 3
+    with pytest.raises(CodecError, match="out of order"):
+        skipped = HopEncoder(get_codec("lossless"), frame_bytes=1500)
+        skipped.begin(cache.dtype, [[2, 8, 2, 8]] * 5, cache.lengths.tolist(), cache.positions.tolist(), True, "test-fp")
+        skipped.layer(1, cache.keys[1], cache.values[1])
+
+
+@pytest.mark.parametrize(
+    "mutate, version, error, message",
+    [
+        (lambda d: None, 1, UnsupportedVersionError, "version 1 header with layers_per_chunk 2"),
+        (lambda d: d.update(layers_per_chunk=1, num_chunks=4), 2, UnsupportedVersionError, "version 2 header with layers_per_chunk 1"),
+        (lambda d: d.update(layers_per_chunk=5), 2, CodecError, "layers_per_chunk 5 must be an integer in \\[1, 4\\]"),
+        (lambda d: d.update(num_chunks=4), 2, ShapeMismatchError, "num_chunks"),
+        (lambda d: d.update(chunk_tokens=4), 2, ShapeMismatchError, "must cover its 11 tokens"),
+        (lambda d: d.update(codec="quantized", params={}), 2, CodecError, "cannot decode packed layers"),
+    ],
+)
+def test_bad_packed_headers_are_rejected(mutate, version, error, message):
+    frame = next(iter_encode(make_cache(layers=4), get_codec("lossless"), layers_per_chunk=2))
+    data = json.loads(frame[HEADER_PREFIX.size : HEADER_PREFIX.size + HEADER_PREFIX.unpack_from(frame)[3]])
+    mutate(data)
+    body = json.dumps(data).encode()
+    import xxhash
+
+    bad = HEADER_PREFIX.pack(b"DCKV", version, 0, len(body)) + body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body))
+    with pytest.raises(error, match=message):
+        StreamDecoder().feed(bad)
+
+
+def test_packed_chunk_errors_are_data_loss():
+    frames = list(iter_encode(make_cache(layers=4), get_codec("lossless"), layers_per_chunk=2))
+
+    def decoder():
+        d = StreamDecoder()
+        d.feed(frames[0])
+        return d
+
+    with pytest.raises(ChecksumError, match="chunk 1 checksum"):
+        decoder().feed(frames[2][:-1] + bytes([frames[2][-1] ^ 1]))
+    with pytest.raises(OutOfOrderChunkError):
+        decoder().feed(frames[2])
+    d = decoder()
+    d.feed(frames[1])
+    with pytest.raises(DuplicateChunkError):
+        d.feed(frames[1])
+    d = decoder()
+    d.feed(frames[1])
+    with pytest.raises(MissingChunkError, match="1 of 2 chunks missing"):
+        d.finish()
+    with pytest.raises(CodecError, match="does not pack"):
+        list(iter_encode(make_cache(), get_codec("quantized"), layers_per_chunk=2))

@@ -36,6 +36,19 @@ def test_answers_equal_the_in_process_relay(stack, zoo_pair, zoo_adapter, mode):
         assert events[-1].stats.text == want
 
 
+def test_default_framing_packs_a_zoo_cache_in_one_chunk_per_hop_and_answers_the_same(random_route, zoo_pair, zoo_adapter):
+    """With the default frame sizing a zoo cache (a few KB) crosses each hop as one packed chunk (wire version 2),
+    the adapter's output included, and the answers are still the in-process relay's."""
+    relay = DenseRelay(*zoo_pair, zoo_adapter)
+    contexts = [e.context for e in EXAMPLES[:2]]
+    expected = relay.run(contexts, ContextMode.UNAWARE, GenerationConfig(max_new_tokens=24)).texts
+    with LocalStack(stack_config(random_route)) as default:
+        for codec in ("lossless", "raw"):
+            for context, want in zip(contexts, expected):
+                stats = run(collect(default.relay_address, build_request(context, codec=codec, max_new_tokens=24)))[-1].stats
+                assert [h.chunks for h in stats.hops] == [1, 1] and stats.text == want
+
+
 def test_tokens_stream_in_order_then_one_stats_event(stack):
     events = run(collect(stack.relay_address, build_request(EXAMPLES[0].context, max_new_tokens=24)))
     tokens, final = events[:-1], events[-1]
@@ -230,6 +243,13 @@ def test_corrupted_or_missing_chunks_are_data_loss(stack, zoo_pair, zoo_adapter,
         joined = [frames[0], b"".join(frames[1:4]), *frames[4:]]  # several frames in one message
         assert direct_status(receiver, "Generate", joined, request, raw)[0] == grpc.StatusCode.OK
     assert direct_status(receiver, "Generate", frames, request, raw)[0] == grpc.StatusCode.OK  # and it still serves
+    packed = list(iter_encode(relay.transfer([EXAMPLES[0].context]), get_codec("lossless"), layers_per_chunk=2))  # version 2
+    flipped = bytearray(packed[2])
+    flipped[-1] ^= 0x40
+    assert direct_status(receiver, "Generate", packed[:2] + [bytes(flipped)], request, raw)[0] == grpc.StatusCode.DATA_LOSS
+    code, details = direct_status(receiver, "Generate", packed[:2], request, raw)
+    assert code == grpc.StatusCode.DATA_LOSS and "missing" in details
+    assert direct_status(receiver, "Generate", packed, request, raw)[0] == grpc.StatusCode.OK
 
 
 def test_payload_over_the_limit_is_resource_exhausted(random_route):
