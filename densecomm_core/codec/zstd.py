@@ -97,19 +97,21 @@ def scratch(size: int, slot=0):
 
 
 PROBE_BYTES = 8 << 10
+MIN_PROBE_BYTES = 1 << 10
 
 
 def section_parts(data, level: int | None, float_planes: bool = False, probe: bool = True) -> list:
     """One framed section as [prefix, body] buffers: compressed when it pays (>= 2 % smaller), else stored.
 
-    Large sections are probed first (unless ``probe`` is false: the caller expects them to shrink):
-    when their first 8 KiB do not shrink by 5 %, the whole section is stored without a full compression
+    Sections are probed first (unless ``probe`` is false: the caller expects them to shrink): when their
+    first eighth (1-8 KiB) does not shrink by 5 %, the whole section is stored without a full compression
     attempt (mantissa bytes look random and never shrink). A stored body is the caller's buffer itself,
     not a copy.
     """
     view = memoryview(data).cast("B")
     if level is not None:
-        if not probe or len(view) <= 8 * PROBE_BYTES or len(compress(view[:PROBE_BYTES], level, float_planes)) < 0.95 * PROBE_BYTES:
+        size = min(PROBE_BYTES, len(view) // 8)
+        if not probe or size < MIN_PROBE_BYTES or len(compress(view[:size], level, float_planes)) < 0.95 * size:
             packed = compress(view, level, float_planes)
             if len(packed) < 0.98 * len(view):
                 return [SECTION.pack(ZSTD, len(packed)), packed]
