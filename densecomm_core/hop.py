@@ -308,19 +308,20 @@ class HopDecoder:
 
 
 def round_trip(cache: KVCache, codec: Codec, dtype: torch.dtype = torch.bfloat16, on_payload=None, model=None,
-               bases=None) -> KVCache:
+               bases=None, frame_bytes: int | None = None) -> KVCache:
     """``cache`` as a consumer gets it through ``codec``: one wire payload per request (no batch padding),
     shipped in ``dtype``, decoded and re-batched in the cache's own dtype on its device. ``on_payload(raw,
     wire)`` sees each request's byte counts. A codec that codes RoPE-stripped keys needs the cache's
     ``model`` (a RopeModel): its rotation is stripped before encoding and re-applied after, as the
-    services do. ``bases``: the pca codec's ``KVBases`` (None: the process-wide default)."""
+    services do. ``bases``: the pca codec's ``KVBases`` (None: the process-wide default); ``frame_bytes``:
+    frames sized as a service's (``HopEncoder``: small caches packed in one chunk)."""
     if codec.strips_rope and cache.rope_applied and model is None:
         raise CodecError(f"{codec.name} codes RoPE-stripped keys: round_trip needs the cache's model to strip and restore RoPE")
     device = cache.keys[0].device
     consumer = model if codec.strips_rope and cache.rope_applied else None
     rows = []
     for b in range(cache.batch_size):
-        encoder = HopEncoder(codec, bases, model, dtype=dtype)
+        encoder = HopEncoder(codec, bases, model, dtype=dtype, frame_bytes=frame_bytes)
         decoder = HopDecoder(consumer, bases, dtype=cache.dtype, device=device)
         for frame in encoder.frames(cache.rows([b]).trimmed()):
             decoder.feed(frame)

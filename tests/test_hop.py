@@ -117,3 +117,17 @@ def test_frame_bytes_splits_layers_and_packs_small_frames_into_messages(tiny_pai
         assert torch.equal(a, b)
     assert [len(m) for m in pack_frames([b"D" * 10, b"D" * 10, b"D" * 30, b"D" * 5], 25)] == [20, 30, 5]
     assert pack_frames([b"D" * 10, b"D" * 10], None) == [b"D" * 10, b"D" * 10]
+
+
+def test_round_trip_with_service_frame_sizes_packs_and_is_bit_exact(tiny_pair):
+    """With a service's frame_bytes a small cache crosses as one packed chunk; the cache is the same."""
+    sender, _ = tiny_pair
+    cache = sender_prefill(sender, TEXTS)
+    payloads = []
+    for frame_bytes in (None, 1 << 20):
+        out = round_trip(cache, get_codec("lossless"), dtype=cache.dtype, frame_bytes=frame_bytes,
+                         on_payload=lambda raw, wire: payloads.append(wire))
+        for a, b in zip(out.keys + out.values, cache.keys + cache.values):  # every real token (padding is zeroed)
+            assert torch.equal(a.transpose(1, 2)[cache.mask], b.transpose(1, 2)[cache.mask])
+    per_layer, packed = payloads[: len(TEXTS)], payloads[len(TEXTS):]
+    assert all(p < q for p, q in zip(packed, per_layer))  # one chunk prefix instead of one per layer

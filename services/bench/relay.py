@@ -349,7 +349,9 @@ def _in_process(requests: int, codec_name: str) -> dict:
     sender, receiver = load_zoo_pair()
     adapter = DenseAdapter.load(zoo_adapter_dir(), sender.geometry, receiver.geometry).eval()
     codec = get_codec(codec_name)
-    relay = DenseRelay(sender, receiver, adapter, channel=lambda cache, hop: round_trip(cache, codec, dtype=cache.dtype))
+    frame_bytes = ServeConfig().frame_bytes  # frames as the services size them (a zoo cache: one packed chunk)
+    relay = DenseRelay(sender, receiver, adapter,
+                       channel=lambda cache, hop: round_trip(cache, codec, dtype=cache.dtype, frame_bytes=frame_bytes))
     config = GenerationConfig(max_new_tokens=MAX_NEW_TOKENS)
     contexts = zoo_contexts()
     for context in contexts[:4]:  # warm-up, as the service run has
