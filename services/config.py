@@ -83,6 +83,10 @@ class ServeConfig:
     # consecutive smaller frames share a message. The default is the best message size of the bare gRPC
     # byte stream that `densecomm bench relay` measures (its "bare gRPC byte stream by message size" table).
     frame_bytes: int = 1 << 20
+    # Threads that encode a big cache's chunks in parallel in the sender (zstd, xxh3 and numpy release the
+    # GIL; at most 2 x this many frames ahead). 1 keeps a 2-core laptop's four services from contending; a
+    # GPU node whose sender prefills in milliseconds wants several (lossless: ~0.5 GB/s per thread here).
+    codec_workers: int = 1
     max_message_bytes: int = 64 << 20  # gRPC send/receive limit per message (one frame)
     max_cache_bytes: int = 4 << 30  # KV bytes per request: the sender's estimate before prefill, every decoder
     hop_deadline_s: float = 120.0  # deadline of every internal call (never later than the client's own)
@@ -185,7 +189,7 @@ def load_config(path: str | Path | None = None, **overrides) -> ServeConfig:
         raise ConfigError(f"on_cache_failure {config.on_cache_failure!r} must be 'error' or 'text'")
     if config.frame_bytes > config.max_message_bytes:
         raise ConfigError(f"frame_bytes {config.frame_bytes} must not exceed max_message_bytes {config.max_message_bytes}")
-    for name in ("max_input_bytes", "max_input_tokens", "max_in_flight", "max_cache_bytes", "frame_bytes"):
+    for name in ("max_input_bytes", "max_input_tokens", "max_in_flight", "max_cache_bytes", "frame_bytes", "codec_workers"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
     return config

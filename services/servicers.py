@@ -620,7 +620,7 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
         name, route = pick(self.routes, request, self.config)
         sender = route.model
         encoder = HopEncoder(codec_for(request.codec, self.config), route.bases, sender, self.config.chunk_tokens or None,
-                             frame_bytes=self.config.frame_bytes)
+                             workers=self.config.codec_workers, frame_bytes=self.config.frame_bytes)
         link = transport.HopLink(self.pool)  # the sender -> adapter hop's carrier
         limits.check_input_bytes(request, limits.RouteLimits.for_route(self.config, name))  # before rendering a huge X
         text = render_input(request, sender.tokenizer, FORMAT)

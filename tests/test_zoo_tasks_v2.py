@@ -243,9 +243,11 @@ def test_projection_scales_measured_step_and_validation_rates():
     spec, _ = build.zoo_recipe("v2")[0]
     tally = build.StageTally(cpu_seconds=30.0, eval_seconds=10.0, eval_cpu_seconds=4.0, evaluations=2)
     result = build.ZooTrainResult(spec, steps=100, seconds=60.0, tally=tally)
-    config = replace(build.SENDER_TRAIN_V2, max_steps=1000, eval_every=400)
+    config = replace(build.SENDER_TRAIN_V2, max_steps=1000, eval_every=400, restart_steps=0)
     assert result.projected_seconds(config) == pytest.approx(0.5 * 1000 + 5.0 * 3)  # 3 validation runs: 400, 800, 1000
     assert result.projected_seconds(config, cpu=True) == pytest.approx(0.26 * 1000 + 2.0 * 3)
+    restarted = replace(config, restart_steps=500)  # the warm restart's steps and validation runs (400, 500) too
+    assert result.projected_seconds(restarted) == pytest.approx(0.5 * 1500 + 5.0 * 5)
 
 
 def test_cli_never_builds_a_smoke_zoo_over_the_committed_one():

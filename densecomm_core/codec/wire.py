@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
@@ -263,7 +264,24 @@ def _map_chunks(encode, cache: KVCache, codec: Codec, header: WireHeader, worker
     if chunk_workers(header, workers) == 1:
         yield from map(encode_one, items)
     else:
-        yield from worker_pool(workers).map(encode_one, items)  # zstd, xxhash and numpy release the GIL
+        yield from bounded_map(worker_pool(workers), encode_one, items, 2 * workers)  # zstd, xxhash, numpy release the GIL
+
+
+def bounded_map(pool: ThreadPoolExecutor, fn, items: Iterable, window: int) -> Iterator:
+    """``pool.map(fn, items)`` in order with at most ``window`` items in flight: a consumer that stops early
+    (a cancelled hop) or lags (a slow link) leaves at most that many encoded frames behind, where ``map``
+    submits every item at once."""
+    pending: deque = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
 
 
 def iter_encode_parts(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, workers: int = 1, bases=None,

@@ -103,23 +103,24 @@ ZOO_MODELS: tuple[tuple[ZooModelSpec, ZooTrainConfig], ...] = ((SENDER_SPEC, SEN
 # 96 wide) and the sender the deeper one (5 layers, 128 wide). The ``hops`` family answers without a
 # written trace, so following h hops takes about h + 1 layers inside one forward pass (bind each fact's
 # key to its value, then one lookup per hop): the design expected the 3-layer receiver to follow at most
-# 2 of the 1-3 hops and the 5-layer sender all 3. Measured on the committed build (test, with the input):
-# the receiver has the headroom (hops 69), but the sender ends weaker (hops 51, and near chance on the
-# OOD families): it learned its lookups late, between steps 5000 and 6000 of 7000. Every other family has
-# a step-by-step trace (one lookup or one mod-10 step per token), which 3 layers learn. Widths, head
-# layouts and RoPE bases still differ everywhere.
-# One stage each, no warm restart (the receiver never reaches the target on ``hops``, by design, and a
-# restart would only spend time); both run side by side on one core each. Time budget: the sender keeps
-# v1's width but a 256-wide MLP (737 k non-embedding parameters against v1's 786 k; the receiver has
-# 346 k), and batches are padded per length group (``batch_loss``). The committed build took 47 min 25 s
-# for both LMs side by side, and its adapter (`densecomm train --config zoo-v2`) 23 min 32 s.
+# 2 of the 1-3 hops and the 5-layer sender all 3. Measured after stage 1 (validation, with the input): the
+# receiver has the headroom (hops 62), but the sender learned its lookups late (between steps 5000 and 6000
+# of 7000) and ended at hops 52 and near chance on the OOD families (compare 41, owner 26), so it gets a
+# warm restart (stage 2, 2500 steps, the failed families weighted by their error): validation compare and
+# owner 100, hops 63, in 11 min 17 s. Every other family has a step-by-step trace (one lookup or one mod-10
+# step per token), which 3 layers learn. Widths, head layouts and RoPE bases still differ everywhere.
+# The receiver has one stage (it never reaches the target on ``hops``, by design, and a restart would only
+# spend time); both run side by side on one core each. Time budget: the sender keeps v1's width but a
+# 256-wide MLP (737 k non-embedding parameters against v1's 786 k; the receiver has 346 k), and batches are
+# padded per length group (``batch_loss``). Stage 1 of both LMs took 47 min 25 s side by side, the sender's
+# restart 11 min 17 s after it (the receiver had finished), the adapter (`densecomm train --config zoo-v2`) ADAPTER_MIN.
 SENDER_SPEC_V2 = ZooModelSpec("zoo2-qwen3-sender", "qwen3", 128, 5, 4, 2, 32, 256, 10_000.0)
 RECEIVER_SPEC_V2 = ZooModelSpec("zoo2-llama-receiver", "llama", 96, 3, 6, 3, 24, 256, 100_000.0)
 # hops (the hardest) gets the largest share of the sender's stream; the Llama receiver gets the lookup
 # families' weighting of v1 (it forms lookup circuits late), the OOD families a tenth each on both sides.
 # Both read T2T messages (p_message): the text baseline needs a receiver that can use one.
 SENDER_TRAIN_V2 = ZooTrainConfig(
-    max_steps=7000, restart_steps=0, suite="v2", p_message=0.15,
+    max_steps=7000, restart_steps=2500, suite="v2", p_message=0.15,
     family_weights={"recall": 0.15, "math": 0.15, "choice": 0.2, "hops": 0.3, "compare": 0.1, "owner": 0.1},
 )
 RECEIVER_TRAIN_V2 = ZooTrainConfig(
@@ -171,14 +172,16 @@ class ZooTrainResult:
     tally: StageTally = field(default_factory=StageTally)
 
     def projected_seconds(self, config: ZooTrainConfig, cpu: bool = False) -> float:
-        """Time of one full stage of ``config`` at this run's measured rates (per training step, per
-        validation run). ``cpu``: from CPU seconds, which a machine shared with other jobs inflates far
-        less than wall seconds (each LM trains on one thread, so on a quiet core CPU ~ wall)."""
+        """Time of ``config``'s stages (stage 1, and the warm restart, which runs when stage 1 misses the
+        target) at this run's measured rates (per training step, per validation run). ``cpu``: from CPU
+        seconds, which a machine shared with other jobs inflates far less than wall seconds (each LM trains
+        on one thread, so on a quiet core CPU ~ wall)."""
         t = self.tally
         total, evals = (t.cpu_seconds, t.eval_cpu_seconds) if cpu else (self.seconds, t.eval_seconds)
         per_step = (total - evals) / self.steps
         per_eval = evals / max(t.evaluations, 1)
-        return per_step * config.max_steps + per_eval * -(-config.max_steps // config.eval_every)
+        return sum(per_step * steps + per_eval * -(-steps // config.eval_every)
+                   for steps in (config.max_steps, config.restart_steps) if steps)
 
 
 def build_model(spec: ZooModelSpec, vocab_size: int, pad_id: int, bos_id: int, eos_id: int) -> PreTrainedModel:

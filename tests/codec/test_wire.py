@@ -383,3 +383,28 @@ def test_packed_chunk_errors_are_data_loss():
         d.finish()
     with pytest.raises(CodecError, match="does not pack"):
         list(iter_encode(make_cache(), get_codec("quantized"), layers_per_chunk=2))
+
+
+def test_parallel_encoding_keeps_order_bounds_what_runs_ahead_and_matches_one_thread():
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from densecomm_core.codec.wire import PARALLEL_MIN_CHUNK_BYTES, bounded_map
+
+    started, lock = [], threading.Lock()
+
+    def work(i):
+        with lock:
+            started.append(i)
+        return i * i
+
+    with ThreadPoolExecutor(2) as pool:
+        out = bounded_map(pool, work, range(100), window=4)
+        assert [next(out) for _ in range(3)] == [0, 1, 4]
+        assert len(started) <= 3 + 4  # taken + in flight, not all 100 as Executor.map would submit
+        out.close()
+    assert len(started) <= 3 + 4
+    tokens = PARALLEL_MIN_CHUNK_BYTES // (2 * 2 * 8 * 2) + 1  # chunks big enough for the pool
+    cache = make_cache(layers=3, tokens=tokens)
+    for codec in ("raw", "lossless"):
+        assert list(iter_encode(cache, get_codec(codec), workers=2)) == list(iter_encode(cache, get_codec(codec), workers=1))

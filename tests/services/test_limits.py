@@ -89,3 +89,5 @@ def test_config_checks_policy_and_limits():
         load_config(None, on_cache_failure="maybe")
     with pytest.raises(ConfigError, match="max_in_flight"):
         load_config(None, max_in_flight=0)
+    with pytest.raises(ConfigError, match="codec_workers must be >= 1, got 0"):
+        load_config(None, codec_workers=0)
