@@ -113,7 +113,7 @@ ZOO_MODELS: tuple[tuple[ZooModelSpec, ZooTrainConfig], ...] = ((SENDER_SPEC, SEN
 # spend time); both run side by side on one core each. Time budget: the sender keeps v1's width but a
 # 256-wide MLP (737 k non-embedding parameters against v1's 786 k; the receiver has 346 k), and batches are
 # padded per length group (``batch_loss``). Stage 1 of both LMs took 47 min 25 s side by side, the sender's
-# restart 11 min 17 s after it (the receiver had finished), the adapter (`densecomm train --config zoo-v2`) ADAPTER_MIN.
+# restart 11 min 17 s after it (the receiver had finished), the adapter (`densecomm train --config zoo-v2`) 23 min 7 s.
 SENDER_SPEC_V2 = ZooModelSpec("zoo2-qwen3-sender", "qwen3", 128, 5, 4, 2, 32, 256, 10_000.0)
 RECEIVER_SPEC_V2 = ZooModelSpec("zoo2-llama-receiver", "llama", 96, 3, 6, 3, 24, 256, 100_000.0)
 # hops (the hardest) gets the largest share of the sender's stream; the Llama receiver gets the lookup
