@@ -118,3 +118,28 @@ def test_codec_aware_phase2_feeds_the_adapter_a_decoded_cache(zoo_pair, tiny_pai
                           input_codec_params={"key_bits": 4, "value_bits": 3}, p_input_codec=1.0)
     history = train_phase2(fresh_adapter(tiny_pair), sender, receiver, records, config, progress=False)
     assert history[-1]["step"] == 4 and torch.isfinite(torch.tensor(history[-1]["train_loss"]))
+
+
+def test_mismatched_aware_examples_read_another_examples_cache(tiny_pair):
+    """p_mismatch swaps the sender's input of context-aware examples only, deterministically per step; 0 keeps
+    every example's own input (and the batch the paper's recipe draws)."""
+    from densecomm_core.training.phase2 import phase2_batch
+
+    records = [TraceRecord(e.context, e.answer, e.trace) for e in EXAMPLES]
+    plain = phase2_batch(records, Phase2Config(batch_size=16, p_aware=0.5), step=3)
+    assert plain[3] == [r.context for r in plain[0]]
+    mixed = phase2_batch(records, Phase2Config(batch_size=16, p_aware=0.5, p_mismatch=1.0), step=3)
+    assert mixed[:3] == plain[:3] and mixed == phase2_batch(records, Phase2Config(batch_size=16, p_aware=0.5, p_mismatch=1.0), step=3)
+    for record, mode, context in zip(mixed[0], mixed[1], mixed[3]):
+        own = record.context
+        assert (context != own and context in CONTEXTS) if mode is ContextMode.AWARE else context == own
+    assert ContextMode.AWARE in mixed[1] and ContextMode.UNAWARE in mixed[1]
+    left, right = (phase2_batch(records, Phase2Config(batch_size=16, p_aware=0.5, p_mismatch=1.0), 3, rank, 2) for rank in (0, 1))
+    assert (left[3], right[3]) == (mixed[3][0::2], mixed[3][1::2])  # each worker's shard keeps its examples' inputs
+    sender, receiver = tiny_pair
+    adapter = fresh_adapter(tiny_pair)
+    records, modes, _, contexts = mixed
+    assert ContextMode.AWARE in modes[:4]
+    swapped = generation_loss(adapter, sender, receiver, records[:4], modes[:4], PromptFormat(), sender_contexts=contexts[:4])
+    own = generation_loss(adapter, sender, receiver, records[:4], modes[:4], PromptFormat())
+    assert torch.isfinite(swapped) and swapped.item() != own.item()

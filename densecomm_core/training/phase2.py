@@ -2,6 +2,9 @@
 
 Each example's receiver prompt is context-aware with probability ``p_aware`` and context-unaware
 otherwise; the target is the receiver's own guided trace in both cases. Only the adapter learns.
+With ``p_mismatch`` (ours, not the paper's) a context-aware example's cache is the sender's cache of
+another example of the batch: the receiver must still answer its own input, so the adapter learns a
+cache that informs without overriding what the prompt says.
 
     phase2_batch(records, config, step, rank, world)   this worker's (records, modes, through codec?) of a step
     generation_loss(...)                               eq. 7 on one batch
@@ -58,6 +61,8 @@ class Phase2Config:
     input_codec: str | None = None
     input_codec_params: dict | None = None
     p_input_codec: float = 0.5
+    # Context-aware examples whose cache comes from another example's input (0: the paper's recipe)
+    p_mismatch: float = 0.0
     gate_lr_multiplier: float = 1.0  # the gates' rate relative to the MLPs' (see training.loop.build_optimizer)
 
 
@@ -90,13 +95,16 @@ def generation_loss(
     modes: Sequence[ContextMode],
     prompt_format: PromptFormat,
     input_codec: Codec | None = None,
+    sender_contexts: Sequence[str] | None = None,
 ) -> torch.Tensor:
     """Eq. 7: −Σ log p_R(y_t | y_<t, T_θ(C_S(X)), X_R), averaged over target tokens.
 
     With ``input_codec`` the sender's cache first goes through it as the relay ships it (``hop.reconstruct``:
-    on tensors for token-wise codecs; no gradient needed, only the adapter learns and it sits after the codec)."""
+    on tensors for token-wise codecs; no gradient needed, only the adapter learns and it sits after the codec).
+    ``sender_contexts``: what the sender reads per example (default: each record's own context)."""
+    contexts = list(sender_contexts) if sender_contexts is not None else [r.context for r in records]
     with torch.no_grad():
-        source = sender_prefill(sender, [prompt_format.sender.format(context=r.context) for r in records])
+        source = sender_prefill(sender, [prompt_format.sender.format(context=c) for c in contexts])
         if input_codec is not None:
             source = reconstruct(source, input_codec, model=sender)
     cache = transform_cache(adapter, source, sender, receiver)
@@ -109,27 +117,34 @@ def generation_loss(
 
 def phase2_batch(
     records: Sequence[TraceRecord], config: Phase2Config, step: int, rank: int = 0, world: int = 1
-) -> tuple[list[TraceRecord], list[ContextMode], bool]:
+) -> tuple[list[TraceRecord], list[ContextMode], bool, list[str]]:
     """Step ``step``'s global batch (a function of seed and step alone), this worker's shard of it, the
-    regime of each example and whether the batch reads the sender cache through the input codec."""
+    regime of each example, whether the batch reads the sender cache through the input codec, and the
+    context the sender reads per example (its own, or with ``p_mismatch`` another example's)."""
     rng = batch_rng(config.seed, step, "phase2")
     batch = rng.sample(list(records), min(config.batch_size, len(records)))
     modes = [ContextMode.AWARE if rng.random() < config.p_aware else ContextMode.UNAWARE for _ in batch]
     through_codec = config.input_codec is not None and rng.random() < config.p_input_codec
-    return shard(batch, rank, world), shard(modes, rank, world), through_codec
+    contexts = [r.context for r in batch]
+    if config.p_mismatch > 0 and len(batch) > 1:  # drawn after the rest: p_mismatch 0 keeps earlier batches exactly
+        for i, mode in enumerate(modes):
+            if mode is ContextMode.AWARE and rng.random() < config.p_mismatch:
+                contexts[i] = batch[(i + rng.randrange(1, len(batch))) % len(batch)].context  # any other example
+    return shard(batch, rank, world), shard(modes, rank, world), through_codec, shard(contexts, rank, world)
 
 
 def phase2_step(
     adapter: torch.nn.Module,
     sender: LoadedModel,
     receiver: LoadedModel,
-    batch: tuple[list[TraceRecord], list[ContextMode], bool],
+    batch: tuple[list[TraceRecord], list[ContextMode], bool, list[str]],
     prompt_format: PromptFormat,
     input_codec: Codec | None,
 ) -> StepResult:
     """One worker's loss on its shard; ``adapter`` may be DDP-wrapped."""
-    records, modes, through_codec = batch
-    loss = generation_loss(adapter, sender, receiver, records, modes, prompt_format, input_codec if through_codec else None)
+    records, modes, through_codec, contexts = batch
+    loss = generation_loss(adapter, sender, receiver, records, modes, prompt_format, input_codec if through_codec else None,
+                           contexts)
     return StepResult(loss, sum(len(r.trace.split()) for r in records))
 
 

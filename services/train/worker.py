@@ -76,7 +76,8 @@ def phase_config(config: TrainConfig, phase: str):
     if phase == "phase1":
         return Phase1Config(**common)
     return Phase2Config(**common, p_aware=ph.p_aware, input_codec=ph.input_codec or None,
-                        input_codec_params=dict(ph.input_codec_params) or None, p_input_codec=ph.p_input_codec)
+                        input_codec_params=dict(ph.input_codec_params) or None, p_input_codec=ph.p_input_codec,
+                        p_mismatch=ph.p_mismatch)
 
 
 def gate_summary(adapter: DenseAdapter) -> dict:
