@@ -244,21 +244,24 @@ def start_stream(cache: KVCache, codec: Codec, chunk_tokens: int | None = None, 
 def iter_chunk_parts(cache: KVCache, codec: Codec, header: WireHeader, workers: int = 1) -> Iterator[list]:
     """The chunk frames of a started stream in sequence order, each as a list of buffers
     (``workers`` encode chunks in parallel when they are big enough to pay for it)."""
-    yield from _map_chunks(encode_chunk, cache, codec, header, workers)
+    yield from _map_chunks(cache, codec, header, workers, join=False)
 
 
 def iter_chunk_frames(cache: KVCache, codec: Codec, header: WireHeader, workers: int = 1) -> Iterator[bytes]:
     """``iter_chunk_parts`` with each frame joined into one byte string by the thread that encoded it."""
-    yield from _map_chunks(encode_chunk_frame, cache, codec, header, workers)
+    yield from _map_chunks(cache, codec, header, workers, join=True)
 
 
-def _map_chunks(encode, cache: KVCache, codec: Codec, header: WireHeader, workers: int) -> Iterator:
+def _map_chunks(cache: KVCache, codec: Codec, header: WireHeader, workers: int, join: bool) -> Iterator:
+    """Every chunk of the stream in order, as buffers or (``join``) one byte string joined by the thread
+    that encoded it (whose codec buffers may then be its scratch)."""
     def encode_one(item: tuple[int, tuple[int, int, int]]):
         seq, (layer, start, count) = item
         if header.layers_per_chunk > 1:
             parts = encode_packed_chunk(codec, seq, header, cache.keys, cache.values)
-            return parts if encode is encode_chunk else b"".join(parts)
-        return encode(codec, seq, layer, start, count, cache.keys[layer], cache.values[layer])
+        else:
+            parts = encode_chunk(codec, seq, layer, start, count, cache.keys[layer], cache.values[layer], scratch=join)
+        return b"".join(parts) if join else parts
 
     items = enumerate(header.ranges)
     if chunk_workers(header, workers) == 1:
