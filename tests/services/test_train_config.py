@@ -35,6 +35,14 @@ def test_zoo_v2_config_trains_on_v2_in_domain_families_and_its_lms():
     assert [zoo_config_name(s) for s in ZOO_SUITES] == ["zoo", "zoo-v2"]
     v1, v2 = load_train_config("zoo"), load_train_config("zoo-v2")
     assert v2.data.suite == "v2" and config_from_dict(v2.to_dict()) == v2
+    from dataclasses import replace
+    from pathlib import Path
+
+    import services.train
+
+    mismatch = load_train_config(Path(services.train.__file__).with_name("zoo-v2-mismatch.toml"))  # the experiment:
+    assert v2.phase2.p_mismatch == 0 and mismatch.phase2.p_mismatch == 0.5  # zoo-v2 plus p_mismatch, nothing else
+    assert replace(mismatch, name=v2.name, output_dir=v2.output_dir, phase2=replace(mismatch.phase2, p_mismatch=0.0)) == v2
     splits = load_splits(v2)
     assert {e.family for e in splits.train} == set(get_suite("v2").in_domain)  # OOD families never trained on
     assert len(splits.validation) == v2.data.validation_size and len(splits.test) == v2.data.test_size
