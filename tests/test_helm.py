@@ -173,6 +173,7 @@ def test_rendered_serve_toml_loads_with_the_service_config(name, tmp_path):
     except ConfigError as exc:
         pytest.fail(f"{name}: rendered serve.toml does not load: {exc}")
     assert config.default_route in [r.name for r in config.routes]
+    assert config.codec_workers == yaml.safe_load((CHART / "values.yaml").read_text())["codecWorkers"]  # passed through
 
 
 def test_prometheus_rule_ships_the_rules_file():
