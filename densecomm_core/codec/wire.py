@@ -165,22 +165,20 @@ def stream_header(
     ``layers_per_chunk`` > 1 packs whole layers (a ``packs_layers`` codec; chunk_tokens is then ignored)."""
     tokens = len(positions[0]) if positions else 0
     layers_per_chunk = min(layers_per_chunk, len(layers))
-    if layers_per_chunk > 1:
+    if layers_per_chunk > 1:  # whole layers: every token in each chunk
         if not codec.packs_layers:
             raise CodecError(f"codec {codec.name!r} does not pack layers into one chunk")
-        return WireHeader(
-            codec=codec.name, params=codec.params, dtype=dtype_name(dtype), batch=len(lengths), tokens=tokens,
-            layers=[list(map(int, layer)) for layer in layers], lengths=list(lengths), positions=positions,
-            rope_applied=rope_applied, fingerprint=fingerprint, chunk_tokens=max(tokens, 1),
-            num_chunks=math.ceil(len(layers) / layers_per_chunk), layers_per_chunk=layers_per_chunk)
-    chunk_tokens = min(chunk_tokens or DEFAULT_CHUNK_TOKENS, max(tokens, 1))
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        chunk_tokens, num_chunks = max(tokens, 1), math.ceil(len(layers) / layers_per_chunk)
+    else:
+        chunk_tokens = min(chunk_tokens or DEFAULT_CHUNK_TOKENS, max(tokens, 1))
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        num_chunks = len(layers) * max(1, math.ceil(tokens / chunk_tokens))  # as chunk_ranges counts them
     return WireHeader(
         codec=codec.name, params=codec.params, dtype=dtype_name(dtype), batch=len(lengths), tokens=tokens,
         layers=[list(map(int, layer)) for layer in layers], lengths=list(lengths), positions=positions,
-        rope_applied=rope_applied, fingerprint=fingerprint, chunk_tokens=chunk_tokens,
-        num_chunks=len(layers) * max(1, math.ceil(tokens / chunk_tokens)),  # as chunk_ranges counts them
+        rope_applied=rope_applied, fingerprint=fingerprint, chunk_tokens=chunk_tokens, num_chunks=num_chunks,
+        layers_per_chunk=max(layers_per_chunk, 1),
     )
 
 
@@ -459,13 +457,17 @@ class StreamDecoder:
         _require(seq < h.num_chunks, f"chunk sequence number {seq} is beyond the header's {h.num_chunks} chunks", ShapeMismatchError)
         want = h.ranges[seq]
         _require((layer, start, count) == want, f"chunk {seq} covers (layer, start, count) = {(layer, start, count)}, header says {want}", ShapeMismatchError)
-        if h.layers_per_chunk > 1:
-            return self._decode_packed(seq, layer, count, frame[CHUNK_PREFIX_SIZE:])
-        key_shape, value_shape = h.chunk_shapes(layer, count)
+        packed = h.layers_per_chunk > 1
         try:
-            if self.codec.writes_in_place:  # straight into the cache's storage (chunks cover disjoint slots)
+            if self.codec.writes_in_place or packed:
                 # A chunk that already arrived must not overwrite slots a consumer may be reading.
                 _require(seq not in self.received, f"chunk {seq} arrived twice", DuplicateChunkError)
+            if packed:  # whole layers, straight into their run of the cache's storage (views of it: no shape to check)
+                span = h.span(layer)
+                self.codec.decode_packed_into(frame[CHUNK_PREFIX_SIZE:], self._flat[self._offsets[span.start] : self._offsets[span.stop]])
+                return ChunkEvent(seq, layer, start, count, self.keys[layer], self.values[layer], False)  # its first layer
+            key_shape, value_shape = h.chunk_shapes(layer, count)
+            if self.codec.writes_in_place:  # straight into the cache's storage (chunks cover disjoint slots)
                 keys, values = self.keys[layer], self.values[layer]
                 if count != h.tokens:
                     keys, values = keys[:, :, start : start + count], values[:, :, start : start + count]
@@ -480,18 +482,6 @@ class StreamDecoder:
                  f"chunk {seq} decoded to {tuple(keys.shape)}/{tuple(values.shape)} {keys.dtype}, expected {key_shape}/{value_shape} {h.torch_dtype}",
                  ShapeMismatchError)
         return ChunkEvent(seq, layer, start, count, keys, values, False)
-
-    def _decode_packed(self, seq: int, layer: int, count: int, payload: memoryview) -> ChunkEvent:
-        """A packed chunk straight into its layers' run of the cache's storage; the event holds its first layer."""
-        _require(seq not in self.received, f"chunk {seq} arrived twice", DuplicateChunkError)
-        span = self.header.span(layer)
-        try:
-            self.codec.decode_packed_into(payload, self._flat[self._offsets[span.start] : self._offsets[span.stop]])
-        except CodecError:
-            raise
-        except Exception as exc:  # a codec bug must still surface as a codec error, never crash a service
-            raise CodecError(f"chunk {seq} could not be decoded: {type(exc).__name__}: {exc}") from exc
-        return ChunkEvent(seq, layer, 0, count, self.keys[layer], self.values[layer], False)
 
     def place(self, event: ChunkEvent) -> ChunkEvent:
         """Check the chunk's sequence number against what arrived, then write it into the cache."""

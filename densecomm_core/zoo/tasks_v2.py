@@ -15,7 +15,7 @@ In-domain (the adapter trains on these; the LMs too):
   (``answer 7``): following h hops happens inside the forward pass, so it needs about h + 1 layers
   (one to bind each fact's key to its value, one per hop). This is the headroom family, designed so that
   a shallow receiver cannot follow three hops and a deeper sender can (measured on the committed build:
-  the receiver does have headroom, 69 %, but the sender is weaker, 51 %; chance 10 %, the no-input floor; a reader that
+  the receiver does have headroom, 69 %, but the sender is weaker, 59 %; chance 10 %, the no-input floor; a reader that
   only learned "answer with the end of some chain" scores about 42 %, (1/2 + 1/3) / 2, as 400-step smoke
   LMs do).
 
