@@ -253,6 +253,11 @@ class HopDecoder:
     def header(self) -> WireHeader | None:
         return self.stream.header
 
+    @property
+    def copy_only(self) -> bool:
+        """Whether the stream's codec is known and its decode is a copy (``Codec.copy_only``)."""
+        return self.stream.codec is not None and self.stream.codec.copy_only
+
     def feed(self, frame) -> ChunkEvent | None:
         """Verify and decode one frame (header first); the chunk's event, or None for the header."""
         started = time.perf_counter()

@@ -410,9 +410,11 @@ def cmd_bench_relay(args: argparse.Namespace) -> int:
         cache = bench_codec.qwen3_4b_geometry_cache(args.tokens)
         print("\nprofile: one hop's stages, each timed alone on the hop's own frames (best of "
               f"{args.repeats}; frame_bytes {report['frame_bytes'] // 1024} KiB)\n")
-        for label, name, params in bench.HOP_CODECS[:2]:
-            print(hop_profile.render_stages(label, hop_profile.stage_table(cache, name, params, report["frame_bytes"], args.workers, args.repeats)))
-            print()
+        with bench.SinkProcess() as sink:  # the bare stream and the hop cross processes, as in the hop table
+            for label, name, params in bench.HOP_CODECS[:2]:
+                rows = hop_profile.stage_table(cache, name, params, report["frame_bytes"], args.workers, args.repeats, sink.address)
+                print(hop_profile.render_stages(label, rows))
+                print()
         print("cProfile of one raw hop (encode + gRPC stream + verify/decode, client and sink in one process):\n")
         print(hop_profile.cprofile_hop(cache, args.workers, report["frame_bytes"]))
     return 0

@@ -29,7 +29,7 @@ import torch
 from densecomm_core.codec.base import DataLossError, DecodeLimits
 from densecomm_core.codec.wire import split_frames
 from densecomm_core.generation import GenerationConfig
-from densecomm_core.hop import HopDecoder, HopEncoder, HopReport, group_messages
+from densecomm_core.hop import HopDecoder, HopEncoder, HopReport, group_messages, join_messages
 from densecomm_core.relay import (
     ContextMode,
     PromptFormat,
@@ -231,12 +231,35 @@ async def ahead(iterator, depth: int = 2, frame_bytes: int | None = None):
         task.cancel()
 
 
+async def _inline(iterator):
+    for item in iterator:
+        yield item
+
+
+def encoded_messages(encoder: HopEncoder, header: bytes, link: transport.HopLink, frame_bytes: int | None):
+    """The KV stream messages of a started encoder (its header frame given): what a sending end yields after
+    the setup, once ``link`` negotiated the transport. Frames are encoded ahead in a worker thread while
+    earlier ones are sent (``ahead``), except for a ``copy_only`` codec, whose frames cost less to encode on
+    this thread than to hand to another; frames ready together share a message of up to ``frame_bytes``
+    (on the shortcut each frame goes to its own slot, copied there straight from the encoder's buffers)."""
+    copy_only = encoder.codec.copy_only
+    if link.shortcut:  # each message is a reference to a slot
+        source = (send_frame(parts, link) for parts in itertools.chain([[header]], encoder.chunk_parts()))
+        return _inline(source) if copy_only else ahead(source, AHEAD_FRAMES)
+    frames = itertools.chain([header], encoder.chunks())
+    if copy_only:  # a frame is ready as soon as asked for: messages packed greedily, none waits on slow work
+        return _inline(join_messages(([f] for f in frames), frame_bytes))
+    return ahead(frames, AHEAD_FRAMES, frame_bytes)
+
+
 class OverlappedDecode:
     """Feed frames to a decoder in a worker thread while the next message is being received: ``submit``
-    starts decoding one frame after the previous one finished; ``drain`` waits for the last."""
+    starts decoding one frame after the previous one finished; ``drain`` waits for the last. While
+    ``inline()`` is true (a ``copy_only`` stream: verifying and copying a frame is cheaper than a thread
+    hand-off) frames are fed on the calling thread instead, in the same order."""
 
-    def __init__(self, feed, on_event=None) -> None:
-        self.feed, self.on_event = feed, on_event
+    def __init__(self, feed, on_event=None, inline=lambda: False) -> None:
+        self.feed, self.on_event, self.inline = feed, on_event, inline
         self.pending: asyncio.Future | None = None
 
     def _feed(self, frame):
@@ -247,7 +270,10 @@ class OverlappedDecode:
 
     async def submit(self, frame) -> None:
         await self.drain()
-        self.pending = asyncio.ensure_future(asyncio.to_thread(self._feed, frame))
+        if self.inline():
+            self._feed(frame)
+        else:
+            self.pending = asyncio.ensure_future(asyncio.to_thread(self._feed, frame))
 
     async def drain(self) -> None:
         if self.pending is not None:
@@ -419,7 +445,7 @@ class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
             return event
 
         upstream: list = []  # the StreamDone the adapter forwards after its last frame
-        decoding = OverlappedDecode(feed, on_event)  # decode frame i while frame i+1 arrives
+        decoding = OverlappedDecode(feed, on_event, lambda: decoder.copy_only)  # decode frame i while frame i+1 arrives
         decoder.report.transport = "shm" if reader is not None else "bytes"
         await decode_overlapped(read_frames(messages, upstream.append, first.setup.transport or "bytes", reader), decoding, reader)
         done = upstream[-1] if upstream else None
@@ -637,15 +663,8 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
             hop_setup = link.setup(setup)  # offers the same-node shortcut when this sender has a pool
             hop_setup.transport = "shm" if hop_setup.HasField("shm") else "bytes"
             yield kv_pb2.KVMessage(setup=hop_setup)
-            if await link.negotiate(call) == "shm":  # the adapter maps our slots: each frame goes by reference
-                # copied straight from the encoder's buffers into its slot, in the encoding thread
-                source = (send_frame(parts, link) for parts in itertools.chain([[header]], encoder.chunk_parts()))
-                messages = ahead(source, AHEAD_FRAMES)
-            else:
-                # the header, then chunk frames (layers split to frame_bytes); frame i+1 is encoded while i is sent,
-                # and frames that are ready together share a message of up to frame_bytes
-                messages = ahead(itertools.chain([header], encoder.chunks()), AHEAD_FRAMES, self.config.frame_bytes)
-            async for message in messages:
+            await link.negotiate(call)  # "shm": the adapter maps our slots, each frame goes by reference
+            async for message in encoded_messages(encoder, header, link, self.config.frame_bytes):
                 yield send_frame(message)
             report = encoder.report
             report.transport = link.transport

@@ -4,6 +4,7 @@
       .setup(setup) -> HopSetup             the setup message, with the shared-memory offer when there is a pool
       await .negotiate(call)                the receiving end's verdict, from the call's initial metadata
       .carry(message) -> bytes              a message to send: a slot reference on the shortcut, else the bytes
+      .shortcut                             whether the verdict put this stream on the shortcut
       .transport                            what the stream used: "bytes", "shm", or "shm+bytes" (a full pool)
       .shm_bytes                            of its frames' bytes, those that crossed in shared memory
       .close()                              end of the stream: its slots back to the pool (or unlinked)
@@ -80,6 +81,11 @@ class HopLink:
         if self.lease is None:
             return shm.join(message)
         return self.lease.carry(message)
+
+    @property
+    def shortcut(self) -> bool:
+        """Whether the receiving end accepted the shortcut: frames go to slots (``carry``)."""
+        return self.lease is not None
 
     @property
     def transport(self) -> str:

@@ -116,6 +116,10 @@ class Codec(ABC):
     # Elementwise, with no per-layer or per-chunk state: the elements of several whole layers may be coded
     # as one run (``encode_packed_parts``), so a small cache costs one chunk instead of one per layer.
     packs_layers: bool = False
+    # Encode and decode are memory copies (a frame's cost is its checksum and one copy, ~0.1 ms per MiB):
+    # a transport runs them on its own thread, as handing each frame to a worker thread costs more (thread
+    # wake-ups, GIL hand-offs) than it hides on a machine whose cores the byte stream already keeps busy.
+    copy_only: bool = False
 
     @property
     def params(self) -> dict:

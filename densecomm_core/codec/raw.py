@@ -18,6 +18,7 @@ class RawCodec(Codec):
     name = "raw"
     token_wise = True
     packs_layers = True
+    copy_only = True
 
     def reconstruct(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return keys, values  # bit-exact

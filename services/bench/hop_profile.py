@@ -6,12 +6,14 @@
                                      messages), the receiver's frame split, checksum verification, the codec's
                                      decode, header/order checks + placement into the cache; beside them the
                                      protobuf serialize + parse that the raw framing no longer pays, and the hop's
-                                     own wall time (encode ahead and decode overlapped, as the services run it)
+                                     own wall time (as the services run it: a ``copy_only`` codec on the
+                                     streams' own threads, others encoded ahead and decoded overlapped)
     render_stages(rows)              the table, with the gap to the bare stream and what the stages add up to
     cprofile_hop(cache, workers)     cProfile's top functions of one raw hop (client and sink in one process)
 
 Stages run one after another here, so their sum is what a hop would cost with no overlap; the hop's wall
-time is lower where the encode-ahead / decode-behind threads hide a stage behind gRPC's own work.
+time is lower where a stage hides behind gRPC's own work (the other end's process, encode-ahead / decode-behind
+threads).
 """
 
 from __future__ import annotations
@@ -48,8 +50,10 @@ def _best(fn, repeats: int) -> float:
     return best
 
 
-def stage_table(cache: KVCache, codec_name: str, params: dict, frame_bytes: int, workers: int, repeats: int) -> list[dict]:
-    """Seconds of each stage of one hop of ``cache`` through ``codec_name`` (best of ``repeats``)."""
+def stage_table(cache: KVCache, codec_name: str, params: dict, frame_bytes: int, workers: int, repeats: int,
+                address: str | None = None) -> list[dict]:
+    """Seconds of each stage of one hop of ``cache`` through ``codec_name`` (best of ``repeats``); the bare
+    stream and the hop itself go to the sink at ``address`` (a ``relay.SinkProcess``; None: this process)."""
     from services.bench.relay import bare_stream, one_hop
 
     probe = HopEncoder(get_codec(codec_name, **params), frame_bytes=frame_bytes)
@@ -104,7 +108,7 @@ def stage_table(cache: KVCache, codec_name: str, params: dict, frame_bytes: int,
         "encode: codec": _best(encode_payloads, repeats),
         "encode: chunk checksums (xxh3)": _best(lambda: [chunk_parts(s, l, a, n, p) for (s, (l, a, n)), p in zip(ranges, payloads)], repeats),
         "send: join chunk parts into frames (copy)": _best(lambda: [b"".join(parts) for parts in framed], repeats),
-        "gRPC core + syscalls (bare stream, same messages)": min(asyncio.run(bare_stream(wire, max(1, wire // len(messages))))
+        "gRPC core + syscalls (bare stream, same messages)": min(asyncio.run(bare_stream(wire, max(1, wire // len(messages)), address))
                                                                for _ in range(repeats)),
         "receive: split messages into frames": _best(lambda: [f for m in messages for f in split_frames(m)], repeats),
         "decode: verify checksums (xxh3)": _best(verify, repeats),
@@ -114,8 +118,9 @@ def stage_table(cache: KVCache, codec_name: str, params: dict, frame_bytes: int,
     seconds["decode: header, order checks, placement"] = max(0.0, full - seconds["decode: verify checksums (xxh3)"] - seconds["decode: codec"])
     rows = [{"stage": name, "seconds": s, "paid": True} for name, s in seconds.items()]
     rows.append({"stage": "protobuf serialize + parse (old framing; not paid)", "seconds": _best(protobuf, repeats), "paid": False})
-    hop = min(asyncio.run(one_hop(cache, codec_name, params, True, workers, frame_bytes)).seconds for _ in range(repeats))
-    rows.append({"stage": "the hop, wall (encode ahead, decode overlapped)", "seconds": hop, "paid": False})
+    hop = min(asyncio.run(one_hop(cache, codec_name, params, True, workers, frame_bytes, address=address)).seconds
+              for _ in range(repeats))
+    rows.append({"stage": "the hop, wall (as the services run it)", "seconds": hop, "paid": False})
     for row in rows:
         row["mb_s"] = cache.nbytes / row["seconds"] / 1e6 if row["seconds"] > 0 else float("inf")
         row["messages"], row["frames"] = len(messages), len(frames)

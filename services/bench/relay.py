@@ -21,7 +21,7 @@ Every load loop is bounded in count and runs against loopback only.
 from __future__ import annotations
 
 import asyncio
-import itertools
+import contextlib
 import shutil
 import statistics
 import tempfile
@@ -41,10 +41,10 @@ from services import kvstream, protos, shm
 from services import transport as hop_transport
 from services.config import ServeConfig
 from services.servicers import (
-    AHEAD_FRAMES,
     OverlappedDecode,
     ahead,
     decode_overlapped,
+    encoded_messages,
     read_frames,
     read_setup,
     send_frame,
@@ -83,20 +83,21 @@ def close_bench_pool() -> None:
 # ---- 1, 2: one hop vs the bare byte stream ------------------------------------------------------------
 
 
+DECODE_KEY = "densecomm-bench-decode"  # call metadata: "0" = the sink only reads the frames
+
+
 class SinkServicer:
     """The receiving end of a hop, as the receiver does it (read_frames, verify + decode every frame while
-    the next arrives), reporting the wire bytes it read."""
-
-    def __init__(self, decode: bool) -> None:
-        self.decode = decode
+    the next arrives, or on this thread for a ``copy_only`` codec), reporting the wire bytes it read."""
 
     async def Generate(self, request_iterator, context):
+        decode = dict(context.invocation_metadata() or ()).get(DECODE_KEY, "1") != "0"
         first = await read_setup(request_iterator)
         reader = await hop_transport.accept(first.setup, context, ServeConfig())  # the same-node shortcut's verdict
         decoder = HopDecoder()
 
         def feed(frame):
-            event = decoder.feed(frame) if self.decode else None
+            event = decoder.feed(frame) if decode else None
             if reader is not None:
                 reader.decoded(frame)
             return event
@@ -109,10 +110,82 @@ class SinkServicer:
                 wire += len(frame)
                 yield frame
 
-        await decode_overlapped(counted(), OverlappedDecode(feed) if self.decode or reader is not None else None, reader)
-        if self.decode:
+        decoding = OverlappedDecode(feed, inline=lambda: decoder.copy_only) if decode or reader is not None else None
+        await decode_overlapped(counted(), decoding, reader)
+        if decode:
             await asyncio.to_thread(decoder.finish)
         yield relay_pb2.RelayEvent(stats=relay_pb2.RelayStats(wire_bytes=wire))
+
+
+async def _bare_sink(request_iterator, context):
+    received = 0
+    async for message in request_iterator:
+        received += len(message)
+    return received.to_bytes(8, "little")
+
+
+def sink_server() -> tuple[grpc.aio.Server, int]:
+    """A loopback server with both receiving ends of the bench: the bare byte sink (generic raw-bytes
+    handlers, no deserializer: the message is the bytes; it answers the byte count) and the KV sink."""
+    handler = grpc.method_handlers_generic_handler("densecomm.bench.Bytes", {"Sink": grpc.stream_unary_rpc_method_handler(_bare_sink)})
+    server = grpc.aio.server(futures.ThreadPoolExecutor(2), options=CHANNEL_OPTIONS)
+    server.add_generic_rpc_handlers((handler,))
+    kvstream.RECEIVER.add_to_server(SinkServicer(), server)
+    return server, server.add_insecure_port("127.0.0.1:0")
+
+
+def _serve_sinks(ports, threads: int) -> None:  # the child process of SinkProcess
+    torch.set_num_threads(threads)
+
+    async def serve() -> None:
+        server, port = sink_server()
+        await server.start()
+        ports.put(port)
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+class SinkProcess:
+    """The bench's receiving ends in a child process (spawned, loopback only, killed on exit): a hop joins two
+    processes, as the services' hops do (each end with its own interpreter lock and core), and the bare
+    stream it is compared with crosses the same boundary."""
+
+    def __enter__(self) -> SinkProcess:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        ports = context.Queue()
+        self.process = context.Process(target=_serve_sinks, args=(ports, torch.get_num_threads()), daemon=True)
+        self.process.start()
+        try:
+            self.address = f"127.0.0.1:{ports.get(timeout=120)}"
+        except BaseException:
+            self.process.kill()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.process.kill()
+        self.process.join(10)
+
+
+class _LocalSink:
+    """A sink server in this process, for one measurement (``address`` None)."""
+
+    async def __aenter__(self) -> str:
+        self.server, port = sink_server()
+        await self.server.start()
+        return f"127.0.0.1:{port}"
+
+    async def __aexit__(self, *exc) -> None:
+        await self.server.stop(0)
+
+
+def _sink(address: str | None):
+    if address is not None:
+        return contextlib.nullcontext(address)
+    return _LocalSink()
 
 
 @dataclass
@@ -124,99 +197,74 @@ class HopRun:
 
 
 async def one_hop(cache: KVCache, codec_name: str, params: dict, decode: bool, workers: int, frame_bytes: int,
-                  framing: str = "raw", transport: str = "bytes") -> HopRun:
+                  framing: str = "raw", transport: str = "bytes", address: str | None = None) -> HopRun:
     """Encode -> loopback gRPC stream -> verify/decode of ``cache``, timed from the encoder's start.
     ``framing``: "raw" (the services' framing) or "protobuf" (every frame in a KVMessage, the previous one);
-    ``transport``: "bytes", or "shm" (the same-node shortcut, negotiated as the services do)."""
-    server = grpc.aio.server(futures.ThreadPoolExecutor(2), options=CHANNEL_OPTIONS)
-    kvstream.RECEIVER.add_to_server(SinkServicer(decode), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    ``transport``: "bytes", or "shm" (the same-node shortcut, negotiated as the services do); ``address``:
+    a running sink (``SinkProcess``), else one in this process."""
     codec = get_codec(codec_name, **params)
     sent = [0]
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
-            stub = kvstream.RECEIVER.stub(channel)
+    async with _sink(address) as target, grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+        stub = kvstream.RECEIVER.stub(channel)
+        link = hop_transport.HopLink(bench_pool() if transport == "shm" else None)
 
-            link = hop_transport.HopLink(bench_pool() if transport == "shm" else None)
+        async def messages():
+            setup = link.setup(kv_pb2.HopSetup(request_id="bench"))
+            setup.transport = "shm" if setup.HasField("shm") else "bytes"
+            yield kv_pb2.KVMessage(setup=setup)
+            encoder = HopEncoder(codec, workers=workers, frame_bytes=frame_bytes)
+            header = await asyncio.to_thread(encoder.start, cache)
+            await link.negotiate(call)
+            if framing == "raw":  # as the sender does, on either transport
+                async for message in encoded_messages(encoder, header, link, frame_bytes):
+                    sent[0] += 1
+                    yield send_frame(message)
+            else:
+                yield kv_pb2.KVMessage(frame=kv_pb2.KVFrame(frame=header))
+                async for frame in ahead(encoder.chunks()):
+                    sent[0] += 1
+                    yield kv_pb2.KVMessage(frame=kv_pb2.KVFrame(frame=frame))
 
-            async def messages():
-                setup = link.setup(kv_pb2.HopSetup(request_id="bench"))
-                setup.transport = "shm" if setup.HasField("shm") else "bytes"
-                yield kv_pb2.KVMessage(setup=setup)
-                encoder = HopEncoder(codec, workers=workers, frame_bytes=frame_bytes)
-                header = await asyncio.to_thread(encoder.start, cache)
-                if await link.negotiate(call) == "shm":  # as the sender does on the shortcut
-                    source = (send_frame(parts, link) for parts in itertools.chain([[header]], encoder.chunk_parts()))
-                    async for message in ahead(source, AHEAD_FRAMES):
-                        sent[0] += 1
-                        yield message
-                elif framing == "raw":  # as the sender does
-                    async for message in ahead(itertools.chain([header], encoder.chunks()), AHEAD_FRAMES, frame_bytes):
-                        sent[0] += 1
-                        yield send_frame(message)
-                else:
-                    yield kv_pb2.KVMessage(frame=kv_pb2.KVFrame(frame=header))
-                    async for frame in ahead(encoder.chunks()):
-                        sent[0] += 1
-                        yield kv_pb2.KVMessage(frame=kv_pb2.KVFrame(frame=frame))
-
-            started = time.perf_counter()
-            call = stub.Generate(messages(), timeout=300)
-            try:
-                events = [e async for e in call]
-            finally:
-                link.close()
-            return HopRun(time.perf_counter() - started, events[-1].stats.wire_bytes, sent[0], link.transport)
-    finally:
-        await server.stop(0)
+        started = time.perf_counter()
+        call = stub.Generate(messages(), timeout=300, metadata=((DECODE_KEY, "1" if decode else "0"),))
+        try:
+            events = [e async for e in call]
+        finally:
+            link.close()
+        return HopRun(time.perf_counter() - started, events[-1].stats.wire_bytes, sent[0], link.transport)
 
 
-async def bare_stream(total: int, message_bytes: int) -> float:
+async def bare_stream(total: int, message_bytes: int, address: str | None = None) -> float:
     """Seconds for ``total`` bytes in ``message_bytes`` messages through a bare loopback gRPC client stream:
     generic handlers with no (de)serializer (the message is the bytes), the hop's channel options, a sink
-    that only counts. The ceiling a KV hop is measured against."""
-    received = [0]
-
-    async def sink(request_iterator, context):
-        async for message in request_iterator:
-            received[0] += len(message)
-        return b""
-
-    handler = grpc.method_handlers_generic_handler("densecomm.bench.Bytes", {"Sink": grpc.stream_unary_rpc_method_handler(sink)})
-    server = grpc.aio.server(futures.ThreadPoolExecutor(2), options=CHANNEL_OPTIONS)
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    payload = bytes(message_bytes)
+    that only counts. The ceiling a KV hop is measured against; ``address`` as ``one_hop``'s."""
+    # distinct messages, made before the clock starts: the stream reads ``total`` bytes of memory, as a hop
+    # does (one buffer sent over and over would stay in the CPU's cache)
     count, tail = divmod(total, message_bytes)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
-            call = channel.stream_unary("/densecomm.bench.Bytes/Sink")
+    payloads = [bytes(message_bytes) for _ in range(count)] + ([bytes(tail)] if tail else [])
+    async with _sink(address) as target, grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+        call = channel.stream_unary("/densecomm.bench.Bytes/Sink")
 
-            async def messages():
-                for _ in range(count):
-                    yield payload
-                if tail:
-                    yield payload[:tail]
+        async def messages():
+            for payload in payloads:
+                yield payload
 
-            started = time.perf_counter()
-            await call(messages(), timeout=300)
-            seconds = time.perf_counter() - started
-    finally:
-        await server.stop(0)
-    if received[0] != total:
-        raise RuntimeError(f"the bare stream delivered {received[0]} of {total} bytes")
+        started = time.perf_counter()
+        received = await call(messages(), timeout=300)
+        seconds = time.perf_counter() - started
+    if int.from_bytes(received, "little") != total:
+        raise RuntimeError(f"the bare stream delivered {int.from_bytes(received, 'little')} of {total} bytes")
     return seconds
 
 
-def bare_mb_s(total: int, message_bytes: int, repeats: int) -> float:
-    return total / min(asyncio.run(bare_stream(total, message_bytes)) for _ in range(repeats)) / 1e6
+def bare_mb_s(total: int, message_bytes: int, repeats: int, address: str | None = None) -> float:
+    return total / min(asyncio.run(bare_stream(total, message_bytes, address)) for _ in range(repeats)) / 1e6
 
 
-def ceiling_table(total: int, repeats: int, sizes: tuple[int, ...] = CEILING_SIZES) -> list[dict]:
-    """The bare byte stream at each message size (best of ``repeats``); the fastest row is marked best."""
-    rows = [{"message_kb": size / 1024, "mb_s": bare_mb_s(total, size, repeats), "best": False} for size in sizes]
+def ceiling_table(total: int, repeats: int, sizes: tuple[int, ...] = CEILING_SIZES, address: str | None = None) -> list[dict]:
+    """The bare byte stream at each message size (best of ``repeats``); the fastest row is marked best.
+    ``address``: a ``SinkProcess``'s (else a sink in this process)."""
+    rows = [{"message_kb": size / 1024, "mb_s": bare_mb_s(total, size, repeats, address), "best": False} for size in sizes]
     max(rows, key=lambda r: r["mb_s"])["best"] = True
     return rows
 
@@ -225,9 +273,10 @@ def best_message_bytes(ceilings: list[dict]) -> int:
     return int(next(r for r in ceilings if r["best"])["message_kb"] * 1024)
 
 
-def hop_table(cache: KVCache, repeats: int, workers: int, frame_bytes: int) -> list[dict]:
+def hop_table(cache: KVCache, repeats: int, workers: int, frame_bytes: int, address: str | None = None) -> list[dict]:
     """Each hop path's MB/s of raw KV and its ratio to the bare stream of the same bytes in messages of the
-    hop's own mean message size (measured in this run); the in-process copy for scale."""
+    hop's own mean message size (measured in this run, to the same sink ``address``); the in-process copy
+    for scale."""
     raw = cache.nbytes
     blob = np.frombuffer(b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in (*cache.keys, *cache.values)), dtype=np.uint8)
     best = min(_timed(lambda: blob.copy()) for _ in range(repeats))
@@ -241,8 +290,8 @@ def hop_table(cache: KVCache, repeats: int, workers: int, frame_bytes: int) -> l
     runs = {}
     try:
         for path, label, name, params, decode, framing in paths:
-            via = "shm" if framing == "shm" else "bytes"
-            runs[path, label] = min((asyncio.run(one_hop(cache, name, params, decode, workers, frame_bytes, framing, via))
+            via, wire_framing = ("shm", "raw") if framing == "shm" else ("bytes", framing)
+            runs[path, label] = min((asyncio.run(one_hop(cache, name, params, decode, workers, frame_bytes, wire_framing, via, address))
                                      for _ in range(repeats)), key=lambda r: r.seconds)
     finally:
         close_bench_pool()
@@ -255,7 +304,7 @@ def hop_table(cache: KVCache, repeats: int, workers: int, frame_bytes: int) -> l
                      "message_kb": run.wire_bytes / max(run.messages, 1) / 1024})
     # the ceiling: the same bytes in messages of the raw encode+verify+decode hop's own mean size
     message = max(1, round(next(r for r in rows if r["path"] == paths[1][0] and r["codec"] == "raw")["message_kb"] * 1024))
-    ceiling = bare_mb_s(raw, message, repeats)
+    ceiling = bare_mb_s(raw, message, repeats, address)
     rows.insert(1, {"path": f"bare gRPC bytes, {message / 1024:.0f} KiB msgs", "codec": "-", "wire_mb": raw / 1e6,
                     "mb_s": ceiling, "message_kb": message / 1024})
     for row in rows:
@@ -500,8 +549,9 @@ def run(repeats: int, workers: int, tokens: int, requests: int, no_ray: bool, ch
     report: dict = {"frame_bytes": frame_bytes, "hosting": "local gRPC stack" if no_ray else "Ray actors"}
     cache = bench_codec.qwen3_4b_geometry_cache(tokens)
     report["raw_mb"] = cache.nbytes / 1e6
-    report["ceiling"] = ceiling_table(cache.nbytes, repeats)
-    report["hop"] = hop_table(cache, repeats, workers, frame_bytes)
+    with SinkProcess() as sink:  # every hop and its ceiling cross into another process, as the services' do
+        report["ceiling"] = ceiling_table(cache.nbytes, repeats, address=sink.address)
+        report["hop"] = hop_table(cache, repeats, workers, frame_bytes, sink.address)
     report["in_process"] = in_process_table(requests)
     root = Path(tempfile.mkdtemp(prefix="densecomm-bench-"))
     report["handoff"] = []

@@ -79,3 +79,30 @@ def test_handoff_rows_say_what_each_hop_used_and_the_time_without_the_transform(
     header, line = bench.render_handoff([row]).splitlines()
     assert "hops used" in header and "- transform" in header
     assert line.split()[3:7] == ["shm/shm", "raw", "26.5", "50.0"] and line.split()[7] == "20.0"
+
+
+def test_hops_and_their_ceiling_cross_into_a_sink_process_and_the_shortcut_works_across_it():
+    """The bench's receiving ends run in a child process (as the services' do): the bare stream delivers
+    every byte there, and the same-node shortcut is accepted by that other process (frames by reference)."""
+    import asyncio
+
+    from densecomm_core.codec import get_codec
+    from densecomm_core.hop import HopEncoder
+
+    g = torch.Generator().manual_seed(0)
+    kv = [torch.randn(1, 2, 1024, 64, generator=g).to(torch.bfloat16) for _ in range(4)]  # 512 KiB per layer
+    cache = KVCache(kv[:2], kv[2:], torch.ones(1, 1024, dtype=torch.bool), torch.arange(1024)[None], True, "big")
+    frame_bytes = 256 << 10  # above the shortcut's smallest message (smaller ones stay bytes)
+    wire = sum(len(f) for f in HopEncoder(get_codec("raw"), frame_bytes=frame_bytes).frames(cache))
+    try:
+        with bench.SinkProcess() as sink:
+            assert sink.process.is_alive() and sink.address.startswith("127.0.0.1:")
+            assert asyncio.run(bench.bare_stream(cache.nbytes, 100_000, sink.address)) > 0  # raises unless every byte arrived
+            for codec, transport in [("raw", "bytes"), ("lossless", "bytes"), ("raw", "shm"), ("lossless", "shm")]:
+                run = asyncio.run(bench.one_hop(cache, codec, {}, True, 1, frame_bytes, "raw", transport, sink.address))
+                assert run.transport == transport and run.messages >= 1
+                if codec == "raw":
+                    assert run.wire_bytes == wire
+        assert not sink.process.is_alive()
+    finally:
+        bench.close_bench_pool()

@@ -86,3 +86,55 @@ def test_ahead_joins_only_frames_that_are_ready():
     assert b"".join(behind) == b"".join(frames) and len(behind) < len(frames)
     assert all(len(m) <= 64 or m in frames for m in behind)
     assert asyncio.run(consume(slow(frames), 0.0)) == frames
+
+
+@pytest.mark.parametrize("codec", ["raw", "lossless"])
+@pytest.mark.parametrize("frame_bytes", [200, 4096])
+def test_encoded_messages_carry_the_encoders_frames_whatever_thread_encodes_them(codec, frame_bytes):
+    """A copy_only codec (raw) is encoded on the stream's own thread, others ahead in a worker thread: either
+    way the messages are the encoder's frames in order, ready ones joined up to frame_bytes."""
+    from services.servicers import encoded_messages
+    from services.transport import HopLink
+
+    cache = tiny_cache()
+    assert get_codec("raw").copy_only and not get_codec("lossless").copy_only
+    expected = list(HopEncoder(get_codec(codec), frame_bytes=frame_bytes).frames(cache))
+
+    async def messages() -> list:
+        encoder = HopEncoder(get_codec(codec), frame_bytes=frame_bytes)
+        header = encoder.start(cache)
+        return [send_frame(m) async for m in encoded_messages(encoder, header, HopLink(None), frame_bytes)]
+
+    sent = asyncio.run(messages())
+    frames, _ = asyncio.run(collect(sent))
+    assert frames == expected
+    assert all(len(m) <= frame_bytes or bytes(m) in expected for m in sent)  # only a frame bigger than a message stands alone
+    if codec == "raw" and frame_bytes == 4096:  # header and the one packed chunk share the message
+        assert len(sent) == 1
+
+
+def test_overlapped_decode_feeds_inline_while_asked_and_keeps_the_order():
+    """Frames go to a worker thread until ``inline()`` says the stream is copy_only; the switch waits for the
+    frame still decoding in the thread, so every frame is fed once, in order."""
+    import threading
+    import time
+
+    from services.servicers import OverlappedDecode
+
+    fed: list[tuple[int, bool]] = []
+    loop_thread = threading.get_ident()
+
+    def feed(frame: int):
+        if frame == 0:
+            time.sleep(0.05)  # the header decodes slowly in its thread: frame 1 must wait for it
+        fed.append((frame, threading.get_ident() == loop_thread))
+        return frame
+
+    async def run() -> None:
+        decoding = OverlappedDecode(feed, inline=lambda: len(fed) > 0)
+        for frame in range(4):
+            await decoding.submit(frame)
+        await decoding.drain()
+
+    asyncio.run(run())
+    assert fed == [(0, False), (1, True), (2, True), (3, True)]
