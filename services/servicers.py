@@ -240,12 +240,15 @@ def encoded_messages(encoder: HopEncoder, header: bytes, link: transport.HopLink
     """The KV stream messages of a started encoder (its header frame given): what a sending end yields after
     the setup, once ``link`` negotiated the transport. Frames are encoded ahead in a worker thread while
     earlier ones are sent (``ahead``), except for a ``copy_only`` codec, whose frames cost less to encode on
-    this thread than to hand to another; frames ready together share a message of up to ``frame_bytes``
-    (on the shortcut each frame goes to its own slot, copied there straight from the encoder's buffers)."""
+    this thread than to hand to another; frames ready together share a message of up to ``frame_bytes``.
+    On the shortcut frames are copied straight from the encoder's buffers into slots: one frame per slot,
+    or for a copy_only codec up to ``transport.SLOT_MESSAGE_BYTES`` of frames per slot."""
     copy_only = encoder.codec.copy_only
     if link.shortcut:  # each message is a reference to a slot
-        source = (send_frame(parts, link) for parts in itertools.chain([[header]], encoder.chunk_parts()))
-        return _inline(source) if copy_only else ahead(source, AHEAD_FRAMES)
+        frames = itertools.chain([[header]], encoder.chunk_parts())
+        if copy_only:  # frames share slots of up to SLOT_MESSAGE_BYTES: fewer references, fewer gRPC messages
+            return _inline(send_frame(parts, link) for parts in group_messages(frames, transport.SLOT_MESSAGE_BYTES))
+        return ahead((send_frame(parts, link) for parts in frames), AHEAD_FRAMES)
     frames = itertools.chain([header], encoder.chunks())
     if copy_only:  # a frame is ready as soon as asked for: messages packed greedily, none waits on slow work
         return _inline(join_messages(([f] for f in frames), frame_bytes))
