@@ -119,6 +119,13 @@ class HopEncoder:
         self.report.encode_s += time.perf_counter() - started
         return frame
 
+    @property
+    def copy_only(self) -> bool:
+        """Whether the started stream's frames are only copies of host memory (a ``Codec.copy_only`` codec
+        and the cache on the CPU): cheaper to encode on the caller's thread than to hand to a worker. A
+        cache on an accelerator is not: each chunk waits on a device-to-host copy, which a worker overlaps."""
+        return self._stream is not None and self.codec.copy_only and self._stream[0].keys[0].device.type == "cpu"
+
     def chunk_parts(self) -> Iterator[list]:
         """The chunk frames of the started stream, each as a list of buffers."""
         return self._timed(iter_chunk_parts, lambda parts: sum(len(memoryview(p).cast("B")) for p in parts))

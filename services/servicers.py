@@ -240,10 +240,11 @@ def encoded_messages(encoder: HopEncoder, header: bytes, link: transport.HopLink
     """The KV stream messages of a started encoder (its header frame given): what a sending end yields after
     the setup, once ``link`` negotiated the transport. Frames are encoded ahead in a worker thread while
     earlier ones are sent (``ahead``), except for a ``copy_only`` codec, whose frames cost less to encode on
-    this thread than to hand to another; frames ready together share a message of up to ``frame_bytes``.
+    this thread than to hand to another (``HopEncoder.copy_only``: a CPU cache); frames ready together share
+    a message of up to ``frame_bytes``.
     On the shortcut frames are copied straight from the encoder's buffers into slots: one frame per slot,
     or for a copy_only codec up to ``transport.SLOT_MESSAGE_BYTES`` of frames per slot."""
-    copy_only = encoder.codec.copy_only
+    copy_only = encoder.copy_only
     if link.shortcut:  # each message is a reference to a slot
         frames = itertools.chain([[header]], encoder.chunk_parts())
         if copy_only:  # frames share slots of up to SLOT_MESSAGE_BYTES: fewer references, fewer gRPC messages

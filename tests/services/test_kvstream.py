@@ -106,6 +106,10 @@ def test_encoded_messages_carry_the_encoders_frames_whatever_thread_encodes_them
         return [send_frame(m) async for m in encoded_messages(encoder, header, HopLink(None), frame_bytes)]
 
     sent = asyncio.run(messages())
+    started = HopEncoder(get_codec(codec), frame_bytes=frame_bytes)
+    assert not started.copy_only  # nothing to encode before start
+    started.start(cache)
+    assert started.copy_only == (codec == "raw")  # a CPU cache through raw: copies of host memory only
     frames, _ = asyncio.run(collect(sent))
     assert frames == expected
     assert all(len(m) <= frame_bytes or bytes(m) in expected for m in sent)  # only a frame bigger than a message stands alone
