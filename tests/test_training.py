@@ -120,6 +120,29 @@ def test_codec_aware_phase2_feeds_the_adapter_a_decoded_cache(zoo_pair, tiny_pai
     assert history[-1]["step"] == 4 and torch.isfinite(torch.tensor(history[-1]["train_loss"]))
 
 
+def test_scrambled_phase1_texts_keep_the_vocabulary_and_length_and_nothing_else():
+    """p_scrambled replaces texts by shuffled words of the training contexts (same word count), deterministically
+    per step; 0 draws exactly the paper's batch, and each worker's shard is its part of the same global batch."""
+    from collections import Counter
+
+    from densecomm_core.training.phase1 import phase1_batch
+
+    plain = phase1_batch(CONTEXTS, Phase1Config(batch_size=16), step=5)
+    assert plain == phase1_batch(CONTEXTS, Phase1Config(batch_size=16, p_scrambled=0.0), step=5) and set(plain) <= set(CONTEXTS)
+    config = Phase1Config(batch_size=16, p_scrambled=0.5)
+    mixed = phase1_batch(CONTEXTS, config, step=5)
+    assert mixed == phase1_batch(CONTEXTS, config, step=5) and mixed != phase1_batch(CONTEXTS, config, step=6)
+    vocabulary = {w for c in CONTEXTS for w in c.split()}
+    changed = [(m, p) for m, p in zip(mixed, plain) if m != p]
+    assert 0 < len(changed) < 16  # about half
+    for text, original in changed:
+        assert len(text.split()) == len(original.split()) and set(text.split()) <= vocabulary and text not in CONTEXTS
+    assert all(m == p for m, p in zip(mixed, plain) if m in CONTEXTS)  # the others are the paper's texts, in place
+    assert Counter(w for t, _ in changed for w in t.split()) != Counter(w for _, o in changed for w in o.split())  # mixed in another context's words
+    left, right = (phase1_batch(CONTEXTS, config, 5, rank, 2) for rank in (0, 1))
+    assert (left, right) == (mixed[0::2], mixed[1::2])
+
+
 def test_mismatched_aware_examples_read_another_examples_cache(tiny_pair):
     """p_mismatch swaps the sender's input of context-aware examples only, deterministically per step; 0 keeps
     every example's own input (and the batch the paper's recipe draws)."""

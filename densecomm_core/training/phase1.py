@@ -42,6 +42,17 @@ class Phase1Config:
     seed: int = 0
     eval_every: int = 200  # validation loss (and, in-process, the checkpoint interval)
     gate_lr_multiplier: float = 1.0  # the gates' rate relative to the MLPs' (see training.loop.build_optimizer)
+    # Texts replaced by scrambled text (ours, not the paper's): the words of the text and of another training
+    # context in random order, cut to the text's length. A stand-in for the paper's general corpus: the same
+    # vocabulary with no task layout, so the map is fitted beyond the families' layouts (0: the paper's recipe).
+    p_scrambled: float = 0.0
+
+
+def scrambled(text: str, other: str, rng) -> str:
+    """``text``'s and ``other``'s words shuffled together, cut to ``text``'s word count."""
+    words = text.split() + other.split()
+    rng.shuffle(words)
+    return " ".join(words[: len(text.split())])
 
 
 def reconstruction_loss(predicted: KVCache, target: KVCache) -> torch.Tensor:
@@ -67,7 +78,12 @@ def batch_loss(adapter: DenseAdapter, sender: LoadedModel, receiver: LoadedModel
 
 def phase1_batch(contexts: Sequence[str], config: Phase1Config, step: int, rank: int = 0, world: int = 1) -> list[str]:
     """The global batch of step ``step`` (a function of seed and step alone), then this worker's shard."""
-    return shard(batch_rng(config.seed, step, "phase1").sample(list(contexts), config.batch_size), rank, world)
+    rng = batch_rng(config.seed, step, "phase1")
+    contexts = list(contexts)
+    texts = rng.sample(contexts, config.batch_size)
+    if config.p_scrambled > 0:  # drawn after the sample: p_scrambled 0 keeps earlier batches exactly
+        texts = [scrambled(t, rng.choice(contexts), rng) if rng.random() < config.p_scrambled else t for t in texts]
+    return shard(texts, rank, world)
 
 
 def phase1_step(

@@ -74,7 +74,7 @@ def phase_config(config: TrainConfig, phase: str):
     common = dict(steps=ph.steps, batch_size=ph.batch_size, lr=ph.lr, warmup_steps=ph.warmup_steps, weight_decay=ph.weight_decay,
                   seed=config.seed, eval_every=ph.eval_every, gate_lr_multiplier=ph.gate_lr_multiplier)
     if phase == "phase1":
-        return Phase1Config(**common)
+        return Phase1Config(**common, p_scrambled=ph.p_scrambled)
     return Phase2Config(**common, p_aware=ph.p_aware, input_codec=ph.input_codec or None,
                         input_codec_params=dict(ph.input_codec_params) or None, p_input_codec=ph.p_input_codec,
                         p_mismatch=ph.p_mismatch)
