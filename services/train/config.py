@@ -281,11 +281,30 @@ def validate(config: TrainConfig) -> TrainConfig:
     return config
 
 
-def load_train_config(path: str | Path | None, **overrides) -> TrainConfig:
-    """Defaults, then the TOML file, then top-level overrides; validated."""
+def read_train_toml(path: str | Path | None, seen: tuple[str, ...] = ()) -> dict:
+    """A config file's table (``path``: a file or a built-in name). With ``extends = "<built-in name or path,
+    relative to this file>"``, the named config's table comes first and this file's keys replace its keys,
+    section by section: an experiment states only what it changes."""
     from services.config import read_toml
 
-    data = read_toml(BUILTIN.get(str(path), path), TrainConfigError)
+    file = BUILTIN.get(str(path), path)
+    data = read_toml(file, TrainConfigError)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    _check(isinstance(parent, str) and parent != "", "extends", f"must be a built-in config name or a path, got {parent!r}")
+    parent_file = BUILTIN.get(parent, Path(file).parent / parent)
+    _check(str(Path(parent_file).resolve()) not in (*seen, str(Path(file).resolve())), "extends",
+           f"{parent!r} leads back to {str(file)!r}: configs cannot extend themselves")
+    merged = read_train_toml(parent_file, (*seen, str(Path(file).resolve())))
+    for key, value in data.items():
+        merged[key] = merged.get(key, {}) | value if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def load_train_config(path: str | Path | None, **overrides) -> TrainConfig:
+    """Defaults, then the TOML file (and the configs it ``extends``), then top-level overrides; validated."""
+    data = read_train_toml(path)
     data |= {k: v for k, v in overrides.items() if v is not None}
     base = TrainConfig()
     sections = {name: _typed(cls, data.pop(name, {}), f"[{name}]", getattr(base, name)) for name, cls in SECTIONS.items()}

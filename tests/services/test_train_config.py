@@ -96,6 +96,31 @@ def test_missing_and_malformed_files(tmp_path):
         load_train_config(write(tmp_path, "[phase1\nsteps = 3"))
 
 
+def test_a_config_extends_another_key_by_key(tmp_path):
+    """``extends`` reads the named config first (a built-in name, or a path relative to the file); the file's
+    keys replace its keys section by section, so the other keys of a section it touches are kept."""
+    from dataclasses import replace
+
+    (tmp_path / "base.toml").write_text("seed = 3\n[phase1]\nsteps = 400\nlr = 0.01\n[phase2]\nsteps = 500\n")
+    child = tmp_path / "child.toml"
+    child.write_text('extends = "base.toml"\nname = "child"\n[phase1]\nsteps = 200\n')
+    config, base = load_train_config(child), load_train_config(tmp_path / "base.toml")
+    assert (config.seed, config.phase1.steps, config.phase1.lr, config.phase2.steps) == (3, 200, 0.01, 500)
+    assert replace(config, name=base.name, phase1=replace(config.phase1, steps=400)) == base
+    v2 = load_train_config("zoo-v2")
+    child.write_text('extends = "zoo-v2"\n[phase2]\np_aware = 0.5\n')  # a built-in name
+    assert replace(load_train_config(child), phase2=replace(v2.phase2, p_aware=0.5)) == replace(v2, phase2=replace(v2.phase2, p_aware=0.5))
+    child.write_text('extends = "absent.toml"\n')
+    with pytest.raises(TrainConfigError, match="absent.toml' does not exist"):
+        load_train_config(child)
+    child.write_text('extends = "child.toml"\n')
+    with pytest.raises(TrainConfigError, match="extends 'child.toml' leads back to .*cannot extend themselves"):
+        load_train_config(child)
+    child.write_text("extends = 3\n")
+    with pytest.raises(TrainConfigError, match="extends must be a built-in config name or a path, got 3"):
+        load_train_config(child)
+
+
 def test_dry_run_plan_checks_the_data_and_starts_nothing(tmp_path):
     import ray
 
