@@ -60,6 +60,9 @@ class UnknownBasisError(CodecError):
     """The stream names a KV basis this process has not loaded."""
 
 
+ANALYSES_KEPT = 4  # scaled analysis matrices kept per basis side: (step, device) pairs
+
+
 @dataclass(frozen=True)
 class SideBasis:
     """One side (K or V) of one layer: per KV head mean (H, D), basis (H, D, D) with components as
@@ -68,6 +71,24 @@ class SideBasis:
     mean: torch.Tensor
     basis: torch.Tensor
     rms: float
+    # (rel_step, device) -> the scaled analysis matrix, kept for the basis's life: every stream coded with
+    # the same step shares it (building it is a transposed copy of the basis, ~20 % of a CPU encode).
+    _analyses: dict = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    def analysis(self, rel_step: float, device: torch.device) -> torch.Tensor:
+        """(H, D, D) float32 on ``device``: row c of head h is component c divided by the step
+        (``rel_step · rms``), so one batched matmul turns centred (H, D, t) vectors into component-major
+        codes before rounding. At most ``ANALYSES_KEPT`` (step, device) pairs are kept (a client picks the
+        step; the oldest goes first), plain tensors only; a benign race only builds one twice."""
+        key = (float(rel_step), torch.device(device))
+        analysis = self._analyses.get(key)
+        if analysis is None:
+            analysis = (self.basis.transpose(1, 2) / (rel_step * self.rms)).contiguous().to(device)
+            if type(analysis) is torch.Tensor:  # not a tensor subclass of some tracing mode (fake, meta)
+                while len(self._analyses) >= ANALYSES_KEPT:
+                    self._analyses.pop(next(iter(self._analyses)), None)
+                self._analyses[key] = analysis
+        return analysis
 
 
 @dataclass(frozen=True)
@@ -237,7 +258,6 @@ class TransformCodec(Codec):
         self.key_step, self.value_step, self.strip_rope, self.level = float(key_step), float(value_step), strip_rope, level
         self.basis_name, self.layer = basis, layer
         self.kv_basis: KVBasis | None = None  # resolved by bind, from the bases the caller holds
-        self._analyses: dict = {}  # (side, layer, device) -> scaled basis; shared by the bound stream's layers
 
     @property
     def params(self) -> dict:
@@ -266,7 +286,7 @@ class TransformCodec(Codec):
                 raise CodecError(f"basis {self.basis_name!r} was fitted on cache space {kv_basis.cache_fingerprint!r}, "
                                  f"this stream is {cache_fingerprint!r}: name each hop's own basis (or basis='auto')")
         bound = copy.copy(self)
-        bound.basis_name, bound.kv_basis, bound._analyses = kv_basis.fingerprint, kv_basis, {}
+        bound.basis_name, bound.kv_basis = kv_basis.fingerprint, kv_basis
         return bound
 
     def for_layer(self, layer: int) -> Codec:
@@ -288,25 +308,15 @@ class TransformCodec(Codec):
         if len(x_shape) != 4 or tuple(x_shape[1::2]) != tuple(side.mean.shape):
             raise CodecError(f"{what} of shape {tuple(x_shape)} do not match the KV basis (heads, head_dim) = {tuple(side.mean.shape)}")
 
-    def _analysis(self, which: int, side: SideBasis, rel: float, device: torch.device) -> torch.Tensor:
-        """(H, D, D) float32: row c of head h is component c of its basis divided by the step, so one
-        batched matmul turns centred (H, D, t) vectors into component-major codes before rounding."""
-        key = (which, self.layer, device)
-        analysis = self._analyses.get(key)
-        if analysis is None:  # built once per (stream, layer, side); a benign race only builds it twice
-            analysis = (side.basis.transpose(1, 2) / (rel * side.rms)).contiguous().to(device)
-            self._analyses[key] = analysis
-        return analysis
-
     def encode_parts(self, keys: torch.Tensor, values: torch.Tensor) -> list:
         parts = []
-        for which, (x, side, rel, what) in enumerate(zip((keys, values), self._sides(), (self.key_step, self.value_step), ("keys", "values"))):
+        for x, side, rel, what in zip((keys, values), self._sides(), (self.key_step, self.value_step), ("keys", "values")):
             self._check(tuple(x.shape), side, what)
             # Centre in float32 (one pass: the bf16 input is promoted as it is read), then one batched
             # matmul with the step folded into the basis gives component-major codes (B, H, D, t).
             x = x if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else x.float()
             centred = x - side.mean.to(x.device)[None, :, None]  # (B, H, t, D) float32
-            codes = torch.matmul(self._analysis(which, side, rel, x.device), centred.transpose(2, 3)).round_()  # (B, H, D, t)
+            codes = torch.matmul(side.analysis(rel, x.device), centred.transpose(2, 3)).round_()  # (B, H, D, t)
             if codes.numel():
                 low, high = torch.aminmax(codes)
                 peak = max(-float(low), float(high))
@@ -332,10 +342,10 @@ class TransformCodec(Codec):
         """What ``decode(encode(...))`` gives, on the inputs' device without bytes: the same codes (the
         wire stores them as integers, exactly) times the same steps, through the same basis."""
         out = []
-        for which, (x, side, rel, what) in enumerate(zip((keys, values), self._sides(), (self.key_step, self.value_step), ("keys", "values"))):
+        for x, side, rel, what in zip((keys, values), self._sides(), (self.key_step, self.value_step), ("keys", "values")):
             self._check(tuple(x.shape), side, what)
             centred = x.float() - side.mean.to(x.device)[None, :, None]
-            codes = torch.matmul(self._analysis(which, side, rel, x.device), centred.transpose(2, 3)).round_()  # (B, H, D, t)
+            codes = torch.matmul(side.analysis(rel, x.device), centred.transpose(2, 3)).round_()  # (B, H, D, t)
             peak = float(codes.abs().max()) if codes.numel() else 0.0
             if not math.isfinite(peak):
                 raise CodecError(f"pca cannot code non-finite {what}; use a lossless codec for such caches")

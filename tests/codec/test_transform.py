@@ -245,3 +245,22 @@ def test_reconstruct_refuses_what_the_wire_refuses(basis):
     keys[0, 0, 3, 0] = float("nan")
     with pytest.raises(CodecError, match="non-finite"):
         bound.reconstruct(keys, keys)
+
+
+def test_scaled_bases_are_built_once_and_shared_across_streams(basis):
+    """The analysis matrix of a (layer, side) is built for the first stream coded with a step and reused
+    by every later stream, which codes exactly as before; a client-chosen step cannot grow the cache
+    past ``ANALYSES_KEPT`` entries."""
+    cache = correlated_cache(seed=7)
+    codec = get_codec("pca", key_step=0.3, value_step=0.4, strip_rope=False)
+    first = encode_cache(cache, codec)
+    side = basis.keys[0]
+    built = side.analysis(0.3, torch.device("cpu"))
+    assert side.analysis(0.3, "cpu") is built  # the one the first stream built, not a new copy
+    assert torch.equal(built, basis.keys[0].basis.transpose(1, 2) / (0.3 * side.rms))
+    assert encode_cache(cache, codec) == first  # a second stream: the same bytes
+    for step in (0.5, 0.6, 0.7, 0.8, 0.9):
+        side.analysis(step, "cpu")
+    assert len(side._analyses) == transform.ANALYSES_KEPT
+    assert side.analysis(0.3, "cpu") is not built  # the oldest went first; rebuilt equal on demand
+    assert torch.equal(side.analysis(0.3, "cpu"), built)
