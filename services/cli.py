@@ -414,6 +414,8 @@ def cmd_bench_relay(args: argparse.Namespace) -> int:
             for label, name, params in bench.HOP_CODECS[:2]:
                 rows = hop_profile.stage_table(cache, name, params, report["frame_bytes"], args.workers, args.repeats, sink.address)
                 print(hop_profile.render_stages(label, rows))
+                print(hop_profile.render_budget(hop_profile.hop_budget(cache, name, params, report["frame_bytes"], args.workers,
+                                                                       sink.address, sink.pid)))
                 print()
         print("cProfile of one raw hop (encode + gRPC stream + verify/decode, client and sink in one process):\n")
         print(hop_profile.cprofile_hop(cache, args.workers, report["frame_bytes"]))

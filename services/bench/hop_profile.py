@@ -9,6 +9,10 @@
                                      protobuf serialize + parse that the raw framing no longer pays, and the hop's
                                      own wall time (as the services run it: a ``copy_only`` codec on the
                                      streams' own threads, others encoded ahead and decoded overlapped)
+    cpu_budget(...)                  the CPU time both processes spend on the bare stream and on the hop (the
+                                     sink's read from /proc), and what that allows on this machine's cores:
+                                     with perfect overlap a hop takes at least its CPU time / cores, so
+                                     bare / that is the best ratio the hop's current work can reach here
     render_stages(rows)              the table, with the gap to the bare stream and what the stages add up to
     cprofile_hop(cache, workers)     cProfile's top functions of one raw hop (client and sink in one process)
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import time
 
 import torch
@@ -132,6 +137,77 @@ def stage_table(cache: KVCache, codec_name: str, params: dict, frame_bytes: int,
         row["mb_s"] = cache.nbytes / row["seconds"] / 1e6 if row["seconds"] > 0 else float("inf")
         row["messages"], row["frames"] = len(messages), len(frames)
     return rows
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far (all its threads), from /proc; None where there
+    is no /proc (not Linux). Resolution: one clock tick (10 ms), so callers time many runs."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cpu_budget(run_bare, run_hop, sink_pid: int, raw_bytes: int, min_seconds: float = 0.5) -> dict | None:
+    """Per run: wall and CPU seconds (this sending process + the sink process ``sink_pid``) of the bare
+    stream (``run_bare() -> wall s``) and of the hop (``run_hop() -> wall s``), each repeated until
+    ``min_seconds`` of wall time (CPU counters tick at 10 ms); None where the sink's CPU cannot be read.
+
+    With ``cores`` cores and perfect overlap a hop cannot finish faster than its CPU time / cores (nor than
+    the bare stream), so ``bare_wall / floor`` is the best ratio the hop's present work allows here."""
+    measured = {}
+    for name, run in (("bare", run_bare), ("hop", run_hop)):
+        run()  # warm: the first call pays channel setup
+        runs, wall = 0, 0.0
+        sink_before, cpu_before = process_cpu_seconds(sink_pid), time.process_time()
+        if sink_before is None:
+            return None
+        while wall < min_seconds or runs < 3:
+            wall += run()
+            runs += 1
+        sink_cpu = process_cpu_seconds(sink_pid) - sink_before
+        measured[name] = {"wall": wall / runs, "sender_cpu": (time.process_time() - cpu_before) / runs, "sink_cpu": sink_cpu / runs}
+    cores = usable_cores()
+    hop_cpu = measured["hop"]["sender_cpu"] + measured["hop"]["sink_cpu"]
+    floor = max(measured["bare"]["wall"], hop_cpu / cores)
+    return {**measured, "cores": cores, "floor": floor, "best_ratio": measured["bare"]["wall"] / floor,
+            "best_mb_s": raw_bytes / floor / 1e6}
+
+
+def hop_budget(cache: KVCache, codec_name: str, params: dict, frame_bytes: int, workers: int, address: str,
+               sink_pid: int, min_seconds: float = 0.5) -> dict | None:
+    """``cpu_budget`` of one hop of ``cache`` through ``codec_name`` to the sink process at ``address``,
+    against a bare stream of the same wire bytes in the same number of messages."""
+    from services.bench.relay import bare_stream, one_hop
+
+    encoder = HopEncoder(get_codec(codec_name, **params), frame_bytes=frame_bytes)
+    messages = list(join_messages([[f] for f in encoder.frames(cache)], frame_bytes))
+    wire = sum(len(m) for m in messages)
+    return cpu_budget(lambda: asyncio.run(bare_stream(wire, max(1, wire // len(messages)), address)),
+                      lambda: asyncio.run(one_hop(cache, codec_name, params, True, workers, frame_bytes, address=address)).seconds,
+                      sink_pid, cache.nbytes, min_seconds)
+
+
+def render_budget(budget: dict | None) -> str:
+    if budget is None:
+        return "CPU budget: not measured (the sink's CPU time is read from /proc, which this system lacks)"
+    lines = [f"CPU budget per run, both processes (sending | sink), {budget['cores']} usable cores:",
+             f"{'':14s} {'wall ms':>8s} {'sender CPU':>11s} {'sink CPU':>9s} {'both':>8s}"]
+    for name in ("bare", "hop"):
+        m = budget[name]
+        lines.append(f"{name + ' stream' if name == 'bare' else 'the hop':14s} {1e3 * m['wall']:8.2f} {1e3 * m['sender_cpu']:11.2f} "
+                     f"{1e3 * m['sink_cpu']:9.2f} {1e3 * (m['sender_cpu'] + m['sink_cpu']):8.2f}")
+    hop_cpu = budget["hop"]["sender_cpu"] + budget["hop"]["sink_cpu"]
+    lines.append(f"floor with perfect overlap: max(bare {1e3 * budget['bare']['wall']:.2f} ms, hop CPU {1e3 * hop_cpu:.2f} ms / "
+                 f"{budget['cores']} cores) = {1e3 * budget['floor']:.2f} ms: with the hop's present work this machine allows at "
+                 f"best {budget['best_ratio']:.2f}x the bare stream, {budget['best_mb_s']:.0f} MB/s of raw KV")
+    return "\n".join(lines)
 
 
 def render_stages(codec_name: str, rows: list[dict]) -> str:

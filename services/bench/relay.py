@@ -165,6 +165,10 @@ class SinkProcess:
             raise
         return self
 
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
     def __exit__(self, *exc) -> None:
         self.process.kill()
         self.process.join(10)

@@ -73,6 +73,33 @@ def test_profile_stages_explain_the_hop(codec, frame_bytes, frames):
     assert "gap to the bare stream" in text and "% of hop" in text
 
 
+def test_cpu_budget_is_the_floor_perfect_overlap_allows(monkeypatch):
+    """The floor is max(bare wall, hop CPU of both processes / cores), from CPU counters read before and
+    after enough runs; no /proc -> not measured, said so."""
+    import os
+    import time
+
+    def busy(seconds: float) -> float:  # a run that keeps this process's core busy for ``seconds``
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+        return seconds
+
+    monkeypatch.setattr(hop_profile, "usable_cores", lambda: 2)
+    # the "sink" is this process too, so the hop's CPU counts twice: 2 x 10 ms per run over 2 cores
+    budget = hop_profile.cpu_budget(lambda: busy(0.004), lambda: busy(0.01), os.getpid(), raw_bytes=10**7, min_seconds=0.2)
+    assert budget["cores"] == 2 and budget["bare"]["wall"] == pytest.approx(0.004, rel=0.05)
+    assert budget["hop"]["sender_cpu"] == pytest.approx(0.01, abs=0.004) == budget["hop"]["sink_cpu"]
+    assert budget["floor"] == pytest.approx(max(0.004, (budget["hop"]["sender_cpu"] + budget["hop"]["sink_cpu"]) / 2))
+    assert budget["best_ratio"] == pytest.approx(0.004 / budget["floor"]) and budget["best_mb_s"] == pytest.approx(10 / budget["floor"])
+    text = hop_profile.render_budget(budget)
+    assert "floor with perfect overlap" in text and f"{budget['best_ratio']:.2f}x the bare stream" in text
+    assert hop_profile.process_cpu_seconds(2**22 + 12345) is None  # no such process
+    monkeypatch.setattr(hop_profile, "process_cpu_seconds", lambda pid: None)
+    assert hop_profile.cpu_budget(lambda: 0.001, lambda: 0.001, os.getpid(), 1) is None
+    assert "not measured" in hop_profile.render_budget(None)
+
+
 def test_handoff_rows_say_what_each_hop_used_and_the_time_without_the_transform():
     row = {"transport": "shm, raw codec", "used": "shm/shm", "codec": "raw", "raw_mb": 26.5, "handoff_ms": 50.0,
            "sender_encode_ms": 5.0, "transform_ms": 30.0, "receiver_transfer_ms": 45.0, "layer0_before_last_chunk_ms": 1.0}
@@ -105,6 +132,9 @@ def test_hops_and_their_ceiling_cross_into_a_sink_process_and_the_shortcut_works
                     assert run.wire_bytes == wire
                 if (codec, transport) == ("raw", "shm"):  # copy_only frames share slots: fewer messages than frames
                     assert run.messages < len(list(HopEncoder(get_codec("raw"), frame_bytes=frame_bytes).frames(cache)))
+            budget = hop_profile.hop_budget(cache, "raw", {}, frame_bytes, 1, sink.address, sink.pid, min_seconds=0.05)
+            assert budget["hop"]["sink_cpu"] > 0 and budget["bare"]["sender_cpu"] > 0  # the sink's CPU is read across processes
+            assert budget["floor"] >= budget["bare"]["wall"] and 0 < budget["best_ratio"] <= 1
         assert not sink.process.is_alive()
     finally:
         bench.close_bench_pool()
