@@ -331,8 +331,9 @@ class TransformCodec(Codec):
                 raise CodecError(f"{what} lie {peak:.3g} steps from the basis mean: not this basis's cache space")
             codes = codes.to(CODE_WIDTHS[width]).cpu()  # contiguous, component-major
             parts.append(bytes([width]))
-            for plane in byte_planes(codes):
-                parts.extend(section_parts(plane, self.level))
+            planes = byte_planes(codes)
+            for i, plane in enumerate(planes):  # the top plane (int8 codes, or wider codes' high bytes) shrinks: no probe
+                parts.extend(section_parts(plane, self.level, probe=i < len(planes) - 1))
         return parts
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor) -> bytes:
