@@ -22,15 +22,21 @@ def rotary_cos_sin(model: RopeModel, positions: torch.Tensor) -> tuple[torch.Ten
     return cos.float(), sin.float()
 
 
+def _rotated(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, model: RopeModel) -> torch.Tensor:
+    # apply_rotary_pos_emb rotates a query and a key; only the key is wanted, so the query is one head of
+    # the keys (B, 1, T, D): its result is discarded, and the key's does not depend on it (bit for bit)
+    return model.apply_rotary(keys[:, :1], keys, cos, sin)[1]
+
+
 def rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, model: RopeModel) -> torch.Tensor:
     """Apply the model's RoPE to keys (B, H, T, D) with cos/sin (B, T, D)."""
-    return model.apply_rotary(keys, keys, cos, sin)[1]
+    return _rotated(keys, cos, sin, model)
 
 
 def unrotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, model: RopeModel) -> torch.Tensor:
     """Exact inverse of ``rotate_keys``: rotate by -θ, then undo the attention scaling."""
     scale = (cos * cos + sin * sin).unsqueeze(1)  # (B, 1, T, D): m² per coordinate
-    return model.apply_rotary(keys, keys, cos, -sin)[1] / scale
+    return _rotated(keys, cos, -sin, model) / scale
 
 
 def _check(cache: KVCache, model: RopeModel, want_applied: bool) -> None:

@@ -86,3 +86,17 @@ def test_strip_with_the_wrong_model_is_refused(tiny_pair):
     sender, receiver = tiny_pair
     with pytest.raises(CacheLayoutError, match="expects"):
         strip_rope(sender_prefill(sender, TEXTS), receiver)
+
+
+@pytest.mark.parametrize("spec", [TINY_SENDER, TINY_RECEIVER], ids=lambda s: s.family)
+def test_keys_rotate_bit_for_bit_as_the_models_own_function_rotates_them(spec):
+    """rotate_keys hands the model's apply_rotary_pos_emb one head as the (discarded) query: the keys come
+    out exactly as when the keys themselves are the query."""
+    from densecomm_core.rope import rotate_keys, unrotate_keys
+
+    model = tiny_model(spec)
+    keys = torch.randn(2, model.geometry.num_kv_heads, 9, model.geometry.head_dim)
+    cos, sin = rotary_cos_sin(model, torch.arange(9).repeat(2, 1) + torch.tensor([[0], [5]]))
+    assert torch.equal(rotate_keys(keys, cos, sin, model), model.apply_rotary(keys, keys, cos, sin)[1])
+    scale = (cos * cos + sin * sin).unsqueeze(1)
+    assert torch.equal(unrotate_keys(keys, cos, sin, model), model.apply_rotary(keys, keys, cos, -sin)[1] / scale)
