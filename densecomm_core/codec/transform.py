@@ -61,6 +61,7 @@ class UnknownBasisError(CodecError):
 
 
 ANALYSES_KEPT = 4  # scaled analysis matrices kept per basis side: (step, device) pairs
+_ANALYSES_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -85,9 +86,10 @@ class SideBasis:
         if analysis is None:
             analysis = (self.basis.transpose(1, 2) / (rel_step * self.rms)).contiguous().to(device)
             if type(analysis) is torch.Tensor:  # not a tensor subclass of some tracing mode (fake, meta)
-                while len(self._analyses) >= ANALYSES_KEPT:
-                    self._analyses.pop(next(iter(self._analyses)), None)
-                self._analyses[key] = analysis
+                with _ANALYSES_LOCK:  # encoder threads share a basis: evict and insert as one step
+                    while len(self._analyses) >= ANALYSES_KEPT:
+                        self._analyses.pop(next(iter(self._analyses)))
+                    self._analyses[key] = analysis
         return analysis
 
 

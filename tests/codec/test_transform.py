@@ -264,3 +264,19 @@ def test_scaled_bases_are_built_once_and_shared_across_streams(basis):
     assert len(side._analyses) == transform.ANALYSES_KEPT
     assert side.analysis(0.3, "cpu") is not built  # the oldest went first; rebuilt equal on demand
     assert torch.equal(side.analysis(0.3, "cpu"), built)
+
+
+def test_scaled_bases_survive_threads_evicting_each_other(basis):
+    """Encoder threads share a basis; client-chosen steps make them evict and insert at once: no error, and
+    every thread gets its own step's matrix."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    side = basis.values[1]
+
+    def build(i: int) -> bool:
+        step = 0.1 + (i % 11) / 10
+        return torch.equal(side.analysis(step, "cpu"), side.basis.transpose(1, 2) / (step * side.rms))
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(build, range(400)))
+    assert len(side._analyses) <= transform.ANALYSES_KEPT
