@@ -137,7 +137,8 @@ class HopEncoder:
     def _timed(self, encode, size) -> Iterator:
         if self._stream is None:
             raise CodecError("HopEncoder.start(cache) must come before its chunks")
-        frames = encode(*self._stream, workers=self.workers)
+        # a copy_only stream is encoded on the caller's thread (``copy_only``): no worker pool to wait on
+        frames = encode(*self._stream, workers=1 if self.copy_only else self.workers)
         while True:
             started = time.perf_counter()
             frame = next(frames, None)

@@ -236,19 +236,22 @@ async def _inline(iterator):
         yield item
 
 
-def encoded_messages(encoder: HopEncoder, header: bytes, link: transport.HopLink, frame_bytes: int | None):
+def encoded_messages(encoder: HopEncoder, header: bytes, link: transport.HopLink, frame_bytes: int | None,
+                     max_message_bytes: int | None = None):
     """The KV stream messages of a started encoder (its header frame given): what a sending end yields after
     the setup, once ``link`` negotiated the transport. Frames are encoded ahead in a worker thread while
     earlier ones are sent (``ahead``), except for a ``copy_only`` codec, whose frames cost less to encode on
     this thread than to hand to another (``HopEncoder.copy_only``: a CPU cache); frames ready together share
     a message of up to ``frame_bytes``.
     On the shortcut frames are copied straight from the encoder's buffers into slots: one frame per slot,
-    or for a copy_only codec up to ``transport.SLOT_MESSAGE_BYTES`` of frames per slot."""
+    or for a copy_only codec up to ``transport.SLOT_MESSAGE_BYTES`` of frames per slot, never more than
+    ``max_message_bytes`` (a group that finds no free slot leaves as one message of bytes)."""
     copy_only = encoder.copy_only
     if link.shortcut:  # each message is a reference to a slot
         frames = itertools.chain([[header]], encoder.chunk_parts())
         if copy_only:  # frames share slots of up to SLOT_MESSAGE_BYTES: fewer references, fewer gRPC messages
-            return _inline(send_frame(parts, link) for parts in group_messages(frames, transport.SLOT_MESSAGE_BYTES))
+            slot_bytes = min(transport.SLOT_MESSAGE_BYTES, max_message_bytes or transport.SLOT_MESSAGE_BYTES)
+            return _inline(send_frame(parts, link) for parts in group_messages(frames, slot_bytes))
         return ahead((send_frame(parts, link) for parts in frames), AHEAD_FRAMES)
     frames = itertools.chain([header], encoder.chunks())
     if copy_only:  # a frame is ready as soon as asked for: messages packed greedily, none waits on slow work
@@ -668,7 +671,7 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
             hop_setup.transport = "shm" if hop_setup.HasField("shm") else "bytes"
             yield kv_pb2.KVMessage(setup=hop_setup)
             await link.negotiate(call)  # "shm": the adapter maps our slots, each frame goes by reference
-            async for message in encoded_messages(encoder, header, link, self.config.frame_bytes):
+            async for message in encoded_messages(encoder, header, link, self.config.frame_bytes, self.config.max_message_bytes):
                 yield send_frame(message)
             report = encoder.report
             report.transport = link.transport

@@ -117,6 +117,36 @@ def test_encoded_messages_carry_the_encoders_frames_whatever_thread_encodes_them
         assert len(sent) == 1
 
 
+def test_shortcut_groups_stay_within_the_message_limit_when_a_slot_is_refused():
+    """On the shortcut a copy_only stream groups frames per slot; a group that finds no free slot leaves as
+    bytes, so no group may exceed the channel's message limit (the services' max_message_bytes)."""
+    from services import transport
+    from services.servicers import encoded_messages
+
+    class SpillingLink:  # an accepted shortcut whose pool never has a free slot: every group leaves as bytes
+        shortcut = True
+
+        def carry(self, message):
+            return b"".join(bytes(memoryview(p).cast("B")) for p in message)
+
+    g = torch.Generator().manual_seed(0)
+    kv = [torch.randn(1, 2, 2048, 64, generator=g).to(torch.bfloat16) for _ in range(4)]  # 512 KiB per layer
+    cache = KVCache(kv[:2], kv[2:], torch.ones(1, 2048, dtype=torch.bool), torch.arange(2048)[None], True, "big")
+    limit = 600 << 10
+    assert limit < transport.SLOT_MESSAGE_BYTES
+
+    async def messages(max_message_bytes) -> list:
+        encoder = HopEncoder(get_codec("raw"), frame_bytes=256 << 10)
+        header = encoder.start(cache)
+        return [m async for m in encoded_messages(encoder, header, SpillingLink(), 256 << 10, max_message_bytes)]
+
+    capped = asyncio.run(messages(limit))
+    assert all(len(m) <= limit for m in capped) and len(capped) > 1
+    frames, _ = asyncio.run(collect(capped))
+    assert b"".join(frames) == b"".join(HopEncoder(get_codec("raw"), frame_bytes=256 << 10).frames(cache))
+    assert max(len(m) for m in asyncio.run(messages(None))) > limit  # uncapped, groups grow to the slot size
+
+
 def test_overlapped_decode_feeds_inline_while_asked_and_keeps_the_order():
     """Frames go to a worker thread until ``inline()`` says the stream is copy_only; the switch waits for the
     frame still decoding in the thread, so every frame is fed once, in order."""
