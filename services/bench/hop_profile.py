@@ -60,7 +60,7 @@ def stage_table(cache: KVCache, codec_name: str, params: dict, frame_bytes: int,
                 address: str | None = None) -> list[dict]:
     """Seconds of each stage of one hop of ``cache`` through ``codec_name`` (best of ``repeats``); the bare
     stream and the hop itself go to the sink at ``address`` (a ``relay.SinkProcess``; None: this process)."""
-    from services.bench.relay import bare_stream, one_hop
+    from services.bench.relay import one_hop, timed_bare_stream
 
     probe = HopEncoder(get_codec(codec_name, **params), frame_bytes=frame_bytes)
     header_frame = probe.start(cache)
@@ -111,9 +111,7 @@ def stage_table(cache: KVCache, codec_name: str, params: dict, frame_bytes: int,
             _ = parsed.frame.frame  # upb copies the field out when it is read
 
     def bare_run() -> tuple[float, float]:  # (wall, this process's CPU time: how busy the sending end is)
-        cpu = time.process_time()
-        wall = asyncio.run(bare_stream(wire, max(1, wire // len(messages)), address))
-        return wall, time.process_time() - cpu
+        return asyncio.run(timed_bare_stream(wire, max(1, wire // len(messages)), address))
 
     bare_runs = [bare_run() for _ in range(repeats)]
     seconds = {
@@ -156,23 +154,24 @@ def usable_cores() -> int:
 
 def cpu_budget(run_bare, run_hop, sink_pid: int, raw_bytes: int, min_seconds: float = 0.5) -> dict | None:
     """Per run: wall and CPU seconds (this sending process + the sink process ``sink_pid``) of the bare
-    stream (``run_bare() -> wall s``) and of the hop (``run_hop() -> wall s``), each repeated until
-    ``min_seconds`` of wall time (CPU counters tick at 10 ms); None where the sink's CPU cannot be read.
+    stream and of the hop (``run_bare()``, ``run_hop()`` -> (wall s, this process's CPU s over that wall,
+    setup left out)), each repeated until ``min_seconds`` of wall time (the sink's counter ticks at 10 ms);
+    None where the sink's CPU cannot be read.
 
     With ``cores`` cores and perfect overlap a hop cannot finish faster than its CPU time / cores (nor than
     the bare stream), so ``bare_wall / floor`` is the best ratio the hop's present work allows here."""
     measured = {}
     for name, run in (("bare", run_bare), ("hop", run_hop)):
         run()  # warm: the first call pays channel setup
-        runs, wall = 0, 0.0
-        sink_before, cpu_before = process_cpu_seconds(sink_pid), time.process_time()
-        if sink_before is None:
+        runs, wall, cpu = 0, 0.0, 0.0
+        sink_before = process_cpu_seconds(sink_pid)
+        while sink_before is not None and (wall < min_seconds or runs < 3):
+            seconds, seconds_cpu = run()
+            runs, wall, cpu = runs + 1, wall + seconds, cpu + seconds_cpu
+        sink_after = process_cpu_seconds(sink_pid)
+        if sink_before is None or sink_after is None:  # no /proc, or the sink is gone
             return None
-        while wall < min_seconds or runs < 3:
-            wall += run()
-            runs += 1
-        sink_cpu = process_cpu_seconds(sink_pid) - sink_before
-        measured[name] = {"wall": wall / runs, "sender_cpu": (time.process_time() - cpu_before) / runs, "sink_cpu": sink_cpu / runs}
+        measured[name] = {"wall": wall / runs, "sender_cpu": cpu / runs, "sink_cpu": (sink_after - sink_before) / runs}
     cores = usable_cores()
     hop_cpu = measured["hop"]["sender_cpu"] + measured["hop"]["sink_cpu"]
     floor = max(measured["bare"]["wall"], hop_cpu / cores)
@@ -184,13 +183,16 @@ def hop_budget(cache: KVCache, codec_name: str, params: dict, frame_bytes: int, 
                sink_pid: int, min_seconds: float = 0.5) -> dict | None:
     """``cpu_budget`` of one hop of ``cache`` through ``codec_name`` to the sink process at ``address``,
     against a bare stream of the same wire bytes in the same number of messages."""
-    from services.bench.relay import bare_stream, one_hop
+    from services.bench.relay import one_hop, timed_bare_stream
 
     encoder = HopEncoder(get_codec(codec_name, **params), frame_bytes=frame_bytes)
     messages = list(join_messages([[f] for f in encoder.frames(cache)], frame_bytes))
     wire = sum(len(m) for m in messages)
-    return cpu_budget(lambda: asyncio.run(bare_stream(wire, max(1, wire // len(messages)), address)),
-                      lambda: asyncio.run(one_hop(cache, codec_name, params, True, workers, frame_bytes, address=address)).seconds,
+    def hop() -> tuple[float, float]:
+        run = asyncio.run(one_hop(cache, codec_name, params, True, workers, frame_bytes, address=address))
+        return run.seconds, run.cpu_seconds
+
+    return cpu_budget(lambda: asyncio.run(timed_bare_stream(wire, max(1, wire // len(messages)), address)), hop,
                       sink_pid, cache.nbytes, min_seconds)
 
 

@@ -198,6 +198,7 @@ class HopRun:
     wire_bytes: int
     messages: int
     transport: str = "bytes"  # what the frames used ("shm": the same-node shortcut; a small message stays bytes)
+    cpu_seconds: float = 0.0  # this (sending) process's CPU time, all threads, over ``seconds``
 
 
 async def one_hop(cache: KVCache, codec_name: str, params: dict, decode: bool, workers: int, frame_bytes: int,
@@ -229,19 +230,26 @@ async def one_hop(cache: KVCache, codec_name: str, params: dict, decode: bool, w
                     sent[0] += 1
                     yield kv_pb2.KVMessage(frame=kv_pb2.KVFrame(frame=frame))
 
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         call = stub.Generate(messages(), timeout=300, metadata=((DECODE_KEY, "1" if decode else "0"),))
         try:
             events = [e async for e in call]
         finally:
             link.close()
-        return HopRun(time.perf_counter() - started, events[-1].stats.wire_bytes, sent[0], link.transport)
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+        return HopRun(seconds, events[-1].stats.wire_bytes, sent[0], link.transport, cpu)
 
 
 async def bare_stream(total: int, message_bytes: int, address: str | None = None) -> float:
-    """Seconds for ``total`` bytes in ``message_bytes`` messages through a bare loopback gRPC client stream:
-    generic handlers with no (de)serializer (the message is the bytes), the hop's channel options, a sink
-    that only counts. The ceiling a KV hop is measured against; ``address`` as ``one_hop``'s."""
+    """Seconds of ``timed_bare_stream``."""
+    return (await timed_bare_stream(total, message_bytes, address))[0]
+
+
+async def timed_bare_stream(total: int, message_bytes: int, address: str | None = None) -> tuple[float, float]:
+    """(seconds, this process's CPU seconds over them) for ``total`` bytes in ``message_bytes`` messages
+    through a bare loopback gRPC client stream: generic handlers with no (de)serializer (the message is the
+    bytes), the hop's channel options, a sink that only counts. The ceiling a KV hop is measured against;
+    ``address`` as ``one_hop``'s."""
     # distinct messages, made before the clock starts: the stream reads ``total`` bytes of memory, as a hop
     # does (one buffer sent over and over would stay in the CPU's cache)
     count, tail = divmod(total, message_bytes)
@@ -253,12 +261,12 @@ async def bare_stream(total: int, message_bytes: int, address: str | None = None
             for payload in payloads:
                 yield payload
 
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         received = await call(messages(), timeout=300)
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     if int.from_bytes(received, "little") != total:
         raise RuntimeError(f"the bare stream delivered {int.from_bytes(received, 'little')} of {total} bytes")
-    return seconds
+    return seconds, cpu
 
 
 def bare_mb_s(total: int, message_bytes: int, repeats: int, address: str | None = None) -> float:

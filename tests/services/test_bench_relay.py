@@ -79,11 +79,11 @@ def test_cpu_budget_is_the_floor_perfect_overlap_allows(monkeypatch):
     import os
     import time
 
-    def busy(seconds: float) -> float:  # a run that keeps this process's core busy for ``seconds``
-        end = time.perf_counter() + seconds
+    def busy(seconds: float) -> tuple[float, float]:  # a run that keeps this process's core busy for ``seconds``
+        end, cpu = time.perf_counter() + seconds, time.process_time()
         while time.perf_counter() < end:
             pass
-        return seconds
+        return seconds, time.process_time() - cpu
 
     monkeypatch.setattr(hop_profile, "usable_cores", lambda: 2)
     # the "sink" is this process too, so the hop's CPU counts twice: 2 x 10 ms per run over 2 cores
@@ -96,7 +96,7 @@ def test_cpu_budget_is_the_floor_perfect_overlap_allows(monkeypatch):
     assert "floor with perfect overlap" in text and f"{budget['best_ratio']:.2f}x the bare stream" in text
     assert hop_profile.process_cpu_seconds(2**22 + 12345) is None  # no such process
     monkeypatch.setattr(hop_profile, "process_cpu_seconds", lambda pid: None)
-    assert hop_profile.cpu_budget(lambda: 0.001, lambda: 0.001, os.getpid(), 1) is None
+    assert hop_profile.cpu_budget(lambda: (0.001, 0.001), lambda: (0.001, 0.001), os.getpid(), 1) is None
     assert "not measured" in hop_profile.render_budget(None)
 
 
