@@ -129,6 +129,15 @@ class ServeConfig:
         return self.routes or (zoo_route(),)
 
 
+FRAME_HEADROOM = 64 << 10  # a message's frame prefixes and codec section headers, with room to spare
+
+
+def message_bytes_needed(frame_bytes: int) -> int:
+    """The smallest ``max_message_bytes`` that carries any frame of ``frame_bytes`` of cache: the widest codec
+    output (pca's 32-bit codes) is twice a bf16 chunk, plus its prefix and section headers."""
+    return 2 * frame_bytes + FRAME_HEADROOM
+
+
 def zoo_route(suite: str = "v1") -> RouteConfig:
     """The committed zoo pair of ``suite`` as a route named "zoo" (v1: the default route)."""
     from densecomm_core.zoo.pair import zoo_adapter_dir, zoo_model_dirs
@@ -187,8 +196,10 @@ def load_config(path: str | Path | None = None, **overrides) -> ServeConfig:
         raise ConfigError(f"shm_min_bytes must be >= 0, got {config.shm_min_bytes}")
     if config.on_cache_failure not in ("error", "text"):
         raise ConfigError(f"on_cache_failure {config.on_cache_failure!r} must be 'error' or 'text'")
-    if config.frame_bytes > config.max_message_bytes:
-        raise ConfigError(f"frame_bytes {config.frame_bytes} must not exceed max_message_bytes {config.max_message_bytes}")
+    if config.max_message_bytes < message_bytes_needed(config.frame_bytes):
+        raise ConfigError(f"max_message_bytes {config.max_message_bytes} must be at least 2 x frame_bytes + 64 KiB = "
+                          f"{message_bytes_needed(config.frame_bytes)} (frame_bytes {config.frame_bytes}): a frame carries up to "
+                          f"frame_bytes of cache, a pca chunk with 32-bit codes twice that, plus prefixes and section headers")
     for name in ("max_input_bytes", "max_input_tokens", "max_in_flight", "max_cache_bytes", "frame_bytes", "codec_workers"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")

@@ -91,3 +91,9 @@ def test_config_checks_policy_and_limits():
         load_config(None, max_in_flight=0)
     with pytest.raises(ConfigError, match="codec_workers must be >= 1, got 0"):
         load_config(None, codec_workers=0)
+    # a message must hold any frame of frame_bytes: prefixes, headers and the widest codec output (pca int32)
+    with pytest.raises(ConfigError, match=r"max_message_bytes 1048576 must be at least 2 x frame_bytes \+ 64 KiB = 2162688"):
+        load_config(None, max_message_bytes=1 << 20)
+    assert load_config(None, max_message_bytes=2162688).max_message_bytes == 2162688
+    with pytest.raises(ConfigError, match="frame_bytes 4194304"):
+        load_config(None, frame_bytes=4 << 20, max_message_bytes=8 << 20)
