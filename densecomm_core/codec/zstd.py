@@ -7,6 +7,11 @@ import threading
 
 import zstandard
 
+try:  # the standard library's zstd (Python >= 3.14), else its backport: both take zstd's experimental parameters
+    from compression.zstd import CompressionParameter as Parameter, ZstdCompressor
+except ImportError:
+    from backports.zstd import CompressionParameter as Parameter, ZstdCompressor
+
 from densecomm_core.codec.base import CodecError, TruncatedError
 
 _local = threading.local()
@@ -15,24 +20,40 @@ STORED, ZSTD = 0, 1
 
 
 FLOAT_PLANE_MAX_LEVEL = 3
+# zstd's ZSTD_c_literalCompressionMode (an experimental parameter, stable since zstd 1.4.5) and its
+# ZSTD_ps_enable: entropy-code the literals even at negative (accelerated) levels, which store them raw.
+LITERAL_COMPRESSION_MODE, LITERALS_HUFFMAN = 1002, 1
 
 
-def compressor(level: int, float_planes: bool = False) -> zstandard.ZstdCompressor:
-    """A per-thread compressor. ``float_planes`` tunes fast levels (<= 3) for byte planes of floats,
-    which hold almost no repeated strings: a tiny hash table and 7-byte minimum matches leave zstd to
-    its entropy stage (bf16 exponent planes: ~20 % faster and ~13 % smaller than stock level 1;
-    bit-packed integer codes, which do repeat, lose ~3 % with it, so they keep stock settings)."""
+def compressor(level: int, float_planes: bool = False):
+    """A per-thread compressor (``compress`` calls it). ``float_planes`` tunes fast levels (<= 3) for byte
+    planes of floats, which hold few repeated strings: a tiny hash table and 7-byte minimum matches
+    leave zstd mostly to its entropy stage (bf16 exponent planes: ~20 % faster and ~13 % smaller than
+    stock level 1; bit-packed integer codes, which do repeat, lose ~3 % with it, so they keep stock
+    settings). A negative level -k on float planes is zstd's acceleration k (its match finder skips
+    ahead k times faster where it finds nothing) with the literals still Huffman-coded: zstd's own
+    negative levels store literals raw, which leaves an exponent plane nearly uncompressed, while most
+    of a bf16 exponent plane's gain is its entropy stage (see ``LosslessCodec``)."""
     cache = getattr(_local, "compressors", None)
     if cache is None:
         cache = _local.compressors = {}
     key = (level, float_planes)
     if key not in cache:
         if float_planes and level <= FLOAT_PLANE_MAX_LEVEL:
-            params = zstandard.ZstdCompressionParameters.from_level(
-                level, hash_log=6, min_match=7, search_log=1, write_content_size=True, write_checksum=False)
-            cache[key] = zstandard.ZstdCompressor(compression_params=params)
+            # a negative level keeps level 1's tables and accelerates its match finder
+            params = zstandard.ZstdCompressionParameters.from_level(level if level >= 0 else 1, hash_log=6, min_match=7, search_log=1)
+            options = {
+                Parameter.strategy: params.strategy, Parameter.window_log: params.window_log,
+                Parameter.chain_log: params.chain_log, Parameter.hash_log: params.hash_log,
+                Parameter.search_log: params.search_log, Parameter.min_match: params.min_match,
+                Parameter.target_length: -level if level < 0 else params.target_length,
+                Parameter.content_size_flag: 1, Parameter.checksum_flag: 0,
+                LITERAL_COMPRESSION_MODE: LITERALS_HUFFMAN,
+            }
+            frame = ZstdCompressor(options=options)
+            cache[key] = lambda data: frame.compress(data, mode=ZstdCompressor.FLUSH_FRAME)
         else:  # stock level: zstd also sizes its tables to each input
-            cache[key] = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
+            cache[key] = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False).compress
     return cache[key]
 
 
@@ -43,7 +64,7 @@ def decompressor() -> zstandard.ZstdDecompressor:
 
 
 def compress(data: bytes | memoryview, level: int, float_planes: bool = False) -> bytes:
-    return compressor(level, float_planes).compress(data)
+    return compressor(level, float_planes)(data)
 
 
 def decompress(data: bytes | memoryview, expected_size: int) -> bytes:

@@ -37,7 +37,8 @@ from services.config import ServeConfig
 
 CODECS: list[tuple[str, str, dict]] = [
     ("raw", "raw", {}),
-    ("lossless", "lossless", {}),
+    ("lossless", "lossless", {}),  # the default level (LosslessCodec: speed over the last few % of ratio)
+    ("lossless 1", "lossless", {"level": 1}),  # its best ratio at a fast level
     ("int8", "quantized", {"key_bits": 8, "value_bits": 8}),
     ("int4", "quantized", {"key_bits": 4, "value_bits": 4, "group": 64}),
     ("int4k/int3v", "quantized", {"key_bits": 4, "value_bits": 3, "group": 64}),
