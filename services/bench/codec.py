@@ -33,6 +33,7 @@ from densecomm_core.codec import get_codec
 from densecomm_core.codec.bytes import tensor_bytes
 from densecomm_core.codec.transform import KVBases
 from densecomm_core.hop import HopDecoder, HopEncoder, round_trip
+from services.bench import torch_threads
 from services.config import ServeConfig
 
 CODECS: list[tuple[str, str, dict]] = [
@@ -169,7 +170,14 @@ def decode_hop(frames: list[bytes], bases: KVBases, workers: int) -> KVCache:
 
 def measure(cache_name: str, model, caches: list[KVCache], repeats: int, workers: int, bases: KVBases) -> list[CodecRow]:
     """Every codec over ``caches`` of ``model`` (each one request, one hop's encoder and decoder), then
-    zstd -1 over each cache's raw bytes."""
+    zstd -1 over each cache's raw bytes. The ``workers`` chunk threads are the parallelism: torch's ops
+    inside each run on one thread (two levels of threads oversubscribe the cores: pca's encode on two
+    workers, each matmul on two threads, ran ~10 % slower here)."""
+    with torch_threads(1):
+        return _measure(cache_name, model, caches, repeats, workers, bases)
+
+
+def _measure(cache_name: str, model, caches: list[KVCache], repeats: int, workers: int, bases: KVBases) -> list[CodecRow]:
     from densecomm_core.rope import strip_rope
 
     raw_bytes = sum(c.nbytes for c in caches)

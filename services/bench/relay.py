@@ -39,6 +39,7 @@ from densecomm_core.codec import get_codec
 from densecomm_core.hop import HopDecoder, HopEncoder
 from services import kvstream, protos, shm
 from services import transport as hop_transport
+from services.bench import torch_threads
 from services.config import ServeConfig
 from services.servicers import (
     OverlappedDecode,
@@ -392,12 +393,8 @@ def in_process_table(requests: int, codec_name: str = "lossless", threads: int =
     MAX_NEW_TOKENS, one at a time), each cache through the same codec round trip per hop as the services,
     with ``threads`` torch threads (1: as each Ray actor of the stack runs on this 2-core machine; more
     threads beside the other processes oversubscribe the cores and run slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         return _in_process(requests, codec_name) | {"threads": threads}
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _in_process(requests: int, codec_name: str) -> dict:
