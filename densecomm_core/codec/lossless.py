@@ -15,9 +15,9 @@ pages.
 Levels are zstd's, tuned for byte planes (``zstd.compressor``): 1 to 3 its fast levels; -k its acceleration
 k (``zstd --fast=k``) with the exponent plane still Huffman-coded. Most of an exponent plane's gain is its
 entropy stage; the rest is short repeats, which deep layers hold more of and which a faster match finder
-misses. On the Qwen3-4B-geometry cache of ``densecomm bench codec`` (2 threads) level 1 gives ratio 1.65 at
-~0.9 GB/s encode, the default -16 ratio 1.55 at ~1.25 GB/s, -64 ratio 1.51 at ~1.4 GB/s; decode is
-~2 GB/s at every level. A node with CPU to spare or a slow link wants level 1; the default suits a sender
+misses. On the Qwen3-4B-geometry cache of ``densecomm bench codec`` (2 threads; rows ``lossless`` and
+``lossless 1``) level 1 gives ratio 1.65 at ~0.93 GB/s encode, the default -16 ratio 1.55 at ~1.2 GB/s;
+decode is ~2 GB/s at both. A node with CPU to spare or a slow link wants level 1; the default suits a sender
 whose codec, not its link, is the bottleneck (two cores against a 10 Gb/s link and up).
 """
 
