@@ -143,6 +143,36 @@ def test_scrambled_phase1_texts_keep_the_vocabulary_and_length_and_nothing_else(
     assert (left, right) == (mixed[0::2], mixed[1::2])
 
 
+def test_vocabulary_phase1_texts_are_random_words_of_the_whole_vocabulary():
+    """p_vocabulary replaces texts by words drawn from the tokenizer's vocabulary (same word count), deterministically
+    per step; 0 draws exactly the paper's batch; a vocabulary is required and the error names the field."""
+    from densecomm_core.training.phase1 import phase1_batch, vocabulary_words
+    from densecomm_core.zoo.tasks_v2 import OUT_OF_DOMAIN, VOCABULARY_V2
+    from densecomm_core.zoo.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(VOCABULARY_V2)
+    words = vocabulary_words(tokenizer)
+    assert set(words) == set(VOCABULARY_V2) - set(tokenizer.all_special_tokens)  # every word, no special token
+    assert set(OUT_OF_DOMAIN) <= set(words) and len(words) == len(set(words))
+
+    plain = phase1_batch(CONTEXTS, Phase1Config(batch_size=16), step=5)
+    assert plain == phase1_batch(CONTEXTS, Phase1Config(batch_size=16, p_vocabulary=0.0), step=5, vocabulary=words)
+    config = Phase1Config(batch_size=16, p_vocabulary=0.5)
+    mixed = phase1_batch(CONTEXTS, config, step=5, vocabulary=words)
+    assert mixed == phase1_batch(CONTEXTS, config, step=5, vocabulary=words) != phase1_batch(CONTEXTS, config, 6, vocabulary=words)
+    changed = [(m, p) for m, p in zip(mixed, plain) if m != p]
+    assert 0 < len(changed) < 16 and all(m == p for m, p in zip(mixed, plain) if m in CONTEXTS)
+    for text, original in changed:
+        assert len(text.split()) == len(original.split()) and set(text.split()) <= set(words)
+    drawn = {w for t, _ in changed for w in t.split()}
+    assert drawn - {w for c in CONTEXTS for w in c.split()}  # words no training context has
+    assert tokenizer(mixed)["input_ids"] and all(tokenizer.unk_token_id not in ids for ids in tokenizer(mixed)["input_ids"])
+    left, right = (phase1_batch(CONTEXTS, config, 5, rank, 2, words) for rank in (0, 1))
+    assert (left, right) == (mixed[0::2], mixed[1::2])
+    with pytest.raises(ValueError, match="p_vocabulary = 0.5 needs the tokenizer's words"):
+        phase1_batch(CONTEXTS, config, step=5)
+
+
 def test_mismatched_aware_examples_read_another_examples_cache(tiny_pair):
     """p_mismatch swaps the sender's input of context-aware examples only, deterministically per step; 0 keeps
     every example's own input (and the batch the paper's recipe draws)."""

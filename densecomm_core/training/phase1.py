@@ -46,6 +46,20 @@ class Phase1Config:
     # context in random order, cut to the text's length. A stand-in for the paper's general corpus: the same
     # vocabulary with no task layout, so the map is fitted beyond the families' layouts (0: the paper's recipe).
     p_scrambled: float = 0.0
+    # Texts replaced by words drawn uniformly from the tokenizer's whole vocabulary (ours, not the paper's), as many
+    # as the text has. Nearer the paper's general corpus than scrambling: every word the LMs know, those of
+    # families the adapter never trains on included, but no task layout at all (0: the paper's recipe).
+    p_vocabulary: float = 0.0
+
+
+def vocabulary_words(tokenizer) -> list[str]:
+    """Every non-special token of ``tokenizer`` as text, stripped, the empty ones dropped, in id order.
+
+    For a word-level tokenizer (the zoo's) these are its words; for a subword one, pieces that a later
+    tokenization may split again, which a general corpus stand-in does not mind."""
+    special = set(tokenizer.all_special_ids)
+    ids = [[i] for i in range(len(tokenizer)) if i not in special]
+    return [w for w in (t.strip() for t in tokenizer.batch_decode(ids)) if w]
 
 
 def scrambled(text: str, other: str, rng) -> str:
@@ -76,13 +90,21 @@ def batch_loss(adapter: DenseAdapter, sender: LoadedModel, receiver: LoadedModel
     return reconstruction_loss(predicted, target)
 
 
-def phase1_batch(contexts: Sequence[str], config: Phase1Config, step: int, rank: int = 0, world: int = 1) -> list[str]:
-    """The global batch of step ``step`` (a function of seed and step alone), then this worker's shard."""
+def phase1_batch(contexts: Sequence[str], config: Phase1Config, step: int, rank: int = 0, world: int = 1,
+                 vocabulary: Sequence[str] = ()) -> list[str]:
+    """The global batch of step ``step`` (a function of seed and step alone), then this worker's shard.
+
+    ``vocabulary`` (``vocabulary_words``) is required when ``config.p_vocabulary`` > 0."""
+    if config.p_vocabulary > 0 and not vocabulary:
+        raise ValueError(f"phase1 p_vocabulary = {config.p_vocabulary} needs the tokenizer's words (vocabulary_words); got none")
     rng = batch_rng(config.seed, step, "phase1")
     contexts = list(contexts)
     texts = rng.sample(contexts, config.batch_size)
     if config.p_scrambled > 0:  # drawn after the sample: p_scrambled 0 keeps earlier batches exactly
         texts = [scrambled(t, rng.choice(contexts), rng) if rng.random() < config.p_scrambled else t for t in texts]
+    if config.p_vocabulary > 0:  # likewise drawn last
+        texts = [" ".join(rng.choices(vocabulary, k=len(t.split()))) if rng.random() < config.p_vocabulary else t
+                 for t in texts]
     return shard(texts, rank, world)
 
 
@@ -116,6 +138,7 @@ def train_phase1(
     if start:
         log.info("phase 1 resumed at step %d from %s", start, checkpoint)
     render = lambda cs: [prompt_format.sender.format(context=c) for c in cs]
+    vocabulary = vocabulary_words(sender.tokenizer) if config.p_vocabulary > 0 else ()
 
     def evaluate(step: int) -> dict:
         return {"validation_loss": batch_loss(adapter, sender, receiver, render(validation_contexts)).item()} if validation_contexts else {}
@@ -130,7 +153,7 @@ def train_phase1(
                       eval_every=config.eval_every, checkpoint_every=config.eval_every)
     history = run_steps(
         "phase1", adapter, optimizer, loop,
-        lambda step: phase1_step(adapter, sender, receiver, phase1_batch(contexts, config, step), prompt_format),
+        lambda step: phase1_step(adapter, sender, receiver, phase1_batch(contexts, config, step, vocabulary=vocabulary), prompt_format),
         start_step=start, history=history, evaluate=evaluate, on_record=on_record,
         checkpoint=local_checkpoint(checkpoint, "phase1", adapter, optimizer, config),
     )

@@ -129,6 +129,8 @@ class PhaseConfig:
     p_mismatch: float = 0.0
     # phase 1 only: texts replaced by their words and another context's, scrambled (0 = the paper's recipe)
     p_scrambled: float = 0.0
+    # phase 1 only: texts replaced by random words of the tokenizer's whole vocabulary (0 = the paper's recipe)
+    p_vocabulary: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -262,8 +264,8 @@ def validate(config: TrainConfig) -> TrainConfig:
         for key in ("log_every", "eval_every", "checkpoint_every"):
             _check(getattr(ph, key) > 0, f"[{name}].{key}", f"must be > 0, got {getattr(ph, key)}")
         _check(0 <= ph.eval_size, f"[{name}].eval_size", f"must be >= 0, got {ph.eval_size}")
-        _check(all(0 <= getattr(ph, key) <= 1 for key in ("p_aware", "p_input_codec", "p_mismatch", "p_scrambled")), f"[{name}]",
-               "p_aware, p_input_codec, p_mismatch and p_scrambled must be in [0, 1]")
+        _check(all(0 <= getattr(ph, key) <= 1 for key in ("p_aware", "p_input_codec", "p_mismatch", "p_scrambled", "p_vocabulary")),
+               f"[{name}]", "p_aware, p_input_codec, p_mismatch, p_scrambled and p_vocabulary must be in [0, 1]")
     if config.phase2.input_codec:
         from densecomm_core.codec import get_codec
 

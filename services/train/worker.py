@@ -35,6 +35,7 @@ from densecomm_core.training.phase1 import (
     batch_loss,
     phase1_batch,
     phase1_step,
+    vocabulary_words,
 )
 from densecomm_core.training.phase2 import Phase2Config, phase2_batch, phase2_step
 from densecomm_core.training.traces import load_traces, match_traces
@@ -74,7 +75,7 @@ def phase_config(config: TrainConfig, phase: str):
     common = dict(steps=ph.steps, batch_size=ph.batch_size, lr=ph.lr, warmup_steps=ph.warmup_steps, weight_decay=ph.weight_decay,
                   seed=config.seed, eval_every=ph.eval_every, gate_lr_multiplier=ph.gate_lr_multiplier)
     if phase == "phase1":
-        return Phase1Config(**common, p_scrambled=ph.p_scrambled)
+        return Phase1Config(**common, p_scrambled=ph.p_scrambled, p_vocabulary=ph.p_vocabulary)
     return Phase2Config(**common, p_aware=ph.p_aware, input_codec=ph.input_codec or None,
                         input_codec_params=dict(ph.input_codec_params) or None, p_input_codec=ph.p_input_codec,
                         p_mismatch=ph.p_mismatch)
@@ -164,9 +165,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if phase == "phase1":
         contexts = [e.question for e in splits.train]
         val_texts = [fmt.sender.format(context=e.question) for e in validation]
+        vocabulary = vocabulary_words(sender.tokenizer) if core_config.p_vocabulary > 0 else ()
 
         def step_loss(step: int):
-            return phase1_step(model, sender, receiver, phase1_batch(contexts, core_config, step, rank, world), fmt)
+            return phase1_step(model, sender, receiver, phase1_batch(contexts, core_config, step, rank, world, vocabulary), fmt)
 
         def evaluate(step: int) -> dict:
             total, count = 0.0, 0

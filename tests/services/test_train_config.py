@@ -46,6 +46,9 @@ def test_zoo_v2_config_trains_on_v2_in_domain_families_and_its_lms():
     scrambled = load_train_config(Path(services.train.__file__).with_name("zoo-v2-scrambled.toml"))  # zoo-v2 plus p_scrambled
     assert v2.phase1.p_scrambled == 0 and scrambled.phase1.p_scrambled == 0.5
     assert replace(scrambled, name=v2.name, output_dir=v2.output_dir, phase1=replace(scrambled.phase1, p_scrambled=0.0)) == v2
+    vocabulary = load_train_config(Path(services.train.__file__).with_name("zoo-v2-vocabulary.toml"))  # zoo-v2 plus p_vocabulary
+    assert v2.phase1.p_vocabulary == 0 and vocabulary.phase1.p_vocabulary == 0.5
+    assert replace(vocabulary, name=v2.name, output_dir=v2.output_dir, phase1=replace(vocabulary.phase1, p_vocabulary=0.0)) == v2
     splits = load_splits(v2)
     assert {e.family for e in splits.train} == set(get_suite("v2").in_domain)  # OOD families never trained on
     assert len(splits.validation) == v2.data.validation_size and len(splits.test) == v2.data.test_size
@@ -79,7 +82,8 @@ def test_zoo_v2_config_trains_on_v2_in_domain_families_and_its_lms():
         ("[prompts]\nanswer_kind = 'vibes'", r"\[prompts\]\.answer_kind must be one of"),
         ("[phase2]\ninput_codec = 'quantized'\ninput_codec_params = { key_bits = 5 }", r"\[phase2\]\.input_codec 'quantized'"),
         ("[adapter]\ngate_init = 1.0", r"\[adapter\]\.gate_init must be in \(0, 1\)"),
-        ("[phase1]\np_scrambled = 1.5", r"\[phase1\] p_aware, p_input_codec, p_mismatch and p_scrambled must be in \[0, 1\]"),
+        ("[phase1]\np_scrambled = 1.5", r"\[phase1\] p_aware, p_input_codec, p_mismatch, p_scrambled and p_vocabulary must be in \[0, 1\]"),
+        ("[phase1]\np_vocabulary = -0.1", r"\[phase1\] p_aware, .* and p_vocabulary must be in \[0, 1\]"),
         ("name = 'a b'", r"name must be letters, digits"),
         ("[fault]\nphase = 'phase3'", r"\[fault\]\.phase must be"),
     ],
