@@ -85,7 +85,7 @@ class ServeConfig:
     frame_bytes: int = 1 << 20
     # Threads that encode a big cache's chunks in parallel in the sender (zstd, xxh3 and numpy release the
     # GIL; at most 2 x this many frames ahead). 1 keeps a 2-core laptop's four services from contending; a
-    # GPU node whose sender prefills in milliseconds wants several (lossless: ~0.8 GB/s per thread here).
+    # GPU node whose sender prefills in milliseconds wants several (lossless encode: ~0.6 GB/s per thread here).
     codec_workers: int = 1
     max_message_bytes: int = 64 << 20  # gRPC send/receive limit per message (one frame)
     max_cache_bytes: int = 4 << 30  # KV bytes per request: the sender's estimate before prefill, every decoder

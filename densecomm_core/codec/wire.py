@@ -340,7 +340,8 @@ def parse_header(frame: bytes, limits: DecodeLimits) -> WireHeader:
     _require(version in (VERSION, PACKED_VERSION),
              f"wire format version {version} is not supported (this build reads {VERSION} and {PACKED_VERSION})", UnsupportedVersionError)
     _require(size <= limits.max_header_bytes, f"header of {size} bytes exceeds the limit of {limits.max_header_bytes}", LimitExceededError)
-    _require(len(frame) == HEADER_PREFIX.size + size + 8, f"header frame is {len(frame)} bytes, expected {HEADER_PREFIX.size + size + 8}", TruncatedError)
+    _require(len(frame) == HEADER_PREFIX.size + size + DIGEST.size,
+             f"header frame is {len(frame)} bytes, expected {HEADER_PREFIX.size + size + DIGEST.size}", TruncatedError)
     body = frame[HEADER_PREFIX.size : HEADER_PREFIX.size + size]
     (digest,) = DIGEST.unpack_from(frame, HEADER_PREFIX.size + size)
     _require(xxhash.xxh3_64_intdigest(body) == digest, "header checksum mismatch", ChecksumError)
@@ -488,9 +489,9 @@ class StreamDecoder:
             raise
         except Exception as exc:  # a codec bug must still surface as a codec error, never crash a service
             raise CodecError(f"chunk {seq} could not be decoded: {type(exc).__name__}: {exc}") from exc
-        _require(tuple(keys.shape) == key_shape and tuple(values.shape) == value_shape and keys.dtype == values.dtype == h.torch_dtype,
-                 f"chunk {seq} decoded to {tuple(keys.shape)}/{tuple(values.shape)} {keys.dtype}, expected {key_shape}/{value_shape} {h.torch_dtype}",
-                 ShapeMismatchError)
+        if tuple(keys.shape) != key_shape or tuple(values.shape) != value_shape or not keys.dtype == values.dtype == h.torch_dtype:
+            raise ShapeMismatchError(f"chunk {seq} decoded to {tuple(keys.shape)}/{tuple(values.shape)} {keys.dtype}, "
+                                     f"expected {key_shape}/{value_shape} {h.torch_dtype}")
         return ChunkEvent(seq, layer, start, count, keys, values, False)
 
     def place(self, event: ChunkEvent) -> ChunkEvent:
@@ -576,7 +577,7 @@ def split_frames(blob: bytes | memoryview) -> Iterator[memoryview]:
         magic = bytes(view[offset : offset + 4])
         if magic == HEADER_MAGIC:
             _require(len(view) - offset >= HEADER_PREFIX.size, "stream ends inside a header prefix", TruncatedError)
-            size = HEADER_PREFIX.size + HEADER_PREFIX.unpack_from(view, offset)[3] + 8
+            size = HEADER_PREFIX.size + HEADER_PREFIX.unpack_from(view, offset)[3] + DIGEST.size
         elif magic == CHUNK_MAGIC:
             _require(len(view) - offset >= CHUNK_PREFIX_SIZE, "stream ends inside a chunk prefix", TruncatedError)
             size = CHUNK_PREFIX_SIZE + CHUNK_FIELDS.unpack_from(view, offset + 4)[5]

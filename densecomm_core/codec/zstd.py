@@ -10,7 +10,12 @@ import zstandard
 try:  # the standard library's zstd (Python >= 3.14), else its backport: both take zstd's experimental parameters
     from compression.zstd import CompressionParameter as Parameter, ZstdCompressor
 except ImportError:
-    from backports.zstd import CompressionParameter as Parameter, ZstdCompressor
+    try:
+        from backports.zstd import CompressionParameter as Parameter, ZstdCompressor
+    except ImportError as exc:
+        raise ImportError("densecomm's codecs need zstd bindings that pass zstd's experimental parameters: the standard "
+                          "library's compression.zstd (Python >= 3.14, built with zstd) or, below 3.14, the "
+                          "backports.zstd package (pip install 'backports.zstd>=1.0')") from exc
 
 from densecomm_core.codec.base import CodecError, TruncatedError
 

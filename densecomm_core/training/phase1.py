@@ -46,20 +46,22 @@ class Phase1Config:
     # context in random order, cut to the text's length. A stand-in for the paper's general corpus: the same
     # vocabulary with no task layout, so the map is fitted beyond the families' layouts (0: the paper's recipe).
     p_scrambled: float = 0.0
-    # Texts replaced by words drawn uniformly from the tokenizer's whole vocabulary (ours, not the paper's), as many
-    # as the text has. Nearer the paper's general corpus than scrambling: every word the LMs know, those of
-    # families the adapter never trains on included, but no task layout at all (0: the paper's recipe).
+    # Texts replaced by words drawn uniformly from the (shared) tokenizer's whole vocabulary (ours, not the paper's),
+    # as many as the text has. Nearer the paper's general corpus than scrambling: every word the LMs know, those of
+    # families the adapter never trains on included, but no task layout at all (0: the paper's recipe). Drawn after
+    # p_scrambled, over every text: with both set, a scrambled text may be replaced in turn.
     p_vocabulary: float = 0.0
 
 
 def vocabulary_words(tokenizer) -> list[str]:
-    """Every non-special token of ``tokenizer`` as text, stripped, the empty ones dropped, in id order.
+    """Every non-special token of ``tokenizer`` as text, stripped, the empty and repeated ones dropped, in id order.
 
-    For a word-level tokenizer (the zoo's) these are its words; for a subword one, pieces that a later
-    tokenization may split again, which a general corpus stand-in does not mind."""
+    For a word-level tokenizer (the zoo's) these are its words; for a subword one, pieces (" the" and "the"
+    strip to one word, drawn once) that a later tokenization may split again, which a general corpus stand-in
+    does not mind. Both LMs of a pair share the tokenizer (``models.check_shared_tokenizer``, which training and the relay call)."""
     special = set(tokenizer.all_special_ids)
     ids = [[i] for i in range(len(tokenizer)) if i not in special]
-    return [w for w in (t.strip() for t in tokenizer.batch_decode(ids)) if w]
+    return list(dict.fromkeys(w for w in (t.strip() for t in tokenizer.batch_decode(ids)) if w))
 
 
 def scrambled(text: str, other: str, rng) -> str:

@@ -10,7 +10,10 @@ import torch
 
 @contextmanager
 def torch_threads(threads: int) -> Iterator[None]:
-    """torch's intra-op threads set to ``threads`` for the block, restored after."""
+    """torch's intra-op threads set to ``threads`` for the block, restored after.
+
+    torch keeps this count per thread: a worker thread that first runs torch inside the block keeps 1 after
+    it (the benches' own pools are used only inside it), and one that ran torch before keeps its count."""
     previous = torch.get_num_threads()
     torch.set_num_threads(max(1, threads))
     try:

@@ -133,6 +133,10 @@ class PhaseConfig:
     p_vocabulary: float = 0.0
 
 
+# Data options of one phase; set in the other phase's section they are an error, not silently ignored.
+PHASE_ONLY = {"phase1": ("p_scrambled", "p_vocabulary"), "phase2": ("p_mismatch", "input_codec", "input_codec_params")}
+
+
 @dataclass(frozen=True)
 class AdapterSection:
     expansion: int = 16  # hidden width e·d_S of each K/V MLP (paper: 16)
@@ -264,8 +268,11 @@ def validate(config: TrainConfig) -> TrainConfig:
         for key in ("log_every", "eval_every", "checkpoint_every"):
             _check(getattr(ph, key) > 0, f"[{name}].{key}", f"must be > 0, got {getattr(ph, key)}")
         _check(0 <= ph.eval_size, f"[{name}].eval_size", f"must be >= 0, got {ph.eval_size}")
-        _check(all(0 <= getattr(ph, key) <= 1 for key in ("p_aware", "p_input_codec", "p_mismatch", "p_scrambled", "p_vocabulary")),
-               f"[{name}]", "p_aware, p_input_codec, p_mismatch, p_scrambled and p_vocabulary must be in [0, 1]")
+        for key in ("p_aware", "p_input_codec", "p_mismatch", "p_scrambled", "p_vocabulary"):
+            _check(0 <= getattr(ph, key) <= 1, f"[{name}].{key}", f"must be in [0, 1], got {getattr(ph, key)}")
+        other = "phase2" if name == "phase1" else "phase1"
+        for key in PHASE_ONLY[other]:  # the other phase's data options would be silently ignored here
+            _check(not getattr(ph, key), f"[{name}].{key}", f"applies to [{other}] only, got {getattr(ph, key)!r}")
     if config.phase2.input_codec:
         from densecomm_core.codec import get_codec
 

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from densecomm_core.adapter import AdapterConfig, DenseAdapter
-from densecomm_core.models import LoadedModel, load_model
+from densecomm_core.models import LoadedModel, check_shared_tokenizer, load_model
 from densecomm_core.relay import ContextMode, DenseRelay
 from densecomm_core.training.loop import (
     LoopConfig,
@@ -65,9 +65,12 @@ def model_paths(config: TrainConfig) -> dict[str, str]:
 
 
 def load_pair(config: TrainConfig, worker_device: torch.device) -> tuple[LoadedModel, LoadedModel]:
+    """Both models on their devices; a pair whose tokenizers differ is refused (the adapter is token-wise)."""
     m, paths = config.models, model_paths(config)
-    return tuple(load_model(paths[side], dtype=DTYPES[m.dtype], device=resolve_device(getattr(m, f"{side}_device"), worker_device))
-                 for side in ("sender", "receiver"))
+    sender, receiver = (load_model(paths[side], dtype=DTYPES[m.dtype], device=resolve_device(getattr(m, f"{side}_device"), worker_device))
+                        for side in ("sender", "receiver"))
+    check_shared_tokenizer(sender, receiver)
+    return sender, receiver
 
 
 def phase_config(config: TrainConfig, phase: str):

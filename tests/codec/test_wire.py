@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import struct
 
 import pytest
 import torch
+import xxhash
 import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -90,7 +92,7 @@ def test_lossless_beats_raw_on_real_caches(zoo_pair):
     assert lossless < 0.85 * raw
 
 
-@pytest.mark.parametrize("level", [19, 1, -1, -16, -64])
+@pytest.mark.parametrize("level", [19, 3, 2, 1, 0, -1, -16, -64])
 def test_every_lossless_level_is_bit_exact(level):
     cache = make_cache(layers=2, heads=(4, 4), dims=(32, 32), tokens=64, seed=level + 100)
     assert_bit_exact(decode_cache(encode_cache(cache, get_codec("lossless", level=level))), cache)
@@ -220,6 +222,29 @@ def test_chunk_errors():
         feed(b"NOPE" + chunk[4:])
     with pytest.raises(TruncatedError, match="stream ends|needs"):
         list(split_frames(b"".join(frames)[:-3]))
+
+    # Checksummed (as a buggy or hostile sender would send them) but not what the header announced:
+    def forged(chunk, **changes):
+        from densecomm_core.codec.wire import CHUNK_FIELDS, CHUNK_PREFIX_SIZE, DIGEST
+
+        names = ("seq", "layer", "reserved", "start", "count", "size")
+        fields = dict(zip(names, CHUNK_FIELDS.unpack_from(chunk, 4))) | changes
+        packed = CHUNK_FIELDS.pack(*(fields[n] for n in names))
+        digest = xxhash.xxh3_64(packed + chunk[CHUNK_PREFIX_SIZE:]).intdigest()
+        return chunk[:4] + packed + DIGEST.pack(digest) + chunk[CHUNK_PREFIX_SIZE:]
+
+    assert feed(forged(chunk)).seq == 0  # the forger itself is sound
+    header = json.loads(frames[0][HEADER_PREFIX.size : -8])
+    with pytest.raises(ShapeMismatchError, match=rf"sequence number {header['num_chunks']} is beyond the header's {header['num_chunks']} chunks"):
+        feed(forged(chunk, seq=header["num_chunks"]))
+    with pytest.raises(ShapeMismatchError, match=r"chunk 0 covers \(layer, start, count\) = \(1, 0, 4\), header says \(0, 0, 4\)"):
+        feed(forged(chunk, layer=1))
+
+
+@pytest.mark.parametrize("level", [-65, 20, 1.0, "1", None])
+def test_lossless_levels_outside_zstds_range_are_refused(level):
+    with pytest.raises(CodecError, match=rf"lossless level must be an integer in \[-64, 19\], got {re.escape(repr(level))}"):
+        get_codec("lossless", level=level)
 
 
 def test_wire_stream_refuses_left_padded_caches():
