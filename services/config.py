@@ -6,6 +6,7 @@ Example (``densecomm serve --config serve.toml``)::
     relay_port = 50051
     default_route = "zoo"
     default_codec = "lossless"
+    default_codec_params = { level = 1 }   # optional: zstd level 1 (more ratio, more CPU) for a slow link
 
     [[routes]]
     name = "qwen3-14b-to-4b"
@@ -29,6 +30,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from densecomm_core.codec import CodecError, get_codec
 from densecomm_core.errors import DenseCommError
 
 
@@ -76,6 +78,9 @@ class ServeConfig:
     routes: tuple[RouteConfig, ...] = ()  # empty = the embedded zoo route
     default_route: str = "zoo"
     default_codec: str = "lossless"
+    # The default codec's parameters for this deployment, e.g. {level = 1} (lossless: better ratio, more CPU) for
+    # a slow link; a request's own params_json for that codec overrides them key by key. Checked at load.
+    default_codec_params: dict = field(default_factory=dict)
     default_max_new_tokens: int = 64
     max_new_tokens_limit: int = 4096
     chunk_tokens: int = 0  # tokens per chunk (0 = sized by frame_bytes)
@@ -166,6 +171,17 @@ def read_toml(path: str | Path | None, error: type[Exception] = ConfigError) -> 
         raise error(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
 
 
+def check_default_codec(config: ServeConfig) -> None:
+    """``default_codec`` with ``default_codec_params`` must build, or the service would refuse every request."""
+    if not isinstance(config.default_codec_params, dict):
+        raise ConfigError(f"default_codec_params must be a table, got {config.default_codec_params!r}")
+    try:
+        get_codec(config.default_codec, **config.default_codec_params)
+    except (CodecError, TypeError) as exc:
+        raise ConfigError(f"default_codec {config.default_codec!r} with default_codec_params "
+                          f"{config.default_codec_params!r}: {exc}") from exc
+
+
 def load_config(path: str | Path | None = None, **overrides) -> ServeConfig:
     """Defaults, then the TOML file, then keyword overrides (from the CLI)."""
     data = read_toml(path)
@@ -188,6 +204,7 @@ def load_config(path: str | Path | None = None, **overrides) -> ServeConfig:
             raise ConfigError(f"route {r.name!r}: dtype {r.dtype!r} must be float32, bfloat16 or float16")
         if r.on_cache_failure not in ("", "error", "text"):
             raise ConfigError(f"route {r.name!r}: on_cache_failure {r.on_cache_failure!r} must be 'error' or 'text'")
+    check_default_codec(config)
     if config.hop_transport not in ("auto", "bytes"):
         raise ConfigError(f"hop_transport {config.hop_transport!r} must be 'auto' or 'bytes'")
     if config.shm_pool_bytes < 0:

@@ -88,6 +88,8 @@ def codec_for(spec, config: ServeConfig) -> Codec:
         raise RequestError(f"codec.params_json is not valid JSON: {exc}") from exc
     if not isinstance(params, dict):
         raise RequestError(f"codec.params_json must be a JSON object, got {type(params).__name__}")
+    if name == config.default_codec:  # the deployment's defaults, the request's own params over them
+        params = config.default_codec_params | params
     return get_codec(name, **params)
 
 

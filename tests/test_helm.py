@@ -86,6 +86,10 @@ def test_schema_rejects_bad_values():
     data["routes"][0]["dtype"] = "int8"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(data, SCHEMA)
+    for params in ({"level": {"nested": 1}}, {"bad key": 1}):  # scalars under TOML bare keys only
+        data = merged("ci/test-values.yaml") | {"defaultCodecParams": params}
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(data, SCHEMA)
 
 
 def test_every_top_level_value_has_a_doc_comment():
@@ -174,6 +178,8 @@ def test_rendered_serve_toml_loads_with_the_service_config(name, tmp_path):
         pytest.fail(f"{name}: rendered serve.toml does not load: {exc}")
     assert config.default_route in [r.name for r in config.routes]
     assert config.codec_workers == yaml.safe_load((CHART / "values.yaml").read_text())["codecWorkers"]  # passed through
+    values = VALUES[name][1] if VALUES[name][0] == "-f" else ""
+    assert config.default_codec_params == merged(values)["defaultCodecParams"]  # {} unless set (ci: {level: 1})
 
 
 def test_prometheus_rule_ships_the_rules_file():

@@ -17,8 +17,8 @@ k (``zstd --fast=k``) with the exponent plane still Huffman-coded. Most of an ex
 entropy stage; the rest is short repeats, which deep layers hold more of and which a faster match finder
 misses. On the Qwen3-4B-geometry cache of ``densecomm bench codec`` (2 threads; rows ``lossless`` and
 ``lossless 1``) level 1 gives ratio 1.65 at ~0.93 GB/s encode, the default -16 ratio 1.55 at ~1.2 GB/s;
-decode is ~2 GB/s at both. A sender with CPU to spare or a slow link asks for level 1 (a request's codec params,
-e.g. ``densecomm relay --codec-params '{"level": 1}'``); the default suits a sender
+decode is ~2 GB/s at both. A sender with CPU to spare or a slow link uses level 1 (a deployment's
+``default_codec_params``, or a request's codec params); the default suits a sender
 whose codec, not its link, is the bottleneck (two cores against a 10 Gb/s link and up).
 """
 

@@ -84,6 +84,27 @@ def test_in_flight_beyond_the_limit_is_refused_at_once_and_the_slots_come_back(s
     assert refused >= 1  # refusals are counted in densecomm_errors_total like any other status
 
 
+def test_the_deployments_default_codec_params_apply_under_a_requests_own():
+    from densecomm_core.codec import get_codec
+    from services.client import relay_pb2
+    from services.runtime import codec_for
+
+    config = load_config(None, default_codec_params={"level": 1})
+    spec = relay_pb2.CodecSpec
+    assert codec_for(spec(), config).params == {"level": 1}  # no codec named: the default, with its params
+    assert codec_for(spec(name="lossless"), config).params == {"level": 1}  # named, no params: the same
+    assert codec_for(spec(name="lossless", params_json='{"level": -4}'), config).params == {"level": -4}  # the request's win
+    assert codec_for(spec(name="quantized"), config).params == get_codec("quantized").params  # another codec: its own
+    assert codec_for(spec(), load_config(None)).params == {"level": -16}  # unconfigured: the codec's own default
+    with pytest.raises(ConfigError, match=r"default_codec 'lossless' with default_codec_params \{'level': 99\}: lossless level "
+                                          r"must be an integer in \[-64, 19\], got 99"):
+        load_config(None, default_codec_params={"level": 99})
+    with pytest.raises(ConfigError, match=r"default_codec 'zip' with default_codec_params \{\}: unknown codec 'zip'"):
+        load_config(None, default_codec="zip")
+    with pytest.raises(ConfigError, match="default_codec_params must be a table, got 1"):
+        load_config(None, default_codec_params=1)
+
+
 def test_config_checks_policy_and_limits():
     with pytest.raises(ConfigError, match="on_cache_failure"):
         load_config(None, on_cache_failure="maybe")
