@@ -666,7 +666,16 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
         header = await asyncio.to_thread(encoder.start, cache)  # strip RoPE, bind the bases: fails before the call
         sender_flops = 2.0 * sender.non_embedding_params * tokens
 
+        failed: list[Exception] = []  # what broke our own stream, the precise cause of the call's failure
+
         async def frames():
+            try:
+                async for message in stream():
+                    yield message
+            except Exception as exc:  # gRPC would only cancel the call, with no status: end the stream, keep it
+                failed.append(exc)
+
+        async def stream():
             hop_setup = link.setup(setup)  # offers the same-node shortcut when this sender has a pool
             hop_setup.transport = "shm" if hop_setup.HasField("shm") else "bytes"
             yield kv_pb2.KVMessage(setup=hop_setup)
@@ -690,9 +699,17 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
         call = (await self.adapters.stub()).Transform(frames(), timeout=hop_timeout(context, self.config))
         try:
             async for event in relay_events(call):
+                if failed:
+                    break
                 yield event
+        except DownstreamError:
+            if not failed:
+                raise
         finally:
             link.close()  # slots the adapter released go back to the pool, others are unlinked
+        if failed:  # the adapter saw a short stream; ours is the cause
+            call.cancel()
+            raise failed[0]
 
 
 class RelayServicer(ServicerBase, relay_pb2_grpc.RelayServicer):

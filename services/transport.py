@@ -50,6 +50,7 @@ class HopLink:
     def __init__(self, pool: shm.ShmPool | None) -> None:
         self.pool = pool
         self.lease: shm.ShmLease | None = None
+        self.offered = False  # the setup offered the shortcut (a verdict will come back)
         self.reason = "" if pool is not None else "hop_transport = bytes here"
 
     def setup(self, setup) -> object:
@@ -57,13 +58,19 @@ class HopLink:
         message = kv_pb2.HopSetup()
         message.CopyFrom(setup)
         if self.pool is not None and not message.text_only:
-            offer = self.pool.offer()
+            try:
+                offer = self.pool.offer()
+            except OSError as exc:  # no room for the probe segment (/dev/shm full): this stream goes as bytes
+                self.reason = f"no shared-memory offer ({exc})"
+                log.warning("hop stays on bytes: %s", self.reason)
+                return message
             message.shm.CopyFrom(kv_pb2.ShmOffer(identity=offer.identity, probe=offer.probe, nonce=offer.nonce))
+            self.offered = True
         return message
 
     async def negotiate(self, call, timeout: float = VERDICT_TIMEOUT_S) -> str:
         """Wait for the receiving end's verdict (only when an offer went out); "shm" or "bytes"."""
-        if self.pool is None:
+        if not self.offered:
             return "bytes"
         try:
             metadata = await asyncio.wait_for(call.initial_metadata(), timeout)

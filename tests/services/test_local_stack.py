@@ -323,3 +323,25 @@ def test_health_and_reflection(stack):
 
     status, services = run(check())
     assert status == 1 and "densecomm.v1.Relay" in services  # SERVING
+
+
+def test_a_sender_that_fails_mid_stream_reports_its_own_error_at_once(stack, monkeypatch):
+    """An error while the sender streams frames (after the adapter call began) comes back as that error's
+    status within seconds, not as a cancelled call left to run into the deadline."""
+    from densecomm_core.codec.base import CodecError
+    from services import servicers
+
+    def failing(*args, **kwargs):
+        async def messages():
+            yield b"DC"  # never reaches a decoder: the stream ends on the error
+            raise CodecError("pca cannot code non-finite values (test)")
+        return messages()
+
+    monkeypatch.setattr(servicers, "encoded_messages", failing)
+    started = time.perf_counter()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        run(collect(stack.relay_address, build_request(EXAMPLES[0].context, max_new_tokens=4), timeout=60))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "non-finite values (test)" in info.value.details()
+    assert time.perf_counter() - started < 10
+    monkeypatch.undo()
+    assert status_of(stack.relay_address, build_request(EXAMPLES[0].context, max_new_tokens=4)) == grpc.StatusCode.OK

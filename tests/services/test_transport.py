@@ -198,3 +198,14 @@ def test_a_reference_on_a_hop_that_refused_the_shortcut_is_data_loss(stacks, rec
     finally:
         lease.close()
         pool.close()
+
+
+def test_no_room_for_the_offer_leaves_the_hops_on_bytes(stacks, monkeypatch):
+    """/dev/shm full when a sending end makes its offer: the request is served on bytes, not failed."""
+    def full(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shm.ShmPool, "offer", full)
+    shm_stack, _ = stacks
+    stats = run(collect(shm_stack.relay_address, build_request(EXAMPLES[0].context, max_new_tokens=4)))[-1].stats
+    assert [h.transport for h in stats.hops] == ["bytes", "bytes"] and stats.text
