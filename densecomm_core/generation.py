@@ -150,7 +150,8 @@ def sample_next(logits: torch.Tensor, config: GenerationConfig, generator: torch
     """Pick the next token from last-position logits (B, vocab): greedy, or temperature + top-p."""
     if config.temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / config.temperature, dim=-1)
+    logits = logits.float()  # the best token at 0: any temperature > 0 scales the rest to finite or -inf, never NaN
+    probs = torch.softmax((logits - logits.amax(dim=-1, keepdim=True)) / config.temperature, dim=-1)
     if config.top_p < 1:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         keep = sorted_probs.cumsum(dim=-1) - sorted_probs < config.top_p  # always keeps the top token

@@ -151,11 +151,20 @@ def zoo_route(suite: str = "v1") -> RouteConfig:
     return RouteConfig("zoo", str(sender_dir), str(receiver_dir), str(zoo_adapter_dir(suite=suite)))
 
 
+# A scalar field's TOML types: an int where a float is asked for is fine; a bool is never a number.
+_SCALARS = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "dict": (dict,)}
+
+
 def _build(cls, data: dict, where: str):
-    known = {f.name for f in fields(cls)}
-    unknown = set(data) - known
+    known = {f.name: f.type for f in fields(cls)}
+    unknown = set(data) - set(known)
     if unknown:
         raise ConfigError(f"unknown field(s) {sorted(unknown)} in {where}; expected some of {sorted(known)}")
+    for name, value in data.items():  # a string where a number belongs would surface later, on every request
+        allowed = _SCALARS.get(str(known[name]).split("[")[0])
+        if allowed is not None and (not isinstance(value, allowed) or (bool not in allowed and isinstance(value, bool))):
+            raise ConfigError(f"{name} in {where} must be {'a' if known[name] != 'int' else 'an'} {known[name]}, "
+                              f"got {value!r} ({type(value).__name__})")
     return cls(**data)
 
 
@@ -217,7 +226,13 @@ def load_config(path: str | Path | None = None, **overrides) -> ServeConfig:
         raise ConfigError(f"max_message_bytes {config.max_message_bytes} must be at least 2 x frame_bytes + 64 KiB = "
                           f"{message_bytes_needed(config.frame_bytes)} (frame_bytes {config.frame_bytes}): a frame carries up to "
                           f"frame_bytes of cache, a pca chunk with 32-bit codes twice that, plus prefixes and section headers")
-    for name in ("max_input_bytes", "max_input_tokens", "max_in_flight", "max_cache_bytes", "frame_bytes", "codec_workers"):
+    for name in ("max_input_bytes", "max_input_tokens", "max_in_flight", "max_cache_bytes", "frame_bytes", "codec_workers",
+                 "default_max_new_tokens", "prefill_chunk_tokens"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if not config.hop_deadline_s > 0:
+        raise ConfigError(f"hop_deadline_s must be > 0 seconds, got {config.hop_deadline_s}")
+    if config.default_max_new_tokens > config.max_new_tokens_limit:
+        raise ConfigError(f"default_max_new_tokens {config.default_max_new_tokens} must be <= max_new_tokens_limit "
+                          f"{config.max_new_tokens_limit} (a request that sets none gets the default)")
     return config

@@ -69,15 +69,19 @@ class RouteLimits:
 
 
 def input_bytes(request) -> int:
+    """UTF-8 bytes of what the models will read from the request: X (text or messages) and the receiver's
+    own prompt (context-aware), which crosses every hop and is tokenized too."""
+    prompt = len(request.receiver_prompt.encode())
     if request.WhichOneof("input") == "messages":
-        return sum(len(m.content.encode()) + len(m.role.encode()) for m in request.messages.messages)
-    return len(request.text.encode())
+        return prompt + sum(len(m.content.encode()) + len(m.role.encode()) for m in request.messages.messages)
+    return prompt + len(request.text.encode())
 
 
 def check_input_bytes(request, limits: RouteLimits) -> None:
     size = input_bytes(request)
     if size > limits.max_input_bytes:
-        raise InputTooLarge(f"input is {size} bytes; max_input_bytes of route {limits.route!r} is {limits.max_input_bytes}")
+        what = "input + receiver_prompt" if request.receiver_prompt else "input"
+        raise InputTooLarge(f"{what} is {size} bytes; max_input_bytes of route {limits.route!r} is {limits.max_input_bytes}")
 
 
 def check_tokens(input_tokens: int, prompt_tokens: int, max_new_tokens: int, limits: RouteLimits) -> None:

@@ -23,6 +23,14 @@ from services.config import RouteConfig, ServeConfig
 from services.errors import RequestError, RouteNotFound
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MAX_NAME_CHARS = 128  # a route or codec name in a request (longer: INVALID_ARGUMENT, never echoed whole)
+MAX_PARAMS_JSON_BYTES = 64 << 10  # a codec's params_json
+
+
+def shown(value: str, limit: int = 80) -> str:
+    """A client's string as an error message quotes it: whole when short, else its start and its length
+    (a status's details travel in a header that gRPC caps at 16 KiB)."""
+    return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} characters)"
 
 
 @dataclass
@@ -76,12 +84,16 @@ def route_name(request, config: ServeConfig) -> str:
 def pick(routes: dict, request, config: ServeConfig):
     name = route_name(request, config)
     if name not in routes:
-        raise RouteNotFound(f"unknown route {name!r}; this service hosts {sorted(routes)}")
+        raise RouteNotFound(f"unknown route {shown(name)}; this service hosts {sorted(routes)}")
     return name, routes[name]
 
 
 def codec_for(spec, config: ServeConfig) -> Codec:
     name = spec.name or config.default_codec
+    if len(name) > MAX_NAME_CHARS:
+        raise RequestError(f"codec.name must be at most {MAX_NAME_CHARS} characters, got {shown(name)}")
+    if len(spec.params_json) > MAX_PARAMS_JSON_BYTES:
+        raise RequestError(f"codec.params_json must be at most {MAX_PARAMS_JSON_BYTES} bytes, got {len(spec.params_json)}")
     try:
         params = json.loads(spec.params_json) if spec.params_json else {}
     except json.JSONDecodeError as exc:
@@ -111,6 +123,10 @@ def validate_request(request, config: ServeConfig, pb) -> None:
         raise RequestError("input is empty: set text or messages to the sender's input")
     if request.mode not in (pb.CONTEXT_MODE_AWARE, pb.CONTEXT_MODE_UNAWARE):
         raise RequestError(f"mode must be CONTEXT_MODE_AWARE or CONTEXT_MODE_UNAWARE, got {request.mode}")
+    if len(request.route) > MAX_NAME_CHARS:
+        raise RequestError(f"route must be at most {MAX_NAME_CHARS} characters, got {shown(request.route)}")
+    if request.on_cache_failure not in (pb.CACHE_FAILURE_POLICY_UNSPECIFIED, pb.CACHE_FAILURE_POLICY_ERROR, pb.CACHE_FAILURE_POLICY_TEXT):
+        raise RequestError(f"on_cache_failure must be CACHE_FAILURE_POLICY_UNSPECIFIED, _ERROR or _TEXT, got {request.on_cache_failure}")
     g = request.generation
     if g.max_new_tokens > config.max_new_tokens_limit:
         raise RequestError(f"generation.max_new_tokens must be <= {config.max_new_tokens_limit}, got {g.max_new_tokens}")
@@ -120,7 +136,7 @@ def validate_request(request, config: ServeConfig, pb) -> None:
         raise RequestError(f"generation.top_p must be in [0, 1] (0 = 1), got {g.top_p}")
     for i, message in enumerate(request.messages.messages):
         if message.role not in ("system", "user", "assistant"):
-            raise RequestError(f"messages[{i}].role must be system, user or assistant, got {message.role!r}")
+            raise RequestError(f"messages[{i}].role must be system, user or assistant, got {shown(message.role)}")
     try:
         codec_for(request.codec, config)
     except CodecError as exc:

@@ -175,12 +175,18 @@ def final_stats(route: str, done, received: HopReport, out, receiver_params: int
     return stats
 
 
-async def drain(requests) -> None:
-    """Read and drop what is left of a client stream (bounded by the caller's deadline)."""
-    try:
+DRAIN_TIMEOUT_S = 5.0  # a failed stream's caller that never half-closes holds its call no longer
+
+
+async def drain(requests, timeout: float = DRAIN_TIMEOUT_S) -> None:
+    """Read and drop what is left of a client stream (at most ``timeout`` seconds, and the caller's deadline)."""
+    async def read() -> None:
         async for _ in requests:
             pass
-    except Exception:
+
+    try:
+        await asyncio.wait_for(read(), timeout)
+    except Exception:  # the stream broke, or it outlasted the timeout: the status goes out either way
         pass
 
 
@@ -374,6 +380,7 @@ class ServicerBase:
 
     def __init__(self, config: ServeConfig, metrics: ServiceMetrics, downstream: Downstream | None = None) -> None:
         self.config, self.metrics, self.downstream = config, metrics, downstream
+        self.route_labels = {r.name for r in config.all_routes()} | {"-"}  # metrics never label a client's string
 
     async def close(self) -> None:
         """Release what the servicer holds (its downstream channels, its shared-memory pool)."""
@@ -411,7 +418,7 @@ class ServicerBase:
             await context.abort(status, details)
         finally:
             gauge.dec()
-            self.metrics.finished(route, code)
+            self.metrics.finished(route if route in self.route_labels else "unknown", code)
 
 
 class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
@@ -738,7 +745,7 @@ class RelayServicer(ServicerBase, relay_pb2_grpc.RelayServicer):
         validate_request(request, self.config, relay_pb2)  # needs no model and no bases: any replica of the ingress
         names = [r.name for r in self.config.all_routes()]
         if route_name(request, self.config) not in names:
-            raise RouteNotFound(f"unknown route {route_name(request, self.config)!r}; known routes: {names}")
+            raise RouteNotFound(f"unknown route {runtime.shown(route_name(request, self.config))}; known routes: {names}")
         limits.check_input_bytes(request, limits.RouteLimits.for_route(self.config, route_name(request, self.config)))
         started = time.perf_counter()
         setup = kv_pb2.HopSetup(request_id=uuid.uuid4().hex, request=request)

@@ -37,6 +37,41 @@ def test_input_bytes(stack):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "2001 bytes" in details and "max_input_bytes of route 'zoo' is 2000" in details
 
 
+def test_the_receiver_prompt_counts_toward_the_input_bytes(stack):
+    code, details = refusal(stack, build_request("a" * 1000, mode="aware", receiver_prompt="b" * 1001))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "input + receiver_prompt is 2001 bytes" in details
+
+
+@pytest.mark.parametrize("fields, fragment", [
+    ({"route": "r" * 20000}, "route must be at most 128 characters, got 'rrrr"),
+    ({"codec": "c" * 20000}, "codec.name must be at most 128 characters"),
+    ({"codec": "quantized", "codec_params": " " * (65 << 10)}, "codec.params_json must be at most 65536 bytes, got 66560"),
+    ({"route": "nope" * 30}, "unknown route 'nopenope"),  # NOT_FOUND, its name cut short in the message
+])
+def test_client_strings_are_bounded_and_never_echoed_whole(stack, fields, fragment):
+    code, details = refusal(stack, build_request(TEXT, **fields))
+    assert code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND) and fragment in details and len(details) < 1000
+
+
+def test_an_unknown_on_cache_failure_value_is_refused_and_tiny_temperatures_sample(stack):
+    request = build_request(TEXT, max_new_tokens=2)
+    request.on_cache_failure = 7
+    code, details = refusal(stack, request)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "on_cache_failure" in details and "got 7" in details
+    stats = run(collect(stack.relay_address, build_request(TEXT, max_new_tokens=3, temperature=1e-40), timeout=30))[-1].stats
+    greedy = run(collect(stack.relay_address, build_request(TEXT, max_new_tokens=3), timeout=30))[-1].stats
+    assert stats.text == greedy.text  # a vanishing temperature is greedy, not NaN probabilities
+
+
+def test_metrics_label_only_configured_routes(stack):
+    import urllib.request
+
+    for i in range(3):
+        refusal(stack, build_request(TEXT, route=f"made-up-{i}"))
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_ports['relay']}/metrics", timeout=10).read().decode()
+    assert "made-up" not in metrics and 'route="unknown",service="relay"' in metrics.replace('code="NOT_FOUND",', "")
+
+
 def test_input_tokens_capped_by_config_and_windows(stack, random_route):
     code, details = refusal(stack, build_request("ann 3 , " * 40, route="random"))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_input_tokens of route 'random' is 64" in details
@@ -101,7 +136,7 @@ def test_the_deployments_default_codec_params_apply_under_a_requests_own():
         load_config(None, default_codec_params={"level": 99})
     with pytest.raises(ConfigError, match=r"default_codec 'zip' with default_codec_params \{\}: unknown codec 'zip'"):
         load_config(None, default_codec="zip")
-    with pytest.raises(ConfigError, match="default_codec_params must be a table, got 1"):
+    with pytest.raises(ConfigError, match="default_codec_params in the top level must be a dict, got 1"):
         load_config(None, default_codec_params=1)
 
 
@@ -112,6 +147,20 @@ def test_config_checks_policy_and_limits():
         load_config(None, max_in_flight=0)
     with pytest.raises(ConfigError, match="codec_workers must be >= 1, got 0"):
         load_config(None, codec_workers=0)
+    # a value of the wrong type is named at load, not met on every request
+    with pytest.raises(ConfigError, match=r"max_in_flight in the top level must be an int, got '64' \(str\)"):
+        load_config(None, max_in_flight="64")
+    with pytest.raises(ConfigError, match=r"hop_deadline_s in the top level must be a float, got '120'"):
+        load_config(None, hop_deadline_s="120")
+    with pytest.raises(ConfigError, match=r"relay_port in the top level must be an int, got True \(bool\)"):
+        load_config(None, relay_port=True)
+    with pytest.raises(ConfigError, match=r"max_input_bytes in routes\[0\] must be an int"):
+        load_config(None, routes=[{**zoo_route().__dict__, "max_input_bytes": "3"}])
+    assert load_config(None, hop_deadline_s=5).hop_deadline_s == 5  # an int where a float is asked for
+    with pytest.raises(ConfigError, match="hop_deadline_s must be > 0 seconds, got 0"):
+        load_config(None, hop_deadline_s=0)
+    with pytest.raises(ConfigError, match="default_max_new_tokens 100000 must be <= max_new_tokens_limit 4096"):
+        load_config(None, default_max_new_tokens=100000)
     # a message must hold any frame of frame_bytes: prefixes, headers and the widest codec output (pca int32)
     with pytest.raises(ConfigError, match=r"max_message_bytes 1048576 must be at least 2 x frame_bytes \+ 64 KiB = 2162688"):
         load_config(None, max_message_bytes=1 << 20)
