@@ -196,3 +196,28 @@ def test_mismatched_aware_examples_read_another_examples_cache(tiny_pair):
     swapped = generation_loss(adapter, sender, receiver, records[:4], modes[:4], PromptFormat(), sender_contexts=contexts[:4])
     own = generation_loss(adapter, sender, receiver, records[:4], modes[:4], PromptFormat())
     assert torch.isfinite(swapped) and swapped.item() != own.item()
+
+
+def test_checkpoints_carry_and_restore_the_gpus_generators(tmp_path, monkeypatch):
+    """C2C's gate noise draws on the fuser's GPU: a resumed run needs that generator back, not a re-seeded one.
+    No GPU here: CUDA's state calls are recorded."""
+    from densecomm_core.training import loop
+
+    saved = [torch.tensor([1, 2, 3], dtype=torch.uint8), torch.tensor([4, 5], dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: saved)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
+    path = tmp_path / "c2c.pt"
+    loop.TrainingState("c2c", 3, {}, {}, [], torch.get_rng_state(), {}, loop.cuda_rng_state()).save(path)
+    state = loop.TrainingState.load(path, "c2c")  # weights_only: a list of tensors loads
+    loop.restore_rng(state)
+    assert len(restored) == 2 and all(torch.equal(a, b) for a, b in zip(restored, saved))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # another machine: the GPUs' states do not apply
+    restored.clear()
+    loop.restore_rng(state)
+    assert restored == []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert loop.cuda_rng_state() is None  # a CPU run saves none

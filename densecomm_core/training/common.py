@@ -15,7 +15,9 @@ from densecomm_core.training.loop import (
     TrainingState,
     build_optimizer,
     cosine_lr,
+    cuda_rng_state,
     optimizer_step,
+    restore_rng,
 )
 
 __all__ = ["cosine_lr", "optimizer_step", "start_training", "local_checkpoint"]
@@ -31,8 +33,7 @@ def start_training(
         state = TrainingState.load(checkpoint, phase)
         adapter.load_state_dict(state.adapter)
         optimizer.load_state_dict(state.optimizer)
-        if state.torch_rng is not None:
-            torch.set_rng_state(state.torch_rng)
+        restore_rng(state)
         return optimizer, state.step, state.history
     return optimizer, 0, []
 
@@ -44,6 +45,6 @@ def local_checkpoint(path: Path | None, phase: str, adapter: DenseAdapter, optim
 
     def save(step: int, history: list[dict]) -> None:
         TrainingState(phase, step, adapter.state_dict(), optimizer.state_dict(), history, torch.get_rng_state(),
-                      asdict(config)).save(path)
+                      asdict(config), cuda_rng_state()).save(path)
 
     return save

@@ -84,6 +84,7 @@ class TrainingState:
     history: list[dict] = field(default_factory=list)  # one record per logged interval (the loss curve)
     torch_rng: torch.Tensor | None = None
     config: dict = field(default_factory=dict)
+    cuda_rng: list[torch.Tensor] | None = None  # each visible GPU's generator (C2C's gate noise draws there)
 
     def save(self, path) -> None:
         from pathlib import Path
@@ -104,6 +105,19 @@ class TrainingState:
             found = data.get("phase") if isinstance(data, dict) else type(data).__name__
             raise CheckpointError(f"checkpoint {str(path)!r} is from phase {found!r}, expected {phase!r}")
         return cls(**data)
+
+
+def cuda_rng_state() -> list[torch.Tensor] | None:
+    """Every visible GPU's generator state, for a checkpoint; None when CUDA was never used here."""
+    return torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+
+def restore_rng(state: TrainingState) -> None:
+    """The checkpoint's generators back in place: the CPU's, and the GPUs' where the same number is visible."""
+    if state.torch_rng is not None:
+        torch.set_rng_state(state.torch_rng)
+    if state.cuda_rng is not None and torch.cuda.is_available() and len(state.cuda_rng) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state.cuda_rng)
 
 
 @dataclass(frozen=True)
