@@ -10,7 +10,7 @@ Example (``densecomm train --config run.toml``; every field below is optional ex
     sender = "/models/Qwen3-14B"      # a local Hugging Face directory, or "zoo" for the embedded sender
     receiver = "/models/Qwen3-4B"
     dtype = "bfloat16"
-    sender_device = "cuda:0"          # inside each worker; "auto" = the worker's own device
+    sender_device = "cuda:0"          # the worker's own GPUs, N < gpus_per_worker; "auto" = the worker's own device
     receiver_device = "cuda:1"
 
     [data]
@@ -60,8 +60,9 @@ class ModelsConfig:
     receiver: str = "zoo"
     dtype: str = "float32"  # weights of both frozen models: float32 | bfloat16 | float16 (adapter math stays fp32)
     # Devices inside a worker. "auto": the worker's own device (its GPU with use_gpu, else cpu). A worker with
-    # gpus_per_worker = 2 can hold the sender on "cuda:0" and the receiver on "cuda:1" (indices are of the
-    # worker's visible GPUs). The adapter lives with the receiver, whose cache it writes.
+    # gpus_per_worker = 2 can hold the sender on "cuda:0" and the receiver on "cuda:1": indices are of the worker's
+    # own GPUs (its ray.train.torch.get_devices(), not the node's), so N < gpus_per_worker. The adapter lives with
+    # the receiver, whose cache it writes.
     sender_device: str = "auto"
     receiver_device: str = "auto"
 
@@ -233,10 +234,14 @@ def validate(config: TrainConfig) -> TrainConfig:
         _check(path == "zoo" or Path(path).expanduser().is_dir(), f"[models].{side}",
                f"must be 'zoo' or an existing local model directory, got {path!r}")
         device = getattr(m, f"{side}_device")
-        _check(device in ("auto", "cpu") or device.startswith("cuda"), f"[models].{side}_device",
+        index = device[5:] if device.startswith("cuda:") else "0"
+        _check(device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and index.isdigit()), f"[models].{side}_device",
                f"must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
         _check(not device.startswith("cuda") or w.use_gpu, f"[models].{side}_device",
                f"is {device!r} but [workers].use_gpu is false")
+        _check(not device.startswith("cuda") or int(index) < w.gpus_per_worker, f"[models].{side}_device",
+               f"is {device!r} but a worker has [workers].gpus_per_worker = {w.gpus_per_worker:g} GPU(s): "
+               f"N in 'cuda:N' counts the worker's own GPUs and must be < gpus_per_worker")
     _check(m.dtype in DTYPES, "[models].dtype", f"must be one of {DTYPES}, got {m.dtype!r}")
     for key in ("sender", "aware", "with_input", "guided"):
         _check("{context}" in getattr(p, key), f"[prompts].{key}", "must contain '{context}'")

@@ -188,11 +188,12 @@ def _trace_shard(config_dict: dict, requests: list, worker_gpu: bool):
     from densecomm_core.training.traces import generate_receiver_traces
     from services.train.config import config_from_dict
     from services.train.data import answer_reader
-    from services.train.worker import load_pair
+    from services.train.worker import load_side
 
     config = config_from_dict(config_dict)
     torch.set_num_threads(config.workers.torch_threads)
-    _, receiver = load_pair(config, torch.device("cuda") if worker_gpu else torch.device("cpu"))
+    # Only the receiver decodes traces. A plain Ray task sees only its own GPUs: "cuda:N" is literal here.
+    receiver = load_side(config, "receiver", torch.device("cuda") if worker_gpu else torch.device("cpu"))
     return generate_receiver_traces(receiver, requests, answer_reader(config), config.prompts.answer_template,
                                     GenerationConfig(max_new_tokens=config.traces.max_new_tokens), config.traces.batch_size)
 
@@ -294,7 +295,7 @@ def _finalize_task(config_dict: dict, adapter_dir: str, out_dir: str, worker_gpu
 
     config = config_from_dict(config_dict)
     torch.set_num_threads(max(1, int(config.workers.cpus_per_worker * config.workers.num_workers)))
-    sender, receiver = load_pair(config, torch.device("cuda") if worker_gpu else torch.device("cpu"))
+    sender, receiver = load_pair(config, torch.device("cuda") if worker_gpu else torch.device("cpu"))  # a Ray task: literal indices
     adapter = DenseAdapter.load(adapter_dir, sender.geometry, receiver.geometry).to(receiver.model.device)
     splits, read = load_splits(config), answer_reader(config)
     relay = DenseRelay(sender, receiver, adapter, prompt_format(config))
@@ -364,6 +365,10 @@ def run(config: TrainConfig, stages: tuple[str, ...] = STAGES, resume: bool = Fa
     if unknown:
         raise TrainConfigError(f"unknown stage(s) {sorted(unknown)}; expected some of {STAGES}")
     print(plan(config), flush=True)
+    from densecomm_core.models import check_shared_tokenizer_at
+    from services.train.worker import model_paths
+
+    check_shared_tokenizer_at(**model_paths(config))  # before the traces stage decodes for minutes
     state = RunState.open(config, resume)
     splits = load_splits(config)
     state.data["data_fingerprints"] = splits.fingerprint()

@@ -1,7 +1,9 @@
 """What runs inside each Ray Train worker: load the frozen pair once, wrap only the adapter in DDP, run one phase.
 
-    train_loop_per_worker(loop_config)   the TorchTrainer entry point for phase1 and phase2
-    load_pair(config, device)            the frozen sender and receiver on their devices
+    train_loop_per_worker(loop_config)       the TorchTrainer entry point for phase1 and phase2
+    load_pair(config, device, gpus)          the frozen sender and receiver on their devices
+    load_side(config, side, device, gpus)    one of them (the traces stage needs only the receiver)
+    resolve_device(name, device, gpus)       a [models] device: "cuda:N" is a Ray Train worker's N-th own GPU
 
 Every worker draws the same global batch of a step (``training.loop.batch_rng``) and computes its shard;
 DDP averages the gradients. Rank 0 writes checkpoints through ``ray.train.report``; a restarted worker
@@ -15,6 +17,7 @@ import logging
 import resource
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -27,6 +30,8 @@ from densecomm_core.training.loop import (
     LoopConfig,
     TrainingState,
     build_optimizer,
+    cuda_rng_state,
+    restore_rng,
     run_steps,
     shard,
 )
@@ -51,8 +56,21 @@ class InjectedFault(RuntimeError):
     """Raised once by [fault] to exercise Ray Train's restart-from-checkpoint path."""
 
 
-def resolve_device(name: str, worker_device: torch.device) -> torch.device:
-    return worker_device if name == "auto" else torch.device(name)
+def resolve_device(name: str, worker_device: torch.device, own_gpus: Sequence[torch.device] | None = None) -> torch.device:
+    """``"auto"`` is the worker's device. With ``own_gpus`` (a Ray Train worker's ``ray.train.torch.get_devices()``),
+    ``"cuda[:N]"`` is the worker's N-th own GPU: TorchTrainer shares CUDA_VISIBLE_DEVICES across a node's workers,
+    so a literal index would name another worker's GPU. Without it (a plain Ray task, which sees only its own
+    GPUs) the name is taken literally."""
+    if name == "auto":
+        return worker_device
+    device = torch.device(name)
+    if own_gpus is None or device.type != "cuda":
+        return device
+    index = device.index or 0
+    if index >= len(own_gpus):
+        raise ValueError(f"device {name!r} names GPU {index} of the worker, which has {len(own_gpus)}: "
+                         f"{[str(d) for d in own_gpus]} (raise [workers].gpus_per_worker)")
+    return own_gpus[index]
 
 
 def model_paths(config: TrainConfig) -> dict[str, str]:
@@ -64,11 +82,18 @@ def model_paths(config: TrainConfig) -> dict[str, str]:
             "receiver": m.receiver if m.receiver != "zoo" else str(committed[1])}
 
 
-def load_pair(config: TrainConfig, worker_device: torch.device) -> tuple[LoadedModel, LoadedModel]:
+def load_side(config: TrainConfig, side: str, worker_device: torch.device,
+              own_gpus: Sequence[torch.device] | None = None) -> LoadedModel:
+    """The ``side`` ("sender" or "receiver") model on its device (``resolve_device``)."""
+    m = config.models
+    return load_model(model_paths(config)[side], dtype=DTYPES[m.dtype],
+                      device=resolve_device(getattr(m, f"{side}_device"), worker_device, own_gpus))
+
+
+def load_pair(config: TrainConfig, worker_device: torch.device,
+              own_gpus: Sequence[torch.device] | None = None) -> tuple[LoadedModel, LoadedModel]:
     """Both models on their devices; a pair whose tokenizers differ is refused (the adapter is token-wise)."""
-    m, paths = config.models, model_paths(config)
-    sender, receiver = (load_model(paths[side], dtype=DTYPES[m.dtype], device=resolve_device(getattr(m, f"{side}_device"), worker_device))
-                        for side in ("sender", "receiver"))
+    sender, receiver = (load_side(config, side, worker_device, own_gpus) for side in ("sender", "receiver"))
     check_shared_tokenizer(sender, receiver)
     return sender, receiver
 
@@ -121,7 +146,7 @@ def relay_accuracy(relay: DenseRelay, examples, mode: ContextMode, read, batch_s
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """The body of one Ray Train worker for ``loop_config['phase']``."""
-    import ray.train
+    import ray.train.torch
     from ray.train import Checkpoint
 
     config = config_from_dict(loop_config["config"])
@@ -129,8 +154,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.set_num_threads(config.workers.torch_threads)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    worker_device = ray.train.torch.get_device() if config.workers.use_gpu else torch.device("cpu")
-    sender, receiver = load_pair(config, worker_device)
+    own_gpus = ray.train.torch.get_devices() if config.workers.use_gpu else None  # this worker's GPUs, not the node's
+    worker_device = own_gpus[0] if own_gpus else torch.device("cpu")
+    sender, receiver = load_pair(config, worker_device, own_gpus)
     adapter_device = receiver.model.device
     fmt, read = prompt_format(config), answer_reader(config)
     splits = load_splits(config)
@@ -150,8 +176,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         adapter.load_state_dict(state.adapter)
         optimizer.load_state_dict(state.optimizer)
         start, history = state.step, state.history
-        if state.torch_rng is not None:
-            torch.set_rng_state(state.torch_rng)
+        restore_rng(state)
         if rank == 0:
             with (output / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps({"phase": phase, "event": "resumed", "step": start}) + "\n")
@@ -236,7 +261,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             with tempfile.TemporaryDirectory() as directory:
                 TrainingState(phase, step, adapter.state_dict(), optimizer.state_dict(), history, torch.get_rng_state(),
-                              config.to_dict()).save(Path(directory) / STATE_FILE)
+                              config.to_dict(), cuda_rng_state()).save(Path(directory) / STATE_FILE)
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)

@@ -74,6 +74,11 @@ def test_zoo_v2_config_trains_on_v2_in_domain_families_and_its_lms():
         ("[models]\ndtype = 'int8'", r"\[models\]\.dtype must be one of"),
         ("[models]\nreceiver_device = 'cuda:1'", r"\[models\]\.receiver_device is 'cuda:1' but \[workers\]\.use_gpu is false"),
         ("[models]\nsender_device = 'tpu'", r"\[models\]\.sender_device must be 'auto', 'cpu' or 'cuda\[:N\]'"),
+        ("[models]\nsender_device = 'cuda:x'", r"\[models\]\.sender_device must be 'auto', 'cpu' or 'cuda\[:N\]', got 'cuda:x'"),
+        ("[workers]\nuse_gpu = true\n[models]\nreceiver_device = 'cuda:1'",
+         r"\[models\]\.receiver_device is 'cuda:1' but a worker has \[workers\]\.gpus_per_worker = 1 GPU\(s\).*must be < gpus_per_worker"),
+        ("[workers]\nuse_gpu = true\ngpus_per_worker = 2\n[models]\nsender_device = 'cuda:2'",
+         r"\[models\]\.sender_device is 'cuda:2' but a worker has \[workers\]\.gpus_per_worker = 2 GPU\(s\)"),
         ("[data]\nsource = 'gsm8k'", r"\[data\]\.train is required for source 'gsm8k'"),
         ("[data]\nsource = 'imagenet'", r"\[data\]\.source must be one of"),
         ("[data]\nsuite = 'v9'", r"\[data\]\.suite must be one of \('v1', 'v2'\), got 'v9'"),
@@ -95,6 +100,16 @@ def test_zoo_v2_config_trains_on_v2_in_domain_families_and_its_lms():
 def test_bad_configs_name_the_field(tmp_path, text, match):
     with pytest.raises(TrainConfigError, match=match):
         load_train_config(write(tmp_path, text))
+
+
+def test_cuda_indices_count_the_workers_own_gpus(tmp_path):
+    """"cuda:N" names the N-th GPU of a worker (Ray Train's get_devices()), so N < gpus_per_worker is accepted."""
+    two = load_train_config(write(tmp_path, "[workers]\nuse_gpu = true\ngpus_per_worker = 2\n"
+                                            "[models]\nsender_device = 'cuda:0'\nreceiver_device = 'cuda:1'"))
+    assert (two.models.sender_device, two.models.receiver_device) == ("cuda:0", "cuda:1")
+    shared = load_train_config(write(tmp_path, "[workers]\nuse_gpu = true\ngpus_per_worker = 0.5\n"
+                                               "[models]\nsender_device = 'cuda'\nreceiver_device = 'cuda:0'"))
+    assert shared.models.receiver_device == "cuda:0"
 
 
 def test_missing_and_malformed_files(tmp_path):

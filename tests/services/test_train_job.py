@@ -151,3 +151,113 @@ num_workers = 2
     adapter = DenseAdapter.load(out / "phase2" / "adapter")
     assert (adapter.config.sender.num_layers, adapter.config.receiver.num_layers) == (40, 36)
     assert adapter.config.layer_map[-1] == 39 and adapter.config.group_map == list(range(8))
+
+
+def test_cuda_indices_map_to_the_ray_train_workers_own_gpus():
+    """TorchTrainer shares CUDA_VISIBLE_DEVICES across a node's workers: the second of two 2-GPU workers sees
+    cuda:0..3 and owns cuda:2 and cuda:3. Its "cuda:N" is its own N-th GPU; a plain Ray task's is literal."""
+    from services.train.worker import resolve_device
+
+    own, cpu = [torch.device("cuda:2"), torch.device("cuda:3")], torch.device("cpu")
+    assert [resolve_device(n, own[0], own) for n in ("cuda:0", "cuda:1", "cuda", "auto")] == [own[0], own[1], own[0], own[0]]
+    assert resolve_device("cpu", own[0], own) == cpu
+    assert resolve_device("cuda:1", torch.device("cuda"), None) == torch.device("cuda:1")  # a Ray task sees only its GPUs
+    assert resolve_device("auto", cpu) == cpu
+    with pytest.raises(ValueError, match=r"device 'cuda:2' names GPU 2 of the worker, which has 2: \['cuda:2', 'cuda:3'\]"):
+        resolve_device("cuda:2", own[0], own)
+
+
+def test_a_gpu_worker_loads_the_pair_on_its_own_gpus(tmp_path, monkeypatch):
+    """train_loop_per_worker hands ray.train.torch.get_devices() to load_pair, which places each side there."""
+    import ray.train
+    import ray.train.torch
+
+    from services.train import worker
+
+    config = write_config(tmp_path / "gpu.toml", f"""
+output_dir = "{tmp_path / 'run'}"
+[workers]
+use_gpu = true
+gpus_per_worker = 2
+[models]
+sender_device = "cuda:0"
+receiver_device = "cuda:1"
+""")
+    own = [torch.device("cuda:2"), torch.device("cuda:3")]
+
+    class Context:
+        get_world_rank, get_world_size = staticmethod(lambda: 1), staticmethod(lambda: 2)
+
+    class Loaded(Exception):
+        pass
+
+    def fake_load_pair(config, worker_device, own_gpus=None):
+        raise Loaded(worker_device, own_gpus)
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    monkeypatch.setattr(ray.train, "get_context", lambda: Context())
+    monkeypatch.setattr(ray.train.torch, "get_devices", lambda: own)
+    monkeypatch.setattr(worker, "load_pair", fake_load_pair)
+    with pytest.raises(Loaded) as caught:
+        worker.train_loop_per_worker({"config": config.to_dict(), "phase": "phase1"})
+    assert caught.value.args == (own[0], own)
+    monkeypatch.undo()
+
+    loaded = []
+    monkeypatch.setattr(worker, "load_model", lambda path, dtype, device: loaded.append((path, dtype, device)) or path)
+    monkeypatch.setattr(worker, "check_shared_tokenizer", lambda sender, receiver: None)
+    paths = worker.model_paths(config)
+    assert worker.load_pair(config, own[0], own) == (paths["sender"], paths["receiver"])
+    assert loaded == [(paths["sender"], torch.float32, own[0]), (paths["receiver"], torch.float32, own[1])]
+
+
+def test_trace_stage_loads_only_the_receiver(tmp_path, monkeypatch):
+    """The traces are the receiver's own answers: the sender is never loaded. A plain Ray task owns its GPUs,
+    so "cuda:1" is taken literally there."""
+    from densecomm_core.training import traces
+    from services.train import worker
+    from services.train.job import _trace_shard
+
+    config = write_config(tmp_path / "gpu.toml", f"""
+output_dir = "{tmp_path / 'run'}"
+[workers]
+use_gpu = true
+gpus_per_worker = 2
+[models]
+receiver_device = "cuda:1"
+""")
+    loaded = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    monkeypatch.setattr(worker, "load_model", lambda path, dtype, device: loaded.append((path, device)) or f"model {path}")
+    monkeypatch.setattr(traces, "generate_receiver_traces", lambda receiver, requests, *args: (receiver, requests))
+    receiver = worker.model_paths(config)["receiver"]
+    assert _trace_shard(config.to_dict(), ["request"], True) == (f"model {receiver}", ["request"])
+    assert loaded == [(receiver, torch.device("cuda:1"))]
+
+
+def test_a_pair_with_different_tokenizers_is_refused_before_any_stage(tmp_path):
+    """The driver compares the two tokenizers (no weights read) before the traces stage decodes for minutes."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from densecomm_core.errors import IncompatiblePairError
+
+    paths = {}
+    for side, layout in (("sender", "qwen3-14b"), ("receiver", "qwen3-4b")):
+        model = tiny_model(QWEN3_LAYOUTS[layout])
+        paths[side] = tmp_path / layout
+        model.model.save_pretrained(paths[side])
+        model.tokenizer.save_pretrained(paths[side])
+    other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "x": 1}, unk_token="<unk>")),
+                                    eos_token="<unk>")
+    other.save_pretrained(paths["receiver"])
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "mixed.toml", f"""
+output_dir = "{out}"
+[models]
+sender = "{paths['sender']}"
+receiver = "{paths['receiver']}"
+""")
+    with pytest.raises(IncompatiblePairError, match="different tokenizers"):
+        run(config, STAGES)
+    assert not (out / "run_state.json").exists()  # nothing started
