@@ -169,20 +169,34 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
         ) from exc
     except OSError as exc:
         raise ModelLoadError(f"cannot load weights from {str(directory)!r}: {exc}") from exc
+    return wrap_model(model, load_tokenizer(directory), str(directory))
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of a local model directory (a pad token set to EOS where it has none)."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(Path(path), local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load the tokenizer in {str(directory)!r}: {exc}") from exc
+        raise ModelLoadError(f"cannot load the tokenizer in {str(path)!r}: {exc}") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return wrap_model(model, tokenizer, str(directory))
+    return tokenizer
 
 
 def check_shared_tokenizer(sender: LoadedModel, receiver: LoadedModel) -> None:
     """The adapter maps caches token by token, so both sides must tokenize identically."""
-    if sender.tokenizer.get_vocab() != receiver.tokenizer.get_vocab():
+    _require_shared_vocab(sender.tokenizer, receiver.tokenizer, sender.path, receiver.path)
+
+
+def check_shared_tokenizer_at(sender: str | Path, receiver: str | Path) -> None:
+    """``check_shared_tokenizer`` from the two directories' tokenizers alone (no weights read): a job's
+    refusal before any work."""
+    _require_shared_vocab(load_tokenizer(sender), load_tokenizer(receiver), str(sender), str(receiver))
+
+
+def _require_shared_vocab(sender, receiver, sender_path: str, receiver_path: str) -> None:
+    if sender.get_vocab() != receiver.get_vocab():
         raise IncompatiblePairError(
-            f"sender {sender.path!r} and receiver {receiver.path!r} use different tokenizers "
-            f"({len(sender.tokenizer)} vs {len(receiver.tokenizer)} tokens); a token-wise cache adapter "
-            "needs a shared tokenizer"
+            f"sender {sender_path!r} and receiver {receiver_path!r} use different tokenizers "
+            f"({len(sender)} vs {len(receiver)} tokens); a token-wise cache adapter needs a shared tokenizer"
         )
