@@ -146,7 +146,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()), tasks=args.tasks, zoo=args.zoo, split=args.split,
         limit=args.limit, seed=args.seed, codec=args.codec, codec_params=parse_json(args.codec_params, "--codec-params"),
         sender=args.sender or "", receiver=args.receiver or "", adapter=args.adapter or "", c2c=args.c2c or "", device=args.device,
-        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, message_tokens=args.message_tokens,
+        dtype=args.dtype or "", batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, message_tokens=args.message_tokens,
         prompt_format=parse_json(args.prompt_format, "--prompt-format"), output_dir=args.output_dir)
 
     def progress(label: str, task: str, done: int, total: int) -> None:
@@ -378,12 +378,12 @@ def cmd_codec_calibrate(args: argparse.Namespace) -> int:
     else:
         texts = [e.context for e in tasks.make_split("train", BASIS_CALIBRATION_PER_FAMILY)]
     texts = texts[: args.limit]
-    sender = load_model(args.sender, dtype=dtype)
+    sender = load_model(args.sender, dtype=dtype, device=args.device)
     adapter = receiver = None
     if args.adapter:
         from densecomm_core.adapter import DenseAdapter
 
-        receiver = load_model(args.receiver, dtype=dtype)
+        receiver = load_model(args.receiver, dtype=dtype, device=args.device)
         adapter = DenseAdapter.load(args.adapter, sender.geometry, receiver.geometry).to(sender.model.device)
     sender_basis, receiver_basis = calibrate(sender, texts, adapter, receiver, strip_rope=not args.keep_rope)
     for basis, directory in ((sender_basis, args.sender), (receiver_basis, args.adapter)):
@@ -489,6 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--adapter", help="adapter checkpoint directory (default: the zoo adapter)")
     ev.add_argument("--c2c", help="C2C fuser directory from `densecomm baseline c2c` (default: the zoo's committed one)")
     ev.add_argument("--device", default="cpu")
+    ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                    help="weights of --sender/--receiver (default: bfloat16 on CUDA, float32 on the CPU; the zoo pair runs as committed)")
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--max-new-tokens", type=int, default=24, help="answer budget of the answering model")
     ev.add_argument("--message-tokens", type=int, default=24, help="T2T: the sender's message budget")
@@ -528,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--texts", help="calibration texts, one per line (default: the zoo's train-split contexts)")
     calibrate.add_argument("--limit", type=int, default=900, help="at most this many texts")
     calibrate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    calibrate.add_argument("--device", default="cpu", help="where both models run the calibration prefills (cpu, cuda, cuda:N)")
     calibrate.add_argument("--keep-rope", action="store_true", help="fit on RoPE-applied keys (for strip_rope=false)")
     calibrate.set_defaults(func=cmd_codec_calibrate)
 

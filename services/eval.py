@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 DEFAULT_METHODS = ("sender", "receiver", "receiver-without-input", "t2t", "dense", "c2c")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -36,6 +37,7 @@ class EvalOptions:
     adapter: str = ""
     c2c: str = ""  # a C2C fuser directory (`densecomm baseline c2c`); the zoo's committed one for the zoo pair
     device: str = "cpu"
+    dtype: str = ""  # weights of local checkpoints (DTYPES); "" = bfloat16 on CUDA, float32 on the CPU. Not the zoo's
     batch_size: int = 64
     max_new_tokens: int = 24  # the receiver's (or a lone model's) answer budget
     message_tokens: int = 24  # the T2T sender's message budget
@@ -67,9 +69,14 @@ def load_pair(options: EvalOptions):
 
     if bool(options.sender) != bool(options.receiver):
         raise EvaluationError("--sender and --receiver go together (local checkpoints); give both or neither")
+    if options.dtype and options.dtype not in DTYPES:
+        raise EvaluationError(f"--dtype must be one of {DTYPES}, got {options.dtype!r}")
+    if options.dtype and not options.sender:
+        raise EvaluationError(f"--dtype applies to --sender/--receiver checkpoints; the zoo pair runs as committed, got {options.dtype!r}")
     if options.sender:
-        sender = load_model(options.sender, dtype=torch.float32, device=options.device)
-        receiver = load_model(options.receiver, dtype=torch.float32, device=options.device)
+        dtype = getattr(torch, options.dtype or ("bfloat16" if torch.device(options.device).type == "cuda" else "float32"))
+        sender = load_model(options.sender, dtype=dtype, device=options.device)
+        receiver = load_model(options.receiver, dtype=dtype, device=options.device)
         adapter_dir = Path(options.adapter) if options.adapter else None
     else:
         from densecomm_core.zoo.pair import load_zoo_pair, zoo_adapter_dir

@@ -69,3 +69,39 @@ def test_codec_calibrate_writes_both_bases_and_the_route_then_relays_through_pca
         stats = run(collect(stack.relay_address, build_request("recall ann 3 , bob 7 . bob ?", route="calibrated",
                                                                 codec="pca", max_new_tokens=4)))[-1].stats
     assert [hop.codec for hop in stats.hops] == ["pca", "pca"] and stats.hops[0].wire_bytes < stats.hops[0].raw_bytes
+
+
+def test_codec_calibrate_loads_both_models_and_the_adapter_on_device(monkeypatch, tmp_path):
+    """--device reaches both load_model calls and the adapter follows the sender's device. The recording
+    load_model puts the models on the data-free ``meta`` device, where calibrate (recorded, not run) would run."""
+    import torch
+
+    import densecomm_core.codec.calibrate as calibration
+    import densecomm_core.models as models
+    from densecomm_core.zoo.pair import zoo_model_dirs
+    from services.cli import main
+
+    real, loads, calibrated = models.load_model, [], []
+
+    def recording_load_model(path, dtype=None, device="cpu"):
+        loads.append((str(path), dtype, device))
+        model = real(path, dtype=dtype)
+        model.model.to("meta")
+        return model
+
+    def recording_calibrate(sender, texts, adapter=None, receiver=None, strip_rope=True):
+        calibrated.append((texts, next(adapter.parameters()).device, sender.model.device, receiver.model.device))
+        return None, None  # nothing written beside the committed zoo weights
+
+    monkeypatch.setattr(models, "load_model", recording_load_model)
+    monkeypatch.setattr(calibration, "calibrate", recording_calibrate)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("recall ann 3 , bob 7 . bob ?\nrecall cal 1 . cal ?\n")
+    assert main(["codec", "calibrate", "--texts", str(texts), "--device", "cuda:1", "--dtype", "bfloat16"]) == 0
+    sender, receiver = (str(d) for d in zoo_model_dirs())
+    assert loads == [(sender, torch.bfloat16, "cuda:1"), (receiver, torch.bfloat16, "cuda:1")]
+    meta = torch.device("meta")
+    assert calibrated == [(["recall ann 3 , bob 7 . bob ?", "recall cal 1 . cal ?"], meta, meta, meta)]
+    loads.clear()
+    assert main(["codec", "calibrate", "--texts", str(texts)]) == 0
+    assert [device for *_, device in loads] == ["cpu", "cpu"]  # the default: as before
