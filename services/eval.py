@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 DEFAULT_METHODS = ("sender", "receiver", "receiver-without-input", "t2t", "dense", "c2c")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -37,7 +36,7 @@ class EvalOptions:
     adapter: str = ""
     c2c: str = ""  # a C2C fuser directory (`densecomm baseline c2c`); the zoo's committed one for the zoo pair
     device: str = "cpu"
-    dtype: str = ""  # weights of local checkpoints (DTYPES); "" = bfloat16 on CUDA, float32 on the CPU. Not the zoo's
+    dtype: str = ""  # weights of local checkpoints (a name of services.runtime.DTYPES); "" = bfloat16 on CUDA, float32 on the CPU. Not the zoo's
     batch_size: int = 64
     max_new_tokens: int = 24  # the receiver's (or a lone model's) answer budget
     message_tokens: int = 24  # the T2T sender's message budget
@@ -66,15 +65,16 @@ def load_pair(options: EvalOptions):
     from densecomm_core.generation import GenerationConfig
     from densecomm_core.models import load_model
     from densecomm_core.relay import PromptFormat
+    from services.runtime import DTYPES
 
     if bool(options.sender) != bool(options.receiver):
         raise EvaluationError("--sender and --receiver go together (local checkpoints); give both or neither")
     if options.dtype and options.dtype not in DTYPES:
-        raise EvaluationError(f"--dtype must be one of {DTYPES}, got {options.dtype!r}")
+        raise EvaluationError(f"--dtype must be one of {tuple(DTYPES)}, got {options.dtype!r}")
     if options.dtype and not options.sender:
         raise EvaluationError(f"--dtype applies to --sender/--receiver checkpoints; the zoo pair runs as committed, got {options.dtype!r}")
     if options.sender:
-        dtype = getattr(torch, options.dtype or ("bfloat16" if torch.device(options.device).type == "cuda" else "float32"))
+        dtype = DTYPES[options.dtype or ("bfloat16" if torch.device(options.device).type == "cuda" else "float32")]
         sender = load_model(options.sender, dtype=dtype, device=options.device)
         receiver = load_model(options.receiver, dtype=dtype, device=options.device)
         adapter_dir = Path(options.adapter) if options.adapter else None

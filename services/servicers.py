@@ -743,10 +743,10 @@ class RelayServicer(ServicerBase, relay_pb2_grpc.RelayServicer):
 
     async def _relay(self, request, context):
         validate_request(request, self.config, relay_pb2)  # needs no model and no bases: any replica of the ingress
-        names = [r.name for r in self.config.all_routes()]
-        if route_name(request, self.config) not in names:
-            raise RouteNotFound(f"unknown route {runtime.shown(route_name(request, self.config))}; known routes: {names}")
-        limits.check_input_bytes(request, limits.RouteLimits.for_route(self.config, route_name(request, self.config)))
+        name, names = route_name(request, self.config), [r.name for r in self.config.all_routes()]
+        if name not in names:
+            raise RouteNotFound(f"unknown route {runtime.shown(name)}; known routes: {names}")
+        limits.check_input_bytes(request, limits.RouteLimits.for_route(self.config, name))
         started = time.perf_counter()
         setup = kv_pb2.HopSetup(request_id=uuid.uuid4().hex, request=request)
         reason = ""
