@@ -167,6 +167,18 @@ def test_cuda_indices_map_to_the_ray_train_workers_own_gpus():
         resolve_device("cuda:2", own[0], own)
 
 
+def gpu_config(tmp_path, models: str):
+    """A config whose workers hold 2 GPUs each, with ``models`` as its [models] table's lines."""
+    return write_config(tmp_path / "gpu.toml", f"""
+output_dir = "{tmp_path / 'run'}"
+[workers]
+use_gpu = true
+gpus_per_worker = 2
+[models]
+{models}
+""")
+
+
 def test_a_gpu_worker_loads_the_pair_on_its_own_gpus(tmp_path, monkeypatch):
     """train_loop_per_worker hands ray.train.torch.get_devices() to load_pair, which places each side there."""
     import ray.train
@@ -174,15 +186,7 @@ def test_a_gpu_worker_loads_the_pair_on_its_own_gpus(tmp_path, monkeypatch):
 
     from services.train import worker
 
-    config = write_config(tmp_path / "gpu.toml", f"""
-output_dir = "{tmp_path / 'run'}"
-[workers]
-use_gpu = true
-gpus_per_worker = 2
-[models]
-sender_device = "cuda:0"
-receiver_device = "cuda:1"
-""")
+    config = gpu_config(tmp_path, 'sender_device = "cuda:0"\nreceiver_device = "cuda:1"')
     own = [torch.device("cuda:2"), torch.device("cuda:3")]
 
     class Context:
@@ -218,14 +222,7 @@ def test_trace_stage_loads_only_the_receiver(tmp_path, monkeypatch):
     from services.train import worker
     from services.train.job import _trace_shard
 
-    config = write_config(tmp_path / "gpu.toml", f"""
-output_dir = "{tmp_path / 'run'}"
-[workers]
-use_gpu = true
-gpus_per_worker = 2
-[models]
-receiver_device = "cuda:1"
-""")
+    config = gpu_config(tmp_path, 'receiver_device = "cuda:1"')
     loaded = []
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
     monkeypatch.setattr(worker, "load_model", lambda path, dtype, device: loaded.append((path, device)) or f"model {path}")
