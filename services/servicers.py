@@ -709,12 +709,14 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
                 if failed:
                     break
                 yield event
-        except DownstreamError:
-            if not failed:
+        except DownstreamError as exc:
+            # Ours is the cause only where the adapter reports the short stream it made (DATA_LOSS); any other
+            # status (a receiver gone: UNAVAILABLE) came first, and our stream's error followed from it.
+            if not failed or exc.code != grpc.StatusCode.DATA_LOSS:
                 raise
         finally:
             link.close()  # slots the adapter released go back to the pool, others are unlinked
-        if failed:  # the adapter saw a short stream; ours is the cause
+        if failed:
             call.cancel()
             raise failed[0]
 

@@ -332,9 +332,9 @@ def test_a_sender_that_fails_mid_stream_reports_its_own_error_at_once(stack, mon
     from services import servicers
 
     def failing(*args, **kwargs):
-        async def messages():
-            yield b"DC"  # never reaches a decoder: the stream ends on the error
+        async def messages():  # the stream ends after its setup: the adapter reports the missing frames
             raise CodecError("pca cannot code non-finite values (test)")
+            yield
         return messages()
 
     monkeypatch.setattr(servicers, "encoded_messages", failing)
