@@ -352,22 +352,47 @@ def zoo_contexts() -> list[str]:
     return [e.context for e in tasks.make_split("test", 50)]
 
 
-async def latency_run(address: str, contexts: list[str], concurrency: int, requests: int, timeout: float = 120.0) -> list[float]:
+@dataclass(frozen=True)
+class Timing:
+    """One answer's timing as its reader saw it: the whole call, the wait for its first token, and the tokens."""
+
+    total_s: float
+    first_token_s: float
+    tokens: int
+
+    @property
+    def per_token_s(self) -> float | None:
+        """Mean gap between later tokens (None with fewer than two): what each generated token adds."""
+        return (self.total_s - self.first_token_s) / (self.tokens - 1) if self.tokens > 1 else None
+
+
+def split_table(timings: list[Timing]) -> dict:
+    """Median time to the first token and median per-token gap after it, in ms."""
+    gaps = [t.per_token_s for t in timings if t.per_token_s is not None]
+    return {"first_token_ms": 1e3 * statistics.median(t.first_token_s for t in timings),
+            "per_token_ms": 1e3 * statistics.median(gaps) if gaps else float("nan"),
+            "tokens": statistics.median(t.tokens for t in timings)}
+
+
+async def latency_run(address: str, contexts: list[str], concurrency: int, requests: int, timeout: float = 120.0) -> list[Timing]:
     from services.client import build_request, relay_stream
 
     semaphore = asyncio.Semaphore(concurrency)
-    latencies: list[float] = []
+    timings: list[Timing] = []
     async with grpc.aio.insecure_channel(address) as channel:
         stub = relay_pb2_grpc.RelayStub(channel)
 
         async def one(i: int) -> None:
             async with semaphore:
+                seen: list[float] = []
                 started = time.perf_counter()
-                await relay_stream(stub, build_request(contexts[i % len(contexts)], max_new_tokens=MAX_NEW_TOKENS), timeout)
-                latencies.append(time.perf_counter() - started)
+                await relay_stream(stub, build_request(contexts[i % len(contexts)], max_new_tokens=MAX_NEW_TOKENS), timeout,
+                                   on_text=lambda _: seen.append(time.perf_counter()))
+                total = time.perf_counter() - started
+                timings.append(Timing(total, (seen[0] - started) if seen else total, len(seen)))
 
         await asyncio.gather(*(one(i) for i in range(requests)))
-    return latencies
+    return timings
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -380,11 +405,12 @@ def latency_table(address: str, requests: int, levels: tuple[int, ...] = (1, 4, 
     rows = []
     for concurrency in levels:
         started = time.perf_counter()
-        latencies = asyncio.run(latency_run(address, contexts, concurrency, requests))
+        timings = asyncio.run(latency_run(address, contexts, concurrency, requests))
         wall = time.perf_counter() - started
+        latencies = [t.total_s for t in timings]
         rows.append({"concurrency": concurrency, "requests": requests, "p50_ms": 1e3 * percentile(latencies, 50),
                      "p99_ms": 1e3 * percentile(latencies, 99), "mean_ms": 1e3 * statistics.mean(latencies),
-                     "requests_per_s": requests / wall})
+                     "requests_per_s": requests / wall} | split_table(timings))
     return rows
 
 
@@ -401,7 +427,7 @@ def _in_process(requests: int, codec_name: str) -> dict:
     from densecomm_core.adapter import DenseAdapter
     from densecomm_core.generation import GenerationConfig
     from densecomm_core.hop import round_trip
-    from densecomm_core.relay import ContextMode, DenseRelay
+    from densecomm_core.relay import ContextMode, DenseRelay, receiver_generate
     from densecomm_core.zoo.pair import load_zoo_pair, zoo_adapter_dir
 
     sender, receiver = load_zoo_pair()
@@ -414,12 +440,24 @@ def _in_process(requests: int, codec_name: str) -> dict:
     contexts = zoo_contexts()
     for context in contexts[:4]:  # warm-up, as the service run has
         relay.run([context], ContextMode.UNAWARE, config)
-    times = []
+    eos = receiver.tokenizer.eos_token_id
+    timings = []
     for i in range(requests):
+        context = contexts[i % len(contexts)]
+        seen: list[float] = []  # relay.run's work, each answer token timed as the services stream it (EOS is not one)
+
+        def on_token(step: int, tokens: torch.Tensor) -> None:
+            if int(tokens[0]) != eos:
+                seen.append(time.perf_counter())
+
         started = time.perf_counter()
-        relay.run([contexts[i % len(contexts)]], ContextMode.UNAWARE, config)
-        times.append(time.perf_counter() - started)
-    return {"requests": requests, "p50_ms": 1e3 * percentile(times, 50), "mean_ms": 1e3 * statistics.mean(times)}
+        cache = relay.transfer([context])
+        receiver_generate(receiver, cache, [relay.prompt_format.receiver_prompt(ContextMode.UNAWARE, context)], config, on_token)
+        total = time.perf_counter() - started
+        timings.append(Timing(total, (seen[0] - started) if seen else total, len(seen)))
+    times = [t.total_s for t in timings]
+    return {"requests": requests, "p50_ms": 1e3 * percentile(times, 50), "mean_ms": 1e3 * statistics.mean(times)} \
+        | split_table(timings)
 
 
 # ---- 4: the KV handoff on a Qwen3-4B-geometry route --------------------------------------------------
@@ -518,7 +556,8 @@ def targets(report: dict) -> list[Target]:
     shm_ms = statistics.median(handoff[SAME_NODE_TRANSPORT]) if handoff.get(SAME_NODE_TRANSPORT) else None
     c1 = next(r for r in report["latency"] if r["concurrency"] == 1)
     c16 = next((r for r in report["latency"] if r["concurrency"] == 16), None)
-    in_process = report["in_process"]["p50_ms"]
+    p = report["in_process"]
+    in_process = p["p50_ms"]
     raw_mb = report["handoff"][0]["raw_mb"] if report["handoff"] else 0.0
     return [
         Target("raw gRPC hop, encode+verify+decode / bare stream", raw["ratio"], "x", 0.80,
@@ -529,7 +568,9 @@ def targets(report: dict) -> list[Target]:
         Target("the same through the same-node shortcut", shm_ms, "ms", 40.0, False,
                note="" if shm_ms is not None else f"no {SAME_NODE_TRANSPORT!r} transport in this build"),
         Target("service overhead: Relay p50 (c=1) - in-process", c1["p50_ms"] - in_process, "ms", 20.0, False,
-               note=f"Relay {c1['p50_ms']:.1f} ms, in-process DenseRelay {in_process:.1f} ms"),
+               note=f"Relay {c1['p50_ms']:.1f} ms, in-process DenseRelay {in_process:.1f} ms; first token "
+                    f"+{c1['first_token_ms'] - p['first_token_ms']:.1f} ms, each later token "
+                    f"+{c1['per_token_ms'] - p['per_token_ms']:.2f} ms"),
         Target("Relay throughput at concurrency 16", c16["requests_per_s"] if c16 else None, "req/s"),
     ]
 
@@ -587,12 +628,17 @@ def render(report: dict, repeats: int, requests: int, tokens: int) -> str:
                f"{report['frame_bytes'] // 1024} KiB (services.config.ServeConfig.frame_bytes)")
     out.append(f"\n3. Relay end to end on the zoo ({report['hosting']}, {requests} requests per level, lossless codec, "
                f"{MAX_NEW_TOKENS} new tokens)\n")
-    out.append(f"{'concurrency':>11s} {'p50 ms':>8s} {'p99 ms':>8s} {'mean ms':>8s} {'req/s':>7s}")
-    out += [f"{r['concurrency']:11d} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {r['mean_ms']:8.1f} {r['requests_per_s']:7.1f}"
-            for r in report["latency"]]
+    out.append(f"{'concurrency':>11s} {'p50 ms':>8s} {'p99 ms':>8s} {'mean ms':>8s} {'req/s':>7s} {'1st tok ms':>10s} "
+               f"{'ms/token':>8s} {'tokens':>6s}")
+    out += [f"{r['concurrency']:11d} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {r['mean_ms']:8.1f} {r['requests_per_s']:7.1f} "
+            f"{r['first_token_ms']:10.1f} {r['per_token_ms']:8.2f} {r['tokens']:6.0f}" for r in report["latency"]]
     p = report["in_process"]
-    out.append(f"{'in-process':>11s} {p['p50_ms']:8.1f} {'':8s} {p['mean_ms']:8.1f}      (DenseRelay, same requests one at a "
-               f"time, lossless round trip per hop, {p['threads']} torch thread)")
+    out.append(f"{'in-process':>11s} {p['p50_ms']:8.1f} {'':8s} {p['mean_ms']:8.1f} {'':7s} {p['first_token_ms']:10.1f} "
+               f"{p['per_token_ms']:8.2f} {p['tokens']:6.0f}")
+    out.append(f"(in-process: DenseRelay, the same requests one at a time, lossless round trip per hop, {p['threads']} torch "
+               f"thread. '1st tok' and 'ms/token' are medians over the requests of the wait for the first answer token "
+               f"and of the mean gap between later ones, as the caller receives them: where the overhead is fixed, and "
+               f"where each token adds to it)")
     out.append(f"\n4. KV handoff on a Qwen3-4B-geometry route ({tokens} tokens, both hops; every call; lossless unless "
                f"the row names another codec; 'hops used' is what each hop reported)\n")
     out.append(render_handoff(report["handoff"]))

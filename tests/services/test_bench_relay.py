@@ -42,8 +42,11 @@ def fake_report(raw_ratio: float, lossless_mb_s: float, handoff: dict[str, list[
     hop = [{"path": "gRPC hop, encode+verify+decode", "codec": "raw", "mb_s": 1000.0 * raw_ratio, "ratio": raw_ratio},
            {"path": "gRPC hop, encode+verify+decode", "codec": "lossless", "mb_s": lossless_mb_s, "ratio": lossless_mb_s / 1000}]
     rows = [{"transport": t, "raw_mb": 26.5, "handoff_ms": ms} for t, values in handoff.items() for ms in values]
-    latency = [{"concurrency": 1, "p50_ms": p50, "requests_per_s": 10.0}, {"concurrency": 16, "p50_ms": 3 * p50, "requests_per_s": 33.0}]
-    return {"hop": hop, "handoff": rows, "latency": latency, "in_process": {"p50_ms": in_process}}
+    split = {"first_token_ms": p50 / 2, "per_token_ms": 1.5}
+    latency = [{"concurrency": 1, "p50_ms": p50, "requests_per_s": 10.0} | split,
+               {"concurrency": 16, "p50_ms": 3 * p50, "requests_per_s": 33.0} | split]
+    return {"hop": hop, "handoff": rows, "latency": latency,
+            "in_process": {"p50_ms": in_process, "first_token_ms": in_process / 2, "per_token_ms": 1.0}}
 
 
 def test_targets_are_marked_ok_missed_or_not_measured():
@@ -54,10 +57,19 @@ def test_targets_are_marked_ok_missed_or_not_measured():
     assert handoff.value == pytest.approx(140.0) and "26.5 MB" in handoff.name  # the median of the calls
     overhead = next(t for t in good.values() if "overhead" in t.name)
     assert overhead.value == pytest.approx(15.0) and "Relay 60.0 ms" in overhead.note and "45.0 ms" in overhead.note
+    assert "first token +7.5 ms" in overhead.note and "each later token +0.50 ms" in overhead.note  # where it goes
     bad = bench.targets(fake_report(0.5, 300.0, {"bytes": [600.0]}, 90.0, 45.0))
     assert [t.status for t in bad] == ["missed", "missed", "missed", "not measured", "missed", "reported"]
     text = bench.render_targets(bad)
     assert text.count("missed") == 4 and "not measured" in text and "no 'shm' transport" in text and "<= 150" in text
+
+
+def test_timings_split_into_the_first_token_and_each_later_one():
+    timings = [bench.Timing(0.100, 0.040, 7), bench.Timing(0.080, 0.050, 4), bench.Timing(0.030, 0.030, 1)]
+    assert timings[0].per_token_s == pytest.approx(0.010) and timings[2].per_token_s is None  # one token: no gap
+    split = bench.split_table(timings)
+    assert split["first_token_ms"] == pytest.approx(40.0) and split["tokens"] == 4
+    assert split["per_token_ms"] == pytest.approx(10.0)  # the median of the gaps of the answers that have one
 
 
 @pytest.mark.parametrize("frame_bytes, frames", [(600, 1 + 6), (4096, 1 + 1)])  # token ranges / all 3 layers packed
