@@ -665,15 +665,10 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
         limits.check_input_bytes(request, limits.RouteLimits.for_route(self.config, name))  # before rendering a huge X
         text = render_input(request, sender.tokenizer, FORMAT)
         self.check_limits(name, sender, request, text)
-        t = time.perf_counter()
-        cache = await in_thread(threading.Event(), sender_prefill, sender, [text], chunk_tokens=self.config.prefill_chunk_tokens)
-        prefill_s = time.perf_counter() - t
-        prefill_end_unix = time.time()
-        tokens = int(cache.lengths.sum())
-        header = await asyncio.to_thread(encoder.start, cache)  # strip RoPE, bind the bases: fails before the call
-        sender_flops = 2.0 * sender.non_embedding_params * tokens
-
+        stub = await self.adapters.stub()  # before any model work: a dead adapter fails fast
+        prefilled: asyncio.Future = asyncio.get_running_loop().create_future()  # the cache's first frame header, or None
         failed: list[Exception] = []  # what broke our own stream, the precise cause of the call's failure
+        note: dict = {}  # the prefill's figures, for the StreamDone
 
         async def frames():
             try:
@@ -687,23 +682,39 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
             hop_setup.transport = "shm" if hop_setup.HasField("shm") else "bytes"
             yield kv_pb2.KVMessage(setup=hop_setup)
             await link.negotiate(call)  # "shm": the adapter maps our slots, each frame goes by reference
+            if (header := await prefilled) is None:  # the prefill failed; the call is cancelled
+                return
             async for message in encoded_messages(encoder, header, link, self.config.frame_bytes, self.config.max_message_bytes):
                 yield send_frame(message)
             report = encoder.report
             report.transport = link.transport
-            done = kv_pb2.StreamDone(last_chunk_unix=time.time(), prefill_tokens=tokens, sender_flops=sender_flops,
-                                     hops=[hop_bytes("sender->adapter", report)], prefill_end_unix=prefill_end_unix)
-            done.latencies.add(stage="prefill", seconds=prefill_s)
+            done = kv_pb2.StreamDone(last_chunk_unix=time.time(), prefill_tokens=note["tokens"], sender_flops=note["flops"],
+                                     hops=[hop_bytes("sender->adapter", report)], prefill_end_unix=note["end_unix"])
+            done.latencies.add(stage="prefill", seconds=note["seconds"])
             done.latencies.add(stage="encode", seconds=report.encode_s)
-            self.metrics.observe_stage("prefill", prefill_s)
+            self.metrics.observe_stage("prefill", note["seconds"])
             self.metrics.observe_stage("encode", report.encode_s)
             self.metrics.observe_hop("sender->adapter", report.raw_bytes, report.wire_bytes, report.chunks,
                                      report.transport, link.shm_bytes)
-            self.metrics.tokens.labels(self.service, "sender", "prefill").inc(tokens)
-            self.metrics.flops.labels(self.service, "sender").inc(sender_flops)
+            self.metrics.tokens.labels(self.service, "sender", "prefill").inc(note["tokens"])
+            self.metrics.flops.labels(self.service, "sender").inc(note["flops"])
             yield kv_pb2.KVMessage(done=done)
 
-        call = (await self.adapters.stub()).Transform(frames(), timeout=hop_timeout(context, self.config))
+        # The call opens before the prefill: the adapter (and, through it, the receiver) sets up its side and
+        # answers the shared-memory offer while this sender prefills, and the frames leave once the cache is ready.
+        call = stub.Transform(frames(), timeout=hop_timeout(context, self.config))
+        try:
+            t = time.perf_counter()
+            cache = await in_thread(threading.Event(), sender_prefill, sender, [text], chunk_tokens=self.config.prefill_chunk_tokens)
+            note.update(seconds=time.perf_counter() - t, end_unix=time.time(), tokens=int(cache.lengths.sum()))
+            note["flops"] = 2.0 * sender.non_embedding_params * note["tokens"]
+            prefilled.set_result(await asyncio.to_thread(encoder.start, cache))  # strip RoPE, bind the bases
+        except BaseException:  # our own failure (or our caller went away): the adapter's call ends with it
+            if not prefilled.done():
+                prefilled.set_result(None)
+            call.cancel()
+            link.close()
+            raise
         try:
             async for event in relay_events(call):
                 if failed:

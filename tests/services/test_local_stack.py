@@ -345,3 +345,34 @@ def test_a_sender_that_fails_mid_stream_reports_its_own_error_at_once(stack, mon
     assert time.perf_counter() - started < 10
     monkeypatch.undo()
     assert status_of(stack.relay_address, build_request(EXAMPLES[0].context, max_new_tokens=4)) == grpc.StatusCode.OK
+
+
+def test_the_adapter_call_is_set_up_while_the_sender_prefills_and_ends_with_its_failure(stack, monkeypatch):
+    """The sender opens its call to the adapter before it prefills (and the adapter its own to the receiver),
+    so both hops are set up by the time the cache is ready; a prefill that fails ends both calls with it."""
+    from services import servicers
+
+    def in_flight(kind: str) -> float:
+        return scrape(stack.metrics_ports[kind])[f'densecomm_in_flight_requests{{service="{kind}"}}']
+
+    def wait_for(condition, seconds: float = 10.0) -> bool:
+        deadline = time.monotonic() + seconds
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return condition()
+
+    seen = {}
+
+    def failing_prefill(*args, should_stop=None, **kwargs):  # in the sender's worker thread
+        wait_for(lambda: in_flight("adapter") and in_flight("receiver"))
+        seen.update(adapter=in_flight("adapter"), receiver=in_flight("receiver"))
+        raise RuntimeError("the prefill failed (test)")
+
+    monkeypatch.setattr(servicers, "sender_prefill", failing_prefill)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        run(collect(stack.relay_address, build_request(EXAMPLES[0].context, max_new_tokens=4), timeout=60))
+    assert info.value.code() == grpc.StatusCode.INTERNAL and "the prefill failed (test)" in info.value.details()
+    assert seen == {"adapter": 1.0, "receiver": 1.0}  # both downstream calls were open during the prefill
+    assert wait_for(lambda: in_flight("adapter") == 0 and in_flight("receiver") == 0)  # and ended with it
+    monkeypatch.undo()
+    assert status_of(stack.relay_address, build_request(EXAMPLES[0].context, max_new_tokens=4)) == grpc.StatusCode.OK
