@@ -27,7 +27,7 @@ import statistics
 import tempfile
 import time
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -359,6 +359,7 @@ class Timing:
     total_s: float
     first_token_s: float
     tokens: int
+    stages: dict[str, float] = field(default_factory=dict)  # the answer's RelayStats latencies (services only)
 
     @property
     def per_token_s(self) -> float | None:
@@ -367,11 +368,14 @@ class Timing:
 
 
 def split_table(timings: list[Timing]) -> dict:
-    """Median time to the first token and median per-token gap after it, in ms."""
+    """Median time to the first token and median per-token gap after it, in ms; and the median of each stage
+    the services reported (``stage_ms``: the stages every answer has)."""
     gaps = [t.per_token_s for t in timings if t.per_token_s is not None]
+    common = set.intersection(*(set(t.stages) for t in timings)) if timings else set()
     return {"first_token_ms": 1e3 * statistics.median(t.first_token_s for t in timings),
             "per_token_ms": 1e3 * statistics.median(gaps) if gaps else float("nan"),
-            "tokens": statistics.median(t.tokens for t in timings)}
+            "tokens": statistics.median(t.tokens for t in timings),
+            "stage_ms": {stage: 1e3 * statistics.median(t.stages[stage] for t in timings) for stage in sorted(common)}}
 
 
 async def latency_run(address: str, contexts: list[str], concurrency: int, requests: int, timeout: float = 120.0) -> list[Timing]:
@@ -386,10 +390,11 @@ async def latency_run(address: str, contexts: list[str], concurrency: int, reque
             async with semaphore:
                 seen: list[float] = []
                 started = time.perf_counter()
-                await relay_stream(stub, build_request(contexts[i % len(contexts)], max_new_tokens=MAX_NEW_TOKENS), timeout,
-                                   on_text=lambda _: seen.append(time.perf_counter()))
+                stats = await relay_stream(stub, build_request(contexts[i % len(contexts)], max_new_tokens=MAX_NEW_TOKENS),
+                                           timeout, on_text=lambda _: seen.append(time.perf_counter()))
                 total = time.perf_counter() - started
-                timings.append(Timing(total, (seen[0] - started) if seen else total, len(seen)))
+                timings.append(Timing(total, (seen[0] - started) if seen else total, len(seen),
+                                      {s.stage: s.seconds for s in stats.latencies}))
 
         await asyncio.gather(*(one(i) for i in range(requests)))
     return timings
@@ -635,6 +640,10 @@ def render(report: dict, repeats: int, requests: int, tokens: int) -> str:
     p = report["in_process"]
     out.append(f"{'in-process':>11s} {p['p50_ms']:8.1f} {'':8s} {p['mean_ms']:8.1f} {'':7s} {p['first_token_ms']:10.1f} "
                f"{p['per_token_ms']:8.2f} {p['tokens']:6.0f}")
+    c1 = next(r for r in report["latency"] if r["concurrency"] == 1)
+    if c1.get("stage_ms"):
+        out.append("concurrency 1, the stages the services report (medians, ms): "
+                   + ", ".join(f"{stage} {ms:.1f}" for stage, ms in c1["stage_ms"].items()))
     out.append(f"(in-process: DenseRelay, the same requests one at a time, lossless round trip per hop, {p['threads']} torch "
                f"thread. '1st tok' and 'ms/token' are medians over the requests of the wait for the first answer token "
                f"and of the mean gap between later ones, as the caller receives them: where the overhead is fixed, and "

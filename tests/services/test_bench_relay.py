@@ -65,11 +65,13 @@ def test_targets_are_marked_ok_missed_or_not_measured():
 
 
 def test_timings_split_into_the_first_token_and_each_later_one():
-    timings = [bench.Timing(0.100, 0.040, 7), bench.Timing(0.080, 0.050, 4), bench.Timing(0.030, 0.030, 1)]
+    timings = [bench.Timing(0.100, 0.040, 7, {"prefill": 0.004, "kv_handoff": 0.010}), bench.Timing(0.080, 0.050, 4, {"prefill": 0.006}),
+               bench.Timing(0.030, 0.030, 1, {"prefill": 0.002, "kv_handoff": 0.030})]
     assert timings[0].per_token_s == pytest.approx(0.010) and timings[2].per_token_s is None  # one token: no gap
     split = bench.split_table(timings)
     assert split["first_token_ms"] == pytest.approx(40.0) and split["tokens"] == 4
     assert split["per_token_ms"] == pytest.approx(10.0)  # the median of the gaps of the answers that have one
+    assert split["stage_ms"] == {"prefill": pytest.approx(4.0)}  # only the stages every answer reported
 
 
 @pytest.mark.parametrize("frame_bytes, frames", [(600, 1 + 6), (4096, 1 + 1)])  # token ranges / all 3 layers packed
