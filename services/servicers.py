@@ -471,7 +471,7 @@ class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
         g = request.generation
         config = GenerationConfig(max_new_tokens=g.max_new_tokens or self.config.default_max_new_tokens,
                                   temperature=g.temperature, top_p=g.top_p or 1.0, seed=g.seed)
-        prompt_tokens = len(receiver.tokenizer(prompt, add_special_tokens=cache is None)["input_ids"])
+        prompt_tokens = len((await asyncio.to_thread(receiver.tokenizer, prompt, add_special_tokens=cache is None))["input_ids"])
         limits.check_window(int(cache.next_positions.max()) if cache is not None else 0, prompt_tokens, config.max_new_tokens,
                             route_limits.receiver_window, name)
         loop = asyncio.get_running_loop()
@@ -643,6 +643,13 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
         async for event in self.guarded(context, route_name(request.request, self.config), self._prefill(request, context)):
             yield event
 
+    def admit(self, name: str, sender, request) -> str:
+        """X rendered as the sender's text, once every limit it can break is checked (in a worker thread: a
+        large input takes the tokenizer tens of milliseconds, which the event loop's other streams would wait)."""
+        text = render_input(request, sender.tokenizer, FORMAT)
+        self.check_limits(name, sender, request, text)
+        return text
+
     def check_limits(self, name: str, sender, request, text: str) -> None:
         """Every limit that the input can break, before any model work: bytes, tokens, the receiver's
         window, the cache's bytes (tokens x the sender's KV bytes per token)."""
@@ -663,8 +670,7 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
                              workers=self.config.codec_workers, frame_bytes=self.config.frame_bytes)
         link = transport.HopLink(self.pool)  # the sender -> adapter hop's carrier
         limits.check_input_bytes(request, limits.RouteLimits.for_route(self.config, name))  # before rendering a huge X
-        text = render_input(request, sender.tokenizer, FORMAT)
-        self.check_limits(name, sender, request, text)
+        text = await asyncio.to_thread(self.admit, name, sender, request)
         stub = await self.adapters.stub()  # before any model work: a dead adapter fails fast
         prefilled: asyncio.Future = asyncio.get_running_loop().create_future()  # the cache's first frame header, or None
         failed: list[Exception] = []  # what broke our own stream, the precise cause of the call's failure

@@ -87,6 +87,27 @@ def test_prompt_plus_max_new_tokens_within_the_receivers_window(stack):
         check_window(4, 3, 4, 10, "r")
 
 
+def test_the_input_is_tokenized_off_the_event_loop(stack, monkeypatch):
+    """Rendering and tokenizing X (tens of ms for a large input) run in a worker thread, not on the sender's
+    event loop, which the other requests' streams share; the limits still refuse what breaks them."""
+    import threading
+
+    from services.servicers import SenderServicer
+
+    threads = []
+    check = SenderServicer.check_limits
+
+    def recording(self, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return check(self, *args, **kwargs)
+
+    monkeypatch.setattr(SenderServicer, "check_limits", recording)
+    run(collect(stack.relay_address, build_request(TEXT, max_new_tokens=2), timeout=30))
+    code, details = refusal(stack, build_request("ann 3 , " * 40, route="random"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_input_tokens" in details
+    assert len(threads) == 2 and not any(name.startswith("densecomm-sender") for name in threads), threads
+
+
 def test_cache_bytes_per_request(stack):
     code, details = refusal(stack, build_request(TEXT, route="small-cache"))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_cache_bytes of route 'small-cache' is 4096" in details
