@@ -37,11 +37,14 @@ import subprocess
 
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 
 from densecomm_core.adapter import AdapterConfig, DenseAdapter
+from densecomm_core.baselines.c2c import C2CConfig, C2CFuser, fuse_caches
 from densecomm_core.cache import KVCache
+from densecomm_core.codec import get_codec
 from densecomm_core.errors import CacheLayoutError
+from densecomm_core.hop import HopDecoder, HopEncoder
 from densecomm_core.generation import (
     GenerationConfig,
     choose_next,
@@ -60,6 +63,7 @@ from densecomm_core.relay import (
     transform_cache,
 )
 from densecomm_core.rope import strip_rope
+from densecomm_core.streaming import StreamingAdapter
 from densecomm_core.training import phase1, phase2
 from densecomm_core.training.common import optimizer_step
 from densecomm_core.training.traces import TraceRecord, TraceRequest
@@ -256,6 +260,93 @@ def test_generate_moves_cpu_prompts_and_samples_on_the_logits_device(gpus, mode,
             tokens, lengths = generate(receiver.model, ids, mask, config, receiver.tokenizer.eos_token_id)
             assert_on(gpu1, tokens, lengths)
     assert requested == [gpu1]
+
+
+# ---- the hops and the C2C baseline -----------------------------------------------------------------
+def real_cache(geometry, rope_applied: bool, tokens: int = 5) -> KVCache:
+    """A real CPU cache of ``geometry`` (bf16), as a hop's encoder gets it."""
+    with unset_fake_temporarily():
+        g = torch.Generator().manual_seed(0)
+        shape = (1, geometry.num_kv_heads, tokens, geometry.head_dim)
+        keys = [torch.randn(shape, generator=g).to(torch.bfloat16) for _ in range(geometry.num_layers)]
+        values = [torch.randn(shape, generator=g).to(torch.bfloat16) for _ in range(geometry.num_layers)]
+        return KVCache(keys, values, torch.ones(1, tokens, dtype=torch.bool), torch.arange(tokens)[None], rope_applied,
+                       geometry.fingerprint())
+
+
+def real_frames(cache: KVCache) -> list[bytes]:
+    with unset_fake_temporarily():
+        return list(HopEncoder(get_codec("raw")).frames(cache))
+
+
+def decoding_for_real(decoder: HopDecoder) -> HopDecoder:
+    """Frames are bytes: verifying and decoding them is host work on real data, as in the services' worker
+    threads; only what comes after runs on the fake devices."""
+    feed = decoder.feed
+
+    def real_feed(frame):
+        with unset_fake_temporarily():
+            return feed(frame)
+
+    decoder.feed = real_feed
+    return decoder
+
+
+@pytest.mark.parametrize("rope_applied", [True, False], ids=["rotated", "stripped"])
+def test_hop_decoder_finishes_on_the_receivers_device(gpus, rope_applied):
+    """The receiving end of a hop: the decoded host cache goes to the receiver's device in its dtype, a
+    stripped one gets the receiver's rotation back there."""
+    _, gpu1 = gpus
+    mode = FakeTensorMode(allow_non_fake_inputs=True)  # the decoded host tensors are real; every op still checks devices
+    with mode:
+        receiver = fake_model(TINY_RECEIVER, 2, mode, gpu1, torch.bfloat16)
+        frames = real_frames(real_cache(receiver.geometry, rope_applied))
+        decoder = decoding_for_real(HopDecoder(receiver, device=gpu1))
+        for frame in frames:
+            decoder.feed(frame)
+        cache = decoder.finish()
+        assert_cache_on(cache, gpu1, torch.bfloat16)
+        assert cache.rope_applied
+
+
+def test_streaming_adapter_transforms_on_the_adapters_device(gpus):
+    """The adapter hop: sender chunks decoded on the host, RoPE stripped, T_θ and the receiver's RoPE applied
+    where the adapter lives, in the receiver's dtype, before the outgoing encoder takes them."""
+    gpu0, gpu1 = gpus
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        sender, adapter, receiver = fake_relay(mode, gpu1, gpu0, gpu1, torch.bfloat16)
+        frames = real_frames(real_cache(sender.geometry, rope_applied=True))
+        streaming = StreamingAdapter(adapter, sender, receiver, get_codec("raw"))
+        decoding_for_real(streaming.incoming)
+        layers = []
+        streaming.outgoing.layer = lambda layer, k, v: layers.append((layer, k, v)) or []  # encoding needs real data
+        for frame in frames:
+            streaming.feed(frame)
+        streaming.finish()
+        assert [layer for layer, _, _ in layers] == list(range(receiver.geometry.num_layers))
+        for _, k, v in layers:
+            assert_on(gpu0, k, v)
+            assert k.dtype == v.dtype == torch.bfloat16 and k.shape[1] == receiver.geometry.num_kv_heads
+
+
+@pytest.mark.parametrize("aware", [True, False], ids=["own cache", "zeros"])
+def test_c2c_fuses_on_the_fusers_device_and_delivers_on_the_receivers(gpus, mode, aware, monkeypatch):
+    """The C2C baseline's fuser on cuda:0 with the sender, the receiver (and its own cache) on cuda:1."""
+    gpu0, gpu1 = gpus
+    equal = torch.equal  # the fuser's check that both caches cover the same tokens reads data: fake tensors have none
+    monkeypatch.setattr(torch, "equal", lambda a, b: a.shape == b.shape if isinstance(a, FakeTensor) else equal(a, b))
+    with mode:
+        sender = fake_model(TINY_SENDER, 1, mode, gpu0, torch.bfloat16)
+        receiver = fake_model(TINY_RECEIVER, 2, mode, gpu1, torch.bfloat16)
+        with unset_fake_temporarily():
+            fuser = C2CFuser(C2CConfig(sender.geometry, receiver.geometry, hidden=8))
+        fuser = fake(fuser, mode, gpu0)
+        source = sender_prefill(sender, CONTEXTS)
+        own = sender_prefill(receiver, CONTEXTS) if aware else None
+        fused = fuse_caches(fuser, source, own, sender, receiver)
+        assert_cache_on(fused, gpu1, torch.bfloat16)
+        assert_cache_on(fuse_caches(fuser, source, own, sender, receiver, dtype=torch.float32, device=gpu0), gpu0, torch.float32)
 
 
 # ---- training ----------------------------------------------------------------------------------
