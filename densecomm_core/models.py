@@ -156,13 +156,19 @@ def load_rope_model(path: str | Path, dtype: torch.dtype | None = None) -> RopeM
 
 
 def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a causal LM and its tokenizer from a local directory (never from a hub)."""
+    """Load a causal LM and its tokenizer from a local directory (never from a hub).
+
+    The weights are read straight onto ``device`` (the whole model on that one device: ``device_map``
+    {"": device}), so a 14B checkpoint for a GPU never takes its size in host memory first."""
     directory = Path(path)
     config = _read_config(directory)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            directory, config=config, local_files_only=True, dtype=dtype or "auto"
-        ).to(device)
+            directory, config=config, local_files_only=True, dtype=dtype or "auto", device_map={"": device}
+        )
     except ValueError as exc:
         raise ModelLoadError(
             f"{str(directory)!r} holds a {config.model_type!r} model, which is not a causal LM: {exc}"

@@ -87,3 +87,21 @@ def test_rope_model_from_config_alone_matches_the_loaded_model(tmp_path):
     positions = torch.arange(30)[None]
     for a, b in zip(rotary_cos_sin(rope_only, positions), rotary_cos_sin(original, positions)):
         torch.testing.assert_close(a, b)
+
+
+def test_weights_are_read_straight_onto_the_device(tmp_path, monkeypatch):
+    """No load on the host and then a move: the weights land on the requested device as they are read
+    (``meta`` here, which holds no data, so nothing was materialised on the CPU first)."""
+    import torch
+
+    original = tiny_model(TINY_SENDER)
+    original.model.save_pretrained(tmp_path)
+    original.tokenizer.save_pretrained(tmp_path)
+    moves = []
+    to = torch.nn.Module.to
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *args, **kwargs: moves.append(args) or to(self, *args, **kwargs))
+    loaded = load_model(tmp_path, dtype=torch.bfloat16, device="meta")
+    assert {p.device.type for p in loaded.model.parameters()} == {"meta"}
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+    assert moves == []  # (loading on the CPU and then calling .to("meta") would also end on meta)
+    assert loaded.geometry == original.geometry
