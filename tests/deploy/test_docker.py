@@ -50,6 +50,12 @@ def test_requirements_are_pinned_and_ray_matches_the_chart():
     pins = dict(re.fullmatch(r"([\w.\-\[\]]+)==([\w.]+)(?:; python_version [<>=]+ \"\d+\.\d+\")?", line).groups()
                 for line in lines if line)  # exact pins, an environment marker allowed
     assert pins and "ray[train]" in pins and "backports.zstd" in pins
+    import tomllib
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.match(r"[\w.\-\[\]]+", d).group(0).lower() for d in declared} - {"torch"}  # torch: per flavor
+    pinned = {name.lower() for name in pins}
+    assert names <= pinned, f"not pinned for the images: {sorted(names - pinned)}"
     values = yaml.safe_load((ROOT / "helm/densecomm/values.yaml").read_text())
     assert pins["ray[train]"] == values["kuberay"]["rayVersion"]
 
