@@ -335,14 +335,19 @@ def send_frame(frames, link: transport.HopLink | None = None) -> bytes:
     return link.carry(frames) if link is not None else shm.join(frames)
 
 
-async def read_frames(messages, on_done, transport_name: str = "bytes", reader: shm.ShmReader | None = None):
+async def read_frames(messages, on_done, transport_name: str = "bytes", reader: shm.ShmReader | None = None,
+                      arrival: list[float] | None = None):
     """The wire frames of a KV stream after its setup message, in order (bytes or memoryviews into the
     message or its shared-memory slot, never copied); ``on_done(StreamDone)`` gets the upstream's note.
     A frame from a slot is released with ``reader.decoded(frame)`` once decoded. A message that is neither
-    frames, an accepted reference nor a KVMessage is DATA_LOSS; a second setup is INVALID_ARGUMENT."""
+    frames, an accepted reference nor a KVMessage is DATA_LOSS; a second setup is INVALID_ARGUMENT.
+    ``arrival`` gets the ``perf_counter`` time of the first message after the setup: the hop's transfer
+    starts there (the sender opens the call before its prefill, so the setup comes well before the cache)."""
     if transport_name not in TRANSPORTS:
         raise RequestError(f"frame transport {transport_name!r} is not available here; expected one of {TRANSPORTS}")
     async for message in messages:
+        if arrival is not None and not arrival:
+            arrival.append(time.perf_counter())
         if isinstance(message, bytes):  # raw framing: the message is one or more frames, or a reference
             if shm.is_reference(message):
                 if reader is None:
@@ -461,11 +466,13 @@ class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
         upstream: list = []  # the StreamDone the adapter forwards after its last frame
         decoding = OverlappedDecode(feed, on_event, lambda: decoder.copy_only)  # decode frame i while frame i+1 arrives
         decoder.report.transport = "shm" if reader is not None else "bytes"
-        await decode_overlapped(read_frames(messages, upstream.append, first.setup.transport or "bytes", reader), decoding, reader)
+        arrival: list[float] = []
+        await decode_overlapped(read_frames(messages, upstream.append, first.setup.transport or "bytes", reader, arrival),
+                                decoding, reader)
         done = upstream[-1] if upstream else None
         # the receiver's space, RoPE, dtype and device
         cache = None if text_only else await asyncio.to_thread(decoder.finish)
-        transfer_s = time.perf_counter() - started
+        transfer_s = time.perf_counter() - (arrival[0] if arrival else started)  # first frame -> the cache held
         held_unix = time.time()  # the receiver holds the whole cache in its model's space
         prompt = receiver_prompt(request, text_only)
         g = request.generation
@@ -567,14 +574,14 @@ class AdapterServicer(ServicerBase, kv_pb2_grpc.AdapterServicer):
         async def pump() -> None:
             try:
                 upstream: list = []
-                started = time.perf_counter()
+                arrival: list[float] = []
 
                 def on_done(note) -> None:
                     upstream.append(note)
-                    self.metrics.observe_hop_transfer("sender->adapter", time.perf_counter() - started)
+                    self.metrics.observe_hop_transfer("sender->adapter", (time.perf_counter() - arrival[0]) if arrival else 0.0)
 
                 await negotiated.wait()
-                async for frame in read_frames(messages, on_done, first.setup.transport or "bytes", reader):
+                async for frame in read_frames(messages, on_done, first.setup.transport or "bytes", reader, arrival):
                     for message in await asyncio.to_thread(feed, frame):
                         await outgoing.put(message)
                 streaming.finish()

@@ -376,3 +376,20 @@ def test_the_adapter_call_is_set_up_while_the_sender_prefills_and_ends_with_its_
     assert wait_for(lambda: in_flight("adapter") == 0 and in_flight("receiver") == 0)  # and ended with it
     monkeypatch.undo()
     assert status_of(stack.relay_address, build_request(EXAMPLES[0].context, max_new_tokens=4)) == grpc.StatusCode.OK
+
+
+def test_a_hops_transfer_is_timed_from_its_first_frame_not_from_the_setup(stack, monkeypatch):
+    """The calls open before the sender's prefill; the stages that time a hop start at its first frame."""
+    from services import servicers
+
+    prefill = servicers.sender_prefill
+
+    def slow_prefill(*args, **kwargs):
+        time.sleep(1.0)
+        return prefill(*args, **kwargs)
+
+    monkeypatch.setattr(servicers, "sender_prefill", slow_prefill)
+    final = run(collect(stack.relay_address, build_request(EXAMPLES[0].context, max_new_tokens=2), timeout=60))[-1]
+    stages = {s.stage: s.seconds for s in final.stats.latencies}
+    assert stages["prefill"] >= 1.0 and stages["end_to_end"] >= 1.0
+    assert stages["transfer"] < 0.5 and stages["kv_handoff"] < 0.5, stages
