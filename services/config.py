@@ -108,6 +108,11 @@ class ServeConfig:
     prefill_chunk_tokens: int = 512  # the sender prefills in pieces of this many tokens, checking for cancellation
     on_cache_failure: str = "error"  # "error" | "text": when the cache path fails, the receiver reads X itself
     drain_grace_s: float = 10.0  # SIGTERM: NOT_SERVING, refuse new calls, let in-flight ones finish this long
+    # The receiver sends an answer's first token at once, then at most one internal message per this many ms with
+    # the tokens generated meanwhile (clients still get one event per token from the Relay): each message costs
+    # the receiver's event loop interpreter-lock hand-offs with its decoding thread. 0: only tokens that are
+    # ready together share a message.
+    token_flush_ms: float = 20.0
     # --- security, all off by default (the local quick start binds loopback only; services/security.py) ---
     tls_cert_file: str = ""  # PEM certificate of the public Relay port; with tls_key_file the Relay serves TLS
     tls_key_file: str = ""
@@ -230,6 +235,8 @@ def load_config(path: str | Path | None = None, **overrides) -> ServeConfig:
                  "default_max_new_tokens", "prefill_chunk_tokens"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if not config.token_flush_ms >= 0:
+        raise ConfigError(f"token_flush_ms must be >= 0, got {config.token_flush_ms}")
     if not config.hop_deadline_s > 0:
         raise ConfigError(f"hop_deadline_s must be > 0 seconds, got {config.hop_deadline_s}")
     if config.default_max_new_tokens > config.max_new_tokens_limit:

@@ -17,6 +17,7 @@ holds; ``close()`` releases its downstream channels.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import threading
@@ -368,8 +369,39 @@ async def read_frames(messages, on_done, transport_name: str = "bytes", reader: 
             raise RequestError(f"unexpected {kind} message inside a KV stream")
 
 
+async def token_batches(queue: asyncio.Queue, window_s: float, finished: asyncio.Future):
+    """The items put on ``queue`` until None, in lists: the first at once with whatever is queued beside it, then
+    at most one list per ``window_s`` with everything that arrived meanwhile; once ``finished`` (the producer)
+    is done the rest goes at once. 0: no waiting, only items queued together share a list.
+
+    Waits with ``asyncio.wait`` (a timer), not a cancelling timeout: a cancellation of the caller (its client
+    went away) that arrives while it waits always propagates."""
+    loop = asyncio.get_running_loop()
+    flush_at = loop.time()
+    while (item := await queue.get()) is not None:
+        batch = [item]
+        if (left := flush_at - loop.time()) > 0 and not finished.done():
+            await asyncio.wait({finished}, timeout=left)
+        while not queue.empty():
+            if (item := queue.get_nowait()) is None:
+                yield batch
+                return
+            batch.append(item)
+        yield batch
+        flush_at = loop.time() + window_s
+
+
+def client_events(event) -> list:
+    """What a Relay client gets for one internal event: each token of a batch as its own event."""
+    if event.HasField("tokens"):
+        return [relay_pb2.RelayEvent(token=token) for token in event.tokens.tokens]
+    return [event]
+
+
 async def relay_events(call, on_stats=None):
-    """Forward a downstream call's events, converting its failure into DownstreamError."""
+    """Forward a downstream call's events, converting its failure into DownstreamError. Use it in ``async with
+    contextlib.aclosing(...)``: when the forwarding ends early (our own caller went away while we were handing
+    an event on, not while we were reading), closing it cancels the call, which gRPC does not do by itself."""
     try:
         async for event in call:
             if event.HasField("stats") and on_stats is not None:
@@ -377,6 +409,8 @@ async def relay_events(call, on_stats=None):
             yield event
     except grpc.aio.AioRpcError as exc:
         raise DownstreamError(exc.code(), exc.details() or exc.code().name) from exc
+    finally:
+        call.cancel()  # a no-op on a call that ended
 
 
 class ServicerBase:
@@ -500,12 +534,14 @@ class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
         previous = ""
         ids: list[int] = []
         try:
-            while (item := await queue.get()) is not None:
-                step, token = item
-                ids.append(token)
-                text = receiver.tokenizer.decode(ids, skip_special_tokens=True)
-                yield relay_pb2.RelayEvent(token=relay_pb2.TokenEvent(index=step, token_id=token, text=text[len(previous):]))
-                previous = text
+            async for batch in token_batches(queue, self.config.token_flush_ms / 1e3, task):
+                events = []
+                for step, token in batch:
+                    ids.append(token)
+                    text = receiver.tokenizer.decode(ids, skip_special_tokens=True)
+                    events.append(relay_pb2.TokenEvent(index=step, token_id=token, text=text[len(previous):]))
+                    previous = text
+                yield relay_pb2.RelayEvent(tokens=relay_pb2.TokenBatch(tokens=events))
             out = await task
         finally:
             stop.set()  # the caller went away (or we are done): the generation thread stops at its next step
@@ -615,8 +651,9 @@ class AdapterServicer(ServicerBase, kv_pb2_grpc.AdapterServicer):
         pump_task = asyncio.create_task(pump())
         call = stub.Generate(forward(), timeout=hop_timeout(context, self.config))
         try:
-            async for event in relay_events(call):
-                yield event
+            async with contextlib.aclosing(relay_events(call)) as events:
+                async for event in events:
+                    yield event
         except DownstreamError:
             if state["error"] is not None:  # our input broke first: that is the precise cause
                 raise state["error"]
@@ -729,10 +766,11 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
             link.close()
             raise
         try:
-            async for event in relay_events(call):
-                if failed:
-                    break
-                yield event
+            async with contextlib.aclosing(relay_events(call)) as events:
+                async for event in events:
+                    if failed:
+                        break
+                    yield event
         except DownstreamError as exc:
             # Ours is the cause only where the adapter reports the short stream it made (DATA_LOSS); any other
             # status (a receiver gone: UNAVAILABLE) came first, and our stream's error followed from it.
@@ -792,12 +830,14 @@ class RelayServicer(ServicerBase, relay_pb2_grpc.RelayServicer):
         tokens = 0
         try:
             call = (await self.senders.stub()).Prefill(setup, timeout=hop_timeout(context, self.config))
-            async for event in relay_events(call, on_stats):
-                if event.HasField("token"):
-                    tokens += 1
-                    if tokens == 1:
-                        first_token_seen()
-                yield event
+            async with contextlib.aclosing(relay_events(call, on_stats)) as events:
+                async for event in events:
+                    for out in client_events(event):
+                        if out.HasField("token"):
+                            tokens += 1
+                            if tokens == 1:
+                                first_token_seen()
+                        yield out
             return
         except DownstreamError as exc:
             # Only before the first token: an answer is never spliced from two paths.
@@ -812,8 +852,10 @@ class RelayServicer(ServicerBase, relay_pb2_grpc.RelayServicer):
 
         call = (await self.receivers.stub()).Generate(text_only(), timeout=hop_timeout(context, self.config))
         first = True
-        async for event in relay_events(call, on_stats):
-            if first and event.HasField("token"):
-                first = False
-                first_token_seen()
-            yield event
+        async with contextlib.aclosing(relay_events(call, on_stats)) as events:
+            async for event in events:
+                for out in client_events(event):
+                    if first and out.HasField("token"):
+                        first = False
+                        first_token_seen()
+                    yield out
