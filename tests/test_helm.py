@@ -177,7 +177,8 @@ def test_rendered_serve_toml_loads_with_the_service_config(name, tmp_path):
     except ConfigError as exc:
         pytest.fail(f"{name}: rendered serve.toml does not load: {exc}")
     assert config.default_route in [r.name for r in config.routes]
-    assert config.codec_workers == yaml.safe_load((CHART / "values.yaml").read_text())["codecWorkers"]  # passed through
+    chart_values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert config.codec_workers == chart_values["codecWorkers"] and config.token_flush_ms == chart_values["tokenFlushMs"]  # passed through
     values = VALUES[name][1] if VALUES[name][0] == "-f" else ""
     assert config.default_codec_params == merged(values)["defaultCodecParams"]  # {} unless set (ci: {level: 1})
 
