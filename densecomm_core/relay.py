@@ -231,12 +231,14 @@ class DenseRelay:
         mode: ContextMode,
         config: GenerationConfig = GenerationConfig(),
         receiver_prompts: Sequence[str] | None = None,
+        on_token=None,
     ) -> RelayOutput:
-        """Relay a batch of inputs and let the receiver answer in ``mode``."""
+        """Relay a batch of inputs and let the receiver answer in ``mode``; ``on_token(step, tokens)`` sees each
+        decoding step's tokens as ``generate`` makes them."""
         cache, sender_tokens = self._transfer(contexts)
         if receiver_prompts is None:
             receiver_prompts = [self.prompt_format.receiver_prompt(mode, c) for c in contexts]
-        out = receiver_generate(self.receiver, cache, receiver_prompts, config)
+        out = receiver_generate(self.receiver, cache, receiver_prompts, config, on_token)
         out.counts.sender_prefill = sender_tokens
         out.payload_bytes = cache.valid_nbytes()
         return out

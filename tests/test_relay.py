@@ -78,6 +78,17 @@ def test_sender_does_not_decode(zoo_pair, zoo_adapter):
     assert out.counts.receiver_prefill == len(CONTEXTS)  # just '=>' per row in the unaware regime
 
 
+def test_run_reports_each_decoding_step_to_on_token(zoo_pair, zoo_adapter):
+    sender, receiver = zoo_pair
+    relay = DenseRelay(sender, receiver, zoo_adapter)
+    steps = []
+    out = relay.run(CONTEXTS, ContextMode.UNAWARE, GenerationConfig(max_new_tokens=6),
+                    on_token=lambda step, tokens: steps.append((step, tokens.clone())))
+    assert [step for step, _ in steps] == list(range(len(steps))) and len(steps) == int(out.lengths.max())
+    assert torch.equal(torch.stack([t for _, t in steps], dim=1), out.tokens[:, : len(steps)])
+    assert out.texts == relay.run(CONTEXTS, ContextMode.UNAWARE, GenerationConfig(max_new_tokens=6)).texts
+
+
 def test_relay_refuses_an_adapter_for_another_pair(zoo_pair, tiny_pair):
     sender, receiver = zoo_pair
     wrong = DenseAdapter(AdapterConfig(tiny_pair[0].geometry, receiver.geometry, expansion=2))

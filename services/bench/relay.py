@@ -361,6 +361,12 @@ class Timing:
     tokens: int
     stages: dict[str, float] = field(default_factory=dict)  # the answer's RelayStats latencies (services only)
 
+    @classmethod
+    def of(cls, started: float, seen: list[float], stages: dict[str, float] | None = None) -> Timing:
+        """From the ``perf_counter`` times of the start and of each answer token (the call ends now)."""
+        total = time.perf_counter() - started
+        return cls(total, (seen[0] - started) if seen else total, len(seen), stages or {})
+
     @property
     def per_token_s(self) -> float | None:
         """Mean gap between later tokens (None with fewer than two): what each generated token adds."""
@@ -392,9 +398,7 @@ async def latency_run(address: str, contexts: list[str], concurrency: int, reque
                 started = time.perf_counter()
                 stats = await relay_stream(stub, build_request(contexts[i % len(contexts)], max_new_tokens=MAX_NEW_TOKENS),
                                            timeout, on_text=lambda _: seen.append(time.perf_counter()))
-                total = time.perf_counter() - started
-                timings.append(Timing(total, (seen[0] - started) if seen else total, len(seen),
-                                      {s.stage: s.seconds for s in stats.latencies}))
+                timings.append(Timing.of(started, seen, {s.stage: s.seconds for s in stats.latencies}))
 
         await asyncio.gather(*(one(i) for i in range(requests)))
     return timings
@@ -432,7 +436,7 @@ def _in_process(requests: int, codec_name: str) -> dict:
     from densecomm_core.adapter import DenseAdapter
     from densecomm_core.generation import GenerationConfig
     from densecomm_core.hop import round_trip
-    from densecomm_core.relay import ContextMode, DenseRelay, receiver_generate
+    from densecomm_core.relay import ContextMode, DenseRelay
     from densecomm_core.zoo.pair import load_zoo_pair, zoo_adapter_dir
 
     sender, receiver = load_zoo_pair()
@@ -448,18 +452,15 @@ def _in_process(requests: int, codec_name: str) -> dict:
     eos = receiver.tokenizer.eos_token_id
     timings = []
     for i in range(requests):
-        context = contexts[i % len(contexts)]
-        seen: list[float] = []  # relay.run's work, each answer token timed as the services stream it (EOS is not one)
+        seen: list[float] = []  # each answer token timed as the services stream it (EOS is not one)
 
         def on_token(step: int, tokens: torch.Tensor) -> None:
             if int(tokens[0]) != eos:
                 seen.append(time.perf_counter())
 
         started = time.perf_counter()
-        cache = relay.transfer([context])
-        receiver_generate(receiver, cache, [relay.prompt_format.receiver_prompt(ContextMode.UNAWARE, context)], config, on_token)
-        total = time.perf_counter() - started
-        timings.append(Timing(total, (seen[0] - started) if seen else total, len(seen)))
+        relay.run([contexts[i % len(contexts)]], ContextMode.UNAWARE, config, on_token=on_token)
+        timings.append(Timing.of(started, seen))
     times = [t.total_s for t in timings]
     return {"requests": requests, "p50_ms": 1e3 * percentile(times, 50), "mean_ms": 1e3 * statistics.mean(times)} \
         | split_table(timings)
