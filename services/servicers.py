@@ -824,19 +824,22 @@ class RelayServicer(ServicerBase, relay_pb2_grpc.RelayServicer):
             stats.served_by = stats.served_by or "cache"
             stats.fallback_reason = reason
 
-        def first_token_seen() -> None:
-            self.metrics.observe_stage("time_to_first_token", time.perf_counter() - started)
+        tokens = 0  # answer tokens sent to our client, whichever path made them
 
-        tokens = 0
+        def to_client(event) -> list:
+            """The client's events for one downstream event; the first answer token is timed."""
+            nonlocal tokens
+            out = client_events(event)
+            if not tokens and any(e.HasField("token") for e in out):
+                self.metrics.observe_stage("time_to_first_token", time.perf_counter() - started)
+            tokens += sum(e.HasField("token") for e in out)
+            return out
+
         try:
             call = (await self.senders.stub()).Prefill(setup, timeout=hop_timeout(context, self.config))
             async with contextlib.aclosing(relay_events(call, on_stats)) as events:
                 async for event in events:
-                    for out in client_events(event):
-                        if out.HasField("token"):
-                            tokens += 1
-                            if tokens == 1:
-                                first_token_seen()
+                    for out in to_client(event):
                         yield out
             return
         except DownstreamError as exc:
@@ -851,11 +854,7 @@ class RelayServicer(ServicerBase, relay_pb2_grpc.RelayServicer):
             yield kv_pb2.KVMessage(setup=kv_pb2.HopSetup(request_id=setup.request_id, request=request, text_only=True))
 
         call = (await self.receivers.stub()).Generate(text_only(), timeout=hop_timeout(context, self.config))
-        first = True
         async with contextlib.aclosing(relay_events(call, on_stats)) as events:
             async for event in events:
-                for out in client_events(event):
-                    if first and out.HasField("token"):
-                        first = False
-                        first_token_seen()
+                for out in to_client(event):
                     yield out
