@@ -301,7 +301,7 @@ def test_metrics_endpoints_expose_the_documented_series(stack):
     assert value("receiver", 'densecomm_hop_wire_bytes_count{hop="adapter->receiver"') >= 1
     assert value("sender", 'densecomm_compression_ratio_count') >= 1
     assert value("sender", 'densecomm_chunks_total') > 0
-    for kind, stage in (("sender", "prefill"), ("sender", "encode"), ("adapter", "transform"), ("receiver", "first_token"), ("relay", "end_to_end")):
+    for kind, stage in (("sender", "prefill"), ("sender", "encode"), ("adapter", "transform"), ("receiver", "first_token"), ("relay", "end_to_end"), ("relay", "time_to_first_token")):
         assert value(kind, f'densecomm_stage_seconds_count{{service="{kind}",stage="{stage}"') >= 1, (kind, stage)
     assert value("receiver", 'densecomm_tokens_total{phase="decode",service="receiver",side="receiver"}') > 0
     assert value("sender", 'densecomm_flops_total') > 0 and value("adapter", "densecomm_flops_total") > 0
