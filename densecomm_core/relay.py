@@ -95,10 +95,21 @@ class RelayOutput:
     payload_bytes: int = 0  # raw bytes of the transferred receiver-space cache (valid tokens only)
 
 
-def encode(tokenizer, texts: Sequence[str], padding_side: str, add_special_tokens: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded ids (B, T) and mask (B, T); ``add_special_tokens=False`` for prompts that continue a cache."""
+Text = str | Sequence[int]  # a text, or its token ids already (special tokens included as the caller wants them)
+
+
+def encode(tokenizer, texts: Sequence[Text], padding_side: str, add_special_tokens: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded ids (B, T) and mask (B, T); ``add_special_tokens=False`` for prompts that continue a cache.
+
+    A row given as token ids is used as it is: a caller that has tokenized an input already (to check it
+    against a limit) passes its ids, and nothing is tokenized twice."""
     tokenizer.padding_side = padding_side
-    enc = tokenizer(list(texts), padding=True, return_tensors="pt", add_special_tokens=add_special_tokens)
+    if all(isinstance(text, str) for text in texts):
+        enc = tokenizer(list(texts), padding=True, return_tensors="pt", add_special_tokens=add_special_tokens)
+    else:
+        rows = [tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"] if isinstance(text, str) else list(text)
+                for text in texts]
+        enc = tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
     return enc["input_ids"], enc["attention_mask"]
 
 
@@ -118,8 +129,9 @@ def device_of(model: RopeModel) -> torch.device:
 
 
 @torch.no_grad()
-def sender_prefill(sender: LoadedModel, texts: Sequence[str], chunk_tokens: int = 0, should_stop=None) -> KVCache:
-    """Prefill the sender on ``texts`` (right-padded) and return its cache; the sender decodes nothing.
+def sender_prefill(sender: LoadedModel, texts: Sequence[Text], chunk_tokens: int = 0, should_stop=None) -> KVCache:
+    """Prefill the sender on ``texts`` (right-padded; texts or their ids, ``encode``) and return its cache; the
+    sender decodes nothing.
     ``chunk_tokens`` / ``should_stop``: a prefill in pieces that a caller can abandon (``generation.prefill``)."""
     ids, mask = encode(sender.tokenizer, texts, "right", add_special_tokens=True)
     device = model_device(sender.model)
@@ -150,12 +162,13 @@ def transform_cache(
 
 
 def receiver_inputs(
-    receiver: LoadedModel, cache: KVCache | None, prompts: Sequence[str]
+    receiver: LoadedModel, cache: KVCache | None, prompts: Sequence[Text]
 ) -> tuple[torch.Tensor, torch.Tensor, KVCache | None]:
     """Left-padded prompt ids (B, T) and mask (B, T), and the checked cache (in the receiver's dtype), all
     on the receiver's device.
 
-    Prompts that continue a cache get no BOS (the cache already starts with it)."""
+    Prompts that continue a cache get no BOS (the cache already starts with it); a prompt given as ids is
+    used as it is (``encode``)."""
     ids, mask = encode(receiver.tokenizer, prompts, "left", add_special_tokens=cache is None)
     device = model_device(receiver.model)
     if cache is not None:
@@ -170,7 +183,7 @@ def receiver_inputs(
 def receiver_generate(
     receiver: LoadedModel,
     cache: KVCache | None,
-    prompts: Sequence[str],
+    prompts: Sequence[Text],
     config: GenerationConfig,
     on_token=None,
     should_stop=None,

@@ -512,8 +512,9 @@ class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
         g = request.generation
         config = GenerationConfig(max_new_tokens=g.max_new_tokens or self.config.default_max_new_tokens,
                                   temperature=g.temperature, top_p=g.top_p or 1.0, seed=g.seed)
-        prompt_tokens = len((await asyncio.to_thread(receiver.tokenizer, prompt, add_special_tokens=cache is None))["input_ids"])
-        limits.check_window(int(cache.next_positions.max()) if cache is not None else 0, prompt_tokens, config.max_new_tokens,
+        # tokenized once, off the event loop: the window check counts these ids and the receiver reads them
+        prompt_ids = (await asyncio.to_thread(receiver.tokenizer, prompt, add_special_tokens=cache is None))["input_ids"]
+        limits.check_window(int(cache.next_positions.max()) if cache is not None else 0, len(prompt_ids), config.max_new_tokens,
                             route_limits.receiver_window, name)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -529,7 +530,7 @@ class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
                 loop.call_soon_threadsafe(queue.put_nowait, (step, token))
 
         stop = threading.Event()
-        task = asyncio.ensure_future(in_thread(stop, receiver_generate, receiver, cache, [prompt], config, on_token))
+        task = asyncio.ensure_future(in_thread(stop, receiver_generate, receiver, cache, [prompt_ids], config, on_token))
         task.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
         previous = ""
         ids: list[int] = []
@@ -687,18 +688,18 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
         async for event in self.guarded(context, route_name(request.request, self.config), self._prefill(request, context)):
             yield event
 
-    def admit(self, name: str, sender, request) -> str:
-        """X rendered as the sender's text, once every limit it can break is checked (in a worker thread: a
-        large input takes the tokenizer tens of milliseconds, which the event loop's other streams would wait)."""
-        text = render_input(request, sender.tokenizer, FORMAT)
-        self.check_limits(name, sender, request, text)
-        return text
+    def admit(self, name: str, sender, request) -> list[int]:
+        """X rendered as the sender's text and tokenized, once every limit it can break is checked (in a
+        worker thread: a large input takes the tokenizer tens of milliseconds, which the event loop's other
+        streams would wait). The prefill reads these ids; it does not tokenize X again."""
+        ids = sender.tokenizer(render_input(request, sender.tokenizer, FORMAT), add_special_tokens=True)["input_ids"]
+        self.check_limits(name, sender, request, len(ids))
+        return ids
 
-    def check_limits(self, name: str, sender, request, text: str) -> None:
-        """Every limit that the input can break, before any model work: bytes, tokens, the receiver's
-        window, the cache's bytes (tokens x the sender's KV bytes per token)."""
+    def check_limits(self, name: str, sender, request, tokens: int) -> None:
+        """Every limit that the input of ``tokens`` tokens can break, before any model work: tokens, the
+        receiver's window, the cache's bytes (tokens x the sender's KV bytes per token)."""
         route_limits = limits.RouteLimits.for_route(self.config, name)
-        tokens = len(sender.tokenizer(text, add_special_tokens=True)["input_ids"])
         prompt_tokens = len(sender.tokenizer(receiver_prompt(request, False), add_special_tokens=False)["input_ids"])  # shared tokenizer
         max_new = request.generation.max_new_tokens or self.config.default_max_new_tokens
         limits.check_tokens(tokens, prompt_tokens, max_new, route_limits)
@@ -714,7 +715,7 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
                              workers=self.config.codec_workers, frame_bytes=self.config.frame_bytes)
         link = transport.HopLink(self.pool)  # the sender -> adapter hop's carrier
         limits.check_input_bytes(request, limits.RouteLimits.for_route(self.config, name))  # before rendering a huge X
-        text = await asyncio.to_thread(self.admit, name, sender, request)
+        ids = await asyncio.to_thread(self.admit, name, sender, request)
         stub = await self.adapters.stub()  # before any model work: a dead adapter fails fast
         prefilled: asyncio.Future = asyncio.get_running_loop().create_future()  # the cache's first frame header, or None
         failed: list[Exception] = []  # what broke our own stream, the precise cause of the call's failure
@@ -755,7 +756,7 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
         call = stub.Transform(frames(), timeout=hop_timeout(context, self.config))
         try:
             t = time.perf_counter()
-            cache = await in_thread(threading.Event(), sender_prefill, sender, [text], chunk_tokens=self.config.prefill_chunk_tokens)
+            cache = await in_thread(threading.Event(), sender_prefill, sender, [ids], chunk_tokens=self.config.prefill_chunk_tokens)
             note.update(seconds=time.perf_counter() - t, end_unix=time.time(), tokens=int(cache.lengths.sum()))
             note["flops"] = 2.0 * sender.non_embedding_params * note["tokens"]
             prefilled.set_result(await asyncio.to_thread(encoder.start, cache))  # strip RoPE, bind the bases

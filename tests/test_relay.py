@@ -44,6 +44,24 @@ def test_generation_after_own_cache_equals_generation_from_text(zoo_pair):
     assert all(tasks.extract_answer(t) is not None for t in cached.texts)
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_token_ids_are_read_as_they_are(zoo_pair, side):
+    """A caller that tokenized an input already (the services, to check its limits) passes the ids: the
+    padded batch, the sender's cache and the receiver's answer are those of the texts."""
+    sender, receiver = zoo_pair
+    tok = sender.tokenizer
+    ids = [tok(c, add_special_tokens=True)["input_ids"] for c in CONTEXTS]
+    for given in (ids, [ids[0], *CONTEXTS[1:]]):  # all ids; ids and texts mixed
+        got, want = encode(tok, given, side, True), encode(tok, CONTEXTS, side, True)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+    a, b = sender_prefill(sender, ids), sender_prefill(sender, CONTEXTS)
+    assert all(torch.equal(x, y) for x, y in zip([*a.keys, *a.values, a.mask], [*b.keys, *b.values, b.mask]))
+    prompts = [f"{c} =>" for c in CONTEXTS]
+    config = GenerationConfig(max_new_tokens=12)
+    from_ids = receiver_generate(receiver, None, [tok(p, add_special_tokens=True)["input_ids"] for p in prompts], config)
+    assert from_ids.texts == receiver_generate(receiver, None, prompts, config).texts
+
+
 @pytest.mark.parametrize("mode", list(ContextMode))
 def test_batched_equals_one_at_a_time(zoo_pair, zoo_adapter, mode):
     sender, receiver = zoo_pair

@@ -108,6 +108,28 @@ def test_the_input_is_tokenized_off_the_event_loop(stack, monkeypatch):
     assert len(threads) == 2 and not any(name.startswith("densecomm-sender") for name in threads), threads
 
 
+def test_each_service_tokenizes_what_it_reads_once(stack, monkeypatch):
+    """The sender counts X's tokens against its limits and prefills those same ids; the receiver counts its
+    prompt's tokens against its window and generates from those ids (each tokenized X twice before)."""
+    from densecomm_core.models import load_tokenizer
+    from densecomm_core.relay import PromptFormat
+
+    tokenizer_class = type(load_tokenizer(zoo_route().sender))  # every service runs in this process
+    calls = []
+    original = tokenizer_class.__call__
+
+    def recording(self, text, *args, **kwargs):
+        calls.append(text if isinstance(text, str) else " | ".join(text))
+        return original(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer_class, "__call__", recording)
+    events = run(collect(stack.relay_address, build_request(TEXT, mode="unaware", max_new_tokens=2), timeout=30))
+    assert any(e.HasField("stats") for e in events)
+    assert sum(TEXT in text for text in calls) == 1, calls  # the sender's X
+    prompt = PromptFormat().unaware
+    assert calls.count(prompt) == 2, calls  # the sender's early window check, the receiver's own
+
+
 def test_cache_bytes_per_request(stack):
     code, details = refusal(stack, build_request(TEXT, route="small-cache"))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_cache_bytes of route 'small-cache' is 4096" in details
