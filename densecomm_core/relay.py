@@ -102,14 +102,15 @@ def encode(tokenizer, texts: Sequence[Text], padding_side: str, add_special_toke
     """Padded ids (B, T) and mask (B, T); ``add_special_tokens=False`` for prompts that continue a cache.
 
     A row given as token ids is used as it is: a caller that has tokenized an input already (to check it
-    against a limit) passes its ids, and nothing is tokenized twice."""
-    tokenizer.padding_side = padding_side
+    against a limit) passes its ids, and nothing is tokenized twice. The side is passed per call, never set on
+    the tokenizer, which threads (and a sender and receiver of one checkpoint) may share."""
     if all(isinstance(text, str) for text in texts):
-        enc = tokenizer(list(texts), padding=True, return_tensors="pt", add_special_tokens=add_special_tokens)
+        enc = tokenizer(list(texts), padding=True, padding_side=padding_side, return_tensors="pt",
+                        add_special_tokens=add_special_tokens)
     else:
         rows = [tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"] if isinstance(text, str) else list(text)
                 for text in texts]
-        enc = tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
+        enc = tokenizer.pad({"input_ids": rows}, padding=True, padding_side=padding_side, return_tensors="pt")
     return enc["input_ids"], enc["attention_mask"]
 
 

@@ -51,9 +51,12 @@ def test_token_ids_are_read_as_they_are(zoo_pair, side):
     sender, receiver = zoo_pair
     tok = sender.tokenizer
     ids = [tok(c, add_special_tokens=True)["input_ids"] for c in CONTEXTS]
+    default = tok.padding_side
     for given in (ids, [ids[0], *CONTEXTS[1:]]):  # all ids; ids and texts mixed
         got, want = encode(tok, given, side, True), encode(tok, CONTEXTS, side, True)
         assert all(torch.equal(g, w) for g, w in zip(got, want))
+        assert (want[1][:, -1 if side == "left" else 0] == 1).all() and not want[1].all()  # padded on that side
+    assert tok.padding_side == default  # the side is per call: a tokenizer threads share keeps its own
     a, b = sender_prefill(sender, ids), sender_prefill(sender, CONTEXTS)
     assert all(torch.equal(x, y) for x, y in zip([*a.keys, *a.values, a.mask], [*b.keys, *b.values, b.mask]))
     prompts = [f"{c} =>" for c in CONTEXTS]
