@@ -322,7 +322,28 @@ def hop_table(cache: KVCache, repeats: int, workers: int, frame_bytes: int, addr
                     "mb_s": ceiling, "message_kb": message / 1024})
     for row in rows:
         row["ratio"] = row["mb_s"] / ceiling
+    raw_row = next(r for r in rows if r["path"] == paths[1][0] and r["codec"] == "raw")
+    raw_row["paired"] = paired_ratios(cache, message, repeats, workers, frame_bytes, address)
     return rows
+
+
+def paired_ratios(cache: KVCache, message: int, repeats: int, workers: int, frame_bytes: int,
+                  address: str | None = None) -> list[float]:
+    """The raw encode+verify+decode hop against the bare stream of the same bytes in ``message``-byte
+    messages, run back to back ``repeats`` times (the order alternating): bare seconds / hop seconds per
+    pair. The table's ratio sets the best of each against the other, taken minutes apart; on a host whose
+    bare stream has fast and slow runs that ratio follows the bare stream's luckiest run, while a pair sees
+    one state of the machine."""
+    ratios = []
+    for i in range(repeats):
+        hop = lambda: asyncio.run(one_hop(cache, "raw", {}, True, workers, frame_bytes, "raw", "bytes", address)).seconds
+        bare = lambda: asyncio.run(bare_stream(cache.nbytes, message, address))
+        if i % 2:
+            b, h = bare(), hop()
+        else:
+            h, b = hop(), bare()
+        ratios.append(b / h)
+    return ratios
 
 
 def render_hop(rows: list[dict], ceilings: list[dict]) -> str:
@@ -565,9 +586,12 @@ def targets(report: dict) -> list[Target]:
     p = report["in_process"]
     in_process = p["p50_ms"]
     raw_mb = report["handoff"][0]["raw_mb"] if report["handoff"] else 0.0
+    paired = raw.get("paired") or []
+    paired_note = (f"; run in pairs: median {statistics.median(paired):.2f}x ({min(paired):.2f}-{max(paired):.2f}, "
+                   f"{len(paired)} pairs)" if paired else "")
     return [
         Target("raw gRPC hop, encode+verify+decode / bare stream", raw["ratio"], "x", 0.80,
-               note=f"{raw['mb_s']:.0f} vs {raw['mb_s'] / raw['ratio']:.0f} MB/s"),
+               note=f"best of each: {raw['mb_s']:.0f} vs {raw['mb_s'] / raw['ratio']:.0f} MB/s{paired_note}"),
         Target("lossless hop, raw KV throughput", lossless["mb_s"], "MB/s", 800.0),
         Target(f"{raw_mb:.1f} MB relay, prefill end -> receiver holds it (bytes)", bytes_ms, "ms", 150.0, False,
                note=f"median of {len(handoff.get('bytes', []))}, lossless, both hops"),

@@ -32,6 +32,7 @@ def test_hop_rows_are_ratios_to_the_bare_stream_of_the_same_run():
     raw_hop = next(r for r in rows if r["path"] == "gRPC hop, encode+verify+decode" and r["codec"] == "raw")
     assert raw_hop["message_kb"] == pytest.approx(bare["message_kb"], abs=1 / 1024)  # the ceiling has the hop's own message size
     assert any("protobuf" in r["path"] for r in rows)  # the previous framing, measured beside the raw one
+    assert len(raw_hop["paired"]) == 1 and raw_hop["paired"][0] > 0  # hop and bare stream back to back, per pair
     text = bench.render_hop(rows, ceilings)
     assert "x bare" in text and f"{bare['ratio']:7.2f}".strip() == "1.00" and "<- best" in text
     lines = text.splitlines()
@@ -39,7 +40,8 @@ def test_hop_rows_are_ratios_to_the_bare_stream_of_the_same_run():
 
 
 def fake_report(raw_ratio: float, lossless_mb_s: float, handoff: dict[str, list[float]], p50: float, in_process: float) -> dict:
-    hop = [{"path": "gRPC hop, encode+verify+decode", "codec": "raw", "mb_s": 1000.0 * raw_ratio, "ratio": raw_ratio},
+    hop = [{"path": "gRPC hop, encode+verify+decode", "codec": "raw", "mb_s": 1000.0 * raw_ratio, "ratio": raw_ratio,
+            "paired": [raw_ratio + 0.1, raw_ratio, raw_ratio + 0.2]},
            {"path": "gRPC hop, encode+verify+decode", "codec": "lossless", "mb_s": lossless_mb_s, "ratio": lossless_mb_s / 1000}]
     rows = [{"transport": t, "raw_mb": 26.5, "handoff_ms": ms} for t, values in handoff.items() for ms in values]
     split = {"first_token_ms": p50 / 2, "per_token_ms": 1.5}
@@ -58,6 +60,9 @@ def test_targets_are_marked_ok_missed_or_not_measured():
     overhead = next(t for t in good.values() if "overhead" in t.name)
     assert overhead.value == pytest.approx(15.0) and "Relay 60.0 ms" in overhead.note and "45.0 ms" in overhead.note
     assert "first token +7.5 ms" in overhead.note and "each later token +0.50 ms" in overhead.note  # where it goes
+    raw = next(t for t in good.values() if "bare stream" in t.name)
+    assert raw.value == pytest.approx(0.85) and "best of each: 850 vs 1000 MB/s" in raw.note  # the status is on the best of each
+    assert "run in pairs: median 0.95x (0.85-1.05, 3 pairs)" in raw.note
     bad = bench.targets(fake_report(0.5, 300.0, {"bytes": [600.0]}, 90.0, 45.0))
     assert [t.status for t in bad] == ["missed", "missed", "missed", "not measured", "missed", "reported"]
     text = bench.render_targets(bad)
