@@ -507,7 +507,7 @@ class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
         # the receiver's space, RoPE, dtype and device
         cache = None if text_only else await asyncio.to_thread(decoder.finish)
         transfer_s = time.perf_counter() - (arrival[0] if arrival else started)  # first frame -> the cache held
-        held_unix = time.time()  # the receiver holds the whole cache in its model's space
+        held, held_unix = time.perf_counter(), time.time()  # the receiver holds the whole cache in its model's space
         prompt = receiver_prompt(request, text_only)
         g = request.generation
         config = GenerationConfig(max_new_tokens=g.max_new_tokens or self.config.default_max_new_tokens,
@@ -547,8 +547,8 @@ class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
         finally:
             stop.set()  # the caller went away (or we are done): the generation thread stops at its next step
             task.cancel()
-        stages = {"decode": decoder.report.decode_s, "transfer": transfer_s, "first_token": first_token_s[0],
-                  "generate": time.perf_counter() - gen_started}
+        stages = {"decode": decoder.report.decode_s, "transfer": transfer_s, "prompt": gen_started - held,
+                  "first_token": first_token_s[0], "generate": time.perf_counter() - gen_started}
         if cache is not None and done is not None and done.prefill_end_unix:
             # the end of the sender's prefill -> the receiver holding the cache, through every hop (wall clocks
             # of two processes: exact on one node, off by the clock skew across nodes)
@@ -707,6 +707,7 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
         limits.check_cache_bytes(tokens, g.num_layers * 2 * g.num_kv_heads * g.head_dim * sender.dtype.itemsize, route_limits)
 
     async def _prefill(self, setup, context=None):
+        arrived = time.perf_counter()
         request = setup.request
         validate_request(request, self.config, relay_pb2)
         name, route = pick(self.routes, request, self.config)
@@ -741,10 +742,9 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
             report.transport = link.transport
             done = kv_pb2.StreamDone(last_chunk_unix=time.time(), prefill_tokens=note["tokens"], sender_flops=note["flops"],
                                      hops=[hop_bytes("sender->adapter", report)], prefill_end_unix=note["end_unix"])
-            done.latencies.add(stage="prefill", seconds=note["seconds"])
-            done.latencies.add(stage="encode", seconds=report.encode_s)
-            self.metrics.observe_stage("prefill", note["seconds"])
-            self.metrics.observe_stage("encode", report.encode_s)
+            for stage, seconds in (("admit", note["admit"]), ("prefill", note["seconds"]), ("encode", report.encode_s)):
+                done.latencies.add(stage=stage, seconds=seconds)
+                self.metrics.observe_stage(stage, seconds)
             self.metrics.observe_hop("sender->adapter", report.raw_bytes, report.wire_bytes, report.chunks,
                                      report.transport, link.shm_bytes)
             self.metrics.tokens.labels(self.service, "sender", "prefill").inc(note["tokens"])
@@ -756,6 +756,7 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
         call = stub.Transform(frames(), timeout=hop_timeout(context, self.config))
         try:
             t = time.perf_counter()
+            note["admit"] = t - arrived  # checks, tokenizing X, opening the call
             cache = await in_thread(threading.Event(), sender_prefill, sender, [ids], chunk_tokens=self.config.prefill_chunk_tokens)
             note.update(seconds=time.perf_counter() - t, end_unix=time.time(), tokens=int(cache.lengths.sum()))
             note["flops"] = 2.0 * sender.non_embedding_params * note["tokens"]

@@ -70,7 +70,7 @@ def test_final_stats_account_for_bytes_tokens_flops_and_stages(stack, zoo_pair):
     assert stats.receiver_flops == pytest.approx(2 * receiver.non_embedding_params * (stats.receiver_prefill_tokens + stats.receiver_decode_tokens))
     assert stats.adapter_flops > 0 and stats.t2t_flops > stats.sender_flops + stats.receiver_flops
     stages = {l.stage for l in stats.latencies}
-    assert stages >= {"prefill", "encode", "transfer", "transform", "decode", "first_token", "generate", "end_to_end"}
+    assert stages >= {"admit", "prefill", "encode", "transfer", "transform", "decode", "prompt", "first_token", "generate", "end_to_end"}
 
 
 def test_receiver_holds_layer_0_before_the_sender_sent_its_last_chunk(stack, monkeypatch):
@@ -301,7 +301,7 @@ def test_metrics_endpoints_expose_the_documented_series(stack):
     assert value("receiver", 'densecomm_hop_wire_bytes_count{hop="adapter->receiver"') >= 1
     assert value("sender", 'densecomm_compression_ratio_count') >= 1
     assert value("sender", 'densecomm_chunks_total') > 0
-    for kind, stage in (("sender", "prefill"), ("sender", "encode"), ("adapter", "transform"), ("receiver", "first_token"), ("relay", "end_to_end"), ("relay", "time_to_first_token")):
+    for kind, stage in (("sender", "admit"), ("sender", "prefill"), ("sender", "encode"), ("receiver", "prompt"), ("adapter", "transform"), ("receiver", "first_token"), ("relay", "end_to_end"), ("relay", "time_to_first_token")):
         assert value(kind, f'densecomm_stage_seconds_count{{service="{kind}",stage="{stage}"') >= 1, (kind, stage)
     assert value("receiver", 'densecomm_tokens_total{phase="decode",service="receiver",side="receiver"}') > 0
     assert value("sender", 'densecomm_flops_total') > 0 and value("adapter", "densecomm_flops_total") > 0
@@ -393,3 +393,4 @@ def test_a_hops_transfer_is_timed_from_its_first_frame_not_from_the_setup(stack,
     stages = {s.stage: s.seconds for s in final.stats.latencies}
     assert stages["prefill"] >= 1.0 and stages["end_to_end"] >= 1.0
     assert stages["transfer"] < 0.5 and stages["kv_handoff"] < 0.5, stages
+    assert stages["admit"] < 0.5 and stages["prompt"] < 0.5, stages  # the stages around the prefill keep out of it
