@@ -394,15 +394,26 @@ class Timing:
         return (self.total_s - self.first_token_s) / (self.tokens - 1) if self.tokens > 1 else None
 
 
+# The stages that follow one another from the sender's receiving the call to the receiver's first token: the
+# sender's checks, its prefill, the cache crossing both hops, the receiver's prompt, its first decoding step.
+FIRST_TOKEN_PATH = ("admit", "prefill", "kv_handoff", "prompt", "first_token")
+
+
 def split_table(timings: list[Timing]) -> dict:
-    """Median time to the first token and median per-token gap after it, in ms; and the median of each stage
-    the services reported (``stage_ms``: the stages every answer has)."""
+    """Median time to the first token and median per-token gap after it, in ms; the median of each stage the
+    services reported (``stage_ms``: the stages every answer has); and, where every answer reports the
+    stages of ``FIRST_TOKEN_PATH``, the median of what its first-token wait spent outside them
+    (``forwarding_ms``: the request reaching the sender, the first token travelling back through the calls)."""
     gaps = [t.per_token_s for t in timings if t.per_token_s is not None]
     common = set.intersection(*(set(t.stages) for t in timings)) if timings else set()
-    return {"first_token_ms": 1e3 * statistics.median(t.first_token_s for t in timings),
-            "per_token_ms": 1e3 * statistics.median(gaps) if gaps else float("nan"),
-            "tokens": statistics.median(t.tokens for t in timings),
-            "stage_ms": {stage: 1e3 * statistics.median(t.stages[stage] for t in timings) for stage in sorted(common)}}
+    table = {"first_token_ms": 1e3 * statistics.median(t.first_token_s for t in timings),
+             "per_token_ms": 1e3 * statistics.median(gaps) if gaps else float("nan"),
+             "tokens": statistics.median(t.tokens for t in timings),
+             "stage_ms": {stage: 1e3 * statistics.median(t.stages[stage] for t in timings) for stage in sorted(common)}}
+    if timings and common >= set(FIRST_TOKEN_PATH):
+        table["forwarding_ms"] = 1e3 * statistics.median(t.first_token_s - sum(t.stages[s] for s in FIRST_TOKEN_PATH)
+                                                         for t in timings)
+    return table
 
 
 async def latency_run(address: str, contexts: list[str], concurrency: int, requests: int, timeout: float = 120.0) -> list[Timing]:
@@ -669,6 +680,11 @@ def render(report: dict, repeats: int, requests: int, tokens: int) -> str:
     if c1.get("stage_ms"):
         out.append("concurrency 1, the stages the services report (medians, ms): "
                    + ", ".join(f"{stage} {ms:.1f}" for stage, ms in c1["stage_ms"].items()))
+    if "forwarding_ms" in c1:
+        out.append(f"concurrency 1, the first token's path (medians, ms): {' + '.join(FIRST_TOKEN_PATH)} = "
+                   + " + ".join(f"{c1['stage_ms'][s]:.1f}" for s in FIRST_TOKEN_PATH)
+                   + f", and {c1['forwarding_ms']:.1f} outside them (the request reaching the sender, the first token "
+                     f"coming back through the calls) of the caller's {c1['first_token_ms']:.1f}")
     out.append(f"(in-process: DenseRelay, the same requests one at a time, lossless round trip per hop, {p['threads']} torch "
                f"thread. '1st tok' and 'ms/token' are medians over the requests of the wait for the first answer token "
                f"and of the mean gap between later ones, as the caller receives them: where the overhead is fixed, and "

@@ -77,6 +77,22 @@ def test_timings_split_into_the_first_token_and_each_later_one():
     assert split["first_token_ms"] == pytest.approx(40.0) and split["tokens"] == 4
     assert split["per_token_ms"] == pytest.approx(10.0)  # the median of the gaps of the answers that have one
     assert split["stage_ms"] == {"prefill": pytest.approx(4.0)}  # only the stages every answer reported
+    assert "forwarding_ms" not in split  # the first token's path is not reported whole
+
+
+def test_the_first_tokens_wait_is_split_along_its_path():
+    path = dict(zip(bench.FIRST_TOKEN_PATH, (0.001, 0.005, 0.009, 0.0005, 0.003)))  # 18.5 ms of stages
+    timings = [bench.Timing(0.050, 0.025, 8, path | {"generate": 0.03}), bench.Timing(0.060, 0.030, 8, path),
+               bench.Timing(0.040, 0.020, 8, path)]
+    split = bench.split_table(timings)
+    assert split["forwarding_ms"] == pytest.approx(25.0 - 18.5)  # the median answer's wait outside the stages
+    report = {"raw_mb": 1.0, "frame_bytes": 1024, "hop": [], "ceiling": [{"message_kb": 1.0, "mb_s": 1.0, "best": True}],
+              "hosting": "local", "latency": [{"concurrency": 1, "p50_ms": 50.0, "p99_ms": 60.0, "mean_ms": 50.0,
+                                              "requests_per_s": 20.0} | split],
+              "in_process": {"p50_ms": 20.0, "mean_ms": 20.0, "threads": 1} | bench.split_table(timings[:1]), "handoff": [],
+              "targets": []}
+    text = bench.render(report, repeats=1, requests=3, tokens=8)
+    assert "admit + prefill + kv_handoff + prompt + first_token = 1.0 + 5.0 + 9.0 + 0.5 + 3.0, and 6.5 outside them" in text
 
 
 @pytest.mark.parametrize("frame_bytes, frames", [(600, 1 + 6), (4096, 1 + 1)])  # token ranges / all 3 layers packed
