@@ -101,16 +101,19 @@ Text = str | Sequence[int]  # a text, or its token ids already (special tokens i
 def encode(tokenizer, texts: Sequence[Text], padding_side: str, add_special_tokens: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Padded ids (B, T) and mask (B, T); ``add_special_tokens=False`` for prompts that continue a cache.
 
-    A row given as token ids is used as it is: a caller that has tokenized an input already (to check it
-    against a limit) passes its ids, and nothing is tokenized twice. The side is passed per call, never set on
-    the tokenizer, which threads (and a sender and receiver of one checkpoint) may share."""
-    if all(isinstance(text, str) for text in texts):
-        enc = tokenizer(list(texts), padding=True, padding_side=padding_side, return_tensors="pt",
-                        add_special_tokens=add_special_tokens)
-    else:
-        rows = [tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"] if isinstance(text, str) else list(text)
-                for text in texts]
-        enc = tokenizer.pad({"input_ids": rows}, padding=True, padding_side=padding_side, return_tensors="pt")
+    A row given as token ids is used as it is (``add_special_tokens`` applies to text rows only): a caller
+    that has tokenized an input already (to check it against a limit) passes its ids, and nothing is
+    tokenized twice. Texts are tokenized without padding and every batch is padded by ``tokenizer.pad`` on the
+    side asked for: a fast tokenizer pads inside its Rust backend, whose padding side is state that threads
+    sharing the tokenizer (or a sender and receiver of one checkpoint) would race on."""
+    texts = list(texts)
+    strings = [i for i, text in enumerate(texts) if isinstance(text, str)]
+    rows = [[int(t) for t in text] if not isinstance(text, str) else None for text in texts]
+    if strings:
+        encoded = tokenizer([texts[i] for i in strings], add_special_tokens=add_special_tokens)["input_ids"]
+        for i, ids in zip(strings, encoded):
+            rows[i] = ids
+    enc = tokenizer.pad({"input_ids": rows}, padding=True, padding_side=padding_side, return_tensors="pt")
     return enc["input_ids"], enc["attention_mask"]
 
 

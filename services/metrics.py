@@ -14,8 +14,10 @@ Series (every one carries ``service``):
                                                      gRPC messages) or "shm" (the same-node shortcut)
     densecomm_hop_transport_total{hop, transport}    counter: hops by the transport their stats report
                                                      ("bytes", "shm", "shm+bytes" = a full pool spilled some)
-    densecomm_stage_seconds{stage}                   histogram: prefill, encode, transfer, transform,
-                                                     decode, first_token, generate, end_to_end,
+    densecomm_stage_seconds{stage}                   histogram: admit (sender: checks and tokenizing before
+                                                     the prefill), prefill, encode, transfer, transform,
+                                                     decode, prompt (receiver: its prompt, once it holds the
+                                                     cache), first_token, generate, end_to_end,
                                                      time_to_first_token (relay: request in -> first token out)
     densecomm_hop_transfer_seconds{hop}              histogram: first frame to end of stream of one hop,
                                                      measured by the hop's receiving side

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,18 +52,34 @@ def test_token_ids_are_read_as_they_are(zoo_pair, side):
     sender, receiver = zoo_pair
     tok = sender.tokenizer
     ids = [tok(c, add_special_tokens=True)["input_ids"] for c in CONTEXTS]
-    default = tok.padding_side
-    for given in (ids, [ids[0], *CONTEXTS[1:]]):  # all ids; ids and texts mixed
-        got, want = encode(tok, given, side, True), encode(tok, CONTEXTS, side, True)
+    for given in (ids, [ids[0], *CONTEXTS[1:]], [np.array(ids[0]), *map(tuple, ids[1:])]):  # ids; mixed; other sequences
+        got, want = encode(tok, given, side, True), encode(tok, iter(CONTEXTS), side, True)
         assert all(torch.equal(g, w) for g, w in zip(got, want))
         assert (want[1][:, -1 if side == "left" else 0] == 1).all() and not want[1].all()  # padded on that side
-    assert tok.padding_side == default  # the side is per call: a tokenizer threads share keeps its own
     a, b = sender_prefill(sender, ids), sender_prefill(sender, CONTEXTS)
     assert all(torch.equal(x, y) for x, y in zip([*a.keys, *a.values, a.mask], [*b.keys, *b.values, b.mask]))
     prompts = [f"{c} =>" for c in CONTEXTS]
     config = GenerationConfig(max_new_tokens=12)
     from_ids = receiver_generate(receiver, None, [tok(p, add_special_tokens=True)["input_ids"] for p in prompts], config)
     assert from_ids.texts == receiver_generate(receiver, None, prompts, config).texts
+
+
+def test_threads_sharing_a_tokenizer_pad_on_their_own_side(zoo_pair):
+    """A sender and a receiver of one checkpoint share its tokenizer; a fast tokenizer that padded in its
+    backend kept the side there, and a thread could tokenize with another thread's side."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tok = zoo_pair[0].tokenizer
+
+    def worker(side: str) -> int:
+        wrong = 0
+        for _ in range(150):
+            _, mask = encode(tok, CONTEXTS, side, True)
+            wrong += int(not (mask[:, -1 if side == "left" else 0] == 1).all())
+        return wrong
+
+    with ThreadPoolExecutor(4) as pool:
+        assert sum(pool.map(worker, ["left", "right"] * 2)) == 0
 
 
 @pytest.mark.parametrize("mode", list(ContextMode))
