@@ -4,7 +4,7 @@
                                                                       route's KV bases, passed to every hop)
     validate_request(request, config)                                 RequestError naming the field
     codec_for(spec, config)                                           the request's codec (CodecError if bad)
-    render_input(request, tokenizer, fmt)                             the sender's text for X
+    input_ids(request, tokenizer, fmt)                                the sender's token ids for X
 """
 
 from __future__ import annotations
@@ -147,14 +147,15 @@ def validate_request(request, config: ServeConfig, pb) -> None:
         raise RequestError(f"receiver_codec: {exc}") from exc
 
 
-def render_input(request, tokenizer, fmt: PromptFormat) -> str:
-    """X as the sender's text: plain text through the route's format, or chat messages via the chat template."""
-    if request.WhichOneof("input") == "messages":
+def input_ids(request, tokenizer, fmt: PromptFormat) -> list[int]:
+    """X as the sender's token ids: plain text through the route's format (the tokenizer's special tokens
+    added), or chat messages through the chat template, which writes its own special tokens (tokenizing the
+    rendered text with them added again would double a template's BOS, as Llama's and Gemma's write one)."""
+    if request.WhichOneof("input") == "messages" and getattr(tokenizer, "chat_template", None):
         messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
-        if getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-        return fmt.sender.format(context=" ".join(m.content for m in messages))
-    return fmt.sender.format(context=request.text)
+        return list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=False,
+                                                  return_dict=True)["input_ids"])
+    return tokenizer(fmt.sender.format(context=context_text(request)), add_special_tokens=True)["input_ids"]
 
 
 def context_text(request) -> str:

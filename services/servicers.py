@@ -45,9 +45,9 @@ from services.metrics import ServiceMetrics
 from services.runtime import (
     codec_for,
     context_text,
+    input_ids,
     pick,
     receiver_codec_for,
-    render_input,
     route_name,
     validate_request,
 )
@@ -689,10 +689,10 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
             yield event
 
     def admit(self, name: str, sender, request) -> list[int]:
-        """X rendered as the sender's text and tokenized, once every limit it can break is checked (in a
+        """X as the sender's token ids, once every limit they can break is checked (in a
         worker thread: a large input takes the tokenizer tens of milliseconds, which the event loop's other
         streams would wait). The prefill reads these ids; it does not tokenize X again."""
-        ids = sender.tokenizer(render_input(request, sender.tokenizer, FORMAT), add_special_tokens=True)["input_ids"]
+        ids = input_ids(request, sender.tokenizer, FORMAT)
         self.check_limits(name, sender, request, len(ids))
         return ids
 

@@ -130,6 +130,36 @@ def test_each_service_tokenizes_what_it_reads_once(stack, monkeypatch):
     assert calls.count(prompt) == 2, calls  # the sender's early window check, the receiver's own
 
 
+def test_chat_messages_become_the_templates_own_ids(stack):
+    """Messages go through the sender's chat template, which writes its own special tokens: one BOS, not the
+    template's and the tokenizer's; without a template the contents are joined as plain text, and the Relay
+    answers them as it answers that text."""
+    import copy
+
+    from densecomm_core.models import load_tokenizer
+    from densecomm_core.relay import PromptFormat
+    from services.client import relay_pb2
+    from services.runtime import input_ids
+
+    words = TEXT.split(" , ")
+    request = relay_pb2.RelayRequest(messages=relay_pb2.ChatMessages(
+        messages=[relay_pb2.ChatMessage(role="user", content=words[0]), relay_pb2.ChatMessage(role="user", content=" , ".join(words[1:]))]))
+    tokenizer = copy.deepcopy(load_tokenizer(zoo_route().sender))
+    joined = " ".join(m.content for m in request.messages.messages)
+    assert input_ids(request, tokenizer, PromptFormat()) == tokenizer(PromptFormat().sender.format(context=joined))["input_ids"]
+    tokenizer.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    ids = input_ids(request, tokenizer, PromptFormat())
+    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1, ids
+    assert ids == tokenizer(f"{joined} ", add_special_tokens=True)["input_ids"]
+
+    request.mode = relay_pb2.CONTEXT_MODE_UNAWARE
+    request.generation.max_new_tokens = 8
+    by_messages = run(collect(stack.relay_address, request, timeout=30))
+    by_text = run(collect(stack.relay_address, build_request(joined, max_new_tokens=8), timeout=30))
+    assert by_messages[-1].stats.text == by_text[-1].stats.text and by_messages[-1].stats.sender_prefill_tokens == len(
+        tokenizer(joined)["input_ids"])
+
+
 def test_cache_bytes_per_request(stack):
     code, details = refusal(stack, build_request(TEXT, route="small-cache"))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_cache_bytes of route 'small-cache' is 4096" in details
