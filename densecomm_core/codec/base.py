@@ -82,6 +82,16 @@ class LimitExceededError(CodecError):
     status = "RESOURCE_EXHAUSTED"
 
 
+def integer_in(value, low: int, high: int | None = None) -> bool:
+    """Whether a codec parameter is an integer in [low, high] (a JSON ``true`` is not 1 here)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+
+
+def number_in(value, low: float, high: float) -> bool:
+    """Whether a codec parameter is a number in [low, high] (not a boolean)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+
+
 @dataclass(frozen=True)
 class DecodeLimits:
     """Upper bounds checked before any allocation, so hostile headers cannot balloon memory."""

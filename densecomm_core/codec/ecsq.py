@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from densecomm_core.codec.base import CodecError
+from densecomm_core.codec.base import CodecError, integer_in, number_in
 from densecomm_core.codec.bytes import tensor_bytes, tensor_from_bytes
 from densecomm_core.codec.quantized import KiviGroupedCodec, group_lastdim
 from densecomm_core.codec.zstd import pack_section, unpack_section
@@ -55,11 +55,11 @@ class EntropyQuantizedCodec(KiviGroupedCodec):
 
     def __init__(self, key_step: float = 0.4, value_step: float = 0.4, group: int = 64, level: int = 1) -> None:
         for field, value in (("key_step", key_step), ("value_step", value_step)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.01 <= value <= 4.0:
+            if not number_in(value, 0.01, 4.0):
                 raise CodecError(f"{field} must be a number in [0.01, 4] (step / rms of the group), got {value!r}")
-        if not isinstance(group, int) or not 4 <= group <= 1024:
+        if not integer_in(group, 4, 1024):
             raise CodecError(f"group must be an integer in [4, 1024], got {group!r}")
-        if not isinstance(level, int) or not -7 <= level <= 19:
+        if not integer_in(level, -7, 19):
             raise CodecError(f"level must be an integer in [-7, 19], got {level!r}")
         self.key_step, self.value_step, self.group, self.level = float(key_step), float(value_step), group, level
 

@@ -22,7 +22,7 @@ import math
 import torch
 
 from densecomm_core.cache import KVCache
-from densecomm_core.codec.base import Codec, CodecError, get_codec
+from densecomm_core.codec.base import Codec, CodecError, get_codec, integer_in, number_in
 
 
 def token_importance(cache: KVCache, window: int) -> torch.Tensor:
@@ -87,11 +87,11 @@ class EvictionCodec(Codec):
     lossless = False
 
     def __init__(self, keep: float = 0.5, window: int = 8, obf_rank: int = 0, inner: str = "lossless", inner_params: dict | None = None) -> None:
-        if not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+        if not number_in(keep, 0, 1) or keep == 0:
             raise CodecError(f"keep must be a fraction in (0, 1], got {keep!r}")
-        if not isinstance(window, int) or not 1 <= window <= 4096:
+        if not integer_in(window, 1, 4096):
             raise CodecError(f"window must be an integer in [1, 4096], got {window!r}")
-        if not isinstance(obf_rank, int) or not 0 <= obf_rank <= 1024:
+        if not integer_in(obf_rank, 0, 1024):
             raise CodecError(f"obf_rank must be an integer in [0, 1024], got {obf_rank!r}")
         if inner == self.name:
             raise CodecError("the eviction codec cannot wrap itself")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from densecomm_core.codec.base import Codec, CodecError
+from densecomm_core.codec.base import Codec, CodecError, integer_in
 from densecomm_core.codec.bytes import flat_words, numpy_words, tensor_uint8
 from densecomm_core.codec.zstd import scratch, section_parts, unpack_section
 
@@ -89,7 +89,7 @@ class LosslessCodec(Codec):
         return keys, values  # bit-exact
 
     def __init__(self, level: int = DEFAULT_LEVEL) -> None:
-        if not isinstance(level, int) or not -64 <= level <= 19:
+        if not integer_in(level, -64, 19):
             raise CodecError(f"lossless level must be an integer in [-64, 19], got {level!r}")
         self.level = level
 

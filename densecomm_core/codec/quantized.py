@@ -16,7 +16,7 @@ from abc import abstractmethod
 import numpy as np
 import torch
 
-from densecomm_core.codec.base import Codec, CodecError
+from densecomm_core.codec.base import Codec, CodecError, integer_in
 from densecomm_core.codec.bytes import tensor_bytes, tensor_from_bytes
 from densecomm_core.codec.zstd import pack_section, unpack_section
 
@@ -141,11 +141,11 @@ class QuantizedCodec(KiviGroupedCodec):
 
     def __init__(self, key_bits: int = 4, value_bits: int = 4, group: int = 32, level: int | None = 1) -> None:
         for field, bits in (("key_bits", key_bits), ("value_bits", value_bits)):
-            if bits not in SUPPORTED_BITS:
+            if not integer_in(bits, 0) or bits not in SUPPORTED_BITS:
                 raise CodecError(f"{field} must be one of {SUPPORTED_BITS}, got {bits!r}")
-        if not isinstance(group, int) or not 4 <= group <= 1024:
+        if not integer_in(group, 4, 1024):
             raise CodecError(f"group must be an integer in [4, 1024], got {group!r}")
-        if level is not None and (not isinstance(level, int) or not -7 <= level <= 19):
+        if level is not None and not integer_in(level, -7, 19):
             raise CodecError(f"level must be null or an integer in [-7, 19], got {level!r}")
         self.key_bits, self.value_bits, self.group, self.level = key_bits, value_bits, group, level
 

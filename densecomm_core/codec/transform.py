@@ -47,7 +47,7 @@ import xxhash
 from safetensors.torch import save_file
 
 from densecomm_core.cache import KVCache
-from densecomm_core.codec.base import Codec, CodecError
+from densecomm_core.codec.base import Codec, CodecError, integer_in, number_in
 from densecomm_core.codec.bytes import tensor_buffer, tensor_from_bytes
 from densecomm_core.codec.lossless import byte_planes, merge_planes
 from densecomm_core.codec.zstd import section_parts, unpack_section
@@ -247,18 +247,18 @@ class TransformCodec(Codec):
     token_wise = True  # fixed per-layer steps: a token's codes depend on that token alone
 
     def __init__(self, key_step: float = 0.25, value_step: float = 0.35, strip_rope: bool = True, basis: str = "auto",
-                 level: int = 1, layer: int | None = None) -> None:
+                 level: int = 1) -> None:
         for field, value in (("key_step", key_step), ("value_step", value_step)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.001 <= value <= 10.0:
+            if not number_in(value, 0.001, 10.0):
                 raise CodecError(f"{field} must be a number in [0.001, 10] (step / rms of the layer's coefficients), got {value!r}")
         if not isinstance(strip_rope, bool):
             raise CodecError(f"strip_rope must be true or false, got {strip_rope!r}")
         if not isinstance(basis, str) or not (basis == "auto" or re.fullmatch(r"[0-9a-f]{1,64}", basis)):
             raise CodecError(f"basis must be 'auto' or a basis fingerprint (hex digits), got {basis!r}")
-        if not isinstance(level, int) or not -7 <= level <= 19:
+        if not integer_in(level, -7, 19):
             raise CodecError(f"level must be an integer in [-7, 19], got {level!r}")
         self.key_step, self.value_step, self.strip_rope, self.level = float(key_step), float(value_step), strip_rope, level
-        self.basis_name, self.layer = basis, layer
+        self.basis_name, self.layer = basis, None  # the layer a for_layer copy codes
         self.kv_basis: KVBasis | None = None  # resolved by bind, from the bases the caller holds
 
     @property

@@ -58,6 +58,7 @@ from densecomm_core.codec.base import (
     UnsupportedVersionError,
     dtype_name,
     get_codec,
+    integer_in,
 )
 
 VERSION = 1  # one layer (or a token range of it) per chunk
@@ -328,10 +329,6 @@ def _require(condition: bool, message: str, error: type[CodecError] = CodecError
         raise error(message)
 
 
-def _is_int(value, low: int = 0, high: int | None = None) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
-
-
 def parse_header(frame: bytes, limits: DecodeLimits) -> WireHeader:
     """Validate and parse a header frame; every failure is a CodecError subclass."""
     _require(len(frame) >= HEADER_PREFIX.size, f"header frame of {len(frame)} bytes is truncated", TruncatedError)
@@ -359,25 +356,25 @@ def parse_header(frame: bytes, limits: DecodeLimits) -> WireHeader:
 def validate_header(h: WireHeader, limits: DecodeLimits) -> None:
     _require(isinstance(h.codec, str) and isinstance(h.params, dict), "header codec must be a name and params a mapping")
     _require(h.dtype in DTYPES, f"header dtype {h.dtype!r} is not one of {tuple(DTYPES)}")
-    _require(_is_int(h.batch, 1), f"header batch {h.batch!r} must be an integer >= 1")
+    _require(integer_in(h.batch, 1), f"header batch {h.batch!r} must be an integer >= 1")
     _require(h.batch <= limits.max_batch, f"batch {h.batch} exceeds the limit of {limits.max_batch}", LimitExceededError)
-    _require(_is_int(h.tokens), f"header tokens {h.tokens!r} must be an integer >= 0")
+    _require(integer_in(h.tokens, 0), f"header tokens {h.tokens!r} must be an integer >= 0")
     _require(h.tokens <= limits.max_tokens, f"{h.tokens} tokens exceed the limit of {limits.max_tokens}", LimitExceededError)
     _require(isinstance(h.layers, list) and len(h.layers) >= 1, "header layers must be a non-empty list")
     _require(len(h.layers) <= limits.max_layers, f"{len(h.layers)} layers exceed the limit of {limits.max_layers}", LimitExceededError)
     for i, layer in enumerate(h.layers):
-        _require(isinstance(layer, list) and len(layer) == 4 and all(_is_int(x, 1, 1 << 16) for x in layer),
+        _require(isinstance(layer, list) and len(layer) == 4 and all(integer_in(x, 1, 1 << 16) for x in layer),
                  f"layer {i} shape {layer!r} must be [kv_heads_k, head_dim_k, kv_heads_v, head_dim_v] of positive integers")
     _require(h.raw_nbytes() <= limits.max_raw_bytes, f"decoded cache of {h.raw_nbytes()} bytes exceeds the limit of {limits.max_raw_bytes}", LimitExceededError)
-    _require(isinstance(h.lengths, list) and len(h.lengths) == h.batch and all(_is_int(n, 0, h.tokens) for n in h.lengths),
+    _require(isinstance(h.lengths, list) and len(h.lengths) == h.batch and all(integer_in(n, 0, h.tokens) for n in h.lengths),
              f"header lengths must be {h.batch} integers in [0, {h.tokens}]")
     _require(isinstance(h.positions, list) and len(h.positions) == h.batch
              and all(isinstance(row, list) and len(row) == h.tokens and all(type(p) is int and 0 <= p <= 1 << 31 for p in row)
                      for row in h.positions),
              f"header positions must be {h.batch} rows of {h.tokens} non-negative integers")
     _require(isinstance(h.rope_applied, bool) and isinstance(h.fingerprint, str), "header rope_applied must be a bool and fingerprint a string")
-    _require(_is_int(h.chunk_tokens, 1), f"header chunk_tokens {h.chunk_tokens!r} must be an integer >= 1")
-    _require(_is_int(h.layers_per_chunk, 1, len(h.layers)),
+    _require(integer_in(h.chunk_tokens, 1), f"header chunk_tokens {h.chunk_tokens!r} must be an integer >= 1")
+    _require(integer_in(h.layers_per_chunk, 1, len(h.layers)),
              f"header layers_per_chunk {h.layers_per_chunk!r} must be an integer in [1, {len(h.layers)}]")
     if h.layers_per_chunk > 1:
         _require(h.chunk_tokens >= h.tokens, f"a packed header's chunk_tokens {h.chunk_tokens} must cover its {h.tokens} tokens",

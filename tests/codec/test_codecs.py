@@ -162,6 +162,16 @@ def test_eviction_forwards_with_its_inner_codec():
         ("eviction", {"inner": "nope"}, "unknown codec"),
         ("lossless", {"level": 99}, "level"),
         ("raw", {"level": 1}, "bad parameters"),
+        # JSON's 4.0 and true are not the integers 4 and 1 (a float bit width passed the check and failed the encode)
+        ("quantized", {"key_bits": 4.0}, "key_bits must be one of"),
+        ("quantized", {"value_bits": True}, "value_bits must be one of"),
+        ("quantized", {"level": True}, "level"),
+        ("ecsq", {"level": True}, "level"),
+        ("ecsq", {"key_step": True}, "key_step"),
+        ("lossless", {"level": True}, "level"),
+        ("eviction", {"keep": True}, "keep"),
+        ("eviction", {"window": True}, "window"),
+        ("eviction", {"inner": "quantized", "inner_params": {"key_bits": 2.0}}, "key_bits"),
     ],
 )
 def test_bad_codec_parameters(name, params, message):

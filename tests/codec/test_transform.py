@@ -169,7 +169,9 @@ def test_geometry_that_disagrees_with_the_basis_is_refused(basis):
 
 @pytest.mark.parametrize("params, message", [({"key_step": 0}, "key_step"), ({"value_step": "x"}, "value_step"),
                                              ({"strip_rope": 1}, "strip_rope"), ({"basis": ""}, "basis"),
-                                             ({"basis": "not/hex"}, "basis"), ({"level": 40}, "level")])
+                                             ({"basis": "not/hex"}, "basis"), ({"level": 40}, "level"),
+                                             ({"level": True}, "level"), ({"key_step": False}, "key_step"),
+                                             ({"layer": 3}, "bad parameters")])  # the layer is the codec's own state
 def test_bad_parameters(registry, params, message):
     with pytest.raises(CodecError, match=message):
         get_codec("pca", **params)
