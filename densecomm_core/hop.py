@@ -104,6 +104,11 @@ class HopEncoder:
             return strip_rope(cache, self.model).to(dtype=dtype)
         return cache if cache.dtype == dtype else cache.to(dtype=dtype)
 
+    def check(self, cache_fingerprint: str, rope_applied: bool = True) -> None:
+        """Raise now what ``start`` would raise on binding the codec to a cache of that space and RoPE state
+        (a ``pca`` codec with no basis for the space it will ship), before any model work makes the cache."""
+        self.codec.bind(cache_fingerprint, rope_applied and not self.codec.strips_rope, self.bases)
+
     def start(self, cache: KVCache) -> bytes:
         """The header frame of ``cache``'s stream (RoPE stripped, codec bound, header built)."""
         started = time.perf_counter()

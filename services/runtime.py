@@ -88,18 +88,19 @@ def pick(routes: dict, request, config: ServeConfig):
     return name, routes[name]
 
 
-def codec_for(spec, config: ServeConfig) -> Codec:
+def codec_for(spec, config: ServeConfig, field: str = "codec") -> Codec:
+    """The codec a ``CodecSpec`` asks for; errors name ``field`` (the request's ``codec`` or ``receiver_codec``)."""
     name = spec.name or config.default_codec
     if len(name) > MAX_NAME_CHARS:
-        raise RequestError(f"codec.name must be at most {MAX_NAME_CHARS} characters, got {shown(name)}")
+        raise RequestError(f"{field}.name must be at most {MAX_NAME_CHARS} characters, got {shown(name)}")
     if len(spec.params_json) > MAX_PARAMS_JSON_BYTES:
-        raise RequestError(f"codec.params_json must be at most {MAX_PARAMS_JSON_BYTES} bytes, got {len(spec.params_json)}")
+        raise RequestError(f"{field}.params_json must be at most {MAX_PARAMS_JSON_BYTES} bytes, got {len(spec.params_json)}")
     try:
         params = json.loads(spec.params_json) if spec.params_json else {}
     except json.JSONDecodeError as exc:
-        raise RequestError(f"codec.params_json is not valid JSON: {exc}") from exc
+        raise RequestError(f"{field}.params_json is not valid JSON: {exc}") from exc
     if not isinstance(params, dict):
-        raise RequestError(f"codec.params_json must be a JSON object, got {type(params).__name__}")
+        raise RequestError(f"{field}.params_json must be a JSON object, got {type(params).__name__}")
     if name == config.default_codec:  # the deployment's defaults, the request's own params over them
         params = config.default_codec_params | params
     return get_codec(name, **params)
@@ -109,7 +110,7 @@ def receiver_codec_for(request, config: ServeConfig) -> Codec:
     """The adapter -> receiver hop's codec: ``receiver_codec`` when set, else ``codec``'s forwarding codec."""
     if not request.HasField("receiver_codec"):
         return codec_for(request.codec, config).for_forwarding()
-    codec = codec_for(request.receiver_codec, config)
+    codec = codec_for(request.receiver_codec, config, "receiver_codec")
     if codec.for_forwarding() is not codec:
         raise CodecError(f"{codec.name!r} cannot be used on the adapter -> receiver hop (it selects tokens once, "
                          "at the sender); put it in codec instead")
@@ -119,8 +120,9 @@ def receiver_codec_for(request, config: ServeConfig) -> Codec:
 def validate_request(request, config: ServeConfig, pb) -> None:
     """Field checks shared by the ingress and the sender (pb: the relay_pb2 module)."""
     which = request.WhichOneof("input")
-    if which is None or (which == "text" and not request.text.strip()) or (which == "messages" and not request.messages.messages):
-        raise RequestError("input is empty: set text or messages to the sender's input")
+    if which is None or (which == "text" and not request.text.strip()) or (
+            which == "messages" and not any(m.content.strip() for m in request.messages.messages)):
+        raise RequestError("input is empty: set text, or messages with some content, to the sender's input")
     if request.mode not in (pb.CONTEXT_MODE_AWARE, pb.CONTEXT_MODE_UNAWARE):
         raise RequestError(f"mode must be CONTEXT_MODE_AWARE or CONTEXT_MODE_UNAWARE, got {request.mode}")
     if len(request.route) > MAX_NAME_CHARS:

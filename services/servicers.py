@@ -27,7 +27,7 @@ import uuid
 import grpc
 import torch
 
-from densecomm_core.codec.base import DataLossError, DecodeLimits
+from densecomm_core.codec.base import CodecError, DataLossError, DecodeLimits
 from densecomm_core.codec.wire import split_frames
 from densecomm_core.generation import GenerationConfig
 from densecomm_core.hop import HopDecoder, HopEncoder, HopReport, group_messages, join_messages
@@ -147,6 +147,15 @@ def latency(stats, stage: str, seconds: float) -> None:
 def hop_bytes(hop: str, report: HopReport):
     return relay_pb2.HopBytes(hop=hop, raw_bytes=report.raw_bytes, wire_bytes=report.wire_bytes, chunks=report.chunks,
                               codec=report.codec, transport=report.transport)
+
+
+def check_prompt_tokens(tokens: int, request) -> None:
+    """The receiver reads its prompt after the cache: a prompt of no tokens (a blank ``receiver_prompt``, for
+    a tokenizer that drops whitespace) leaves it nothing to continue from."""
+    if tokens == 0:
+        what = "receiver_prompt" if request.receiver_prompt else "the route's receiver prompt for this input"
+        raise RequestError(f"{what} has no tokens for the receiver's tokenizer: it reads the prompt after the cache, "
+                           "so give it some text")
 
 
 def final_stats(route: str, done, received: HopReport, out, receiver_params: int, layer0_unix: float, stages: dict):
@@ -514,6 +523,7 @@ class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
                                   temperature=g.temperature, top_p=g.top_p or 1.0, seed=g.seed)
         # tokenized once, off the event loop: the window check counts these ids and the receiver reads them
         prompt_ids = (await asyncio.to_thread(receiver.tokenizer, prompt, add_special_tokens=cache is None))["input_ids"]
+        check_prompt_tokens(len(prompt_ids), request)
         limits.check_window(int(cache.next_positions.max()) if cache is not None else 0, len(prompt_ids), config.max_new_tokens,
                             route_limits.receiver_window, name)
         loop = asyncio.get_running_loop()
@@ -701,6 +711,7 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
         receiver's window, the cache's bytes (tokens x the sender's KV bytes per token)."""
         route_limits = limits.RouteLimits.for_route(self.config, name)
         prompt_tokens = len(sender.tokenizer(receiver_prompt(request, False), add_special_tokens=False)["input_ids"])  # shared tokenizer
+        check_prompt_tokens(prompt_tokens, request)
         max_new = request.generation.max_new_tokens or self.config.default_max_new_tokens
         limits.check_tokens(tokens, prompt_tokens, max_new, route_limits)
         g = sender.geometry
@@ -714,6 +725,10 @@ class SenderServicer(ServicerBase, kv_pb2_grpc.SenderServicer):
         sender = route.model
         encoder = HopEncoder(codec_for(request.codec, self.config), route.bases, sender, self.config.chunk_tokens or None,
                              workers=self.config.codec_workers, frame_bytes=self.config.frame_bytes)
+        try:
+            encoder.check(sender.geometry.fingerprint())  # a codec basis this route lacks fails before the prefill
+        except CodecError as exc:
+            raise RequestError(f"codec: {exc}") from exc
         link = transport.HopLink(self.pool)  # the sender -> adapter hop's carrier
         limits.check_input_bytes(request, limits.RouteLimits.for_route(self.config, name))  # before rendering a huge X
         ids = await asyncio.to_thread(self.admit, name, sender, request)

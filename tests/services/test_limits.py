@@ -160,6 +160,38 @@ def test_chat_messages_become_the_templates_own_ids(stack):
         tokenizer(joined)["input_ids"])
 
 
+def blank_messages():
+    from services.client import relay_pb2
+
+    return relay_pb2.RelayRequest(mode=relay_pb2.CONTEXT_MODE_UNAWARE, messages=relay_pb2.ChatMessages(
+        messages=[relay_pb2.ChatMessage(role="user", content=""), relay_pb2.ChatMessage(role="user", content="  ")]))
+
+
+@pytest.mark.parametrize("request_of, message", [
+    # each got INTERNAL (or, with on_cache_failure = text, a silent text answer) or named another field before
+    (lambda: build_request(TEXT, mode="aware", receiver_prompt="   ", on_cache_failure="text"),
+     "receiver_prompt has no tokens for the receiver's tokenizer"),
+    (lambda: build_request(TEXT, codec="quantized", codec_params='{"key_bits": 4.0}', on_cache_failure="text"),
+     "codec: key_bits must be one of"),
+    (lambda: build_request(TEXT, receiver_codec="quantized", receiver_codec_params="{bad"), "receiver_codec.params_json is not valid JSON"),
+    (lambda: build_request(TEXT, receiver_codec="q" * 200), "receiver_codec.name must be at most"),
+    (blank_messages, "input is empty"),
+    (lambda: build_request(TEXT, codec="pca", codec_params='{"strip_rope": false}'), "codec: no KV basis is loaded for cache space"),
+], ids=["blank receiver_prompt", "float bits", "receiver_codec json", "receiver_codec name", "blank messages", "pca basis"])
+def test_bad_fields_are_invalid_argument_naming_the_field(stack, request_of, message):
+    code, details = refusal(stack, request_of())
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and message in details, (code, details)
+
+
+def test_a_codec_basis_the_route_lacks_is_refused_before_the_prefill(stack, monkeypatch):
+    from services import servicers
+
+    prefills = []
+    monkeypatch.setattr(servicers, "sender_prefill", lambda *args, **kwargs: prefills.append(1))
+    code, details = refusal(stack, build_request(TEXT, codec="pca", codec_params='{"strip_rope": false}'))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "with RoPE applied" in details and prefills == []
+
+
 def test_cache_bytes_per_request(stack):
     code, details = refusal(stack, build_request(TEXT, route="small-cache"))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_cache_bytes of route 'small-cache' is 4096" in details
