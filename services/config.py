@@ -26,8 +26,9 @@ Example (``densecomm serve --config serve.toml``)::
 
 from __future__ import annotations
 
+import math
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from densecomm_core.codec import CodecError, get_codec
@@ -161,16 +162,28 @@ _SCALARS = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)
 
 
 def _build(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a table, got {data!r} ({type(data).__name__})")
     known = {f.name: f.type for f in fields(cls)}
     unknown = set(data) - set(known)
     if unknown:
         raise ConfigError(f"unknown field(s) {sorted(unknown)} in {where}; expected some of {sorted(known)}")
+    missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING and f.name not in data]
+    if missing:
+        raise ConfigError(f"{where} is missing required field(s) {missing}")
     for name, value in data.items():  # a string where a number belongs would surface later, on every request
         allowed = _SCALARS.get(str(known[name]).split("[")[0])
         if allowed is not None and (not isinstance(value, allowed) or (bool not in allowed and isinstance(value, bool))):
             raise ConfigError(f"{name} in {where} must be {'a' if known[name] != 'int' else 'an'} {known[name]}, "
                               f"got {value!r} ({type(value).__name__})")
+        if isinstance(value, float) and not math.isfinite(value):  # TOML has nan and inf; no field means them
+            raise ConfigError(f"{name} in {where} must be a finite number, got {value!r}")
     return cls(**data)
+
+
+def _at_least(where: str, value, low) -> None:
+    if not value >= low:
+        raise ConfigError(f"{where} must be >= {low}, got {value!r}")
 
 
 def read_toml(path: str | Path | None, error: type[Exception] = ConfigError) -> dict:
@@ -178,11 +191,25 @@ def read_toml(path: str | Path | None, error: type[Exception] = ConfigError) -> 
     if path is None:
         return {}
     try:
-        return tomllib.loads(Path(path).read_text())
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise error(f"config file {str(path)!r} does not exist") from exc
+    except UnicodeDecodeError as exc:
+        raise error(f"config file {str(path)!r} is not UTF-8 text: {exc}") from exc
+    except OSError as exc:  # a directory, no permission
+        raise error(f"config file {str(path)!r} cannot be read: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise error(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
+
+
+def check_device(device: str, where: str) -> None:
+    """A device torch can name (``cpu``, ``cuda``, ``cuda:N``, ...), refused at load rather than at model load."""
+    import torch
+
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"{where} {device!r} must be a torch device such as cpu, cuda or cuda:N") from exc
 
 
 def check_default_codec(config: ServeConfig) -> None:
@@ -200,7 +227,10 @@ def load_config(path: str | Path | None = None, **overrides) -> ServeConfig:
     """Defaults, then the TOML file, then keyword overrides (from the CLI)."""
     data = read_toml(path)
     data |= {k: v for k, v in overrides.items() if v is not None}
-    routes = tuple(_build(RouteConfig, r, f"routes[{i}]") for i, r in enumerate(data.pop("routes", [])))
+    listed = data.pop("routes", [])
+    if not isinstance(listed, (list, tuple)):
+        raise ConfigError(f"routes must be an array of tables ([[routes]] in TOML), got {type(listed).__name__}")
+    routes = tuple(_build(RouteConfig, r, f"routes[{i}]") for i, r in enumerate(listed))
     resources = {name: _build(Resources, data.pop(name, {}), f"[{name}]") for name in ("sender", "adapter", "receiver", "relay")}
     config = _build(ServeConfig, data | resources, "the top level")
     config = ServeConfig(**{**{f.name: getattr(config, f.name) for f in fields(ServeConfig)}, "routes": routes})
@@ -210,15 +240,31 @@ def load_config(path: str | Path | None = None, **overrides) -> ServeConfig:
     if len(set(names)) != len(names):
         raise ConfigError(f"route names must be unique, got {names}")
     for name in ("sender", "adapter", "receiver", "relay"):
-        for key, amount in getattr(config, name).resources.items():
-            if not isinstance(amount, (int, float)) or amount <= 0:
+        res = getattr(config, name)
+        _at_least(f"[{name}] num_cpus", res.num_cpus, 0)
+        _at_least(f"[{name}] num_gpus", res.num_gpus, 0)
+        _at_least(f"[{name}] replicas", res.replicas, 1)
+        for key, amount in res.resources.items():
+            if not isinstance(amount, (int, float)) or isinstance(amount, bool) or not 0 < amount < math.inf:
                 raise ConfigError(f"[{name}] resources: {key!r} = {amount!r} must be a positive number")
     for r in config.all_routes():
+        if not r.name:
+            raise ConfigError("a route's name must not be empty")
         if r.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"route {r.name!r}: dtype {r.dtype!r} must be float32, bfloat16 or float16")
+        check_device(r.device, f"route {r.name!r}: device")
+        for limit in ("max_input_bytes", "max_input_tokens", "max_cache_bytes", "context_window"):
+            _at_least(f"route {r.name!r}: {limit} (0 = the service's)", getattr(r, limit), 0)
         if r.on_cache_failure not in ("", "error", "text"):
             raise ConfigError(f"route {r.name!r}: on_cache_failure {r.on_cache_failure!r} must be 'error' or 'text'")
     check_default_codec(config)
+    if not config.host:
+        raise ConfigError("host must be an address to bind (or 'node-ip'), got ''")
+    for port, span in (("relay_port", 0), ("metrics_port", 3)):  # metrics: the relay's, then +1, +2, +3
+        if not 0 <= getattr(config, port) <= 65535 - span:
+            raise ConfigError(f"{port} must be in [0, {65535 - span}] (0 = a free port), got {getattr(config, port)}")
+    _at_least("chunk_tokens (0 = sized by frame_bytes)", config.chunk_tokens, 0)
+    _at_least("drain_grace_s", config.drain_grace_s, 0)
     if config.hop_transport not in ("auto", "bytes"):
         raise ConfigError(f"hop_transport {config.hop_transport!r} must be 'auto' or 'bytes'")
     if config.shm_pool_bytes < 0:

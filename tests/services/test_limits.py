@@ -245,6 +245,41 @@ def test_the_deployments_default_codec_params_apply_under_a_requests_own():
         load_config(None, default_codec_params=1)
 
 
+@pytest.mark.parametrize("toml, message", [
+    # each was a bare TypeError, a list read as keys, or a value the services met later (fuzzing the config)
+    ('[[routes]]\nname = "r"\nreceiver = "a"\nadapter = "b"', r"routes\[0\] is missing required field\(s\) \['sender'\]"),
+    ("routes = [1, 2]", r"routes\[0\] must be a table, got 1"),
+    ('[routes]\nname = "a"', r"routes must be an array of tables \(\[\[routes\]\] in TOML\)"),
+    ("sender = [1]", r"\[sender\] must be a table"),
+    ("relay_port = 70000", r"relay_port must be in \[0, 65535\]"),
+    ("metrics_port = 65535", r"metrics_port must be in \[0, 65532\]"),
+    ("chunk_tokens = -3", "chunk_tokens .* must be >= 0, got -3"),
+    ("drain_grace_s = nan", "drain_grace_s in the top level must be a finite number, got nan"),
+    ("token_flush_ms = inf", "token_flush_ms in the top level must be a finite number, got inf"),
+    ('host = ""', "host must be an address to bind"),
+    ("[sender]\nreplicas = 0", r"\[sender\] replicas must be >= 1, got 0"),
+    ("[receiver]\nnum_cpus = -1", r"\[receiver\] num_cpus must be >= 0"),
+    ("[sender]\nresources = {x = true}", r"resources: 'x' = True must be a positive number"),
+    ('default_route = "r"\n[[routes]]\nname = "r"\nsender = "a"\nreceiver = "b"\nadapter = "c"\ndevice = "cuda:x"',
+     "route 'r': device 'cuda:x' must be a torch device"),
+    ('default_route = "r"\n[[routes]]\nname = "r"\nsender = "a"\nreceiver = "b"\nadapter = "c"\ncontext_window = -1',
+     "route 'r': context_window .* must be >= 0"),
+])
+def test_config_refuses_bad_shapes_and_ranges_naming_the_field(tmp_path, toml, message):
+    path = tmp_path / "serve.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_config_files_that_cannot_be_read_are_named(tmp_path):
+    (tmp_path / "latin1.toml").write_bytes(b'host = "\xff"')
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_config(tmp_path / "latin1.toml")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_config(tmp_path)
+
+
 def test_config_checks_policy_and_limits():
     with pytest.raises(ConfigError, match="on_cache_failure"):
         load_config(None, on_cache_failure="maybe")
