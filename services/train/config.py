@@ -31,6 +31,8 @@ accepts. ``--config zoo`` is the embedded pair's recipe (``services/train/zoo.to
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -215,6 +217,8 @@ def _typed(cls, data: Any, where: str, base=None):
             value, ok = float(value), True
         if not ok:
             raise TrainConfigError(f"{where}.{key} must be {want.__name__}, got {value!r}")
+        if want is float and not math.isfinite(value):  # TOML has nan and inf; no setting means them
+            raise TrainConfigError(f"{where}.{key} must be a finite number, got {value!r}")
     return replace(base, **{k: (float(v) if type(getattr(base, k)) is float else v) for k, v in data.items()})
 
 
@@ -235,7 +239,7 @@ def validate(config: TrainConfig) -> TrainConfig:
                f"must be 'zoo' or an existing local model directory, got {path!r}")
         device = getattr(m, f"{side}_device")
         index = device[5:] if device.startswith("cuda:") else "0"
-        _check(device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and index.isdigit()), f"[models].{side}_device",
+        _check(device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:[0-9]+", device) is not None, f"[models].{side}_device",
                f"must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
         _check(not device.startswith("cuda") or w.use_gpu, f"[models].{side}_device",
                f"is {device!r} but [workers].use_gpu is false")
@@ -245,11 +249,19 @@ def validate(config: TrainConfig) -> TrainConfig:
     _check(m.dtype in DTYPES, "[models].dtype", f"must be one of {DTYPES}, got {m.dtype!r}")
     for key in ("sender", "aware", "with_input", "guided"):
         _check("{context}" in getattr(p, key), f"[prompts].{key}", "must contain '{context}'")
+    for key, slots in (("sender", ("context",)), ("aware", ("context",)), ("unaware", ("context",)),
+                       ("with_input", ("context",)), ("guided", ("context", "answer")), ("answer_template", ("answer",))):
+        try:  # a stray brace or another placeholder would fail in the middle of training
+            getattr(p, key).format(**{slot: "" for slot in slots})
+        except (KeyError, IndexError, ValueError) as exc:
+            raise TrainConfigError(f"[prompts].{key} {getattr(p, key)!r} must use only {{{'}, {'.join(slots)}}} "
+                                   f"(write a literal brace as {{{{ or }}}}): {type(exc).__name__}: {exc}") from exc
     _check("{answer}" in p.guided, "[prompts].guided", "must contain '{answer}'")
     _check("{answer}" in p.answer_template, "[prompts].answer_template", "must contain '{answer}'")
     _check(p.answer_kind in ANSWER_KINDS, "[prompts].answer_kind", f"must be one of {ANSWER_KINDS}, got {p.answer_kind!r}")
     _check(d.source in DATA_SOURCES, "[data].source", f"must be one of {DATA_SOURCES}, got {d.source!r}")
     _check(d.source == "zoo" or bool(d.train), "[data].train", f"is required for source {d.source!r}")
+    _check(not d.subject or d.source == "math", "[data].subject", f"selects MATH subjects: it needs source = 'math', got {d.source!r}")
     _check(d.suite in ZOO_SUITES, "[data].suite", f"must be one of {ZOO_SUITES}, got {d.suite!r}")
     _check(d.suite == "v1" or d.source == "zoo", "[data].suite", f"is {d.suite!r}: a zoo suite needs source = 'zoo', got {d.source!r}")
     for key in ("train", "validation", "test"):
@@ -260,6 +272,7 @@ def validate(config: TrainConfig) -> TrainConfig:
     _check(0 < d.validation_fraction < 0.5, "[data].validation_fraction", f"must be in (0, 0.5), got {d.validation_fraction}")
     _check(config.traces.max_new_tokens > 0 and config.traces.batch_size > 0 and config.traces.tasks >= 0, "[traces]",
            "max_new_tokens and batch_size must be > 0, tasks >= 0")
+    _check(w.num_workers >= 1, "[workers].num_workers", f"must be >= 1, got {w.num_workers}")  # before dividing by it
     for name in ("phase1", "phase2"):
         ph: PhaseConfig = getattr(config, name)
         _check(ph.steps > 0, f"[{name}].steps", f"must be > 0, got {ph.steps}")
@@ -278,6 +291,8 @@ def validate(config: TrainConfig) -> TrainConfig:
         other = "phase2" if name == "phase1" else "phase1"
         for key in PHASE_ONLY[other]:  # the other phase's data options would be silently ignored here
             _check(not getattr(ph, key), f"[{name}].{key}", f"applies to [{other}] only, got {getattr(ph, key)!r}")
+    _check(config.phase2.input_codec or not config.phase2.input_codec_params, "[phase2].input_codec_params",
+           "are set but [phase2].input_codec is not: name the codec they are for")
     if config.phase2.input_codec:
         from densecomm_core.codec import get_codec
 
@@ -287,7 +302,6 @@ def validate(config: TrainConfig) -> TrainConfig:
             raise TrainConfigError(f"[phase2].input_codec {config.phase2.input_codec!r}: {exc}") from exc
     _check(config.adapter.expansion >= 1, "[adapter].expansion", f"must be >= 1, got {config.adapter.expansion}")
     _check(0 < config.adapter.gate_init < 1, "[adapter].gate_init", f"must be in (0, 1), got {config.adapter.gate_init}")
-    _check(w.num_workers >= 1, "[workers].num_workers", f"must be >= 1, got {w.num_workers}")
     _check(w.cpus_per_worker > 0 and w.torch_threads >= 1 and w.max_failures >= 0, "[workers]",
            "cpus_per_worker must be > 0, torch_threads >= 1, max_failures >= 0")
     _check(not w.use_gpu or w.gpus_per_worker > 0, "[workers].gpus_per_worker", "must be > 0 with use_gpu")

@@ -95,6 +95,16 @@ def test_zoo_v2_config_trains_on_v2_in_domain_families_and_its_lms():
         ("[phase1]\ninput_codec = 'pca'", r"\[phase1\]\.input_codec applies to \[phase2\] only, got 'pca'"),
         ("name = 'a b'", r"name must be letters, digits"),
         ("[fault]\nphase = 'phase3'", r"\[fault\]\.phase must be"),
+        # found by fuzzing: a traceback, or a value that would fail mid-training or be ignored
+        ("[workers]\nnum_workers = 0", r"\[workers\]\.num_workers must be >= 1, got 0"),
+        ("[workers]\nuse_gpu = true\n[models]\nsender_device = 'cuda:\u00b2'", r"\[models\]\.sender_device must be 'auto', 'cpu' or 'cuda\[:N\]'"),
+        ("[prompts]\nsender = '{context} {oops}'", r"\[prompts\]\.sender '\{context\} \{oops\}' must use only \{context\}.*KeyError"),
+        ("[prompts]\naware = '{context} {'", r"\[prompts\]\.aware .* must use only \{context\}.*ValueError"),
+        ("[prompts]\nguided = '{context} {answer} {0}'", r"\[prompts\]\.guided .* must use only \{context\}, \{answer\}.*IndexError"),
+        ("[phase1]\nlr = inf", r"\[phase1\]\.lr must be a finite number, got inf"),
+        ("[phase2]\ngate_lr_multiplier = nan", r"\[phase2\]\.gate_lr_multiplier must be a finite number"),
+        ("[data]\nsubject = 'Algebra'", r"\[data\]\.subject selects MATH subjects: it needs source = 'math', got 'zoo'"),
+        ("[phase2]\ninput_codec = ''\ninput_codec_params = { level = 3 }", r"\[phase2\]\.input_codec_params are set but \[phase2\]\.input_codec is not"),
     ],
 )
 def test_bad_configs_name_the_field(tmp_path, text, match):
