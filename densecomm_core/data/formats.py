@@ -20,6 +20,7 @@ Formats (``FORMATS``; every row is checked, a bad one raises ``DataError`` namin
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -58,6 +59,19 @@ class Row:
         return value
 
 
+def _index(text: str) -> int | None:
+    """``text`` as a non-negative integer written in ASCII digits (``str.isdigit`` also takes '²'), else None."""
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
+def _answer_value(row: Row, field: str) -> str | int | float | None:
+    """An answer that is a string or a finite number (JSON's true is not 1, and NaN / Infinity answer nothing)."""
+    value = row.data.get(field)
+    if isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value)):
+        raise row.fail(field, "must be a string or a finite number")
+    return value
+
+
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
@@ -78,9 +92,14 @@ def _labelled_choices(row: Row, choices: Any, field: str) -> tuple[list[str], li
     else:
         raise DataError(f"{row.where}: field {field!r} must be {{text: [...], label: [...]}} or [{{text, label}}]; got {_short(choices)}")
     _check_options(row, texts, field)
-    if not all(isinstance(label, str | int) and str(label).strip() for label in labels) or len(set(map(str, labels))) != len(labels):
-        raise DataError(f"{row.where}: field {field!r} labels must be distinct non-empty; got {_short(labels)}")
+    _check_labels(row, labels, field)
     return [str(t) for t in texts], [str(label).strip() for label in labels]
+
+
+def _check_labels(row: Row, labels: list, field: str) -> None:
+    if not all(isinstance(label, str | int) and not isinstance(label, bool) and str(label).strip() for label in labels) \
+            or len({str(label).strip() for label in labels}) != len(labels):
+        raise DataError(f"{row.where}: field {field!r} labels must be distinct non-empty; got {_short(labels)}")
 
 
 def _check_options(row: Row, texts: Any, field: str) -> None:
@@ -108,8 +127,9 @@ def _index_or_letter(value: Any, n: int) -> str | None:
         value = value.strip().strip("()").strip()
         if len(value) == 1 and value.upper() in LETTERS[:n]:
             return value.upper()
-        if value.isdigit() and 0 <= int(value) < n:
-            return LETTERS[int(value)]
+        index = _index(value)
+        if index is not None and index < n:
+            return LETTERS[index]
     return None
 
 
@@ -136,7 +156,7 @@ def parse_gsm8k(row: Row, family: str) -> tuple[TaskExample, Attributes]:
 def parse_math(row: Row, family: str) -> tuple[TaskExample, Attributes]:
     problem = row.text("problem")
     solution = row.optional_text("solution")
-    answer = row.data.get("answer")
+    answer = _answer_value(row, "answer")
     if answer is not None and not isinstance(answer, str | int | float):
         raise row.fail("answer", "must be a string or a number when present")
     if answer is None or (isinstance(answer, str) and not answer.strip()):
@@ -145,9 +165,10 @@ def parse_math(row: Row, family: str) -> tuple[TaskExample, Attributes]:
             raise row.fail("solution", "must contain \\boxed{...} when 'answer' is absent")
         answer = boxed
     answer = str(answer).strip()
-    subject = row.data.get("subject", row.data.get("type"))
+    subject_field = "subject" if "subject" in row.data else "type"  # MATH's own files call it type
+    subject = row.data.get(subject_field)
     if subject is not None and not isinstance(subject, str):
-        raise row.fail("subject", "must be a string when present")
+        raise row.fail(subject_field, "must be a string when present")
     level = row.data.get("level")
     if isinstance(level, str):
         match = re.fullmatch(r"\s*(?:Level\s*)?(\d+|\?)\s*", level)
@@ -197,6 +218,8 @@ def parse_mmlu_redux(row: Row, family: str) -> tuple[TaskExample, Attributes]:
         corrected = _index_or_letter(row.data.get("correct_answer"), len(texts))
         letter = corrected or letter
     subject = row.data.get("subject")
+    if subject is not None and not isinstance(subject, str):
+        raise row.fail("subject", "must be a string when present")
     return _mc_example(family, stem, texts, letter, row), {"error_type": error_type, "subject": subject}
 
 
@@ -212,6 +235,7 @@ def parse_medqa(row: Row, family: str) -> tuple[TaskExample, Attributes]:
     else:
         raise row.fail("options", "must be {letter: text} or [{key, value}]")
     _check_options(row, texts, "options")
+    _check_labels(row, keys, "options")
     keys = [str(k).strip() for k in keys]
     if "answer_idx" in row.data:
         letter = _key_to_letter(row, row.data["answer_idx"], keys, "answer_idx")
@@ -227,8 +251,8 @@ def parse_medqa(row: Row, family: str) -> tuple[TaskExample, Attributes]:
 def parse_jsonl(row: Row, family: str) -> tuple[TaskExample, Attributes]:
     question = row.text("question")
     family = row.optional_text("family").strip() or family
-    answer = row.data.get("answer")
-    if isinstance(answer, bool) or not isinstance(answer, str | int | float) or not str(answer).strip():
+    answer = _answer_value(row, "answer")
+    if not isinstance(answer, str | int | float) or not str(answer).strip():
         raise row.fail("answer", "must be a non-empty string or a number")
     solution = row.optional_text("solution").strip()
     choices = row.data.get("choices")
@@ -243,10 +267,13 @@ def parse_jsonl(row: Row, family: str) -> tuple[TaskExample, Attributes]:
     else:
         texts = choices
     _check_options(row, texts, "choices")
-    letter = _index_or_letter(answer, len(texts))
-    if letter is None and isinstance(answer, str):
-        matches = [i for i, t in enumerate(texts) if t.strip() == answer.strip()]
-        letter = LETTERS[matches[0]] if len(matches) == 1 else None
+    by_key = _index_or_letter(answer, len(texts))
+    matches = [LETTERS[i] for i, t in enumerate(texts) if t.strip() == str(answer).strip()]
+    by_text = matches[0] if len(matches) == 1 else None
+    if by_key is not None and by_text is not None and by_key != by_text:
+        raise row.fail("answer", f"is ambiguous: as a letter or index it is option {by_key}, as an option's text option "
+                                 f"{by_text}; give the option's letter")
+    letter = by_key or (by_text if isinstance(answer, str) else None)
     if letter is None:
         raise row.fail("answer", "must be an option letter, an index or one option's text when 'choices' is given")
     return _mc_example(family, question, texts, letter, row, solution), {}
@@ -282,7 +309,7 @@ def _matches(value: Any, wanted: Any) -> bool:
         return any(_matches(value, w) for w in wanted)
     if isinstance(value, str) and isinstance(wanted, str):
         return value.strip().casefold() == wanted.strip().casefold()
-    if isinstance(value, int) and isinstance(wanted, str) and wanted.strip().isdigit():
+    if isinstance(value, int) and isinstance(wanted, str) and _index(wanted.strip()) is not None:
         return value == int(wanted)
     return value == wanted
 
@@ -308,11 +335,15 @@ def load_task_file(
     if not path.is_file():
         raise DataError(f"task file {str(path)!r} does not exist or is not a file")
     examples: list[TaskExample] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start} of the line)") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 data = json.loads(line)
             except json.JSONDecodeError as err:

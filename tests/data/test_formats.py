@@ -86,6 +86,18 @@ BAD_ROWS = [
     ("openbookqa", {"question_stem": "q", "choices": {"text": ["a", ""], "label": ["A", "B"]}, "answerKey": "A"}, "choices"),
     ("jsonl", {"question": "q", "answer": "Q", "choices": ["a", "b"]}, "answer"),
     ("jsonl", {"question": "q", "answer": None}, "answer"),
+    # found by fuzzing: a traceback, a field named wrongly, or a row read with a wrong answer
+    ("mmlu-redux", {"question": "q", "choices": ["a", "b"], "answer": "\u00b2"}, "answer"),  # int('²') raised
+    ("mmlu-redux", {"question": "q", "choices": ["a", "b"], "answer": 0, "subject": 5}, "subject"),
+    ("math", {"problem": "p", "solution": "\\boxed{1}", "type": 5}, "type"),  # was named 'subject'
+    ("math", {"problem": "p", "answer": True}, "answer"),
+    ("math", {"problem": "p", "answer": float("nan")}, "answer"),
+    ("jsonl", {"question": "q", "answer": float("inf")}, "answer"),
+    ("jsonl", {"question": "q", "choices": ["3", "5", "7", "9"], "answer": "3"}, "answer"),  # index 3 = D, text '3' = A
+    ("jsonl", {"question": "q", "choices": ["B", "A"], "answer": "A"}, "answer"),  # letter A, or the text of B
+    ("medqa", {"question": "q", "options": [{"key": "A", "value": "x"}, {"key": "A", "value": "y"}], "answer_idx": "A"}, "options"),
+    ("medqa", {"question": "q", "options": [{"value": "x"}, {"value": "y"}], "answer_idx": "A"}, "options"),
+    ("arc", {"question": "q", "choices": {"text": ["a", "b"], "label": [True, False]}, "answerKey": "A"}, "choices"),
 ]
 
 
@@ -123,3 +135,6 @@ def test_file_level_errors(tmp_path):
         load_task_file(HERE / "gsm8k.jsonl", "gsm8k", subject="Algebra")
     with pytest.raises(DataError, match="does not exist"):
         load_task_file(tmp_path / "missing.jsonl", "gsm8k")
+    path.write_bytes(b'{"question": "q", "answer": "#### 1"}\n{"question": "caf\xe9", "answer": "#### 1"}\n')
+    with pytest.raises(DataError, match=r"broken\.jsonl:2: not valid UTF-8"):  # was a bare UnicodeDecodeError
+        load_task_file(path, "gsm8k")
