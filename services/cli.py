@@ -12,6 +12,48 @@ from pathlib import Path
 from services.train.config import ZOO_SUITES  # torch-free: the CLI parses before any heavy import
 
 
+def at_least(low: int):
+    """An argparse type: an integer >= ``low`` (argparse names the flag in its error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def int_list(low: int, high: int | None = None):
+    """An argparse type: a comma list of integers in [low, high], e.g. '1,2'."""
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a comma list of integers, got {text!r}") from None
+        if not values or any(v < low or (high is not None and v > high) for v in values):
+            bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be a comma list of integers {bound}, got {text!r}")
+        return values
+
+    parse.__name__ = "integer list"
+    return parse
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
 def table_text(rows, families: list[str]) -> str:
     header = ["method", *families, "mean", "KV raw KB/req", "KV wire KB/req", "MFLOPs/req"]
     lines = [header]
@@ -240,7 +282,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     from services.train.config import load_train_config
 
     config = load_train_config(args.config)
-    rows = bench.measure(config, args.steps, tuple(int(w) for w in args.workers.split(",")))
+    rows = bench.measure(config, args.steps, tuple(args.workers))
     print(f"\n{args.config}: {args.steps} steps per phase, global batch {config.phase1.batch_size} / "
           f"{config.phase2.batch_size}, {config.workers.cpus_per_worker} CPU and {config.workers.torch_threads} thread(s) per worker\n")
     print(bench.render(rows))
@@ -277,9 +319,7 @@ def cmd_bench_codec(args: argparse.Namespace) -> int:
     stand_in, big = bench.qwen3_4b_geometry(args.tokens)
     caches = {"zoo": (*bench.zoo_caches(), bench.load_zoo_bases()), "qwen3-4b": (stand_in, [big], bench.calibrate_stand_in(stand_in))}
     rows = [row for name, (model, cache, bases) in caches.items() for row in bench.measure(name, model, cache, args.repeats, args.workers, bases)]
-    hops = tuple(sorted({int(h) for h in args.hops.split(",")}))
-    if not set(hops) <= {0, 1}:
-        raise SystemExit(f"--hops takes 0 (sender -> adapter), 1 (adapter -> receiver) or 0,1; got {args.hops!r}")
+    hops = tuple(sorted(set(args.hops)))  # 0: sender -> adapter, 1: adapter -> receiver
     accuracy = [] if args.skip_accuracy else bench.accuracy_through_codecs(args.per_family, hops)
     goals = bench.targets(rows)
     if args.json:
@@ -461,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--zoo", default="v1", choices=ZOO_SUITES, help="the zoo suite whose committed pair and adapter run")
     demo.add_argument("--retrain", action="store_true", help="train the adapter again instead of loading the committed one")
     demo.add_argument("--adapter", help="adapter checkpoint directory (default: the committed zoo adapter)")
-    demo.add_argument("--per-family", type=int, default=200, help="test examples per task family")
+    demo.add_argument("--per-family", type=at_least(1), default=200, help="test examples per task family")
     demo.add_argument("--work-dir", default="runs/demo", help="output_dir of the --retrain run (densecomm train --config zoo)")
     demo.add_argument("--resume", action="store_true", help="with --retrain: continue the run in --work-dir")
     demo.add_argument("--json", action="store_true", help="print the table as JSON")
@@ -491,9 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                     help="weights of --sender/--receiver (default: bfloat16 on CUDA, float32 on the CPU; the zoo pair runs as committed)")
-    ev.add_argument("--batch-size", type=int, default=64)
-    ev.add_argument("--max-new-tokens", type=int, default=24, help="answer budget of the answering model")
-    ev.add_argument("--message-tokens", type=int, default=24, help="T2T: the sender's message budget")
+    ev.add_argument("--batch-size", type=at_least(1), default=64)
+    ev.add_argument("--max-new-tokens", type=at_least(1), default=24, help="answer budget of the answering model")
+    ev.add_argument("--message-tokens", type=at_least(1), default=24, help="T2T: the sender's message budget")
     ev.add_argument("--prompt-format", default="", help="JSON overrides of PromptFormat fields (default: the zoo's layouts)")
     ev.add_argument("--output-dir", default="runs/eval", help="where accuracy.csv, tokens.csv, predictions.jsonl, eval.json go")
     ev.add_argument("--check", action="store_true", help="exit with status 1 when a target is missed")
@@ -504,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     build = zoo.add_parser("build", help="train the tiny LM pair from scratch and its adapter (seeded)")
     build.add_argument("--out", "--output", help="output root (default: the package's committed weights; runs/zoo-SUITE for --suite v2)")
     build.add_argument("--suite", choices=ZOO_SUITES, default="v1", help="task suite (v2: the generalising zoo with OOD families)")
-    build.add_argument("--max-steps", type=int, help="smoke build: one stage of this many steps per LM, into --out")
+    build.add_argument("--max-steps", type=at_least(1), help="smoke build: one stage of this many steps per LM, into --out")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--adapter-only", action="store_true", help="keep the LMs, retrain only the adapter")
     build.add_argument("--work-dir", help="output_dir of the adapter's training run (default: runs/zoo-build-SUITE)")
@@ -528,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--adapter", help="adapter directory: also fit the receiver space it writes (needs --receiver)")
     calibrate.add_argument("--receiver", help="receiver checkpoint directory (with --adapter)")
     calibrate.add_argument("--texts", help="calibration texts, one per line (default: the zoo's train-split contexts)")
-    calibrate.add_argument("--limit", type=int, default=900, help="at most this many texts")
+    calibrate.add_argument("--limit", type=at_least(1), default=900, help="at most this many texts")
     calibrate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     calibrate.add_argument("--device", default="cpu", help="where both models run the calibration prefills (cpu, cuda, cuda:N)")
     calibrate.add_argument("--keep-rope", action="store_true", help="fit on RoPE-applied keys (for strip_rope=false)")
@@ -537,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="start sender, adapter, receiver and the Relay ingress (on Ray)")
     serve.add_argument("--config", help="TOML service config (default: the embedded zoo route on loopback)")
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="Relay port (default 50051)")
+    serve.add_argument("--port", type=at_least(0), help="Relay port (default 50051)")
     serve.add_argument("--no-ray", action="store_true", help="host all services in this process instead of Ray actors")
     serve.set_defaults(func=cmd_serve)
 
@@ -551,7 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
     relay.add_argument("--receiver-codec", default="", help="codec of the adapter -> receiver hop (default: --codec's)")
     relay.add_argument("--receiver-codec-params", default="", help="JSON parameters of --receiver-codec")
     relay.add_argument("--receiver-prompt", default="")
-    relay.add_argument("--max-new-tokens", type=int, default=0)
+    relay.add_argument("--max-new-tokens", type=at_least(0), default=0)
     relay.add_argument("--temperature", type=float, default=0.0)
     relay.add_argument("--top-p", type=float, default=0.0)
     relay.add_argument("--seed", type=int, default=0)
@@ -571,31 +611,31 @@ def build_parser() -> argparse.ArgumentParser:
     c2c = baseline_sub.add_parser("c2c", help="C2C-style fuser: generation loss only, checkpoint chosen on validation, scored on test")
     c2c.add_argument("--output-dir", required=True, help="gets fuser/ (the checkpoint) and report.json")
     c2c.add_argument("--zoo", default="v1", choices=ZOO_SUITES, help="the zoo suite whose committed pair it fuses")
-    c2c.add_argument("--steps", type=int, default=1200)
+    c2c.add_argument("--steps", type=at_least(1), default=1200)
     c2c.add_argument("--seed", type=int, default=0)
     c2c.add_argument("--traces", help="receiver-self traces of the zoo (a `densecomm train` traces.jsonl); default: build them")
-    c2c.add_argument("--hidden", type=int, default=128, help="width of each layer's fuser MLP")
-    c2c.add_argument("--p-aware", type=float, default=0.5, help="share of context-aware training examples")
-    c2c.add_argument("--eval-every", type=int, default=200, help="validation (model selection) interval in steps")
-    c2c.add_argument("--threads", type=int, default=1, help="torch threads")
+    c2c.add_argument("--hidden", type=at_least(1), default=128, help="width of each layer's fuser MLP")
+    c2c.add_argument("--p-aware", type=fraction, default=0.5, help="share of context-aware training examples")
+    c2c.add_argument("--eval-every", type=at_least(1), default=200, help="validation (model selection) interval in steps")
+    c2c.add_argument("--threads", type=at_least(1), default=1, help="torch threads")
     c2c.set_defaults(func=cmd_baseline_c2c)
 
     bench = sub.add_parser("bench", help="benchmarks that print ours vs the baseline, measured in one run")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     codec = bench_sub.add_parser("codec", help="ratio and MB/s of every codec vs zstd -1; accuracy through lossy codecs")
-    codec.add_argument("--repeats", type=int, default=10)
-    codec.add_argument("--workers", type=int, default=2, help="threads for chunk-parallel encode/decode")
-    codec.add_argument("--tokens", type=int, default=180, help="tokens of the Qwen3-4B-geometry cache")
-    codec.add_argument("--per-family", type=int, default=100, help="zoo test examples per family for the accuracy table")
+    codec.add_argument("--repeats", type=at_least(1), default=10)
+    codec.add_argument("--workers", type=at_least(1), default=2, help="threads for chunk-parallel encode/decode")
+    codec.add_argument("--tokens", type=at_least(1), default=180, help="tokens of the Qwen3-4B-geometry cache")
+    codec.add_argument("--per-family", type=at_least(1), default=100, help="zoo test examples per family for the accuracy table")
     codec.add_argument("--skip-accuracy", action="store_true")
-    codec.add_argument("--hops", default="0,1", help="hops the accuracy table sends through the codec: 0, 1 or 0,1")
+    codec.add_argument("--hops", type=int_list(0, 1), default="0,1", help="hops the accuracy table sends through the codec: 0, 1 or 0,1")
     codec.add_argument("--profile", action="store_true", help="also print where lossless encode/decode time goes")
     codec.add_argument("--json", action="store_true")
     codec.set_defaults(func=cmd_bench_codec)
     train_bench = bench_sub.add_parser("train", help="seconds per training step with 1 vs 2 Ray Train workers (same global batch)")
     train_bench.add_argument("--config", default="zoo")
-    train_bench.add_argument("--steps", type=int, default=100, help="steps per phase and worker count")
-    train_bench.add_argument("--workers", default="1,2", help="worker counts to compare")
+    train_bench.add_argument("--steps", type=at_least(1), default=100, help="steps per phase and worker count")
+    train_bench.add_argument("--workers", type=int_list(1), default="1,2", help="worker counts to compare")
     train_bench.set_defaults(func=cmd_bench_train)
     resume_bench = bench_sub.add_parser("resume", help="a training run SIGKILLed part way and --resumed vs an uninterrupted one")
     resume_bench.add_argument("--config", default="zoo")
@@ -605,24 +645,24 @@ def build_parser() -> argparse.ArgumentParser:
     resume_bench.add_argument("--reference", help="a finished run of the same config to compare with, instead of running one")
     resume_bench.set_defaults(func=cmd_bench_resume)
     relay_bench = bench_sub.add_parser("relay", help="hop throughput vs a bare gRPC byte stream, Relay latency and overhead, KV handoff, targets")
-    relay_bench.add_argument("--repeats", type=int, default=3)
-    relay_bench.add_argument("--workers", type=int, default=2)
-    relay_bench.add_argument("--tokens", type=int, default=180)
-    relay_bench.add_argument("--requests", type=int, default=48, help="Relay calls per concurrency level")
-    relay_bench.add_argument("--chunk-tokens", type=int, default=0)
+    relay_bench.add_argument("--repeats", type=at_least(1), default=3)
+    relay_bench.add_argument("--workers", type=at_least(1), default=2)
+    relay_bench.add_argument("--tokens", type=at_least(1), default=180)
+    relay_bench.add_argument("--requests", type=at_least(1), default=48, help="Relay calls per concurrency level")
+    relay_bench.add_argument("--chunk-tokens", type=at_least(0), default=0)
     relay_bench.add_argument("--no-ray", action="store_true", help="host the services in this process")
-    relay_bench.add_argument("--frame-bytes", type=int, default=0, help="KV stream message size (default: the services' frame_bytes)")
+    relay_bench.add_argument("--frame-bytes", type=at_least(0), default=0, help="KV stream message size (default: the services' frame_bytes)")
     relay_bench.add_argument("--profile", action="store_true", help="also print where one hop's time goes, stage by stage")
     relay_bench.add_argument("--json", action="store_true")
     relay_bench.set_defaults(func=cmd_bench_relay)
     load_bench = bench_sub.add_parser("load", help="Relay under load: throughput, p50/p95/p99, statuses, RSS, kills, TLS cost")
-    load_bench.add_argument("--requests", type=int, default=2000, help="mixed calls (good, bad, client-cancelled), in two halves")
-    load_bench.add_argument("--concurrency", type=int, default=32)
+    load_bench.add_argument("--requests", type=at_least(1), default=2000, help="mixed calls (good, bad, client-cancelled), in two halves")
+    load_bench.add_argument("--concurrency", type=at_least(1), default=32)
     load_bench.add_argument("--timeout", type=float, default=20.0, help="every call's deadline, s")
     load_bench.add_argument("--max-seconds", type=float, default=600.0, help="wall-clock bound of the whole load")
     load_bench.add_argument("--faults", action="store_true", help="kill sender, adapter, receiver in turn under load (Ray only)")
-    load_bench.add_argument("--fault-requests", type=int, default=300, help="calls per kill run")
-    load_bench.add_argument("--tls-requests", type=int, default=300, help="good calls per side of TLS on vs off (0 = skip)")
+    load_bench.add_argument("--fault-requests", type=at_least(1), default=300, help="calls per kill run")
+    load_bench.add_argument("--tls-requests", type=at_least(0), default=300, help="good calls per side of TLS on vs off (0 = skip)")
     load_bench.add_argument("--no-ray", action="store_true", help="host the services in this process")
     load_bench.add_argument("--json", action="store_true")
     load_bench.set_defaults(func=cmd_bench_load)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from services.cli import main
 
 
@@ -58,3 +60,30 @@ def test_demo_on_zoo_v2_through_the_services_reports_ood_apart(capsys):
     assert report["receiver"]["num_layers"] == 3 and report["sender"]["num_layers"] == 5
     ratio_targets = [t["target"] for t in report["targets"] if t["target"].startswith("unaware/with-input")]
     assert ratio_targets == [f"unaware/with-input on {f} >= 0.95" for f in v2.in_domain]
+
+
+@pytest.mark.parametrize("argv, message", [
+    # each was a traceback, a check after minutes of work, or no check at all (fuzzing the CLI)
+    (["eval", "--max-new-tokens", "-1"], "argument --max-new-tokens: must be >= 1, got -1"),
+    (["bench", "train", "--workers", "a"], "argument --workers: must be a comma list of integers, got 'a'"),
+    (["bench", "codec", "--hops", "2"], "argument --hops: must be a comma list of integers in [0, 1], got '2'"),
+    (["bench", "relay", "--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
+    (["bench", "relay", "--frame-bytes", "-1"], "argument --frame-bytes: must be >= 0, got -1"),
+    (["baseline", "c2c", "--output-dir", "x", "--p-aware", "2"], "argument --p-aware: must be in [0, 1], got 2.0"),
+])
+def test_bad_arguments_are_refused_by_the_parser_naming_the_flag(capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--methods", ","], "--methods names no method"),
+    (["eval", "--methods", "nope"], "--methods: unknown method(s) ['nope']"),
+    (["eval", "--methods", "receiver", "--device", "cuda:x"], "--device 'cuda:x' must be a torch device"),
+])
+def test_eval_refuses_methods_and_devices_before_loading_models(capsys, monkeypatch, argv, message):
+    from services import eval as service_eval
+
+    monkeypatch.setattr(service_eval, "load_pair", lambda options: pytest.fail("loaded the models first"))
+    assert main(argv) == 2 and message in capsys.readouterr().err
