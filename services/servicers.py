@@ -437,9 +437,13 @@ class ServicerBase:
         if self.pool is not None:
             self.pool.close()
 
-    @property
-    def limits(self) -> DecodeLimits:
-        return DecodeLimits(max_raw_bytes=self.config.max_cache_bytes)
+    def decode_limits(self, route: str) -> DecodeLimits:
+        """What a cache arriving for ``route`` may hold, checked at its header before anything is allocated:
+        one request's row, at least one token and no more than the route's input tokens (its models' windows),
+        the route's cache bytes."""
+        route_limits = limits.RouteLimits.for_route(self.config, route)
+        return DecodeLimits(max_raw_bytes=route_limits.max_cache_bytes, max_batch=1, min_tokens=1,
+                            max_tokens=route_limits.max_input_tokens)
 
     async def guarded(self, context, route: str, body, requests=None):
         """Run an event stream; count it; turn any exception into the mapped gRPC status (never crash).
@@ -489,9 +493,10 @@ class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
         reader = await transport.accept(first.setup, context, self.config)  # the same-node shortcut's verdict
         request = first.setup.request
         name, route = pick(self.routes, request, self.config)
+        validate_request(request, self.config, relay_pb2)  # the sender checked it; a peer feeding us directly may not
         receiver = route.model
         route_limits = limits.RouteLimits.for_route(self.config, name)
-        decoder = HopDecoder(receiver, route.bases, DecodeLimits(max_raw_bytes=route_limits.max_cache_bytes), device=receiver.model.device)
+        decoder = HopDecoder(receiver, route.bases, self.decode_limits(name), device=receiver.model.device)
         started = time.perf_counter()
         layer0_unix = [0.0]
         text_only = first.setup.text_only  # on_cache_failure = text: no cache, the receiver reads X itself
@@ -601,10 +606,13 @@ class AdapterServicer(ServicerBase, kv_pb2_grpc.AdapterServicer):
         first = await read_setup(messages)
         reader = await transport.accept(first.setup, context, self.config)  # the sender -> adapter hop's verdict
         request = first.setup.request
-        _, route = pick(self.routes, request, self.config)
+        name, route = pick(self.routes, request, self.config)
+        validate_request(request, self.config, relay_pb2)  # the sender checked it; a peer feeding us directly may not
+        if first.setup.text_only:
+            raise RequestError("a text_only setup carries no cache: it goes to the receiver itself, not through the adapter")
         codec = receiver_codec_for(request, self.config)
         streaming = StreamingAdapter(route.adapter, route.sender, route.receiver, codec,
-                                     self.config.chunk_tokens or None, self.limits, route.bases, self.config.frame_bytes)
+                                     self.config.chunk_tokens or None, self.decode_limits(name), route.bases, self.config.frame_bytes)
         outgoing: asyncio.Queue = asyncio.Queue()
         state = {"error": None}
 
@@ -664,6 +672,8 @@ class AdapterServicer(ServicerBase, kv_pb2_grpc.AdapterServicer):
         try:
             async with contextlib.aclosing(relay_events(call)) as events:
                 async for event in events:
+                    if state["error"] is not None:  # our input broke (a frame after its done, say) though the
+                        raise state["error"]  # receiver got a whole cache: no answer of it goes out
                     yield event
         except DownstreamError:
             if state["error"] is not None:  # our input broke first: that is the precise cause

@@ -102,6 +102,7 @@ class DecodeLimits:
     max_layers: int = 1024
     max_batch: int = 256
     max_tokens: int = 1 << 20
+    min_tokens: int = 0  # a service that answers from the cache needs at least one token in it
 
 
 DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

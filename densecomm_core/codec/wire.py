@@ -360,6 +360,7 @@ def validate_header(h: WireHeader, limits: DecodeLimits) -> None:
     _require(h.batch <= limits.max_batch, f"batch {h.batch} exceeds the limit of {limits.max_batch}", LimitExceededError)
     _require(integer_in(h.tokens, 0), f"header tokens {h.tokens!r} must be an integer >= 0")
     _require(h.tokens <= limits.max_tokens, f"{h.tokens} tokens exceed the limit of {limits.max_tokens}", LimitExceededError)
+    _require(h.tokens >= limits.min_tokens, f"a cache of {h.tokens} tokens; at least {limits.min_tokens} expected", ShapeMismatchError)
     _require(isinstance(h.layers, list) and len(h.layers) >= 1, "header layers must be a non-empty list")
     _require(len(h.layers) <= limits.max_layers, f"{len(h.layers)} layers exceed the limit of {limits.max_layers}", LimitExceededError)
     for i, layer in enumerate(h.layers):

@@ -8,6 +8,7 @@ import urllib.request
 
 import grpc
 import pytest
+import torch
 
 from densecomm_core.codec import iter_encode
 from densecomm_core.codec.base import get_codec
@@ -213,6 +214,81 @@ def direct_status(address, method, frames, request, raw=False) -> tuple[grpc.Sta
     except grpc.aio.AioRpcError as exc:
         return exc.code(), exc.details()
     return grpc.StatusCode.OK, ""
+
+
+def blank_cache(model, tokens: int, batch: int = 1, positions=None):
+    """A cache of ``model``'s geometry (zeros): compresses to almost nothing, whatever its size."""
+    from densecomm_core.cache import KVCache
+
+    g = model.geometry
+    keys = [torch.zeros(batch, g.num_kv_heads, tokens, g.head_dim) for _ in range(g.num_layers)]
+    positions = torch.arange(tokens).expand(batch, tokens) if positions is None else positions
+    return KVCache(keys, [k.clone() for k in keys], torch.ones(batch, tokens, dtype=torch.bool), positions, True,
+                   g.fingerprint())
+
+
+@pytest.mark.parametrize("service", ["adapter", "receiver"])
+def test_a_peers_stream_is_bounded_at_its_header(stack, zoo_pair, service):
+    """Fuzzing the internal streams: 0.5 MB of zstd'd zeros declaring 200k tokens (positions all 0, so the window
+    check on positions passed) took the adapter 6.4 GB and 29 s and then answered; a 0-token or 2-row cache was
+    INTERNAL. The header is now checked against the route's input tokens and one request's row first."""
+    sender, receiver = zoo_pair
+    model, method = (sender, "Transform") if service == "adapter" else (receiver, "Generate")
+    address = stack.hosts[service].address
+    request = build_request(EXAMPLES[0].context, max_new_tokens=2)
+    huge = blank_cache(model, 200_000, positions=torch.zeros(1, 200_000, dtype=torch.long))
+    code, details = direct_status(address, method, list(iter_encode(huge, get_codec("lossless"))), request, raw=True)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "200000 tokens exceed the limit of" in details
+    code, details = direct_status(address, method, list(iter_encode(blank_cache(model, 0), get_codec("raw"))), request, raw=True)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "a cache of 0 tokens; at least 1 expected" in details
+    code, details = direct_status(address, method, list(iter_encode(blank_cache(model, 5, 2), get_codec("raw"))), request, raw=True)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "batch 2 exceeds the limit of 1" in details
+    bad = build_request(EXAMPLES[0].context)
+    bad.generation.top_p = 5.0  # the sender refuses it; a peer feeding this service directly gets the same
+    code, details = direct_status(address, method, list(iter_encode(blank_cache(model, 5), get_codec("raw"))), bad, raw=True)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "generation.top_p must be in [0, 1]" in details
+    assert direct_status(address, method, list(iter_encode(blank_cache(model, 5), get_codec("raw"))), request, raw=True)[0] == grpc.StatusCode.OK
+
+
+def test_a_frame_after_the_done_note_loses_the_answer(stack, zoo_pair, zoo_adapter):
+    """The adapter forwards every frame, the receiver holds a whole cache and answers, and only then does the
+    adapter read a repeated chunk after its sender's done note: DATA_LOSS, and none of the answer goes out (it
+    sent the tokens and the stats first before)."""
+    from services.servicers import kv_pb2
+
+    sender, _ = zoo_pair
+    frames = list(iter_encode(sender_prefill(sender, [EXAMPLES[0].context]), get_codec("raw")))
+
+    async def messages():
+        yield kv_pb2.KVMessage(setup=kv_pb2.HopSetup(request_id="t", request=build_request(EXAMPLES[0].context, max_new_tokens=4)))
+        for frame in frames:
+            yield frame
+        yield kv_pb2.KVMessage(done=kv_pb2.StreamDone(prefill_tokens=1))
+        yield frames[-1]
+
+    events = []
+
+    async def collect_events():
+        from services import kvstream
+
+        async with grpc.aio.insecure_channel(stack.hosts["adapter"].address) as channel:
+            async for event in kvstream.ADAPTER.stub(channel).Transform(messages(), timeout=30):
+                events.append(event)
+
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        run(collect_events())
+    assert info.value.code() == grpc.StatusCode.DATA_LOSS and "twice" in info.value.details() and events == []
+
+
+def test_the_adapter_refuses_a_text_only_setup(stack):
+    from services.servicers import kv_pb2
+
+    async def messages():
+        yield kv_pb2.KVMessage(setup=kv_pb2.HopSetup(request_id="t", request=build_request(EXAMPLES[0].context), text_only=True))
+
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        run(call_direct(stack.hosts["adapter"].address, "Transform", messages()))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "text_only" in info.value.details()
 
 
 def test_cache_from_another_model_is_a_failed_precondition(stack, zoo_pair, tiny_pair):
