@@ -61,8 +61,8 @@ class StreamingAdapter:
 
     def _start(self, header: WireHeader) -> list[bytes]:
         s, r = self.sender.geometry, self.receiver.geometry
-        if header.fingerprint and header.fingerprint != s.fingerprint():
-            raise GeometryMismatchError(f"incoming cache is from {header.fingerprint}, this adapter expects sender {s.fingerprint()}")
+        if header.fingerprint != s.fingerprint():  # "" (a cache of unknown origin) is refused too, as the receiver does
+            raise GeometryMismatchError(f"incoming cache is from {header.fingerprint or 'an unnamed model'}, this adapter expects sender {s.fingerprint()}")
         expected = [[s.num_kv_heads, s.head_dim, s.num_kv_heads, s.head_dim]] * s.num_layers
         if header.layers != expected:
             raise CacheLayoutError(f"incoming cache layers {header.layers[:2]}... do not match sender geometry {expected[0]} x {s.num_layers}")

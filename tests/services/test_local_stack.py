@@ -297,6 +297,12 @@ def test_cache_from_another_model_is_a_failed_precondition(stack, zoo_pair, tiny
     code, details = direct_status(stack.hosts["adapter"].address, "Transform", list(iter_encode(wrong, get_codec("raw"))),
                                   build_request(EXAMPLES[0].context))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and sender.geometry.fingerprint() in details
+    unnamed = sender_prefill(sender, [EXAMPLES[0].context])
+    unnamed.fingerprint = ""  # a cache of unknown origin: the adapter let it through, the receiver refused it
+    for service, method in (("adapter", "Transform"), ("receiver", "Generate")):
+        code, details = direct_status(stack.hosts[service].address, method, list(iter_encode(unnamed, get_codec("raw"))),
+                                      build_request(EXAMPLES[0].context))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION, (service, details)
 
 
 @pytest.mark.parametrize("raw", [False, True], ids=["protobuf-framing", "raw-framing"])
