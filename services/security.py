@@ -72,6 +72,15 @@ def _read(path: str, what: str) -> bytes:
         raise ConfigError(f"{what} {path!r} cannot be read: {exc.strerror}") from exc
 
 
+def _pem(path: str, what: str, kind: str) -> bytes:
+    """A PEM file's bytes, refused here when it holds no ``kind`` block ("CERTIFICATE" or "PRIVATE KEY"): gRPC
+    itself would only fail to bind, naming neither the field nor the file."""
+    data = _read(path, what)
+    if b"-----BEGIN " not in data or f"{kind}-----".encode() not in data:
+        raise ConfigError(f"{what} {path!r} holds no PEM {kind.lower()} (expected a '-----BEGIN ...{kind}-----' block)")
+    return data
+
+
 # ---------------------------------------------------------------- tokens
 
 
@@ -81,31 +90,64 @@ class Token:
     routes: frozenset[str] = frozenset()  # empty = every route
 
 
-def parse_token(text: str, where: str) -> Token:
-    """``TOKEN`` or ``TOKEN route1 route2`` (file lines) / ``TOKEN:route1+route2`` (environment)."""
-    secret, _, rest = text.strip().replace(":", " ", 1).partition(" ")
-    routes = frozenset(r for r in rest.replace("+", " ").split() if r)
+MAX_SECRET_CHARS = 4096  # a bearer token or the internal secret travels in a header (gRPC's metadata limit: 8 KiB)
+
+
+def check_header_secret(secret: str, where: str, what: str) -> None:
+    """A token or secret a client can send as it is: printable ASCII without spaces, 16 to 4096 characters."""
     if len(secret) < 16:
-        raise ConfigError(f"{where}: a Relay token must be at least 16 characters, got {len(secret)}")
-    return Token(secret.encode(), routes)
+        raise ConfigError(f"{where}: {what} must be at least 16 characters, got {len(secret)}")
+    if len(secret) > MAX_SECRET_CHARS:
+        raise ConfigError(f"{where}: {what} must be at most {MAX_SECRET_CHARS} characters (it travels in a header), got {len(secret)}")
+    if not all("!" <= c <= "~" for c in secret):
+        raise ConfigError(f"{where}: {what} must be printable ASCII without spaces (it travels in a header)")
+
+
+def parse_token(text: str, where: str, routes_known: tuple[str, ...] | None = None, environment: bool = False) -> Token:
+    """``TOKEN`` or ``TOKEN route1 route2`` (a file's line, split on whitespace) / ``TOKEN`` or
+    ``TOKEN:route1+route2`` (an item of the environment variable). A scope names at least one route, each one
+    of ``routes_known`` (None: not checked): an empty scope would mean every route, a misspelt one none."""
+    if environment:
+        secret, colon, rest = text.strip().partition(":")
+        scope = rest.replace("+", " ").split()
+        if colon and not scope:
+            raise ConfigError(f"{where}: 'TOKEN:' names no route; give TOKEN alone for every route, or TOKEN:route1+route2")
+    else:
+        secret, *scope = text.split()
+    check_header_secret(secret, where, "a Relay token")
+    unknown = sorted(set(scope) - set(routes_known)) if routes_known is not None else []
+    if unknown:
+        raise ConfigError(f"{where}: the token's scope names unknown route(s) {unknown}; the routes are {sorted(routes_known)}")
+    return Token(secret.encode(), frozenset(scope))
 
 
 def load_tokens(config: ServeConfig) -> tuple[Token, ...]:
     """Tokens from ``auth_tokens_file`` (a file with one per line, or a directory such as a Kubernetes
-    secret mount where every file holds one) and from $DENSECOMM_AUTH_TOKENS. Empty = auth off."""
-    tokens: list[Token] = []
+    secret mount where every file holds one) and from $DENSECOMM_AUTH_TOKENS. Empty = auth off. A token given
+    twice is refused (which scope would hold?), as is a scope naming a route the config does not have."""
+    routes = tuple(r.name for r in config.all_routes())
+    found: list[tuple[Token, str]] = []
     if config.auth_tokens_file:
         path = Path(config.auth_tokens_file)
         files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
         for file in files:
-            for n, line in enumerate(_read(str(file), "auth_tokens_file").decode().splitlines()):
+            try:
+                text = _read(str(file), "auth_tokens_file").decode("utf-8-sig")  # a BOM is not part of a token
+            except UnicodeDecodeError as exc:
+                raise ConfigError(f"auth_tokens_file {str(file)!r} is not UTF-8 text: {exc}") from exc
+            for n, line in enumerate(text.splitlines()):
                 if line.strip() and not line.lstrip().startswith("#"):
-                    tokens.append(parse_token(line, f"{file}:{n + 1}"))
-        if not tokens:
+                    found.append((parse_token(line, f"{file}:{n + 1}", routes), f"{file}:{n + 1}"))
+        if not found:
             raise ConfigError(f"auth_tokens_file {config.auth_tokens_file!r} holds no token (auth would refuse every call)")
     for i, item in enumerate(t for t in os.environ.get(TOKENS_ENV, "").split(",") if t.strip()):
-        tokens.append(parse_token(item, f"${TOKENS_ENV}[{i}]"))
-    return tuple(tokens)
+        found.append((parse_token(item, f"${TOKENS_ENV}[{i}]", routes, environment=True), f"${TOKENS_ENV}[{i}]"))
+    seen: dict[bytes, str] = {}
+    for token, where in found:
+        if token.secret in seen:
+            raise ConfigError(f"{where}: this token is also given at {seen[token.secret]}; give each token once, with one scope")
+        seen[token.secret] = where
+    return tuple(token for token, _ in found)
 
 
 def bearer(metadata) -> str | None:
@@ -161,12 +203,18 @@ class RelayAuth(GuardInterceptor):
 def internal_secret(config: ServeConfig) -> bytes | None:
     """The shared secret of the internal hops: ``internal_secret_file`` or $DENSECOMM_INTERNAL_SECRET."""
     if config.internal_secret_file:
-        secret = _read(config.internal_secret_file, "internal_secret_file").strip()
+        where = f"internal_secret_file {config.internal_secret_file!r}"
+        try:
+            secret = _read(config.internal_secret_file, "internal_secret_file").decode("utf-8-sig").strip()
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{where} is not UTF-8 text: {exc}") from exc
+        if not secret:  # a configured secret that is empty must not turn the internal auth off
+            raise ConfigError(f"{where} is empty: the internal hops would take any caller")
     else:
-        secret = os.environ.get(SECRET_ENV, "").strip().encode()
-    if secret and len(secret) < 16:
-        raise ConfigError(f"the internal secret must be at least 16 bytes, got {len(secret)}")
-    return secret or None
+        where, secret = f"${SECRET_ENV}", os.environ.get(SECRET_ENV, "").strip()
+    if secret:
+        check_header_secret(secret, where, "the internal secret")
+    return secret.encode() or None
 
 
 class InternalAuth(GuardInterceptor):
@@ -217,9 +265,9 @@ def internal_channel(address: str, options: list, config: ServeConfig) -> grpc.a
     interceptors = [_SecretUnaryStream(secret), _SecretStreamStream(secret)] if secret else None
     if internal_tls(config):
         credentials = grpc.ssl_channel_credentials(
-            _read(config.internal_tls_ca_file, "internal_tls_ca_file"),
-            _read(config.internal_tls_key_file, "internal_tls_key_file"),
-            _read(config.internal_tls_cert_file, "internal_tls_cert_file"))
+            _pem(config.internal_tls_ca_file, "internal_tls_ca_file", "CERTIFICATE"),
+            _pem(config.internal_tls_key_file, "internal_tls_key_file", "PRIVATE KEY"),
+            _pem(config.internal_tls_cert_file, "internal_tls_cert_file", "CERTIFICATE"))
         if config.internal_tls_server_name:
             options = [*options, ("grpc.ssl_target_name_override", config.internal_tls_server_name)]
         return grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
@@ -239,13 +287,14 @@ def server_credentials(kind: str, config: ServeConfig) -> grpc.ServerCredentials
             raise ConfigError("tls_client_ca_file (client certificates) needs tls_cert_file and tls_key_file")
         if not config.tls_cert_file:
             return None
-        ca = _read(config.tls_client_ca_file, "tls_client_ca_file") if config.tls_client_ca_file else None
-        pair = (_read(config.tls_key_file, "tls_key_file"), _read(config.tls_cert_file, "tls_cert_file"))
+        ca = _pem(config.tls_client_ca_file, "tls_client_ca_file", "CERTIFICATE") if config.tls_client_ca_file else None
+        pair = (_pem(config.tls_key_file, "tls_key_file", "PRIVATE KEY"), _pem(config.tls_cert_file, "tls_cert_file", "CERTIFICATE"))
         return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
     if not internal_tls(config):
         return None
-    pair = (_read(config.internal_tls_key_file, "internal_tls_key_file"), _read(config.internal_tls_cert_file, "internal_tls_cert_file"))
-    return grpc.ssl_server_credentials([pair], root_certificates=_read(config.internal_tls_ca_file, "internal_tls_ca_file"),
+    pair = (_pem(config.internal_tls_key_file, "internal_tls_key_file", "PRIVATE KEY"),
+            _pem(config.internal_tls_cert_file, "internal_tls_cert_file", "CERTIFICATE"))
+    return grpc.ssl_server_credentials([pair], root_certificates=_pem(config.internal_tls_ca_file, "internal_tls_ca_file", "CERTIFICATE"),
                                        require_client_auth=True)
 
 
@@ -260,7 +309,15 @@ def server_interceptors(kind: str, config: ServeConfig, refused=None) -> list[gr
 
 def add_port(server: grpc.aio.Server, address: str, kind: str, config: ServeConfig) -> int:
     credentials = server_credentials(kind, config)
-    return server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    if credentials is None:
+        return server.add_insecure_port(address)
+    try:
+        return server.add_secure_port(address, credentials)
+    except RuntimeError as exc:  # gRPC's "Failed to bind": a certificate it cannot parse, or a key of another certificate
+        files = ("tls_cert_file", "tls_key_file") if kind == "relay" else ("internal_tls_cert_file", "internal_tls_key_file")
+        raise ConfigError(f"{kind}: cannot serve TLS on {address} with {files[0]} {getattr(config, files[0])!r} and {files[1]} "
+                          f"{getattr(config, files[1])!r}: the certificate and the key must be valid PEM and belong together, "
+                          f"or the address is taken (gRPC: {exc})") from exc
 
 
 # ---------------------------------------------------------------- clients

@@ -96,7 +96,11 @@ class ServiceHost:
         self.thread.start()
         self.server: grpc.aio.Server | None = None
         self.servicer = None
-        self.run(self._start())
+        try:
+            self.run(self._start())
+        except BaseException:  # a bad config (a TLS key of another certificate, say): no loop thread or metrics port left behind
+            self.stop(grace=0)
+            raise
 
     def run(self, coroutine, timeout: float | None = 600):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)

@@ -114,7 +114,9 @@ def test_tokens_from_a_secret_mount_and_the_environment(tmp_path, monkeypatch):
     (mount / "bob").write_text("bob-token-0123456789 zoo other\n")
     (mount / "..data").write_text("ignored: Kubernetes' own bookkeeping entries start with a dot\n")
     monkeypatch.setenv(security.TOKENS_ENV, "carol-token-0123456789:zoo+x")
-    tokens = security.load_tokens(load_config(None, auth_tokens_file=str(mount)))
+    zoo = zoo_route().__dict__
+    routes = [zoo, {**zoo, "name": "other"}, {**zoo, "name": "x"}]
+    tokens = security.load_tokens(load_config(None, auth_tokens_file=str(mount), routes=routes))
     assert [(t.secret.decode(), sorted(t.routes)) for t in tokens] == [
         ("alice-token-0123456789", []), ("bob-token-0123456789", ["other", "zoo"]), ("carol-token-0123456789", ["x", "zoo"])]
     monkeypatch.setenv(security.TOKENS_ENV, "short")
@@ -126,3 +128,70 @@ def test_tokens_from_a_secret_mount_and_the_environment(tmp_path, monkeypatch):
         security.load_tokens(load_config(None, auth_tokens_file=str(tmp_path / "empty")))
     with pytest.raises(ConfigError, match="together"):
         security.server_credentials("relay", load_config(None, tls_cert_file="x.pem"))
+
+
+GOOD = "alice-token-0123456789"
+
+
+@pytest.mark.parametrize("lines, env, message", [
+    # fuzzing the token config: each loaded before, and two of them widened a token to every route
+    ([f"{GOOD} zoo", GOOD], "", "this token is also given at"),  # the last scope won: every route
+    ([f"{GOOD} zoo"], f"{GOOD}", "this token is also given at"),
+    ([], f"{GOOD}:", "'TOKEN:' names no route"),  # an empty scope meant every route
+    ([], f"{GOOD}:+", "'TOKEN:' names no route"),
+    ([f"{GOOD} zo0"], "", r"scope names unknown route\(s\) \['zo0'\]"),  # a typo: the token could use nothing
+    ([f"{GOOD} zoo # only zoo"], "", r"unknown route\(s\) \['#', 'only'\]"),
+    (["tökentökentöken-0123"], "", "printable ASCII"),  # no client can send it in a header
+    (["t" * 5000], "", "at most 4096 characters"),
+])
+def test_token_configs_that_would_widen_or_break_access_are_refused(tmp_path, monkeypatch, lines, env, message):
+    path = tmp_path / "tokens"
+    path.write_text("\n".join(lines) + "\n" if lines else "")
+    monkeypatch.setenv(security.TOKENS_ENV, env)
+    config = load_config(None, auth_tokens_file=str(path) if lines else "")
+    with pytest.raises(ConfigError, match=message):
+        security.load_tokens(config)
+
+
+def test_token_files_split_on_any_whitespace_and_drop_a_bom(tmp_path, monkeypatch):
+    monkeypatch.delenv(security.TOKENS_ENV, raising=False)
+    path = tmp_path / "tokens"
+    path.write_bytes(b"\xef\xbb\xbf" + f"{GOOD}\tzoo\n".encode())  # the tab was part of the token, the BOM too
+    (token,) = security.load_tokens(load_config(None, auth_tokens_file=str(path)))
+    assert token.secret == GOOD.encode() and token.routes == {"zoo"}
+    path.write_bytes(b"\xff" * 20)
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        security.load_tokens(load_config(None, auth_tokens_file=str(path)))
+
+
+def test_an_empty_internal_secret_file_does_not_turn_the_internal_auth_off(tmp_path, monkeypatch):
+    monkeypatch.delenv(security.SECRET_ENV, raising=False)
+    path = tmp_path / "secret"
+    for content in ("", "  \n\t\n"):
+        path.write_text(content)
+        with pytest.raises(ConfigError, match="is empty: the internal hops would take any caller"):
+            security.internal_secret(load_config(None, internal_secret_file=str(path)))
+    path.write_text("secret with a space inside-0123456789")
+    with pytest.raises(ConfigError, match="printable ASCII"):
+        security.internal_secret(load_config(None, internal_secret_file=str(path)))
+    path.write_text("internal-secret-0123456789\n")
+    assert security.internal_secret(load_config(None, internal_secret_file=str(path))) == b"internal-secret-0123456789"
+
+
+def test_tls_files_that_hold_no_pem_or_do_not_match_name_the_field(tmp_path, pki):
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate")
+    with pytest.raises(ConfigError, match="tls_cert_file .* holds no PEM certificate"):
+        security.server_credentials("relay", load_config(None, tls_cert_file=str(garbage), tls_key_file=pki["server_key"]))
+    empty = tmp_path / "empty.pem"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="tls_client_ca_file .* holds no PEM certificate"):  # refused every client, silently
+        security.server_credentials("relay", load_config(None, tls_cert_file=pki["server_cert"], tls_key_file=pki["server_key"],
+                                                         tls_client_ca_file=str(empty)))
+    config = load_config(None, relay_port=0, tls_cert_file=pki["server_cert"], tls_key_file=pki["client_key"])  # another cert's key
+    import threading
+
+    before = set(threading.enumerate())
+    with pytest.raises(ConfigError, match="the certificate and the key must be valid PEM and belong together"):
+        ServiceHost("relay", config, ["127.0.0.1:9"])
+    assert not [t for t in set(threading.enumerate()) - before if t.name == "densecomm-relay"]  # its loop thread stopped
