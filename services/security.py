@@ -256,6 +256,8 @@ def internal_tls(config: ServeConfig) -> bool:
     fields = (config.internal_tls_cert_file, config.internal_tls_key_file, config.internal_tls_ca_file)
     if any(fields) and not all(fields):
         raise ConfigError("internal mTLS needs internal_tls_cert_file, internal_tls_key_file and internal_tls_ca_file together")
+    if config.internal_tls_server_name and not all(fields):
+        raise ConfigError("internal_tls_server_name is set but internal mTLS is not (it names the certificates' host)")
     return all(fields)
 
 

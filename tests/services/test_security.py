@@ -188,6 +188,8 @@ def test_tls_files_that_hold_no_pem_or_do_not_match_name_the_field(tmp_path, pki
     with pytest.raises(ConfigError, match="tls_client_ca_file .* holds no PEM certificate"):  # refused every client, silently
         security.server_credentials("relay", load_config(None, tls_cert_file=pki["server_cert"], tls_key_file=pki["server_key"],
                                                          tls_client_ca_file=str(empty)))
+    with pytest.raises(ConfigError, match="internal_tls_server_name is set but internal mTLS is not"):  # was ignored
+        security.internal_tls(load_config(None, internal_tls_server_name="densecomm"))
     config = load_config(None, relay_port=0, tls_cert_file=pki["server_cert"], tls_key_file=pki["client_key"])  # another cert's key
     import threading
 
