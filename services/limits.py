@@ -22,7 +22,7 @@ from pathlib import Path
 
 import grpc
 
-from densecomm_core.codec.base import LimitExceededError
+from densecomm_core.codec.base import DecodeLimits, LimitExceededError
 from services.config import ServeConfig
 from services.errors import RequestError
 from services.security import GUARDED_PREFIX, guard_handler
@@ -66,6 +66,12 @@ class RouteLimits:
         cap = route.max_input_tokens or config.max_input_tokens
         return cls(name, route.max_input_bytes or config.max_input_bytes, min([cap, *windows]), receiver_window,
                    route.max_cache_bytes or config.max_cache_bytes)
+
+    def decode_limits(self) -> DecodeLimits:
+        """What a cache arriving for this route may hold, checked at its header before anything is allocated:
+        one request's row, at least one token and no more than the route's input tokens (its models' windows),
+        the route's cache bytes."""
+        return DecodeLimits(max_raw_bytes=self.max_cache_bytes, max_batch=1, min_tokens=1, max_tokens=self.max_input_tokens)
 
 
 def input_bytes(request) -> int:

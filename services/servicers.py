@@ -27,7 +27,7 @@ import uuid
 import grpc
 import torch
 
-from densecomm_core.codec.base import CodecError, DataLossError, DecodeLimits
+from densecomm_core.codec.base import CodecError, DataLossError
 from densecomm_core.codec.wire import split_frames
 from densecomm_core.generation import GenerationConfig
 from densecomm_core.hop import HopDecoder, HopEncoder, HopReport, group_messages, join_messages
@@ -437,14 +437,6 @@ class ServicerBase:
         if self.pool is not None:
             self.pool.close()
 
-    def decode_limits(self, route: str) -> DecodeLimits:
-        """What a cache arriving for ``route`` may hold, checked at its header before anything is allocated:
-        one request's row, at least one token and no more than the route's input tokens (its models' windows),
-        the route's cache bytes."""
-        route_limits = limits.RouteLimits.for_route(self.config, route)
-        return DecodeLimits(max_raw_bytes=route_limits.max_cache_bytes, max_batch=1, min_tokens=1,
-                            max_tokens=route_limits.max_input_tokens)
-
     async def guarded(self, context, route: str, body, requests=None):
         """Run an event stream; count it; turn any exception into the mapped gRPC status (never crash).
 
@@ -496,7 +488,7 @@ class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
         validate_request(request, self.config, relay_pb2)  # the sender checked it; a peer feeding us directly may not
         receiver = route.model
         route_limits = limits.RouteLimits.for_route(self.config, name)
-        decoder = HopDecoder(receiver, route.bases, self.decode_limits(name), device=receiver.model.device)
+        decoder = HopDecoder(receiver, route.bases, route_limits.decode_limits(), device=receiver.model.device)
         started = time.perf_counter()
         layer0_unix = [0.0]
         text_only = first.setup.text_only  # on_cache_failure = text: no cache, the receiver reads X itself
@@ -612,7 +604,9 @@ class AdapterServicer(ServicerBase, kv_pb2_grpc.AdapterServicer):
             raise RequestError("a text_only setup carries no cache: it goes to the receiver itself, not through the adapter")
         codec = receiver_codec_for(request, self.config)
         streaming = StreamingAdapter(route.adapter, route.sender, route.receiver, codec,
-                                     self.config.chunk_tokens or None, self.decode_limits(name), route.bases, self.config.frame_bytes)
+                                     self.config.chunk_tokens or None,
+                                     limits.RouteLimits.for_route(self.config, name).decode_limits(), route.bases,
+                                     self.config.frame_bytes)
         outgoing: asyncio.Queue = asyncio.Queue()
         state = {"error": None}
 
