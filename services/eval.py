@@ -129,27 +129,21 @@ def run(options: EvalOptions, progress: Callable[[str, str, int, int], None] | N
     from densecomm_core.evaluation.runner import evaluate, mode_label
     from densecomm_core.evaluation.tasksets import parse_task_specs
     from densecomm_core.relay import ContextMode, TokenCounts
+    from services.config import check_device
 
     started = time.perf_counter()
     try:
         modes = tuple(ContextMode(m) for m in options.modes)
     except ValueError:
         raise EvaluationError(f"--modes takes aware and/or unaware; got {list(options.modes)}") from None
-    import torch
-
-    try:
-        torch.device(options.device)
-    except (RuntimeError, ValueError):
-        raise EvaluationError(f"--device {options.device!r} must be a torch device such as cpu, cuda or cuda:N") from None
+    check_device(options.device, "--device")
     if options.limit is not None and options.limit < 1:
         raise EvaluationError(f"--limit must be >= 1 example per task set; got {options.limit}")
-    from densecomm_core.evaluation.methods import METHODS
+    from densecomm_core.evaluation.methods import METHODS, check_method_names
 
     if not options.methods:
         raise EvaluationError(f"--methods names no method; give some of {list(METHODS)}")
-    unknown = [m for m in options.methods if m not in METHODS]
-    if unknown:  # before any model loads
-        raise EvaluationError(f"--methods: unknown method(s) {unknown}; expected some of {list(METHODS)}")
+    check_method_names(options.methods, "--methods: ")  # before any model loads
     task_sets = parse_task_specs(options.tasks, options.split, options.limit, options.seed, options.zoo)
     pair = load_pair(options)
     names = list(options.methods)

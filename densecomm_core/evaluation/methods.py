@@ -237,9 +237,14 @@ METHODS: dict[str, Callable[[EvalPair], Method]] = {
 }
 
 
-def build_methods(names: Sequence[str], pair: EvalPair) -> list[Method]:
-    """The named methods (``METHODS`` keys) built on ``pair``; EvaluationError names the known ones."""
+def check_method_names(names: Sequence[str], prefix: str = "") -> None:
+    """EvaluationError naming the known methods when ``names`` holds another (checkable before any model loads)."""
     unknown = [n for n in names if n not in METHODS]
     if unknown:
-        raise EvaluationError(f"unknown method(s) {unknown}; expected some of {list(METHODS)}")
+        raise EvaluationError(f"{prefix}unknown method(s) {unknown}; expected some of {list(METHODS)}")
+
+
+def build_methods(names: Sequence[str], pair: EvalPair) -> list[Method]:
+    """The named methods (``METHODS`` keys) built on ``pair``; EvaluationError names the known ones."""
+    check_method_names(names)
     return [METHODS[n](pair) for n in names]

@@ -334,10 +334,10 @@ def paired_ratios(cache: KVCache, message: int, repeats: int, workers: int, fram
     pair. The table's ratio sets the best of each against the other, taken minutes apart; on a host whose
     bare stream has fast and slow runs that ratio follows the bare stream's luckiest run, while a pair sees
     one state of the machine."""
+    hop = lambda: asyncio.run(one_hop(cache, "raw", {}, True, workers, frame_bytes, "raw", "bytes", address)).seconds  # noqa: E731
+    bare = lambda: asyncio.run(bare_stream(cache.nbytes, message, address))  # noqa: E731
     ratios = []
     for i in range(repeats):
-        hop = lambda: asyncio.run(one_hop(cache, "raw", {}, True, workers, frame_bytes, "raw", "bytes", address)).seconds
-        bare = lambda: asyncio.run(bare_stream(cache.nbytes, message, address))
         if i % 2:
             b, h = bare(), hop()
         else:
