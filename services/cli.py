@@ -590,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     relay.add_argument("--codec-params", default="", help='JSON, e.g. \'{"key_bits": 4}\'')
     relay.add_argument("--receiver-codec", default="", help="codec of the adapter -> receiver hop (default: --codec's)")
     relay.add_argument("--receiver-codec-params", default="", help="JSON parameters of --receiver-codec")
-    relay.add_argument("--receiver-prompt", default="")
+    relay.add_argument("--receiver-prompt", default="", help="the receiver's own prompt after the cache (--mode aware only)")
     relay.add_argument("--max-new-tokens", type=at_least(0), default=0)
     relay.add_argument("--temperature", type=float, default=0.0)
     relay.add_argument("--top-p", type=float, default=0.0)

@@ -125,6 +125,9 @@ def validate_request(request, config: ServeConfig, pb) -> None:
         raise RequestError("input is empty: set text, or messages with some content, to the sender's input")
     if request.mode not in (pb.CONTEXT_MODE_AWARE, pb.CONTEXT_MODE_UNAWARE):
         raise RequestError(f"mode must be CONTEXT_MODE_AWARE or CONTEXT_MODE_UNAWARE, got {request.mode}")
+    if request.receiver_prompt and request.mode == pb.CONTEXT_MODE_UNAWARE:
+        raise RequestError("receiver_prompt is read only in CONTEXT_MODE_AWARE: the context-unaware receiver reads the "
+                           "cache and its route's prompt, so leave receiver_prompt empty (or send the request aware)")
     if len(request.route) > MAX_NAME_CHARS:
         raise RequestError(f"route must be at most {MAX_NAME_CHARS} characters, got {shown(request.route)}")
     if request.on_cache_failure not in (pb.CACHE_FAILURE_POLICY_UNSPECIFIED, pb.CACHE_FAILURE_POLICY_ERROR, pb.CACHE_FAILURE_POLICY_TEXT):

@@ -176,8 +176,10 @@ def blank_messages():
     (lambda: build_request(TEXT, receiver_codec="quantized", receiver_codec_params="{bad"), "receiver_codec.params_json is not valid JSON"),
     (lambda: build_request(TEXT, receiver_codec="q" * 200), "receiver_codec.name must be at most"),
     (blank_messages, "input is empty"),
+    # the unaware receiver never read it (it was carried through every hop and ignored)
+    (lambda: build_request(TEXT, mode="unaware", receiver_prompt="Answer:"), "receiver_prompt is read only in CONTEXT_MODE_AWARE"),
     (lambda: build_request(TEXT, codec="pca", codec_params='{"strip_rope": false}'), "codec: no KV basis is loaded for cache space"),
-], ids=["blank receiver_prompt", "float bits", "receiver_codec json", "receiver_codec name", "blank messages", "pca basis"])
+], ids=["blank receiver_prompt", "float bits", "receiver_codec json", "receiver_codec name", "blank messages", "unaware receiver_prompt", "pca basis"])
 def test_bad_fields_are_invalid_argument_naming_the_field(stack, request_of, message):
     code, details = refusal(stack, request_of())
     assert code == grpc.StatusCode.INVALID_ARGUMENT and message in details, (code, details)
