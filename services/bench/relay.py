@@ -330,14 +330,14 @@ def hop_table(cache: KVCache, repeats: int, workers: int, frame_bytes: int, addr
 def paired_ratios(cache: KVCache, message: int, repeats: int, workers: int, frame_bytes: int,
                   address: str | None = None) -> list[float]:
     """The raw encode+verify+decode hop against the bare stream of the same bytes in ``message``-byte
-    messages, run back to back ``repeats`` times (the order alternating): bare seconds / hop seconds per
-    pair. The table's ratio sets the best of each against the other, taken minutes apart; on a host whose
+    messages, run back to back in ``repeats`` pairs, rounded up to an even count so that each order (hop
+    first, bare first) runs equally often: bare seconds / hop seconds per pair. The table's ratio sets the best of each against the other, taken minutes apart; on a host whose
     bare stream has fast and slow runs that ratio follows the bare stream's luckiest run, while a pair sees
     one state of the machine."""
     hop = lambda: asyncio.run(one_hop(cache, "raw", {}, True, workers, frame_bytes, "raw", "bytes", address)).seconds  # noqa: E731
     bare = lambda: asyncio.run(bare_stream(cache.nbytes, message, address))  # noqa: E731
     ratios = []
-    for i in range(repeats):
+    for i in range(repeats + repeats % 2):
         if i % 2:
             b, h = bare(), hop()
         else:

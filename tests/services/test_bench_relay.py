@@ -32,7 +32,7 @@ def test_hop_rows_are_ratios_to_the_bare_stream_of_the_same_run():
     raw_hop = next(r for r in rows if r["path"] == "gRPC hop, encode+verify+decode" and r["codec"] == "raw")
     assert raw_hop["message_kb"] == pytest.approx(bare["message_kb"], abs=1 / 1024)  # the ceiling has the hop's own message size
     assert any("protobuf" in r["path"] for r in rows)  # the previous framing, measured beside the raw one
-    assert len(raw_hop["paired"]) == 1 and raw_hop["paired"][0] > 0  # hop and bare stream back to back, per pair
+    assert len(raw_hop["paired"]) == 2 and min(raw_hop["paired"]) > 0  # hop and bare stream back to back, each order once
     text = bench.render_hop(rows, ceilings)
     assert "x bare" in text and f"{bare['ratio']:7.2f}".strip() == "1.00" and "<- best" in text
     lines = text.splitlines()
@@ -49,6 +49,26 @@ def fake_report(raw_ratio: float, lossless_mb_s: float, handoff: dict[str, list[
                {"concurrency": 16, "p50_ms": 3 * p50, "requests_per_s": 33.0} | split]
     return {"hop": hop, "handoff": rows, "latency": latency,
             "in_process": {"p50_ms": in_process, "first_token_ms": in_process / 2, "per_token_ms": 1.0}}
+
+
+@pytest.mark.parametrize("repeats, pairs", [(1, 2), (3, 4), (4, 4)])
+def test_paired_ratios_run_each_order_equally_often(monkeypatch, repeats, pairs):
+    runs = []
+
+    async def hop(*args, **kwargs):
+        runs.append("hop")
+        return bench.HopRun(seconds=2.0, wire_bytes=0, messages=0)
+
+    async def bare(*args, **kwargs):
+        runs.append("bare")
+        return 1.0
+
+    monkeypatch.setattr(bench, "one_hop", hop)
+    monkeypatch.setattr(bench, "bare_stream", bare)
+    ratios = bench.paired_ratios(tiny_cache(), 1024, repeats, workers=1, frame_bytes=1024)
+    assert ratios == [0.5] * pairs
+    firsts = runs[::2]
+    assert len(runs) == 2 * pairs and firsts.count("hop") == firsts.count("bare") == pairs // 2
 
 
 def test_targets_are_marked_ok_missed_or_not_measured():
