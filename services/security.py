@@ -322,6 +322,19 @@ def add_port(server: grpc.aio.Server, address: str, kind: str, config: ServeConf
                           f"or the address is taken (gRPC: {exc})") from exc
 
 
+def check_files(kind: str, config: ServeConfig) -> None:
+    """Read and check every security file and variable a ``kind`` service reads when it starts (the Relay's
+    tokens and TLS files, the internal secret, the internal mTLS files), raising the ``ConfigError`` its start
+    would raise: the stacks call it for every service before any of them loads a model."""
+    server_credentials(kind, config)
+    server_interceptors(kind, config)
+    internal_secret(config)  # the secret and mTLS files of the channel to the next service
+    if internal_tls(config):
+        for name, kind_of_pem in (("internal_tls_ca_file", "CERTIFICATE"), ("internal_tls_key_file", "PRIVATE KEY"),
+                                  ("internal_tls_cert_file", "CERTIFICATE")):
+            _pem(getattr(config, name), name, kind_of_pem)
+
+
 # ---------------------------------------------------------------- clients
 
 

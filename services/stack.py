@@ -106,6 +106,7 @@ class ServiceHost:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
     async def _start(self) -> None:
+        security.check_files(self.kind, self.config)  # before the models load
         servicer = make_servicer(self.kind, self.config, self.metrics, self.downstream, self.receivers)
         options = [("grpc.max_send_message_length", self.config.max_message_bytes),
                    ("grpc.max_receive_message_length", self.config.max_message_bytes),
@@ -180,6 +181,8 @@ class LocalStack:
     def __init__(self, config: ServeConfig) -> None:
         if config.host == NODE_IP:
             raise ConfigError(f"host = {NODE_IP!r} needs Ray actors (densecomm serve without --no-ray); give an IP here")
+        for kind in KINDS:  # a bad token or TLS file is named before the first model loads
+            security.check_files(kind, config)
         self.config = config
         self.hosts: dict[str, ServiceHost] = {}
         downstream: list[str] = []
@@ -255,6 +258,11 @@ class RayStack:
         self.ports: dict[str, list[int]] = {}
         downstream: list[str] = []
         try:
+            if self.started_ray:  # every actor runs on this machine: its files are this machine's
+                for kind in KINDS:
+                    security.check_files(kind, config)
+            else:
+                check_files_on_nodes(config)
             for kind in KINDS:
                 res = getattr(config, kind)
                 replicas = 1 if kind == "relay" else res.replicas
@@ -329,6 +337,25 @@ class RayStack:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def check_files_on_nodes(config: ServeConfig) -> None:
+    """``security.check_files`` of every service on a cluster, each run as a Ray task placed as the service's
+    actors are (its custom resources; no CPU held), before any actor starts: a bad token or TLS file is named
+    at once, not after the other services have loaded their models, and on a node of the service's kind, where
+    its files are mounted (the Helm chart mounts the Relay's only in the Relay's pod). A Ray this stack started
+    on this machine checks them here instead (the tasks' worker processes cost seconds)."""
+    import ray
+
+    task = ray.remote(num_cpus=0, max_retries=0)(security.check_files)
+    checks = [task.options(resources=dict(getattr(config, kind).resources) or None).remote(kind, config) for kind in KINDS]
+    try:
+        ray.get(checks, timeout=600)
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else None
+        if isinstance(cause, ConfigError):
+            raise ConfigError(str(cause)) from None
+        raise
 
 
 class ServiceActor:

@@ -54,3 +54,27 @@ def test_actors_take_their_role_resource_and_bind_the_node_ip():
             assert all(a.startswith(f"{node_ip}:") for a in stack.addresses[role]), stack.addresses
         events = run(collect(stack.relay_address, build_request("The cat sat.", mode="unaware", max_new_tokens=4)))
         assert events[-1].stats.route == "zoo" and events[-1].stats.wire_bytes > 0
+
+
+def test_a_bad_security_file_is_named_before_any_actor_starts(tmp_path):
+    """Each service's security files are checked by a task placed as its actors are (here: on the node offering
+    its role's resource), before the first actor starts; no actor is left behind."""
+    import ray
+
+    from services import stack as stack_module
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text("a-token-0123456789abcdef no-such-route\n")
+    config = placed_config(auth_tokens_file=str(tokens))
+    with pytest.raises(ConfigError, match="no-such-route"):  # a Ray the stack starts: checked in this process
+        RayStack(config)
+    assert not ray.is_initialized()  # the stack shut the Ray it started down again
+    # a Ray it joins (a cluster): checked by a task on a node of each role
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False, num_cpus=2,
+             resources={f"densecomm_{role}": 1 for role in ROLES}, configure_logging=False)
+    try:
+        stack_module.check_files_on_nodes(placed_config())  # good files pass
+        with pytest.raises(ConfigError, match="no-such-route"):
+            RayStack(config)
+    finally:
+        ray.shutdown()

@@ -197,3 +197,24 @@ def test_tls_files_that_hold_no_pem_or_do_not_match_name_the_field(tmp_path, pki
     with pytest.raises(ConfigError, match="the certificate and the key must be valid PEM and belong together"):
         ServiceHost("relay", config, ["127.0.0.1:9"])
     assert not [t for t in set(threading.enumerate()) - before if t.name == "densecomm-relay"]  # its loop thread stopped
+
+
+def test_a_bad_security_file_is_named_before_any_service_loads_a_model(tmp_path, monkeypatch):
+    """The Relay starts last (its downstream first): a bad token file used to surface only after the receiver,
+    adapter and sender had loaded their models."""
+    from services import stack as stack_module
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{GOOD} no-such-route\n")
+    built = []
+    monkeypatch.setattr(stack_module, "make_servicer", lambda kind, *args, **kwargs: built.append(kind))
+    with pytest.raises(ConfigError, match="no-such-route"):
+        LocalStack(load_config(None, relay_port=0, auth_tokens_file=str(tokens)))
+    assert built == []
+    key = tmp_path / "internal.key"
+    key.write_text("no key here")
+    pki_files = security.write_test_pki(tmp_path / "pki")
+    with pytest.raises(ConfigError, match="internal_tls_key_file"):
+        LocalStack(load_config(None, relay_port=0, internal_tls_cert_file=pki_files["server_cert"],
+                               internal_tls_key_file=str(key), internal_tls_ca_file=pki_files["ca"]))
+    assert built == []
