@@ -455,3 +455,87 @@ def test_parallel_encoding_keeps_order_bounds_what_runs_ahead_and_matches_one_th
     cache = make_cache(layers=3, tokens=tokens)
     for codec in ("raw", "lossless"):
         assert list(iter_encode(cache, get_codec(codec), workers=2)) == list(iter_encode(cache, get_codec(codec), workers=1))
+
+
+# ---- kept frames: a raw stream decoded as views of its frames ------------------------------------------
+
+
+def _inside(tensor: torch.Tensor, buffer) -> bool:
+    import numpy as np
+
+    start = np.frombuffer(buffer, dtype=np.uint8).ctypes.data
+    return start <= tensor.data_ptr() and tensor.data_ptr() + tensor.nbytes <= start + len(memoryview(buffer).cast("B"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("chunk_tokens, per_chunk, viewed", [
+    (None, 1, True),  # a layer per chunk
+    (None, 2, True),  # whole layers packed
+    (4, 1, False),  # token ranges: a layer is assembled from several frames, so copied into storage
+])
+def test_kept_raw_frames_are_viewed_not_copied(dtype, chunk_tokens, per_chunk, viewed):
+    cache = make_cache(layers=3, batch=2, dims=(8, 4), dtype=dtype, lengths=[11, 7])
+    frames = list(iter_encode(cache, get_codec("raw"), chunk_tokens=chunk_tokens, layers_per_chunk=per_chunk))
+    kept, copied = StreamDecoder(keep_frames=True), StreamDecoder()
+    for frame in frames:
+        kept.feed(frame)
+        copied.feed(frame)
+    result = kept.finish()
+    assert_bit_exact(result, cache)
+    assert_bit_exact(copied.finish(), cache)
+    for layer, tensor in enumerate(result.keys + result.values):
+        assert any(_inside(tensor, frame) for frame in frames[1:]) == viewed, layer
+    assert not any(_inside(t, f) for t in copied.keys for f in frames)  # the default copies
+
+
+def test_kept_frames_of_other_codecs_and_unaligned_payloads_are_copied():
+    cache = make_cache(layers=2, dims=(8, 8))
+    frames = list(iter_encode(cache, get_codec("lossless")))
+    decoder = StreamDecoder(keep_frames=True)
+    for frame in frames:
+        decoder.feed(frame)
+    assert_bit_exact(decoder.finish(), cache)
+    # a frame that follows an odd-length one in the same message: its payload is not aligned for bf16
+    frames = list(iter_encode(cache, get_codec("raw")))
+    decoder = StreamDecoder(keep_frames=True)
+    decoder.feed(frames[0])
+    blobs = [b"\0" + frame for frame in frames[1:]]
+    for blob in blobs:
+        decoder.feed(memoryview(blob)[1:])
+    result = decoder.finish()
+    assert_bit_exact(result, cache)
+    assert not any(_inside(t, blob) for t in result.keys + result.values for blob in blobs)
+
+
+def test_kept_frames_keep_every_check():
+    cache = make_cache(layers=2)
+    frames = list(iter_encode(cache, get_codec("raw")))
+    decoder = StreamDecoder(keep_frames=True, strict_order=False)
+    decoder.feed(frames[0])
+    decoder.feed(frames[1])
+    with pytest.raises(DuplicateChunkError):
+        decoder.feed(frames[1])
+    corrupt = bytearray(frames[2])
+    corrupt[-1] ^= 1
+    with pytest.raises(ChecksumError):
+        decoder.feed(bytes(corrupt))
+    with pytest.raises(MissingChunkError):
+        decoder.finish()
+
+
+def test_viewing_read_only_frames_warns_nothing(recwarn):
+    """torch warns once per process about a tensor over read-only memory; the decoder means it (the frames are
+    only read), so the warning is silenced, also when the first payload it viewed was a writable copy."""
+    import subprocess
+    import sys
+
+    script = ("import warnings, torch; warnings.simplefilter('error')\n"
+              "from tests.codec.test_wire import make_cache\n"
+              "from densecomm_core.codec import StreamDecoder, get_codec, iter_encode\n"
+              "frames = list(iter_encode(make_cache(), get_codec('raw')))\n"
+              "d = StreamDecoder(keep_frames=True); d.feed(frames[0])\n"
+              "d.feed(memoryview(b'\\0' + frames[1])[1:])  # unaligned: a writable copy is viewed first\n"
+              "for f in frames[2:]: d.feed(f)\n"
+              "d.finish()\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "not writable" not in result.stderr, result.stderr

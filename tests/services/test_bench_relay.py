@@ -134,19 +134,19 @@ def test_cpu_budget_is_the_floor_perfect_overlap_allows(monkeypatch):
     import os
     import time
 
-    def busy(seconds: float) -> tuple[float, float]:  # a run that keeps this process's core busy for ``seconds``
-        end, cpu = time.perf_counter() + seconds, time.process_time()
-        while time.perf_counter() < end:
+    def busy(seconds: float) -> tuple[float, float]:  # a run that spends ``seconds`` of this process's CPU time
+        started, cpu = time.perf_counter(), time.process_time()  # (by CPU time: a loaded machine stretches the wall only)
+        while time.process_time() - cpu < seconds:
             pass
-        return seconds, time.process_time() - cpu
+        return time.perf_counter() - started, time.process_time() - cpu
 
     monkeypatch.setattr(hop_profile, "usable_cores", lambda: 2)
     # the "sink" is this process too, so the hop's CPU counts twice: 2 x 10 ms per run over 2 cores
     budget = hop_profile.cpu_budget(lambda: busy(0.004), lambda: busy(0.01), os.getpid(), raw_bytes=10**7, min_seconds=0.2)
-    assert budget["cores"] == 2 and budget["bare"]["wall"] == pytest.approx(0.004, rel=0.05)
+    assert budget["cores"] == 2 and budget["bare"]["wall"] >= 0.004 * 0.99
     assert budget["hop"]["sender_cpu"] == pytest.approx(0.01, abs=0.004) == budget["hop"]["sink_cpu"]
-    assert budget["floor"] == pytest.approx(max(0.004, (budget["hop"]["sender_cpu"] + budget["hop"]["sink_cpu"]) / 2))
-    assert budget["best_ratio"] == pytest.approx(0.004 / budget["floor"]) and budget["best_mb_s"] == pytest.approx(10 / budget["floor"])
+    assert budget["floor"] == pytest.approx(max(budget["bare"]["wall"], (budget["hop"]["sender_cpu"] + budget["hop"]["sink_cpu"]) / 2))
+    assert budget["best_ratio"] == pytest.approx(budget["bare"]["wall"] / budget["floor"]) and budget["best_mb_s"] == pytest.approx(10 / budget["floor"])
     text = hop_profile.render_budget(budget)
     assert "floor with perfect overlap" in text and f"{budget['best_ratio']:.2f}x the bare stream" in text
     assert hop_profile.process_cpu_seconds(2**22 + 12345) is None  # no such process
