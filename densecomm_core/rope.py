@@ -1,12 +1,16 @@
 """Positional disentanglement (paper eq. 8-9): remove and re-apply a model's own rotary embedding on cached keys.
 
 Both directions call the model's own ``rotary_emb`` (so scaled variants such as YaRN, Llama-3 or
-dynamic NTK come for free) and its own ``apply_rotary_pos_emb``. RoPE rotates each coordinate pair by
+dynamic NTK come for free) and its own ``apply_rotary_pos_emb``, layer by layer where a model rotates its
+layers differently (per-layer-type bases, layers without RoPE: ``layer_rope_kinds``); a partial rotary rotates
+the first coordinates only. RoPE rotates each coordinate pair by
 an angle and may scale by an attention factor m (cos = m·cos θ, sin = m·sin θ); the inverse rotates by
 -θ and divides by m² = cos² + sin², exactly. Values carry no rotation and pass through unchanged.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 
@@ -15,11 +19,40 @@ from densecomm_core.errors import CacheLayoutError
 from densecomm_core.models import RopeModel
 
 
-def rotary_cos_sin(model: RopeModel, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (B, T, head_dim) in float32 for logical ``positions`` (B, T)."""
+def layer_rope_kinds(model: RopeModel) -> tuple[str | None, ...]:
+    """Per layer, which rotation its keys carry: ``""`` the model's one rotary embedding, a layer type
+    (Gemma-3 and others rotate sliding and full layers with their own bases: the rotary's forward takes the
+    ``layer_type`` of ``config.layer_types``), or None for a layer without RoPE (``config.no_rope_layers``,
+    SmolLM3 / Llama-4 style, 0 = no RoPE)."""
+    rotary = model.rotary_embedding
+    config = getattr(rotary, "config", None)
+    layers = model.geometry.num_layers
+    typed = "layer_type" in inspect.signature(rotary.forward).parameters
+    types = getattr(config, "layer_types", None) if typed else None
+    if typed and (types is None or len(types) != layers):
+        raise CacheLayoutError(f"model {model.path!r}: its rotary embedding takes a layer_type, but config.layer_types is "
+                               f"{types!r}, not one type per layer ({layers} layers)")
+    no_rope = getattr(config, "no_rope_layers", None)
+    if no_rope is not None and len(no_rope) != layers:
+        raise CacheLayoutError(f"model {model.path!r}: config.no_rope_layers has {len(no_rope)} entries for {layers} layers")
+    return tuple(None if no_rope is not None and not no_rope[i] else (types[i] if typed else "") for i in range(layers))
+
+
+def rotary_cos_sin(model: RopeModel, positions: torch.Tensor, kind: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (B, T, rotary_dim) in float32 for logical ``positions`` (B, T); ``kind``: a layer
+    type of ``layer_rope_kinds`` ("" for a model with one rotary embedding). Computed for the batch as a
+    whole, as the model's forward computes them: a rotation whose frequencies follow the call's longest
+    position (transformers' dynamic NTK and LongRoPE) is then inverted exactly as the forward applied it."""
     probe = torch.empty(0, dtype=torch.float32, device=positions.device)
-    cos, sin = model.rotary_embedding(probe, positions)
+    cos, sin = model.rotary_embedding(probe, positions, kind) if kind else model.rotary_embedding(probe, positions)
     return cos.float(), sin.float()
+
+
+def rope_tables(model: RopeModel, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """``rotary_cos_sin`` of every layer (each kind computed once), None for a layer without RoPE."""
+    kinds = layer_rope_kinds(model)
+    tables = {kind: rotary_cos_sin(model, positions, kind) for kind in dict.fromkeys(k for k in kinds if k is not None)}
+    return [tables[kind] if kind is not None else None for kind in kinds]
 
 
 def _rotated(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, model: RopeModel) -> torch.Tensor:
@@ -29,14 +62,20 @@ def _rotated(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, model: Ro
 
 
 def rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, model: RopeModel) -> torch.Tensor:
-    """Apply the model's RoPE to keys (B, H, T, D) with cos/sin (B, T, D)."""
+    """Apply the model's RoPE to keys (B, H, T, D) with cos/sin (B, T, D), or (B, T, R) for a partial rotary
+    whose first R coordinates rotate."""
     return _rotated(keys, cos, sin, model)
 
 
 def unrotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, model: RopeModel) -> torch.Tensor:
-    """Exact inverse of ``rotate_keys``: rotate by -θ, then undo the attention scaling."""
-    scale = (cos * cos + sin * sin).unsqueeze(1)  # (B, 1, T, D): m² per coordinate
-    return _rotated(keys, cos, -sin, model) / scale
+    """Exact inverse of ``rotate_keys``: rotate by -θ, then undo the attention scaling on the rotated
+    coordinates (a partial rotary, e.g. Phi-3's ``partial_rotary_factor``, passes its last D - R through)."""
+    scale = (cos * cos + sin * sin).unsqueeze(1)  # (B, 1, T, R): m² per rotated coordinate
+    rotated = _rotated(keys, cos, -sin, model)
+    width = scale.shape[-1]
+    if width == keys.shape[-1]:
+        return rotated / scale
+    return torch.cat([rotated[..., :width] / scale, rotated[..., width:]], dim=-1)
 
 
 def _check(cache: KVCache, model: RopeModel, want_applied: bool) -> None:
@@ -50,8 +89,8 @@ def _check(cache: KVCache, model: RopeModel, want_applied: bool) -> None:
 def strip_rope(cache: KVCache, model: RopeModel) -> KVCache:
     """Remove ``model``'s rotation from the keys of its own cache (eq. 8). Returns float32 tensors."""
     _check(cache, model, want_applied=True)
-    cos, sin = rotary_cos_sin(model, cache.positions)
-    keys = [unrotate_keys(k.float(), cos, sin, model) for k in cache.keys]
+    tables = rope_tables(model, cache.positions)
+    keys = [unrotate_keys(k.float(), *table, model) if table else k.float() for k, table in zip(cache.keys, tables)]
     return cache.with_tensors(keys, [v.float() for v in cache.values], rope_applied=False)
 
 
@@ -59,7 +98,7 @@ def restore_rope(cache: KVCache, model: RopeModel, dtype: torch.dtype | None = N
     """Apply ``model``'s rotation at the cache's positions (eq. 9), returning ``dtype`` (model's by default)."""
     _check(cache, model, want_applied=False)
     dtype = dtype or model.dtype
-    cos, sin = rotary_cos_sin(model, cache.positions)
-    keys = [rotate_keys(k.float(), cos, sin, model).to(dtype) for k in cache.keys]
+    tables = rope_tables(model, cache.positions)
+    keys = [(rotate_keys(k.float(), *table, model) if table else k).to(dtype) for k, table in zip(cache.keys, tables)]
     values = [v.to(dtype) for v in cache.values]
     return cache.with_tensors(keys, values, rope_applied=True, fingerprint=model.geometry.fingerprint())

@@ -22,7 +22,7 @@ from densecomm_core.codec.wire import WireHeader
 from densecomm_core.errors import CacheLayoutError, GeometryMismatchError
 from densecomm_core.hop import HopDecoder, HopEncoder, HopReport
 from densecomm_core.models import RopeModel
-from densecomm_core.rope import rotary_cos_sin, rotate_keys, unrotate_keys
+from densecomm_core.rope import rope_tables, rotate_keys, unrotate_keys
 
 
 class StreamingAdapter:
@@ -47,7 +47,7 @@ class StreamingAdapter:
         self.decoder = self.incoming.stream
         self.next_layer = 0  # next receiver layer to emit
         self.transform_seconds = 0.0
-        self._cos_sin = None
+        self._tables = None
 
     @property
     def input_report(self) -> HopReport:
@@ -70,7 +70,7 @@ class StreamingAdapter:
             raise CacheLayoutError(f"incoming cache layers {header.layers[:2]}... do not match sender geometry {expected[0]} x {s.num_layers}")
         device = self.adapter.gate_logit.device  # RoPE and T_θ run where the adapter lives (a GPU, say)
         positions = torch.tensor(header.positions, dtype=torch.long, device=device).reshape(header.batch, header.tokens)
-        self._cos_sin = (rotary_cos_sin(self.sender, positions), rotary_cos_sin(self.receiver, positions))
+        self._tables = (rope_tables(self.sender, positions), rope_tables(self.receiver, positions))  # per layer (None: no RoPE)
         # Either side may travel RoPE-stripped (codecs that code stripped keys): the incoming header says
         # whether there is a rotation to remove; the outgoing codec says whether to apply the receiver's.
         self.in_rotated, self.out_rotated = header.rope_applied, not self.outgoing.codec.strips_rope
@@ -88,18 +88,18 @@ class StreamingAdapter:
             return []
         out: list[bytes] = []
         layer_map = self.adapter.config.layer_map
-        (s_cos, s_sin), (r_cos, r_sin) = self._cos_sin
+        sender_tables, receiver_tables = self._tables
         while self.next_layer < len(layer_map) and self.decoder.keys[layer_map[self.next_layer]] is not None \
                 and self.decoder.pending_per_layer[layer_map[self.next_layer]] == 0:
             layer, source = self.next_layer, layer_map[self.next_layer]
             started = time.perf_counter()
             device = self.adapter.gate_logit.device
             keys = self.decoder.keys[source].to(device).float()
-            if self.in_rotated:
-                keys = unrotate_keys(keys, s_cos, s_sin, self.sender)
+            if self.in_rotated and sender_tables[source] is not None:
+                keys = unrotate_keys(keys, *sender_tables[source], self.sender)
             k, v = self.adapter.transform_layer(layer, keys, self.decoder.values[source].to(device).float())
-            if self.out_rotated:
-                k = rotate_keys(k.float(), r_cos, r_sin, self.receiver)
+            if self.out_rotated and receiver_tables[layer] is not None:
+                k = rotate_keys(k.float(), *receiver_tables[layer], self.receiver)
             k = k.to(self.receiver.dtype)
             v = v.to(self.receiver.dtype)
             self.transform_seconds += time.perf_counter() - started

@@ -100,3 +100,50 @@ def test_keys_rotate_bit_for_bit_as_the_models_own_function_rotates_them(spec):
     assert torch.equal(rotate_keys(keys, cos, sin, model), model.apply_rotary(keys, keys, cos, sin)[1])
     scale = (cos * cos + sin * sin).unsqueeze(1)
     assert torch.equal(unrotate_keys(keys, cos, sin, model), model.apply_rotary(keys, keys, cos, -sin)[1] / scale)
+
+
+def _architecture(name: str):
+    """A tiny random model of an architecture whose layers are not all rotated alike, with the zoo's tokenizer."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, Phi3Config, SmolLM3Config
+
+    tokenizer = build_tokenizer()
+    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = {
+        # sliding and full layers rotate with their own bases: the rotary's forward takes a layer_type
+        "gemma3": lambda: Gemma3TextConfig(num_hidden_layers=3, head_dim=40, sliding_window=8, layer_types=[
+            "sliding_attention", "full_attention", "sliding_attention"], **common),
+        # no_rope_layers: layers 1 and 3 carry no rotation at all
+        "smollm3": lambda: SmolLM3Config(num_hidden_layers=4, no_rope_layers=[1, 0, 1, 0], **common),
+        # the first half of each head's coordinates rotate, the rest pass through
+        "phi3-partial": lambda: Phi3Config(num_hidden_layers=2, partial_rotary_factor=0.5, **common),
+    }[name]()
+    torch.manual_seed(0)
+    return wrap_model(AutoModelForCausalLM.from_config(config), tokenizer)
+
+
+@pytest.mark.parametrize("name, kinds", [("gemma3", ("sliding_attention", "full_attention", "sliding_attention")),
+                                         ("smollm3", ("", None, "", None)), ("phi3-partial", ("", ""))])
+def test_layers_rotated_differently_are_stripped_to_the_keys_the_model_rotated(name, kinds, monkeypatch):
+    """strip_rope gives, layer by layer, the keys the model handed its own apply_rotary_pos_emb (a layer without
+    RoPE: its cached keys unchanged), and restore_rope gives the cache back."""
+    import sys
+
+    from densecomm_core.rope import layer_rope_kinds
+
+    model = _architecture(name)
+    assert layer_rope_kinds(model) == kinds
+    module = sys.modules[type(model.model).__module__]
+    original, seen = module.apply_rotary_pos_emb, []
+    monkeypatch.setattr(module, "apply_rotary_pos_emb", lambda q, k, cos, sin, *a, **kw: (seen.append(k.clone()), original(q, k, cos, sin, *a, **kw))[1])
+    cache = sender_prefill(model, TEXTS)
+    monkeypatch.setattr(module, "apply_rotary_pos_emb", original)
+    rotated = iter(seen)
+    stripped = strip_rope(cache, model)
+    for layer, kind in enumerate(layer_rope_kinds(model)):
+        truth = next(rotated) if kind is not None else cache.keys[layer]
+        real = cache.mask[:, None, :, None].expand_as(truth)
+        torch.testing.assert_close(stripped.keys[layer][real], truth.float()[real], atol=1e-5, rtol=1e-5)
+    for a, b in zip(restore_rope(stripped, model).keys, cache.keys):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
