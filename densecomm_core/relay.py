@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
+import torch.nn.functional as F
 
 from densecomm_core.adapter import DenseAdapter
 from densecomm_core.cache import KVCache
@@ -184,6 +185,27 @@ def receiver_inputs(
     return ids.to(device), mask.to(device), cache
 
 
+def sliding_window(model: LoadedModel) -> int | None:
+    """The window of the model's sliding-window attention layers (Mistral, Gemma-2/3, ...), None if it has none."""
+    config = model.model.config.get_text_config()
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    types = getattr(config, "layer_types", None)
+    uses = "sliding_attention" in types if types is not None else getattr(config, "use_sliding_window", True) is not False
+    return int(window) if uses else None
+
+
+def padding_crosses_window(model: LoadedModel, cache: KVCache | None, prompt_width: int, new_tokens: int = 0) -> bool:
+    """Whether a batch laid out as a right-padded cache then left-padded prompts spans more slots than the
+    model's sliding window. transformers measures the window in slots, not positions, so a shorter row, whose
+    padding sits between its cache and its prompt, would then lose cache tokens its window holds: such a batch
+    must run row by row (a single row has no padding, so slots and positions agree)."""
+    window = sliding_window(model)
+    rows = cache.batch_size if cache is not None else 0
+    return bool(window) and rows > 1 and cache.mask.shape[1] + prompt_width + new_tokens > window
+
+
 def receiver_generate(
     receiver: LoadedModel,
     cache: KVCache | None,
@@ -192,9 +214,21 @@ def receiver_generate(
     on_token=None,
     should_stop=None,
 ) -> RelayOutput:
-    """Generate after an optional receiver-space cache; prompts continue it without a new BOS."""
+    """Generate after an optional receiver-space cache; prompts continue it without a new BOS. A batch whose
+    padding would cross a sliding window (``padding_crosses_window``) is generated row by row."""
     tokenizer = receiver.tokenizer
     ids, mask, cache = receiver_inputs(receiver, cache, prompts)
+    if padding_crosses_window(receiver, cache, ids.shape[1], config.max_new_tokens):
+        if on_token is not None:
+            raise ValueError(f"receiver {receiver.path!r} generates this batch row by row (its padding crosses the "
+                             f"sliding window of {sliding_window(receiver)}): on_token needs one row per call")
+        outs = [receiver_generate(receiver, cache.rows([b]).trimmed(), [ids[b][mask[b].bool()].tolist()], config,
+                                  should_stop=should_stop) for b in range(len(prompts))]
+        width = max(o.tokens.shape[1] for o in outs)
+        tokens = torch.cat([F.pad(o.tokens, (0, width - o.tokens.shape[1]), value=tokenizer.eos_token_id) for o in outs])
+        counts = TokenCounts(receiver_prefill=sum(o.counts.receiver_prefill for o in outs),
+                             receiver_decode=sum(o.counts.receiver_decode for o in outs))
+        return RelayOutput([t for o in outs for t in o.texts], tokens, torch.cat([o.lengths for o in outs]), counts)
     past = past_mask = past_next = None
     if cache is not None:
         past, past_mask, past_next = cache.to_dynamic_cache(), cache.mask, cache.next_positions

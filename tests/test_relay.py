@@ -141,3 +141,57 @@ def test_sampling_is_seeded(zoo_pair, zoo_adapter):
     assert relay.run(CONTEXTS, ContextMode.AWARE, config).texts == relay.run(CONTEXTS, ContextMode.AWARE, config).texts
     with pytest.raises(ValueError, match="top_p"):
         GenerationConfig(top_p=0)
+
+
+def _sliding_window_receiver(window: int):
+    """A tiny Mistral whose every layer attends over a sliding window of ``window`` slots."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from densecomm_core.models import wrap_model
+    from densecomm_core.zoo.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=window,
+                           max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return wrap_model(MistralForCausalLM(config), tokenizer, path="tiny-mistral")
+
+
+def test_a_sliding_window_receiver_answers_a_batch_as_one_row_at_a_time():
+    """transformers counts a sliding window in slots; the padding between a short row's cache and its prompt
+    then pushed its own cache out of the window (an architecture sweep saw 5 of 8 batched rows differ)."""
+    from densecomm_core.relay import padding_crosses_window
+    from tests.conftest import TINY_SENDER, tiny_model
+
+    sender, receiver = tiny_model(TINY_SENDER), _sliding_window_receiver(window=12)
+    torch.manual_seed(0)
+    relay = DenseRelay(sender, receiver, DenseAdapter(AdapterConfig(sender.geometry, receiver.geometry)))
+    contexts = ["recall ann 1 , bob 2 , cal 3 , dee 4 , eve 5 . cal ?", "math 3 + 4 ?", "recall ann 1 . ann ?"]
+    config = GenerationConfig(max_new_tokens=6)
+    cache = relay.transfer(contexts)
+    assert padding_crosses_window(receiver, cache, prompt_width=2)  # the batch is wider than the window
+    for mode in (ContextMode.AWARE, ContextMode.UNAWARE):
+        batched = relay.run(contexts, mode, config)
+        alone = [relay.run([c], mode, config) for c in contexts]
+        assert batched.texts == [a.texts[0] for a in alone], mode
+        for i, a in enumerate(alone):
+            assert torch.equal(batched.tokens[i, : batched.lengths[i]], a.tokens[0, : a.lengths[0]])
+        assert batched.counts.receiver_prefill == sum(a.counts.receiver_prefill for a in alone)
+    with pytest.raises(ValueError, match="row by row"):  # a token callback expects one call per step for the batch
+        relay.run(contexts, ContextMode.UNAWARE, config, on_token=lambda step, tokens: None)
+
+
+def test_phase_ii_refuses_a_batch_that_crosses_the_receivers_sliding_window():
+    from densecomm_core.errors import CacheLayoutError
+    from densecomm_core.training.phase2 import generation_loss
+    from densecomm_core.training.traces import TraceRecord
+    from densecomm_core.relay import PromptFormat
+    from tests.conftest import TINY_SENDER, tiny_model
+
+    sender, receiver = tiny_model(TINY_SENDER), _sliding_window_receiver(window=8)
+    adapter = DenseAdapter(AdapterConfig(sender.geometry, receiver.geometry))
+    records = [TraceRecord(context=c, answer="5", trace=" 5") for c in ("recall ann 1 , bob 2 , cal 3 . cal ?", "math 1 + 2 ?")]
+    with pytest.raises(CacheLayoutError, match="sliding window of 8"):
+        generation_loss(adapter, sender, receiver, records, [ContextMode.UNAWARE] * 2, PromptFormat())
