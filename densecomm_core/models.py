@@ -108,6 +108,12 @@ def rope_parts(model: PreTrainedModel) -> tuple[torch.nn.Module, Callable]:
     rotary = getattr(model.base_model, "rotary_emb", None)
     module = sys.modules.get(type(model).__module__)
     apply = getattr(module, "apply_rotary_pos_emb", None)
+    if rotary is None and getattr(model.base_model, "language_model", None) is not None:
+        raise ModelLoadError(
+            f"{type(model).__name__} wraps a language model with other modalities (its config is "
+            f"{model.config.model_type!r}); densecomm relays the caches of text-only causal LMs: save its language "
+            "model on its own (or use the text-only checkpoint of the family) and point at that"
+        )
     if rotary is None or apply is None:
         raise ModelLoadError(
             f"{type(model).__name__} has no rotary position embedding (expected base_model.rotary_emb and "
@@ -200,9 +206,25 @@ def check_shared_tokenizer_at(sender: str | Path, receiver: str | Path) -> None:
     _require_shared_vocab(load_tokenizer(sender), load_tokenizer(receiver), str(sender), str(receiver))
 
 
+# Text both tokenizers must cut alike: words, digits, punctuation, whitespace runs, non-ASCII, a chat-like line.
+TOKENIZER_PROBE = "The quick brown fox, 3 + 4 = 7; 12.5% ok?\n  naïve café — x_y(z) [a] {b} <c> 'd' \"e\"\tend. recall ann 3 , bob 7 . bob ?"
+
+
 def _require_shared_vocab(sender, receiver, sender_path: str, receiver_path: str) -> None:
     if sender.get_vocab() != receiver.get_vocab():
         raise IncompatiblePairError(
             f"sender {sender_path!r} and receiver {receiver_path!r} use different tokenizers "
             f"({len(sender)} vs {len(receiver)} tokens); a token-wise cache adapter needs a shared tokenizer"
         )
+    # the same vocabulary may still be cut differently (another tokenizer class, normalizer or pre-tokenizer,
+    # special tokens added differently): the cache is read token by token, so the ids of a probe must agree
+    words = " ".join(sender.convert_ids_to_tokens(i) or "" for i in range(0, len(sender), max(1, len(sender) // 200)))
+    for probe in (TOKENIZER_PROBE, words):
+        a, b = sender(probe, add_special_tokens=True)["input_ids"], receiver(probe, add_special_tokens=True)["input_ids"]
+        if a != b:
+            first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            raise IncompatiblePairError(
+                f"sender {sender_path!r} ({type(sender).__name__}) and receiver {receiver_path!r} ({type(receiver).__name__}) "
+                f"share a vocabulary but tokenize text differently (a probe's ids differ from position {first}: "
+                f"{a[first:first + 5]} vs {b[first:first + 5]}); a token-wise cache adapter needs identical tokenization"
+            )

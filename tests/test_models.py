@@ -105,3 +105,36 @@ def test_weights_are_read_straight_onto_the_device(tmp_path, monkeypatch):
     assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
     assert moves == []  # (loading on the CPU and then calling .to("meta") would also end on meta)
     assert loaded.geometry == original.geometry
+
+
+def test_a_shared_vocabulary_cut_differently_is_refused(tiny_pair):
+    """Byte-identical tokenizer files can load as two classes that cut text differently (transformers picks the
+    class by model type): comparing vocabularies accepted such a pair, and phase I then failed on a shape."""
+    import copy
+
+    from tokenizers import pre_tokenizers
+
+    sender, receiver = tiny_pair
+    other = copy.deepcopy(receiver.tokenizer)
+    other.backend_tokenizer.pre_tokenizer = pre_tokenizers.Split(",", behavior="removed")  # drops the commas
+    assert other.get_vocab() == sender.tokenizer.get_vocab()
+    with pytest.raises(IncompatiblePairError, match="share a vocabulary but tokenize text differently"):
+        check_shared_tokenizer(sender, wrap_model(receiver.model, other))
+
+
+def test_a_multimodal_wrapper_is_refused_as_such():
+    """Gemma-3 4B-27B checkpoints are Gemma3ForConditionalGeneration: refused for what they are (the message
+    used to say the model had no rotary embedding)."""
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    from densecomm_core.models import rope_parts
+
+    config = Gemma3Config(text_config=Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, vocab_size=64),
+                          vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                           num_attention_heads=2, image_size=28, patch_size=14))
+    with torch.device("meta"):
+        model = Gemma3ForConditionalGeneration(config)
+    with pytest.raises(ModelLoadError, match="wraps a language model with other modalities"):
+        rope_parts(model)
