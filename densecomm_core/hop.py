@@ -254,14 +254,12 @@ class HopDecoder:
     """Frames of one hop -> the cache in ``model``'s space (RoPE restored, its dtype, on ``device``)."""
 
     def __init__(self, model=None, bases=None, limits: DecodeLimits = DecodeLimits(), dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None, strict_order: bool = True, keep_frames: bool = False) -> None:
+                 device: torch.device | str | None = None, strict_order: bool = True) -> None:
         """``model`` (a RopeModel) is the consumer: the stream must be in its space (GeometryMismatchError
         otherwise) and a stripped stream gets its rotation back. ``dtype`` defaults to the model's
-        (else the wire's), ``device`` to the CPU. ``keep_frames``: the frames stay valid once fed (gRPC
-        message bytes, not a reused shared-memory slot), so a raw stream of whole layers is decoded as views of
-        them (``StreamDecoder``)."""
+        (else the wire's), ``device`` to the CPU."""
         self.model, self.dtype, self.device = model, dtype, device
-        self.stream = StreamDecoder(limits, strict_order, bases, keep_frames)
+        self.stream = StreamDecoder(limits, strict_order, bases)
         self.report = HopReport()
 
     @property

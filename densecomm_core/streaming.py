@@ -36,13 +36,11 @@ class StreamingAdapter:
         limits: DecodeLimits = DecodeLimits(),
         bases=None,
         frame_bytes: int | None = None,
-        keep_frames: bool = False,
     ) -> None:
         """``bases``: the route's ``KVBases`` (the incoming stream's and the outgoing one's pca bases);
-        ``frame_bytes``: split outgoing layers into chunks of at most this many raw bytes (``HopEncoder``);
-        ``keep_frames``: the incoming frames stay valid once fed (``HopDecoder``: raw layers are read in place)."""
+        ``frame_bytes``: split outgoing layers into chunks of at most this many raw bytes (``HopEncoder``)."""
         self.adapter, self.sender, self.receiver = adapter, sender, receiver
-        self.incoming = HopDecoder(sender, bases, limits, keep_frames=keep_frames)
+        self.incoming = HopDecoder(sender, bases, limits)
         self.outgoing = HopEncoder(codec, bases, receiver, chunk_tokens, frame_bytes=frame_bytes)
         self.decoder = self.incoming.stream
         self.next_layer = 0  # next receiver layer to emit

@@ -488,8 +488,7 @@ class ReceiverServicer(ServicerBase, kv_pb2_grpc.ReceiverServicer):
         validate_request(request, self.config, relay_pb2)  # the sender checked it; a peer feeding us directly may not
         receiver = route.model
         route_limits = limits.RouteLimits.for_route(self.config, name)
-        decoder = HopDecoder(receiver, route.bases, route_limits.decode_limits(), device=receiver.model.device,
-                             keep_frames=reader is None)  # gRPC's message bytes stay ours; a shared-memory slot is reused
+        decoder = HopDecoder(receiver, route.bases, route_limits.decode_limits(), device=receiver.model.device)
         started = time.perf_counter()
         layer0_unix = [0.0]
         text_only = first.setup.text_only  # on_cache_failure = text: no cache, the receiver reads X itself
@@ -607,7 +606,7 @@ class AdapterServicer(ServicerBase, kv_pb2_grpc.AdapterServicer):
         streaming = StreamingAdapter(route.adapter, route.sender, route.receiver, codec,
                                      self.config.chunk_tokens or None,
                                      limits.RouteLimits.for_route(self.config, name).decode_limits(), route.bases,
-                                     self.config.frame_bytes, keep_frames=reader is None)  # a slot is reused
+                                     self.config.frame_bytes)
         outgoing: asyncio.Queue = asyncio.Queue()
         state = {"error": None}
 

@@ -131,9 +131,6 @@ class Codec(ABC):
     # a transport runs them on its own thread, as handing each frame to a worker thread costs more (thread
     # wake-ups, GIL hand-offs) than it hides on a machine whose cores the byte stream already keeps busy.
     copy_only: bool = False
-    # The payload is the elements themselves (``view_payload``): a decoder whose frames stay valid once fed
-    # (a transport's own message bytes) may keep views of them instead of copying.
-    views_payload: bool = False
 
     @property
     def params(self) -> dict:
@@ -186,11 +183,6 @@ class Codec(ABC):
     def decode_packed_into(self, payload, out: torch.Tensor) -> None:
         """Inverse of ``encode_packed_parts`` into ``out``, a flat contiguous CPU tensor of every element."""
         raise CodecError(f"codec {self.name!r} does not pack layers into one chunk")
-
-    def view_payload(self, payload, shapes: list[tuple[int, ...]], dtype: torch.dtype) -> list[torch.Tensor]:
-        """``views_payload`` codecs: the payload's tensors of ``shapes`` (K0, V0, K1, V1, ... of whole layers), as
-        views of its memory (no copy), or None when its address is not aligned for ``dtype``."""
-        raise CodecError(f"codec {self.name!r} cannot view its payload as tensors")
 
     @abstractmethod
     def decode(self, payload: bytes, key_shape: tuple[int, ...], value_shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

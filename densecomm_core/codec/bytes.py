@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import torch
@@ -41,21 +40,6 @@ def tensor_from_bytes(data: bytes | memoryview | np.ndarray, shape: tuple[int, .
     return torch.from_numpy(array.copy() if copy else array).view(dtype).reshape(shape)
 
 
-def read_only_tensor(array: np.ndarray) -> torch.Tensor:
-    """A tensor sharing the memory of a read-only array (a view of immutable bytes), for callers that only
-    read it: torch tensors cannot be read-only, so torch warns once per process that a write would go
-    through; that one warning is silenced here, since these tensors are never written."""
-    global _READ_ONLY_WARNED
-    if not _READ_ONLY_WARNED and not array.flags.writeable:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
-            tensor = torch.from_numpy(array)
-        _READ_ONLY_WARNED = True
-        return tensor
-    return torch.from_numpy(array)
-
-
-_READ_ONLY_WARNED = False
 _UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 

@@ -8,7 +8,6 @@ import torch
 from densecomm_core.codec.base import Codec, TruncatedError
 from densecomm_core.codec.bytes import (
     numpy_words,
-    read_only_tensor,
     tensor_buffer,
     tensor_bytes,
     tensor_from_bytes,
@@ -31,7 +30,6 @@ class RawCodec(Codec):
         return [tensor_buffer(keys), tensor_buffer(values)]  # the frame is the only copy
 
     writes_in_place = True
-    views_payload = True
 
     def decode_into(self, payload, keys: torch.Tensor, values: torch.Tensor) -> None:
         k_bytes = keys.numel() * keys.element_size()
@@ -51,20 +49,6 @@ class RawCodec(Codec):
             raise TruncatedError(f"raw payload is {len(payload)} bytes, expected {expected}")
         words = numpy_words(out)
         words[...] = np.frombuffer(payload, dtype=words.dtype)
-
-    def view_payload(self, payload, shapes, dtype):
-        array = np.frombuffer(payload, dtype=np.uint8)
-        sizes = [_numel(shape) * dtype.itemsize for shape in shapes]
-        if array.size != sum(sizes):
-            raise TruncatedError(f"raw payload is {array.size} bytes, expected {sum(sizes)}")
-        if array.ctypes.data % dtype.itemsize:
-            return None  # a frame after one of odd length in the same message: copy instead
-        flat = read_only_tensor(array)
-        tensors, offset = [], 0
-        for shape, size in zip(shapes, sizes):
-            tensors.append(flat[offset : offset + size].view(dtype).view(shape))
-            offset += size
-        return tensors
 
     def decode(self, payload, key_shape, value_shape, dtype):
         size = dtype.itemsize

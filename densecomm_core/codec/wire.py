@@ -398,21 +398,15 @@ class ChunkEvent:
     keys: torch.Tensor
     values: torch.Tensor
     layer_complete: bool
-    views: list | None = None  # a kept frame's K, V of every layer of the chunk (``StreamDecoder(keep_frames=True)``)
 
 
 class StreamDecoder:
     """Feed frames one at a time (header first); get chunk events; ``finish()`` returns the KVCache."""
 
-    def __init__(self, limits: DecodeLimits = DecodeLimits(), strict_order: bool = True, bases=None,
-                 keep_frames: bool = False) -> None:
+    def __init__(self, limits: DecodeLimits = DecodeLimits(), strict_order: bool = True, bases=None) -> None:
         """``bases``: the ``transform.KVBases`` a pca stream's basis is looked up in (the process-wide
-        default when None). ``keep_frames``: the frames fed stay valid and unchanged afterwards (a transport's
-        own message bytes; not a shared-memory slot that is reused): when the codec's payload is the elements
-        (``Codec.views_payload``: raw) and every chunk holds whole layers, the cache is views of the frames,
-        not a copy of them."""
-        self.limits, self.strict_order, self.bases, self.keep_frames = limits, strict_order, bases, keep_frames
-        self._views = False
+        default when None)."""
+        self.limits, self.strict_order, self.bases = limits, strict_order, bases
         self.header: WireHeader | None = None
         self.codec: Codec | None = None
         self.keys: list[torch.Tensor | None] = []
@@ -433,9 +427,7 @@ class StreamDecoder:
             packed = self.header.layers_per_chunk > 1
             _require(not packed or self.codec.packs_layers,
                      f"codec {self.header.codec!r} cannot decode packed layers (layers_per_chunk {self.header.layers_per_chunk})")
-            h = self.header
-            self._views = self.keep_frames and self.codec.views_payload and all(count == h.tokens for _, _, count in h.ranges)
-            if (self.codec.writes_in_place or packed) and not self._views:
+            if self.codec.writes_in_place or packed:
                 self.keys, self.values, self._flat = cache_storage(self.header)
                 self._offsets = [0]
                 for k, v in zip(self.keys, self.values):
@@ -479,12 +471,6 @@ class StreamDecoder:
         try:
             if (in_place or packed) and seq in self.received:  # an arrived chunk must not overwrite slots a consumer may be reading
                 raise DuplicateChunkError(f"chunk {seq} arrived twice")
-            if self._views:  # whole layers, kept as views of the frame (unaligned: copied below, into fresh storage)
-                shapes = [shape for l in h.span(layer) for shape in h.chunk_shapes(l, h.tokens)]
-                views = self.codec.view_payload(frame[CHUNK_PREFIX_SIZE:], shapes, h.torch_dtype)
-                if views is None:  # numpy's copy is aligned
-                    views = self.codec.view_payload(np.frombuffer(frame[CHUNK_PREFIX_SIZE:], np.uint8).copy(), shapes, h.torch_dtype)
-                return ChunkEvent(seq, layer, start, count, views[0], views[1], False, views)
             if packed:  # whole layers, straight into their run of the cache's storage (views of it: no shape to check)
                 span = h.span(layer)
                 self.codec.decode_packed_into(frame[CHUNK_PREFIX_SIZE:], self._flat[self._offsets[span.start] : self._offsets[span.stop]])
@@ -513,10 +499,7 @@ class StreamDecoder:
             raise DuplicateChunkError(f"chunk {seq} arrived twice")
         if self.strict_order and seq != len(self.received):
             raise OutOfOrderChunkError(f"chunk {seq} arrived out of order (expected {len(self.received)})")
-        if event.views is not None:  # whole layers viewed in their frame
-            for i, covered in enumerate(h.span(layer)):
-                self.keys[covered], self.values[covered] = event.views[2 * i], event.views[2 * i + 1]
-        elif self.codec.writes_in_place or h.layers_per_chunk > 1:
+        if self.codec.writes_in_place or h.layers_per_chunk > 1:
             pass  # decoded in place
         elif count == h.tokens:  # the chunk is the whole layer: keep the decoded tensors, no copy
             self.keys[layer], self.values[layer] = event.keys, event.values

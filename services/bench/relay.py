@@ -95,7 +95,7 @@ class SinkServicer:
         decode = dict(context.invocation_metadata() or ()).get(DECODE_KEY, "1") != "0"
         first = await read_setup(request_iterator)
         reader = await hop_transport.accept(first.setup, context, ServeConfig())  # the same-node shortcut's verdict
-        decoder = HopDecoder(keep_frames=reader is None)  # as the receiver does
+        decoder = HopDecoder()
 
         def feed(frame):
             event = decoder.feed(frame) if decode else None
