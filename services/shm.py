@@ -59,6 +59,7 @@ import secrets
 import stat
 import struct
 import threading
+import time
 from dataclasses import dataclass
 
 import xxhash
@@ -85,6 +86,11 @@ NAME_PREFIX = "densecomm_"
 NAME_PATTERN = re.compile(r"densecomm_([0-9]+)_([0-9]+)_[0-9a-f]{12}")
 SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared-memory segments (a tmpfs)
 PROBE_BYTES = 16
+# A stream holds at most this many unreleased slots; further messages go as bytes until its reader catches up.
+# References are tiny, so without a bound a sender runs hundreds of slots ahead of a slow reader, and each
+# mapped slot holds a file descriptor on both ends (a 1,024-descriptor limit failed streams).
+MAX_LENT_PER_STREAM = 64
+NO_SPACE_RETRY_S = 1.0  # after /dev/shm refused a segment, messages go as bytes this long before the next try
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map every page up front: no page faults while copying
 
 
@@ -249,9 +255,15 @@ class ShmPool:
         self._token = secrets.randbits(62) | 1
         self._probe: Segment | None = None
         self._nonce = ""
-        self.no_space = False  # /dev/shm refused a segment: stop trying until a slot is freed
+        self._no_space_until = 0.0  # /dev/shm refused a segment: no new one before this (monotonic) time
         self.closed = False
         self.swept = sweep_dead()  # segments that crashed processes left behind: this pool may need the room
+
+    @property
+    def no_space(self) -> bool:
+        """Whether segments are not being created now, after /dev/shm refused one (until a slot of this pool is
+        freed or reclaimed, or ``NO_SPACE_RETRY_S`` passed: the room may have come from another process)."""
+        return time.monotonic() < self._no_space_until
 
     # -- the hop setup --
     def offer(self) -> ShmOffer:
@@ -273,6 +285,10 @@ class ShmPool:
         with self.lock:
             if self.closed or owner.closed or capacity + DATA_OFFSET > self.max_bytes:
                 return None
+            if sum(1 for slot in self.lent.values() if slot.owner is owner) >= MAX_LENT_PER_STREAM:
+                self._reclaim()
+                if sum(1 for slot in self.lent.values() if slot.owner is owner) >= MAX_LENT_PER_STREAM:
+                    return None  # its reader is that far behind: bytes until it catches up
             if not self.free.get(capacity):
                 self._reclaim()
             slot = self.free[capacity].pop() if self.free.get(capacity) else self._create(capacity)
@@ -304,7 +320,7 @@ class ShmPool:
             slot = self.lent.pop(name)
             slot.owner = None
             self.free.setdefault(slot.capacity, []).append(slot)
-            self.no_space = False
+            self._no_space_until = 0.0
 
     def _create(self, capacity: int) -> _Slot | None:
         """A new segment; free slots of other sizes are unlinked to make room under ``max_bytes`` (lock held)."""
@@ -316,9 +332,10 @@ class ShmPool:
             return None
         try:
             segment = Segment(_new_name(), size, create=True)
-        except OSError as exc:  # /dev/shm full (ENOSPC) or too small: this and later messages go as bytes
-            log.warning("no shared memory for a %d-byte slot (%s); frames go as bytes until a slot is freed", size, exc)
-            self.no_space = True
+        except OSError as exc:  # /dev/shm full (ENOSPC), too small, or no descriptor left: messages go as bytes
+            log.warning("no shared memory for a %d-byte slot (%s); frames go as bytes until a slot is freed or for "
+                        "%.0f s", size, exc, NO_SPACE_RETRY_S)
+            self._no_space_until = time.monotonic() + NO_SPACE_RETRY_S
             return None
         self.total += size
         return _Slot(segment, capacity)
@@ -327,6 +344,7 @@ class ShmPool:
         self.total -= slot.capacity + DATA_OFFSET
         slot.segment.unlink()
         slot.segment.close()
+        self._no_space_until = 0.0  # room was freed
 
     def end(self, lease: ShmLease) -> tuple[int, int]:
         """A stream ended: its released slots go back to the pool, the others are retired; (freed, retired).

@@ -87,6 +87,47 @@ def test_small_messages_and_a_full_pool_go_as_bytes(pool):
         tiny.close()
 
 
+def test_a_refused_segment_sends_bytes_for_a_while_not_for_good(pool, monkeypatch):
+    """/dev/shm full for a moment (ENOSPC, or no descriptor left): that message goes as bytes, and the pool
+    tries again once room is freed or NO_SPACE_RETRY_S passed. It used to stop for good when the failing stream
+    left no slot for a reader to release."""
+    import errno
+    import time
+
+    frames = stream()
+    real, failures = shm.Segment, [1]
+
+    def flaky(name, size=0, create=False):
+        if create and failures[0]:
+            failures[0] -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(name, size, create)
+
+    monkeypatch.setattr(shm, "Segment", flaky)
+    with pool.lease() as lease:
+        assert lease.carry(frames[1]) == frames[1] and pool.no_space
+    with pool.lease() as lease:  # within the back-off: still bytes, no new try
+        assert lease.carry(frames[1]) == frames[1]
+    monkeypatch.setattr(pool, "_no_space_until", time.monotonic() - 1)  # the back-off passed
+    with pool.lease() as lease:
+        assert shm.is_reference(lease.carry(frames[1])) and not pool.no_space
+
+
+def test_a_stream_holds_a_bounded_number_of_unreleased_slots(pool, monkeypatch):
+    """A reader far behind its sender: past MAX_LENT_PER_STREAM unreleased slots the messages go as bytes (each
+    mapped slot holds a descriptor on both ends; a stream 600 slots ahead failed at a 1,024-descriptor limit)."""
+    monkeypatch.setattr(shm, "MAX_LENT_PER_STREAM", 3)
+    frames = stream()
+    reader = shm.ShmReader()
+    with pool.lease() as lease:
+        sent = [lease.carry(frame) for frame in frames[:5]]
+        assert [shm.is_reference(m) for m in sent] == [True, True, True, False, False]
+        for frame in reader.open(sent[0]):
+            reader.decoded(frame)  # the reader releases one slot: the next message may take a slot again
+        assert shm.is_reference(lease.carry(frames[5]))
+    reader.close()
+
+
 def test_a_stream_that_ends_unreleased_unlinks_its_slots_and_a_reader_gets_a_stale_reference(pool):
     frames = stream()
     lease = pool.lease()
