@@ -186,9 +186,10 @@ def frame_digest(frame) -> bytes:
     raise ShmReferenceError(f"a shared-memory slot holds bytes beginning {magic!r}, not wire frames")
 
 
-def frames_digest(frames) -> int:
-    """xxh3_64 over the frames' own checksums, in order (what a reference carries)."""
-    digest = xxhash.xxh3_64()
+def frames_digest(frames, stream_key: int = 0) -> int:
+    """xxh3_64, seeded with the stream's key, over the frames' own checksums, in order (what a reference
+    carries): a reader of another stream, which holds another key, cannot verify it."""
+    digest = xxhash.xxh3_64(seed=stream_key)
     for frame in frames:
         digest.update(frame_digest(frame))
     return digest.intdigest()
@@ -275,8 +276,8 @@ class ShmPool:
                 self._nonce = nonce.hex()
             return ShmOffer(node_identity(), self._probe.name, self._nonce)
 
-    def lease(self) -> ShmLease:
-        return ShmLease(self)
+    def lease(self, stream_key: int = 0) -> ShmLease:
+        return ShmLease(self, stream_key)
 
     # -- slots --
     def acquire(self, size: int, owner: ShmLease) -> _Slot | None:
@@ -469,8 +470,9 @@ def _as_bytes_views(message) -> list[memoryview]:
 class ShmLease:
     """One stream's slots: ``carry`` each message, ``close`` when the stream ends (also as a context manager)."""
 
-    def __init__(self, pool: ShmPool) -> None:
-        self.pool = pool
+    def __init__(self, pool: ShmPool, stream_key: int = 0) -> None:
+        """``stream_key``: the key the stream's setup gave its reader (``frames_digest``)."""
+        self.pool, self.stream_key = pool, stream_key
         self.closed = False  # the stream ended (set by the pool under its lock)
         self.carried = 0  # messages that went by reference
         self.carried_bytes = 0  # their frames' bytes (what crossed in shared memory)
@@ -491,7 +493,7 @@ class ShmLease:
         for view in views:  # the only copy on this side: the encoder's buffers -> the slot
             buffer[offset : offset + view.nbytes] = view
             offset += view.nbytes
-        digest = frames_digest(split_frames(memoryview(buffer)[DATA_OFFSET : DATA_OFFSET + size]))
+        digest = frames_digest(split_frames(memoryview(buffer)[DATA_OFFSET : DATA_OFFSET + size]), self.stream_key)
         token = self.pool.next_token()
         if not self.pool.publish(slot, token, size):  # last: the slot is complete
             return join(message)  # the stream ended while we copied: nobody will read either
@@ -550,7 +552,9 @@ def accept_offer(offer: ShmOffer) -> tuple[bool, str]:
 class ShmReader:
     """The receiving end of one stream: maps the slots its references name, releases them once decoded."""
 
-    def __init__(self) -> None:
+    def __init__(self, stream_key: int = 0) -> None:
+        """``stream_key``: this stream's key from its setup; references of other streams do not verify."""
+        self.stream_key = stream_key
         self.segments: dict[str, Segment] = {}
         self.pending: dict[int, list] = {}  # id(mmap) -> [segment, token, frames not yet decoded]
         self.lock = threading.Lock()
@@ -572,7 +576,11 @@ class ShmReader:
     def open(self, ref) -> list[memoryview]:
         """The frames a reference names, as views into the slot (decode them, then ``decoded`` each)."""
         name, token, length, digest = unpack_reference(ref)
+        if token == 0:
+            raise ShmReferenceError(f"shared-memory reference to {name!r} names token 0, which marks a released slot")
         segment = self._segment(name)
+        if segment.size <= DATA_OFFSET:
+            raise ShmReferenceError(f"shared-memory segment {name!r} of {segment.size} bytes is not a slot")
         if length > segment.size - DATA_OFFSET:
             raise ShmReferenceError(f"shared-memory reference to {name!r} names {length} bytes, the slot holds at most {segment.size - DATA_OFFSET}")
         held, stored = SLOT_HEADER.unpack_from(segment.mmap, 0)
@@ -582,8 +590,9 @@ class ShmReader:
         if stored != length:
             raise ShmReferenceError(f"shared-memory slot {name!r} holds {stored} bytes, the reference names {length}")
         frames = list(split_frames(memoryview(segment.mmap)[DATA_OFFSET : DATA_OFFSET + length]))
-        if frames_digest(frames) != digest:
-            raise ShmReferenceError(f"the frames in shared-memory slot {name!r} do not carry the checksums their reference names")
+        if frames_digest(frames, self.stream_key) != digest:
+            raise ShmReferenceError(f"the frames in shared-memory slot {name!r} do not verify against this stream's reference: "
+                                    "the reference belongs to another stream, or the frames are not those it names")
         with self.lock:
             self.pending[id(segment.mmap)] = [segment, token, len(frames)]
             self.bytes_read += length

@@ -11,7 +11,8 @@
     await accept(setup, context, config)    the receiving end: test the offer, send the verdict as initial
                                             metadata; a ShmReader when the shortcut is on, else None
 
-The offer travels in the setup (identity, probe segment, nonce); the verdict comes back as initial metadata
+The offer travels in the setup (identity, probe segment, nonce, and the stream's key, which seeds its
+references' digests so that a reference replayed into another stream does not verify); the verdict comes back as initial metadata
 ``densecomm-hop-transport: shm | bytes`` before any frame is sent, so frames never go by reference to an
 end that cannot map them. Either end set to ``hop_transport = "bytes"`` keeps the hop on bytes; so does a
 receiving end that sends no verdict in time (an older build), and one on another node or IPC namespace.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 
 from services import protos, shm
 from services.config import ServeConfig
@@ -52,6 +54,7 @@ class HopLink:
         self.lease: shm.ShmLease | None = None
         self.offered = False  # the setup offered the shortcut (a verdict will come back)
         self.reason = "" if pool is not None else "hop_transport = bytes here"
+        self.stream_key = secrets.randbits(64)  # binds this stream's references to its reader (shm.frames_digest)
 
     def setup(self, setup) -> object:
         """A copy of ``setup`` that offers the shortcut when this end has a pool."""
@@ -64,7 +67,8 @@ class HopLink:
                 self.reason = f"no shared-memory offer ({exc})"
                 log.warning("hop stays on bytes: %s", self.reason)
                 return message
-            message.shm.CopyFrom(kv_pb2.ShmOffer(identity=offer.identity, probe=offer.probe, nonce=offer.nonce))
+            message.shm.CopyFrom(kv_pb2.ShmOffer(identity=offer.identity, probe=offer.probe, nonce=offer.nonce,
+                                                 stream_key=self.stream_key))
             self.offered = True
         return message
 
@@ -80,7 +84,7 @@ class HopLink:
             metadata, self.reason = (), f"{type(exc).__name__}"
         verdict = dict(metadata or ()).get(VERDICT_KEY, "bytes")
         if verdict.startswith("shm"):
-            self.lease = self.pool.lease()
+            self.lease = self.pool.lease(self.stream_key)
             return "shm"
         self.reason = self.reason or verdict.partition(":")[2].strip() or "refused"
         log.debug("hop stays on bytes: %s", self.reason)
@@ -122,4 +126,4 @@ async def accept(setup, context, config: ServeConfig) -> shm.ShmReader | None:
         ok, reason = shm.accept_offer(shm.ShmOffer(setup.shm.identity, setup.shm.probe, setup.shm.nonce))
     if context is not None:
         await context.send_initial_metadata(((VERDICT_KEY, "shm" if ok else f"bytes: {reason}"),))
-    return shm.ShmReader() if ok else None
+    return shm.ShmReader(setup.shm.stream_key) if ok else None

@@ -161,9 +161,29 @@ def test_a_corrupt_frame_in_a_slot_is_data_loss(pool):
         with pytest.raises(ChecksumError):
             decode(refs, reader)
         segment.mmap[shm.DATA_OFFSET + 24] ^= 0x01  # the chunk's checksum itself: the reference catches it first
-        with pytest.raises(shm.ShmReferenceError, match="checksums"):
+        with pytest.raises(shm.ShmReferenceError, match="do not verify"):
             reader.open(refs[2])
     reader.close()
+
+
+def test_another_streams_reference_is_data_loss_and_leaves_its_slot_alone(pool):
+    """A peer replaying stream A's references into stream B was answered from A's cache (OK) and released A's
+    slots under A's own reader; each stream's references now verify only with its own key."""
+    frames = stream()
+    with pool.lease(stream_key=11) as a, pool.lease(stream_key=22):
+        refs = [a.carry(f) for f in frames]
+        stranger = shm.ShmReader(stream_key=22)
+        with pytest.raises(shm.ShmReferenceError, match="belongs to another stream"):
+            stranger.open(refs[1])
+        stranger.close()
+        assert not any(s.released() for s in pool.lent.values())  # nothing of A's was released
+        assert_bit_exact(decode(refs, shm.ShmReader(stream_key=11)), decode(frames))  # A's own reader reads them
+        name = shm.unpack_reference(refs[1])[0]
+        with pytest.raises(shm.ShmReferenceError, match="token 0"):  # 0 marks a released slot
+            shm.ShmReader(stream_key=11).open(shm.pack_reference(name, 0, 0, 0))
+        probe = pool.offer().probe
+        with pytest.raises(shm.ShmReferenceError, match="is not a slot"):  # was "holds at most -48 bytes"
+            shm.ShmReader().open(shm.pack_reference(probe, 5, 8, 0))
 
 
 def test_a_missing_frame_is_data_loss_on_both_paths(pool):
