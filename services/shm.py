@@ -90,6 +90,10 @@ PROBE_BYTES = 16
 # References are tiny, so without a bound a sender runs hundreds of slots ahead of a slow reader, and each
 # mapped slot holds a file descriptor on both ends (a 1,024-descriptor limit failed streams).
 MAX_LENT_PER_STREAM = 64
+# A stream that ends with slots its reader has not released (a caller that went away, a reader that failed)
+# keeps them this long before they are unlinked: a reader may still hold their references in its receive
+# buffer, and should see the cancellation, not a reference to a vanished segment (DATA_LOSS).
+RETIRE_GRACE_S = 2.0
 NO_SPACE_RETRY_S = 1.0  # after /dev/shm refused a segment, messages go as bytes this long before the next try
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map every page up front: no page faults while copying
 
@@ -257,6 +261,7 @@ class ShmPool:
         self._probe: Segment | None = None
         self._nonce = ""
         self._no_space_until = 0.0  # /dev/shm refused a segment: no new one before this (monotonic) time
+        self.retiring: list[tuple[float, _Slot]] = []  # (unlink time, slot) of ended streams' unreleased slots
         self.closed = False
         self.swept = sweep_dead()  # segments that crashed processes left behind: this pool may need the room
 
@@ -286,6 +291,7 @@ class ShmPool:
         with self.lock:
             if self.closed or owner.closed or capacity + DATA_OFFSET > self.max_bytes:
                 return None
+            self._reap()
             if sum(1 for slot in self.lent.values() if slot.owner is owner) >= MAX_LENT_PER_STREAM:
                 self._reclaim()
                 if sum(1 for slot in self.lent.values() if slot.owner is owner) >= MAX_LENT_PER_STREAM:
@@ -360,11 +366,21 @@ class ShmPool:
                     self.free.setdefault(slot.capacity, []).append(slot)
                     freed += 1
                 else:
-                    self._retire(slot)
+                    self.retiring.append((time.monotonic() + RETIRE_GRACE_S, slot))
                     retired += 1
+            self._reap()
         if retired:
-            log.info("a stream ended with %d shared-memory slot(s) its reader never released: unlinked", retired)
+            log.info("a stream ended with %d shared-memory slot(s) its reader never released: unlinked after %.0f s",
+                     retired, RETIRE_GRACE_S)
         return freed, retired
+
+    def _reap(self) -> None:
+        """Unlink the retiring slots whose grace has passed (lock held)."""
+        if self.retiring:
+            now = time.monotonic()
+            for _, slot in [entry for entry in self.retiring if entry[0] <= now]:
+                self._retire(slot)
+            self.retiring = [entry for entry in self.retiring if entry[0] > now]
 
     @property
     def lent_count(self) -> int:
@@ -375,9 +391,10 @@ class ShmPool:
         """Unlink every segment (a reader that still maps one keeps its pages until it unmaps)."""
         with self.lock:
             self.closed = True
-            for slot in [s for slots in self.free.values() for s in slots] + list(self.lent.values()):
+            for slot in [s for slots in self.free.values() for s in slots] + list(self.lent.values()) + [s for _, s in self.retiring]:
                 self._retire(slot)
             self.free.clear()
+            self.retiring.clear()
             self.lent.clear()
             if self._probe is not None:
                 self._probe.unlink()

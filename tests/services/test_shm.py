@@ -128,7 +128,8 @@ def test_a_stream_holds_a_bounded_number_of_unreleased_slots(pool, monkeypatch):
     reader.close()
 
 
-def test_a_stream_that_ends_unreleased_unlinks_its_slots_and_a_reader_gets_a_stale_reference(pool):
+def test_a_stream_that_ends_unreleased_unlinks_its_slots_and_a_reader_gets_a_stale_reference(pool, monkeypatch):
+    monkeypatch.setattr(shm, "RETIRE_GRACE_S", 0.0)
     frames = stream()
     lease = pool.lease()
     refs = [lease.carry(f) for f in frames]
@@ -136,6 +137,30 @@ def test_a_stream_that_ends_unreleased_unlinks_its_slots_and_a_reader_gets_a_sta
     with pytest.raises(shm.StaleShmReferenceError, match="is gone") as error:
         shm.ShmReader().open(refs[0])
     assert error.value.status == "DATA_LOSS" and shm.unpack_reference(refs[0])[0] in str(error.value)
+
+
+def test_an_ended_streams_unreleased_slots_stay_readable_for_a_grace(pool, monkeypatch):
+    """A caller that goes away ends the stream while its reader may still hold references in its receive buffer:
+    the slots stay for RETIRE_GRACE_S, so the reader sees the cancellation rather than a vanished segment (about
+    one cancellation in twenty mid-transfer was counted DATA_LOSS at the receiver), then are unlinked."""
+    import time
+
+    monkeypatch.setattr(shm, "RETIRE_GRACE_S", 0.2)
+    frames = stream()
+    lease = pool.lease()
+    refs = [lease.carry(f) for f in frames]
+    total = pool.total
+    assert lease.close() == (0, len(frames)) and pool.total == total  # retiring, not yet unlinked
+    reader = shm.ShmReader()
+    assert [bytes(f) for f in reader.open(refs[0])] == frames[:1]
+    reader.close()
+    time.sleep(0.3)
+    with pool.lease() as later:  # the next use of the pool unlinks them
+        later.carry(frames[0])
+    with pytest.raises(shm.StaleShmReferenceError, match="is gone"):
+        shm.ShmReader().open(refs[1])
+    retiring = {slot.name for _, slot in pool.retiring}  # only the later stream's own slot, in its grace
+    assert not retiring & {shm.unpack_reference(r)[0] for r in refs}
 
 
 def test_a_reused_slot_makes_an_old_reference_stale(pool):
