@@ -127,7 +127,25 @@ def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path:
     model.eval()
     model.requires_grad_(False)
     rotary, apply = rope_parts(model)
-    return LoadedModel(geometry_of(model), path, rotary, apply, model.dtype, model, tokenizer)
+    loaded = LoadedModel(geometry_of(model), path, rotary, apply, model.dtype, model, tokenizer)
+    check_rope_layers(loaded)
+    return loaded
+
+
+def check_rope_layers(model: LoadedModel) -> None:
+    """The layers densecomm strips and restores RoPE on (``rope.layer_rope_kinds``) must be the layers the
+    model rotates: an architecture that skips RoPE by a rule densecomm does not know is refused here."""
+    from densecomm_core.rope import layer_rope_kinds, traced_rope_layers
+
+    traced = traced_rope_layers(model)
+    expected = tuple(kind is not None for kind in layer_rope_kinds(model))
+    if traced is not None and traced != expected:
+        differ = [i for i, (a, b) in enumerate(zip(traced, expected)) if a != b]
+        raise ModelLoadError(
+            f"{type(model.model).__name__} in {model.path!r} rotates the keys of layers "
+            f"{[i for i, r in enumerate(traced) if r]} but its config says {[i for i, r in enumerate(expected) if r]} "
+            f"(layers {differ} differ): densecomm cannot strip and restore its RoPE exactly"
+        )
 
 
 def _read_config(directory: Path):

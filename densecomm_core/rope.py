@@ -11,6 +11,7 @@ an angle and may scale by an attention factor m (cos = m·cos θ, sin = m·sin �
 from __future__ import annotations
 
 import inspect
+import threading
 
 import torch
 
@@ -32,10 +33,64 @@ def layer_rope_kinds(model: RopeModel) -> tuple[str | None, ...]:
     if typed and (types is None or len(types) != layers):
         raise CacheLayoutError(f"model {model.path!r}: its rotary embedding takes a layer_type, but config.layer_types is "
                                f"{types!r}, not one type per layer ({layers} layers)")
+    unrotated = layers_without_rope(config, layers, model.path)
+    return tuple(None if unrotated[i] else (types[i] if typed else "") for i in range(layers))
+
+
+def layers_without_rope(config, layers: int, path: str = "") -> list[bool]:
+    """Per layer, whether its keys carry no rotation: ``config.no_rope_layers`` (SmolLM3 / Llama-4 style, 0 =
+    no RoPE), or the rule of an architecture that decides it in its attention code by layer type (Cohere-2,
+    EXAONE-4: full-attention layers). Checked against the layers the model really rotates when its weights
+    load (``traced_rope_layers``), so an architecture with another rule is refused, not silently mis-rotated."""
     no_rope = getattr(config, "no_rope_layers", None)
-    if no_rope is not None and len(no_rope) != layers:
-        raise CacheLayoutError(f"model {model.path!r}: config.no_rope_layers has {len(no_rope)} entries for {layers} layers")
-    return tuple(None if no_rope is not None and not no_rope[i] else (types[i] if typed else "") for i in range(layers))
+    if no_rope is not None:
+        if len(no_rope) != layers:
+            raise CacheLayoutError(f"model {path!r}: config.no_rope_layers has {len(no_rope)} entries for {layers} layers")
+        return [not flag for flag in no_rope]
+    model_type, types = getattr(config, "model_type", ""), getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    if types is not None and len(types) == layers:
+        if model_type == "cohere2":  # RoPE only where the layer has a window
+            return [kind != "sliding_attention" or window is None for kind in types]
+        if model_type == "exaone4":  # with a window configured, its full-attention layers are NoPE
+            return [window is not None and kind != "sliding_attention" for kind in types]
+    return [False] * layers
+
+
+def traced_rope_layers(model) -> tuple[bool, ...] | None:
+    """Per decoder layer, whether the model's forward calls its ``apply_rotary_pos_emb`` there: one forward of
+    two tokens with the function traced (None when it cannot run: no ``layers`` list to attribute calls to, or
+    weights on the meta device, which hold no data)."""
+    import sys
+
+    layers = getattr(model.model.base_model, "layers", None)
+    module = sys.modules.get(type(model.model).__module__)
+    parameter = next(model.model.parameters(), None)
+    if layers is None or module is None or not hasattr(module, "apply_rotary_pos_emb") or parameter is None \
+            or parameter.device.type == "meta":
+        return None
+    current, rotated = [None], set()
+    original = module.apply_rotary_pos_emb
+
+    def traced(*args, **kwargs):
+        rotated.add(current[0])
+        return original(*args, **kwargs)
+
+    hooks = [layer.register_forward_pre_hook(lambda _module, _args, i=i: current.__setitem__(0, i)) for i, layer in enumerate(layers)]
+    ids = torch.tensor([[model.tokenizer.bos_token_id or 0, model.tokenizer.eos_token_id or 1]], device=parameter.device)
+    with _TRACE_LOCK:
+        module.apply_rotary_pos_emb = traced
+        try:
+            with torch.no_grad():
+                model.model(input_ids=ids, use_cache=False)
+        finally:
+            module.apply_rotary_pos_emb = original
+            for hook in hooks:
+                hook.remove()
+    return tuple(i in rotated for i in range(len(layers)))
+
+
+_TRACE_LOCK = threading.Lock()
 
 
 def rotary_cos_sin(model: RopeModel, positions: torch.Tensor, kind: str = "") -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,8 +112,15 @@ def rope_tables(model: RopeModel, positions: torch.Tensor) -> list[tuple[torch.T
 
 def _rotated(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, model: RopeModel) -> torch.Tensor:
     # apply_rotary_pos_emb rotates a query and a key; only the key is wanted, so the query is one head of
-    # the keys (B, 1, T, D): its result is discarded, and the key's does not depend on it (bit for bit)
-    return model.apply_rotary(keys[:, :1], keys, cos, sin)[1]
+    # the keys (B, 1, T, D): its result is discarded, and the key's does not depend on it (bit for bit).
+    # A partial rotary (cos narrower than the head) turns the first coordinates only, as every transformers
+    # implementation does; some apply_rotary_pos_emb split the head themselves (Phi-3), others expect their
+    # caller to (Phi, StableLM, Persimmon): given only those coordinates, both rotate them alike.
+    width = cos.shape[-1]
+    if width == keys.shape[-1]:
+        return model.apply_rotary(keys[:, :1], keys, cos, sin)[1]
+    turned = keys[..., :width]
+    return torch.cat([model.apply_rotary(turned[:, :1], turned, cos, sin)[1], keys[..., width:]], dim=-1)
 
 
 def rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, model: RopeModel) -> torch.Tensor:
@@ -69,7 +131,7 @@ def rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, model:
 
 def unrotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, model: RopeModel) -> torch.Tensor:
     """Exact inverse of ``rotate_keys``: rotate by -θ, then undo the attention scaling on the rotated
-    coordinates (a partial rotary, e.g. Phi-3's ``partial_rotary_factor``, passes its last D - R through)."""
+    coordinates (a partial rotary passes its last D - R through)."""
     scale = (cos * cos + sin * sin).unsqueeze(1)  # (B, 1, T, R): m² per rotated coordinate
     rotated = _rotated(keys, cos, -sin, model)
     width = scale.shape[-1]

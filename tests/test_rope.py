@@ -104,7 +104,15 @@ def test_keys_rotate_bit_for_bit_as_the_models_own_function_rotates_them(spec):
 
 def _architecture(name: str):
     """A tiny random model of an architecture whose layers are not all rotated alike, with the zoo's tokenizer."""
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig, Phi3Config, SmolLM3Config
+    from transformers import (
+        AutoModelForCausalLM,
+        Cohere2Config,
+        Exaone4Config,
+        Gemma3TextConfig,
+        Phi3Config,
+        PhiConfig,
+        SmolLM3Config,
+    )
 
     tokenizer = build_tokenizer()
     common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_attention_heads=4,
@@ -118,13 +126,22 @@ def _architecture(name: str):
         "smollm3": lambda: SmolLM3Config(num_hidden_layers=4, no_rope_layers=[1, 0, 1, 0], **common),
         # the first half of each head's coordinates rotate, the rest pass through
         "phi3-partial": lambda: Phi3Config(num_hidden_layers=2, partial_rotary_factor=0.5, **common),
+        # the attention splits the head itself before calling apply_rotary_pos_emb
+        "phi-partial": lambda: PhiConfig(num_hidden_layers=2, partial_rotary_factor=0.5, **common),
+        # RoPE only on the sliding layers, decided in the attention code (no config field says so)
+        "cohere2": lambda: Cohere2Config(num_hidden_layers=4, sliding_window=8, layer_types=[
+            "sliding_attention"] * 3 + ["full_attention"], **common),
+        "exaone4": lambda: Exaone4Config(num_hidden_layers=4, sliding_window=8, layer_types=[
+            "sliding_attention"] * 3 + ["full_attention"], **common),
     }[name]()
     torch.manual_seed(0)
     return wrap_model(AutoModelForCausalLM.from_config(config), tokenizer)
 
 
 @pytest.mark.parametrize("name, kinds", [("gemma3", ("sliding_attention", "full_attention", "sliding_attention")),
-                                         ("smollm3", ("", None, "", None)), ("phi3-partial", ("", ""))])
+                                         ("smollm3", ("", None, "", None)), ("phi3-partial", ("", "")),
+                                         ("phi-partial", ("", "")), ("cohere2", ("", "", "", None)),
+                                         ("exaone4", ("", "", "", None))])
 def test_layers_rotated_differently_are_stripped_to_the_keys_the_model_rotated(name, kinds, monkeypatch):
     """strip_rope gives, layer by layer, the keys the model handed its own apply_rotary_pos_emb (a layer without
     RoPE: its cached keys unchanged), and restore_rope gives the cache back."""
@@ -143,7 +160,21 @@ def test_layers_rotated_differently_are_stripped_to_the_keys_the_model_rotated(n
     stripped = strip_rope(cache, model)
     for layer, kind in enumerate(layer_rope_kinds(model)):
         truth = next(rotated) if kind is not None else cache.keys[layer]
+        width = truth.shape[-1]  # narrower than the head where the attention hands over only the rotated part
+        if width < stripped.keys[layer].shape[-1]:
+            assert torch.equal(stripped.keys[layer][..., width:], cache.keys[layer][..., width:].float())
         real = cache.mask[:, None, :, None].expand_as(truth)
-        torch.testing.assert_close(stripped.keys[layer][real], truth.float()[real], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(stripped.keys[layer][..., :width][real], truth.float()[real], atol=1e-5, rtol=1e-5)
     for a, b in zip(restore_rope(stripped, model).keys, cache.keys):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_that_rotates_other_layers_than_its_config_says_is_refused(monkeypatch):
+    """Loading traces which layers the model rotates: an architecture whose rule densecomm does not know (here:
+    the Cohere-2 rule forgotten) is refused instead of having its NoPE layers silently rotated."""
+    from densecomm_core import rope
+    from densecomm_core.errors import ModelLoadError
+
+    monkeypatch.setattr(rope, "layers_without_rope", lambda config, layers, path="": [False] * layers)
+    with pytest.raises(ModelLoadError, match=r"rotates the keys of layers \[0, 1, 2\] but its config says \[0, 1, 2, 3\]"):
+        _architecture("cohere2")
