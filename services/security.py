@@ -81,6 +81,32 @@ def _pem(path: str, what: str, kind: str) -> bytes:
     return data
 
 
+def _certificates(path: str, what: str) -> list:
+    """The PEM certificates of a file, parsed: a block whose body is not a certificate is named here."""
+    from cryptography import x509
+
+    try:
+        return x509.load_pem_x509_certificates(_pem(path, what, "CERTIFICATE"))
+    except ValueError as exc:
+        raise ConfigError(f"{what} {path!r} holds a PEM block that is not a valid certificate: {exc}") from exc
+
+
+def _check_pair(cert_field: str, key_field: str, config: ServeConfig) -> None:
+    """The certificate (its first, the leaf) and the private key parse and belong together: gRPC takes any
+    pair when the server is built and fails only when it binds, after the models have loaded."""
+    from cryptography.hazmat.primitives import serialization
+
+    cert_path, key_path = getattr(config, cert_field), getattr(config, key_field)
+    leaf = _certificates(cert_path, cert_field)[0]
+    try:
+        key = serialization.load_pem_private_key(_pem(key_path, key_field, "PRIVATE KEY"), password=None)
+    except (ValueError, TypeError) as exc:  # TypeError: a key that needs a password
+        raise ConfigError(f"{key_field} {key_path!r} is not an unencrypted PEM private key: {exc}") from exc
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if leaf.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
+        raise ConfigError(f"{key_field} {key_path!r} is not the key of the certificate in {cert_field} {cert_path!r}")
+
+
 # ---------------------------------------------------------------- tokens
 
 
@@ -328,11 +354,14 @@ def check_files(kind: str, config: ServeConfig) -> None:
     would raise: the stacks call it for every service before any of them loads a model."""
     server_credentials(kind, config)
     server_interceptors(kind, config)
+    if kind == "relay" and config.tls_cert_file:
+        _check_pair("tls_cert_file", "tls_key_file", config)
+        if config.tls_client_ca_file:
+            _certificates(config.tls_client_ca_file, "tls_client_ca_file")
     internal_secret(config)  # the secret and mTLS files of the channel to the next service
     if internal_tls(config):
-        for name, kind_of_pem in (("internal_tls_ca_file", "CERTIFICATE"), ("internal_tls_key_file", "PRIVATE KEY"),
-                                  ("internal_tls_cert_file", "CERTIFICATE")):
-            _pem(getattr(config, name), name, kind_of_pem)
+        _check_pair("internal_tls_cert_file", "internal_tls_key_file", config)
+        _certificates(config.internal_tls_ca_file, "internal_tls_ca_file")
 
 
 # ---------------------------------------------------------------- clients

@@ -194,7 +194,7 @@ def test_tls_files_that_hold_no_pem_or_do_not_match_name_the_field(tmp_path, pki
     import threading
 
     before = set(threading.enumerate())
-    with pytest.raises(ConfigError, match="the certificate and the key must be valid PEM and belong together"):
+    with pytest.raises(ConfigError, match="tls_key_file .* is not the key of the certificate in tls_cert_file"):
         ServiceHost("relay", config, ["127.0.0.1:9"])
     assert not [t for t in set(threading.enumerate()) - before if t.name == "densecomm-relay"]  # its loop thread stopped
 
@@ -217,4 +217,13 @@ def test_a_bad_security_file_is_named_before_any_service_loads_a_model(tmp_path,
     with pytest.raises(ConfigError, match="internal_tls_key_file"):
         LocalStack(load_config(None, relay_port=0, internal_tls_cert_file=pki_files["server_cert"],
                                internal_tls_key_file=str(key), internal_tls_ca_file=pki_files["ca"]))
+    # a key of another certificate, and a certificate block whose body is not one (gRPC found both only when it
+    # bound the port, after the models had loaded)
+    with pytest.raises(ConfigError, match="tls_key_file .* is not the key of the certificate in tls_cert_file"):
+        LocalStack(load_config(None, relay_port=0, tls_cert_file=pki_files["server_cert"], tls_key_file=pki_files["client_key"]))
+    garbage = tmp_path / "garbage.crt"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n")
+    with pytest.raises(ConfigError, match="internal_tls_ca_file .* not a valid certificate"):
+        LocalStack(load_config(None, relay_port=0, internal_tls_cert_file=pki_files["server_cert"],
+                               internal_tls_key_file=pki_files["server_key"], internal_tls_ca_file=str(garbage)))
     assert built == []
