@@ -17,9 +17,10 @@ import torch
 from densecomm_core.adapter import DenseAdapter
 from densecomm_core.codec.base import Codec, CodecError, get_codec
 from densecomm_core.codec.transform import KVBases
-from densecomm_core.models import LoadedModel, RopeModel, load_model, load_rope_model
+from densecomm_core.errors import IncompatiblePairError
+from densecomm_core.models import LoadedModel, RopeModel, check_shared_tokenizer_at, load_model, load_rope_model
 from densecomm_core.relay import PromptFormat
-from services.config import RouteConfig, ServeConfig
+from services.config import ConfigError, RouteConfig, ServeConfig
 from services.errors import RequestError, RouteNotFound
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -66,6 +67,12 @@ def load_receiver_routes(config: ServeConfig) -> dict[str, ModelRoute]:
 
 
 def load_adapter_route(route: RouteConfig) -> AdapterRoute:
+    """The adapter's side of a route: both models' geometry and RoPE (no weights), the adapter, and the check
+    that both ends cut text into the same tokens (the cache is mapped token by token)."""
+    try:
+        check_shared_tokenizer_at(route.sender, route.receiver)
+    except IncompatiblePairError as exc:
+        raise ConfigError(f"route {route.name!r}: {exc}") from exc
     dtype = DTYPES[route.dtype]
     sender, receiver = load_rope_model(route.sender, dtype), load_rope_model(route.receiver, dtype)
     adapter = DenseAdapter.load(route.adapter, sender.geometry, receiver.geometry).to(route.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import grpc
 import pytest
@@ -309,3 +310,22 @@ def test_config_checks_policy_and_limits():
     assert load_config(None, max_message_bytes=2162688).max_message_bytes == 2162688
     with pytest.raises(ConfigError, match="frame_bytes 4194304"):
         load_config(None, frame_bytes=4 << 20, max_message_bytes=8 << 20)
+
+
+def test_a_route_whose_models_tokenize_differently_is_refused_at_start(tmp_path):
+    """The adapter service maps caches token by token: a route pairing models that cut text differently is a
+    ConfigError naming the route when the adapter starts (the serve stack never checked it)."""
+    import shutil
+
+    from services.runtime import load_adapter_route
+
+    route = zoo_route()
+    other = tmp_path / "receiver"
+    shutil.copytree(route.receiver, other)
+    config = json.loads((other / "tokenizer.json").read_text())
+    config["pre_tokenizer"] = {"type": "Split", "pattern": {"String": ","}, "behavior": "Removed", "invert": False}
+    (other / "tokenizer.json").write_text(json.dumps(config))
+    bad = load_config(None, routes=[route.__dict__, route.__dict__ | {"name": "mixed", "receiver": str(other)}]).route("mixed")
+    with pytest.raises(ConfigError, match="route 'mixed': .* tokenize text differently"):
+        load_adapter_route(bad)
+    load_adapter_route(load_config(None).route("zoo"))  # the zoo's pair shares its tokenizer
