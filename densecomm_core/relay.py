@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from densecomm_core.adapter import DenseAdapter
 from densecomm_core.cache import KVCache
-from densecomm_core.errors import GeometryMismatchError
+from densecomm_core.errors import CacheLayoutError, GeometryMismatchError
 from densecomm_core.generation import GenerationConfig, generate, model_device, prefill
 from densecomm_core.models import LoadedModel, RopeModel, check_shared_tokenizer
 from densecomm_core.rope import restore_rope, strip_rope
@@ -196,14 +196,27 @@ def sliding_window(model: LoadedModel) -> int | None:
     return int(window) if uses else None
 
 
-def padding_crosses_window(model: LoadedModel, cache: KVCache | None, prompt_width: int, new_tokens: int = 0) -> bool:
-    """Whether a batch laid out as a right-padded cache then left-padded prompts spans more slots than the
-    model's sliding window. transformers measures the window in slots, not positions, so a shorter row, whose
-    padding sits between its cache and its prompt, would then lose cache tokens its window holds: such a batch
-    must run row by row (a single row has no padding, so slots and positions agree)."""
+def padding_crosses_window(model: LoadedModel, cache: KVCache | None, prompt_mask: torch.Tensor, new_tokens: int = 0) -> bool:
+    """Whether a batch laid out as a right-padded cache then left-padded prompts (``prompt_mask``, B x T) has
+    padding between some row's cache and its prompt and spans more slots than the model's sliding window.
+    transformers measures the window in slots, not positions, so such a row would lose cache tokens its window
+    holds: the batch must run row by row (one row, or a batch without padding, has slots equal to positions)."""
     window = sliding_window(model)
-    rows = cache.batch_size if cache is not None else 0
-    return bool(window) and rows > 1 and cache.mask.shape[1] + prompt_width + new_tokens > window
+    if not window or cache is None or cache.batch_size < 2:
+        return False
+    if bool(cache.mask.all()) and bool(prompt_mask.bool().all()):
+        return False
+    return cache.mask.shape[1] + prompt_mask.shape[1] + new_tokens > window
+
+
+def check_teacher_forced_layout(model: LoadedModel, cache: KVCache, mask: torch.Tensor) -> None:
+    """Training losses read a batch in one forward: refuse one whose padding crosses the receiver's sliding
+    window (``padding_crosses_window``), naming the fix, rather than train on rows that lost their cache."""
+    if padding_crosses_window(model, cache, mask):
+        raise CacheLayoutError(f"receiver {model.path!r}: this batch spans {cache.mask.shape[1] + mask.shape[1]} slots with "
+                               f"padding between some row's cache and its prompt, beyond its sliding window of "
+                               f"{sliding_window(model)}, so that row would lose cache tokens (transformers counts the "
+                               "window in slots): lower the batch size to 1 or keep examples shorter than the window")
 
 
 def receiver_generate(
@@ -218,7 +231,7 @@ def receiver_generate(
     padding would cross a sliding window (``padding_crosses_window``) is generated row by row."""
     tokenizer = receiver.tokenizer
     ids, mask, cache = receiver_inputs(receiver, cache, prompts)
-    if padding_crosses_window(receiver, cache, ids.shape[1], config.max_new_tokens):
+    if padding_crosses_window(receiver, cache, mask, config.max_new_tokens):
         if on_token is not None:
             raise ValueError(f"receiver {receiver.path!r} generates this batch row by row (its padding crosses the "
                              f"sliding window of {sliding_window(receiver)}): on_token needs one row per call")

@@ -171,7 +171,10 @@ def test_a_sliding_window_receiver_answers_a_batch_as_one_row_at_a_time():
     contexts = ["recall ann 1 , bob 2 , cal 3 , dee 4 , eve 5 . cal ?", "math 3 + 4 ?", "recall ann 1 . ann ?"]
     config = GenerationConfig(max_new_tokens=6)
     cache = relay.transfer(contexts)
-    assert padding_crosses_window(receiver, cache, prompt_width=2)  # the batch is wider than the window
+    assert padding_crosses_window(receiver, cache, torch.ones(3, 2))  # padded, and wider than the window
+    unpadded = cache.rows([0, 0])
+    assert not padding_crosses_window(receiver, unpadded, torch.ones(2, 2))  # no padding: slots are positions
+    # (on this tiny model the unaware answers differ without the split; the aware ones happen to agree)
     for mode in (ContextMode.AWARE, ContextMode.UNAWARE):
         batched = relay.run(contexts, mode, config)
         alone = [relay.run([c], mode, config) for c in contexts]
@@ -183,7 +186,7 @@ def test_a_sliding_window_receiver_answers_a_batch_as_one_row_at_a_time():
         relay.run(contexts, ContextMode.UNAWARE, config, on_token=lambda step, tokens: None)
 
 
-def test_phase_ii_refuses_a_batch_that_crosses_the_receivers_sliding_window():
+def test_training_losses_refuse_a_batch_that_crosses_the_receivers_sliding_window():
     from densecomm_core.errors import CacheLayoutError
     from densecomm_core.training.phase2 import generation_loss
     from densecomm_core.training.traces import TraceRecord
@@ -195,3 +198,9 @@ def test_phase_ii_refuses_a_batch_that_crosses_the_receivers_sliding_window():
     records = [TraceRecord(context=c, answer="5", trace=" 5") for c in ("recall ann 1 , bob 2 , cal 3 . cal ?", "math 1 + 2 ?")]
     with pytest.raises(CacheLayoutError, match="sliding window of 8"):
         generation_loss(adapter, sender, receiver, records, [ContextMode.UNAWARE] * 2, PromptFormat())
+    from densecomm_core.baselines.c2c import C2CFuser, C2CConfig
+    from densecomm_core.baselines.c2c_training import c2c_generation_loss
+
+    fuser = C2CFuser(C2CConfig(sender.geometry, receiver.geometry))
+    with pytest.raises(CacheLayoutError, match="sliding window of 8"):  # the C2C baseline's loss reads the same layout
+        c2c_generation_loss(fuser, sender, receiver, records, [ContextMode.UNAWARE] * 2, PromptFormat())

@@ -27,7 +27,7 @@ from densecomm_core.baselines.c2c import C2CFuser, c2c_run, fuse_caches
 from densecomm_core.evaluation.accuracy import accuracy_by_family
 from densecomm_core.generation import GenerationConfig, forward_after_cache, model_device
 from densecomm_core.models import LoadedModel
-from densecomm_core.relay import ContextMode, PromptFormat, sender_prefill
+from densecomm_core.relay import ContextMode, PromptFormat, check_teacher_forced_layout, sender_prefill
 from densecomm_core.training.common import local_checkpoint, start_training
 from densecomm_core.training.loop import LoopConfig, StepResult, batch_rng, run_steps, shard
 from densecomm_core.training.phase2 import receiver_batch
@@ -90,6 +90,7 @@ def c2c_generation_loss(
     cache = fuse_caches(fuser, source, own, sender, receiver)
     prompts = [prompt_format.receiver_prompt(m, r.context) for r, m in zip(records, modes)]
     ids, mask, labels = receiver_batch(receiver, prompts, [r.trace for r in records], model_device(receiver.model))
+    check_teacher_forced_layout(receiver, cache, mask)
     logits, _ = forward_after_cache(receiver.model, ids, mask, cache.to_dynamic_cache(), cache.mask, cache.next_positions)
     labels = labels.to(logits.device)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)

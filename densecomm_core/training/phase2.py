@@ -26,13 +26,11 @@ from densecomm_core.codec import Codec, get_codec
 from densecomm_core.generation import forward_after_cache, model_device
 from densecomm_core.hop import reconstruct
 from densecomm_core.models import LoadedModel
-from densecomm_core.errors import CacheLayoutError
 from densecomm_core.relay import (
     ContextMode,
     PromptFormat,
-    padding_crosses_window,
+    check_teacher_forced_layout,
     sender_prefill,
-    sliding_window,
     transform_cache,
 )
 from densecomm_core.training.common import local_checkpoint, start_training
@@ -113,11 +111,7 @@ def generation_loss(
     cache = transform_cache(adapter, source, sender, receiver)
     prompts = [prompt_format.receiver_prompt(m, r.context) for r, m in zip(records, modes)]
     ids, mask, labels = receiver_batch(receiver, prompts, [r.trace for r in records], model_device(receiver.model))
-    if padding_crosses_window(receiver, cache, ids.shape[1]):
-        raise CacheLayoutError(f"receiver {receiver.path!r}: this batch spans {cache.mask.shape[1] + ids.shape[1]} slots, beyond its "
-                            f"sliding window of {sliding_window(receiver)}, so its shorter rows would lose cache tokens "
-                            "(transformers counts the window in slots, and padding sits between a row's cache and its "
-                            "prompt): lower the batch size to 1 or keep examples shorter than the window")
+    check_teacher_forced_layout(receiver, cache, mask)
     logits, _ = forward_after_cache(receiver.model, ids, mask, cache.to_dynamic_cache(), cache.mask, cache.next_positions)
     labels = labels.to(logits.device)  # the LM head's device (the same one unless the model is split)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
