@@ -369,10 +369,19 @@ class ShmPool:
                     self.retiring.append((time.monotonic() + RETIRE_GRACE_S, slot))
                     retired += 1
             self._reap()
+        if retired:  # unlinked after the grace even if this pool is not used again meanwhile
+            timer = threading.Timer(RETIRE_GRACE_S + 0.05, self.reap)
+            timer.daemon = True
+            timer.start()
         if retired:
             log.info("a stream ended with %d shared-memory slot(s) its reader never released: unlinked after %.0f s",
                      retired, RETIRE_GRACE_S)
         return freed, retired
+
+    def reap(self) -> None:
+        """Unlink the retiring slots whose grace has passed."""
+        with self.lock:
+            self._reap()
 
     def _reap(self) -> None:
         """Unlink the retiring slots whose grace has passed (lock held)."""

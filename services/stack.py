@@ -348,14 +348,17 @@ def check_files_on_nodes(config: ServeConfig) -> None:
     import ray
 
     task = ray.remote(num_cpus=0, max_retries=0)(security.check_files)
-    checks = [task.options(resources=dict(getattr(config, kind).resources) or None).remote(kind, config) for kind in KINDS]
-    try:
-        ray.get(checks, timeout=600)
-    except ray.exceptions.RayTaskError as exc:
-        cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else None
-        if isinstance(cause, ConfigError):
-            raise ConfigError(str(cause)) from None
-        raise
+    checks = {kind: task.options(num_gpus=getattr(config, kind).num_gpus, resources=dict(getattr(config, kind).resources) or None)
+              .remote(kind, config) for kind in KINDS}
+    for kind, check in checks.items():
+        try:
+            ray.get(check, timeout=900)  # the actors' own wait: a node of the role may still be coming up
+        except ray.exceptions.GetTimeoutError:
+            raise ConfigError(f"{kind}: no node with the resources of [{kind}] took its security check within 900 s") from None
+        except ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            raise ConfigError(str(cause) if isinstance(cause, ConfigError) else f"{kind}: checking its security files "
+                              f"failed: {type(cause).__name__}: {cause}") from None
 
 
 class ServiceActor:
