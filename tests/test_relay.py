@@ -201,6 +201,11 @@ def test_training_losses_refuse_a_batch_that_crosses_the_receivers_sliding_windo
     from densecomm_core.baselines.c2c import C2CFuser, C2CConfig
     from densecomm_core.baselines.c2c_training import c2c_generation_loss
 
+    from densecomm_core.training.phase2 import check_records_fit_window
+
+    with pytest.raises(CacheLayoutError, match="train with one row per worker"):  # refused before training starts
+        check_records_fit_window(sender, receiver, records, rows=2)
+    check_records_fit_window(sender, receiver, records, rows=1)  # one row: no padding
     fuser = C2CFuser(C2CConfig(sender.geometry, receiver.geometry))
     with pytest.raises(CacheLayoutError, match="sliding window of 8"):  # the C2C baseline's loss reads the same layout
         c2c_generation_loss(fuser, sender, receiver, records, [ContextMode.UNAWARE] * 2, PromptFormat())

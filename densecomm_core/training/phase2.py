@@ -23,6 +23,7 @@ from torch.nn import functional as F
 
 from densecomm_core.adapter import DenseAdapter
 from densecomm_core.codec import Codec, get_codec
+from densecomm_core.errors import CacheLayoutError
 from densecomm_core.generation import forward_after_cache, model_device
 from densecomm_core.hop import reconstruct
 from densecomm_core.models import LoadedModel
@@ -30,6 +31,7 @@ from densecomm_core.relay import (
     ContextMode,
     PromptFormat,
     check_teacher_forced_layout,
+    sliding_window,
     sender_prefill,
     transform_cache,
 )
@@ -117,6 +119,24 @@ def generation_loss(
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 
+def check_records_fit_window(sender: LoadedModel, receiver: LoadedModel, records: Sequence[TraceRecord], rows: int,
+                             prompt_format: PromptFormat = PromptFormat()) -> None:
+    """Before phase II starts: with a sliding-window receiver and more than one row per worker, a batch may span
+    up to the longest sender cache plus the longest receiver prompt and trace, and one beyond the window is
+    refused when it is drawn (``check_teacher_forced_layout``), maybe hours in; refuse such records now."""
+    window = sliding_window(receiver)
+    if not window or rows < 2 or not records:
+        return
+    cache = max(len(sender.tokenizer(prompt_format.sender.format(context=r.context))["input_ids"]) for r in records)
+    tail = max(len(receiver.tokenizer(prompt_format.receiver_prompt(ContextMode.AWARE, r.context) + r.trace,
+                                      add_special_tokens=False)["input_ids"]) + 1 for r in records)
+    if cache + tail > window:
+        raise CacheLayoutError(f"receiver {receiver.path!r} has a sliding window of {window}, and a batch of {rows} rows "
+                               f"per worker can span {cache} cache + {tail} prompt and trace slots: padding would push "
+                               "rows' caches out of the window; train with one row per worker (batch_size = number of "
+                               "workers) or on examples shorter than the window")
+
+
 def phase2_batch(
     records: Sequence[TraceRecord], config: Phase2Config, step: int, rank: int = 0, world: int = 1
 ) -> tuple[list[TraceRecord], list[ContextMode], bool, list[str]]:
@@ -165,6 +185,7 @@ def train_phase2(
     """Optimise ``adapter`` on the mixed-regime generation loss in this process; returns the evaluation history."""
     if not records:
         raise ValueError("phase 2 needs at least one trace record")
+    check_records_fit_window(sender, receiver, records, config.batch_size, prompt_format)
     input_codec = get_codec(config.input_codec, **(config.input_codec_params or {})) if config.input_codec else None
     optimizer, start, history = start_training("phase2", adapter, config, checkpoint, resume)
     if start:
