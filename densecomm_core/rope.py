@@ -59,8 +59,8 @@ def layers_without_rope(config, layers: int, path: str = "") -> list[bool]:
 
 def traced_rope_layers(model) -> tuple[bool, ...] | None:
     """Per decoder layer, whether the model's forward calls its ``apply_rotary_pos_emb`` there: one forward of
-    two tokens with the function traced (None when it cannot run: no ``layers`` list to attribute calls to, or
-    weights on the meta device, which hold no data)."""
+    two tokens with the function traced (None when it cannot tell: no ``layers`` list to attribute calls to,
+    weights on the meta device, which hold no data, or no call through the module's function at all)."""
     import sys
 
     layers = getattr(model.model.base_model, "layers", None)
@@ -87,6 +87,8 @@ def traced_rope_layers(model) -> tuple[bool, ...] | None:
             module.apply_rotary_pos_emb = original
             for hook in hooks:
                 hook.remove()
+    if not rotated:  # its attention rotates through another binding (a fused kernel, say): nothing to compare
+        return None
     return tuple(i in rotated for i in range(len(layers)))
 
 
