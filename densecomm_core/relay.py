@@ -187,7 +187,11 @@ def receiver_inputs(
 
 def sliding_window(model: LoadedModel) -> int | None:
     """The window of the model's sliding-window attention layers (Mistral, Gemma-2/3, ...), None if it has none."""
-    config = model.model.config.get_text_config()
+    return config_sliding_window(model.model.config.get_text_config())
+
+
+def config_sliding_window(config) -> int | None:
+    """``sliding_window`` from a (text) model config alone."""
     window = getattr(config, "sliding_window", None)
     if not window:
         return None

@@ -206,6 +206,16 @@ def test_training_losses_refuse_a_batch_that_crosses_the_receivers_sliding_windo
     with pytest.raises(CacheLayoutError, match="train with one row per worker"):  # refused before training starts
         check_records_fit_window(sender, receiver, records, rows=2)
     check_records_fit_window(sender, receiver, records, rows=1)  # one row: no padding
+    # the check counts the slots as the loss lays them out (prompt and trace tokenized apart: joined, "=>5" was
+    # one token and the check passed a batch the loss then refused)
+    from densecomm_core.training.phase2 import receiver_batch, window_overflow
+
+    glued = [TraceRecord(context=r.context, answer="5", trace="5") for r in records]
+    cache = max(sender_prefill(sender, [PromptFormat().sender.format(context=r.context)]).mask.shape[1] for r in glued)
+    tail = max(receiver_batch(receiver, [PromptFormat().receiver_prompt(ContextMode.AWARE, r.context)], [r.trace])[0].shape[1]
+               for r in glued)
+    assert window_overflow(sender.tokenizer, receiver.tokenizer, cache + tail - 1, glued, rows=2)
+    assert window_overflow(sender.tokenizer, receiver.tokenizer, cache + tail, glued, rows=2) is None
     fuser = C2CFuser(C2CConfig(sender.geometry, receiver.geometry))
     with pytest.raises(CacheLayoutError, match="sliding window of 8"):  # the C2C baseline's loss reads the same layout
         c2c_generation_loss(fuser, sender, receiver, records, [ContextMode.UNAWARE] * 2, PromptFormat())

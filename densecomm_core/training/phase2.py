@@ -124,17 +124,27 @@ def check_records_fit_window(sender: LoadedModel, receiver: LoadedModel, records
     """Before phase II starts: with a sliding-window receiver and more than one row per worker, a batch may span
     up to the longest sender cache plus the longest receiver prompt and trace, and one beyond the window is
     refused when it is drawn (``check_teacher_forced_layout``), maybe hours in; refuse such records now."""
-    window = sliding_window(receiver)
+    message = window_overflow(sender.tokenizer, receiver.tokenizer, sliding_window(receiver), records, rows, prompt_format)
+    if message:
+        raise CacheLayoutError(f"receiver {receiver.path!r}: {message}")
+
+
+def window_overflow(sender_tokenizer, receiver_tokenizer, window: int | None, records: Sequence[TraceRecord], rows: int,
+                    prompt_format: PromptFormat = PromptFormat()) -> str | None:
+    """Why a phase II batch of ``rows`` rows of ``records`` could cross a receiver's sliding ``window``, or None.
+    Tokenizers only (no weights): the training job checks it in its driver before it starts any worker. Counted
+    as the loss lays the batch out: the sender's cache of X, then the receiver's prompt and trace, each tokenized
+    on its own, and an EOS."""
     if not window or rows < 2 or not records:
-        return
-    cache = max(len(sender.tokenizer(prompt_format.sender.format(context=r.context))["input_ids"]) for r in records)
-    tail = max(len(receiver.tokenizer(prompt_format.receiver_prompt(ContextMode.AWARE, r.context) + r.trace,
-                                      add_special_tokens=False)["input_ids"]) + 1 for r in records)
-    if cache + tail > window:
-        raise CacheLayoutError(f"receiver {receiver.path!r} has a sliding window of {window}, and a batch of {rows} rows "
-                               f"per worker can span {cache} cache + {tail} prompt and trace slots: padding would push "
-                               "rows' caches out of the window; train with one row per worker (batch_size = number of "
-                               "workers) or on examples shorter than the window")
+        return None
+    cache = max(len(sender_tokenizer(prompt_format.sender.format(context=r.context))["input_ids"]) for r in records)
+    tail = max(len(receiver_tokenizer(prompt_format.receiver_prompt(ContextMode.AWARE, r.context), add_special_tokens=False)["input_ids"])
+               + len(receiver_tokenizer(r.trace, add_special_tokens=False)["input_ids"]) + 1 for r in records)
+    if cache + tail <= window:
+        return None
+    return (f"its sliding window is {window}, and a batch of {rows} rows per worker can span {cache} cache + {tail} "
+            "prompt and trace slots: padding would push rows' caches out of the window; train with one row per "
+            "worker (batch_size = number of workers) or on examples shorter than the window")
 
 
 def phase2_batch(

@@ -26,6 +26,7 @@ from services.train.config import STAGES, TrainConfig, TrainConfigError
 from services.train.data import (
     Splits,
     load_splits,
+    prompt_format,
     trace_requests,
 )
 
@@ -269,6 +270,29 @@ def run_phase(config: TrainConfig, phase: str, init_adapter: str | None) -> dict
             "history": state.history, "checkpoint": result.checkpoint.path}
 
 
+def check_phase2_window(config: TrainConfig, splits: Splits) -> None:
+    """Refuse phase II before any worker starts when a batch could cross a sliding-window receiver's window
+    (``phase2.window_overflow``, from the tokenizers, the receiver's config and the traces)."""
+    from transformers import AutoConfig
+
+    from densecomm_core.models import load_tokenizer
+    from densecomm_core.relay import config_sliding_window
+    from densecomm_core.training.phase2 import window_overflow
+    from densecomm_core.training.traces import load_traces, match_traces
+    from services.train.worker import model_paths
+
+    paths = model_paths(config)
+    window = config_sliding_window(AutoConfig.from_pretrained(paths["receiver"], local_files_only=True).get_text_config())
+    if not window:
+        return
+    records = match_traces(load_traces(config.output_path / "traces.jsonl"), [e.question for e in splits.train])
+    rows = -(-config.phase2.batch_size // config.workers.num_workers)
+    message = window_overflow(load_tokenizer(paths["sender"]), load_tokenizer(paths["receiver"]), window, records, rows,
+                              prompt_format(config))
+    if message:
+        raise TrainConfigError(f"[phase2] batch_size {config.phase2.batch_size}: receiver {paths['receiver']!r}: {message}")
+
+
 def _pair_geometry(config: TrainConfig):
     """Both models' geometry from their configs alone (no weights loaded in the driver)."""
     from densecomm_core.models import load_rope_model
@@ -388,6 +412,7 @@ def run(config: TrainConfig, stages: tuple[str, ...] = STAGES, resume: bool = Fa
             elif stage == "phase2":
                 if not state.done("traces") or not state.done("phase1"):
                     raise RunStateError("phase2 needs the traces and phase1 stages of this run first")
+                check_phase2_window(config, splits)  # here, not in the workers: Ray Train would retry a refusal
                 result = run_phase(config, "phase2", state.data["stages"]["phase1"]["adapter"])
             else:
                 if not state.done("phase2"):

@@ -258,3 +258,37 @@ receiver = "{paths['receiver']}"
     with pytest.raises(IncompatiblePairError, match="different tokenizers"):
         run(config, STAGES)
     assert not (out / "run_state.json").exists()  # nothing started
+
+
+def test_phase2_over_a_sliding_window_is_refused_in_the_driver(tmp_path):
+    """A phase II whose batches could cross the receiver's sliding window is refused before any worker starts (a
+    refusal inside the Ray Train workers was retried max_failures times, reloading both models each time)."""
+    from densecomm_core.training.traces import TraceRecord, save_traces
+    from services.train.config import TrainConfigError
+    from services.train.data import load_splits
+    from services.train.job import check_phase2_window
+    from tests.test_relay import _sliding_window_receiver
+
+    receiver = _sliding_window_receiver(window=8)
+    receiver.model.save_pretrained(tmp_path / "mistral")
+    receiver.tokenizer.save_pretrained(tmp_path / "mistral")
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "window.toml", f"""
+output_dir = "{out}"
+[models]
+receiver = "{tmp_path / 'mistral'}"
+[phase2]
+batch_size = 4
+""")
+    splits = load_splits(config)
+    out.mkdir()
+    save_traces([TraceRecord(context=e.question, answer=e.answer, trace=" 5") for e in splits.train[:8]], out / "traces.jsonl")
+    with pytest.raises(TrainConfigError, match=r"\[phase2\] batch_size 4: .* its sliding window is 8"):
+        check_phase2_window(config, splits)
+    check_phase2_window(write_config(tmp_path / "one.toml", f"""
+output_dir = "{out}"
+[models]
+receiver = "{tmp_path / 'mistral'}"
+[phase2]
+batch_size = 2
+"""), splits)  # one row per worker (two workers by default): no padding, nothing to refuse
