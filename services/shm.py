@@ -241,6 +241,22 @@ class _Slot:
         return self.published and self.segment.token() == 0
 
 
+def raise_open_file_limit() -> tuple[int, int]:
+    """Lift this process's soft limit on open files to its hard limit (the usual 1,024 soft default is far below
+    most hard limits): every mapped slot holds a descriptor, on the sending and the reading end, and a service
+    process serves many streams at once. Returns the (before, after) soft limits."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):  # a platform that caps it lower (macOS): keep what there is
+            return soft, soft
+    return soft, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 class ShmPool:
     """Shared-memory slots of one sending process, reused across streams, at most ``max_bytes`` in all.
 

@@ -87,6 +87,10 @@ class ServiceHost:
                  receivers: list[str] = ()) -> None:
         """``receivers``: the relay's direct line to the receivers (on_cache_failure = text)."""
         self.kind, self.config, self.downstream, self.receivers = kind, config, downstream, list(receivers)
+        if config.hop_transport == "auto":  # shared-memory slots hold descriptors on both ends of a hop
+            from services.shm import raise_open_file_limit
+
+            raise_open_file_limit()
         self.metrics = ServiceMetrics(kind)
         self.port = port
         self.bind_host = (config.relay_host or config.host) if kind == "relay" else config.host

@@ -337,3 +337,17 @@ def test_a_pool_sweeps_the_segments_of_processes_killed_with_their_tracker_and_n
             child.wait(timeout=30)
         for path in foreign + ([leaked] if leaked is not None else []):
             path.unlink(missing_ok=True)
+
+
+def test_a_service_process_lifts_its_soft_open_file_limit():
+    """Each mapped slot holds a descriptor on both ends; a service starts by lifting the usual 1,024 soft limit
+    to the hard one."""
+    script = ("import resource; from services.shm import raise_open_file_limit\n"
+              "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))\n"
+              "before, after = raise_open_file_limit()\n"
+              "print(before, after, hard if hard != resource.RLIM_INFINITY else -1)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                            cwd=Path(__file__).resolve().parents[2])
+    before, after, hard = map(int, result.stdout.split())
+    assert before <= 256 and (after == hard if hard != -1 else after >= 1 << 20), result.stderr
