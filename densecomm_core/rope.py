@@ -11,6 +11,7 @@ an angle and may scale by an attention factor m (cos = m·cos θ, sin = m·sin �
 from __future__ import annotations
 
 import inspect
+import sys
 import threading
 
 import torch
@@ -61,8 +62,6 @@ def traced_rope_layers(model) -> tuple[bool, ...] | None:
     """Per decoder layer, whether the model's forward calls its ``apply_rotary_pos_emb`` there: one forward of
     two tokens with the function traced (None when it cannot tell: no ``layers`` list to attribute calls to,
     weights on the meta device, which hold no data, or no call through the module's function at all)."""
-    import sys
-
     layers = getattr(model.model.base_model, "layers", None)
     module = sys.modules.get(type(model.model).__module__)
     parameter = next(model.model.parameters(), None)
@@ -135,11 +134,9 @@ def unrotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mode
     """Exact inverse of ``rotate_keys``: rotate by -θ, then undo the attention scaling on the rotated
     coordinates (a partial rotary passes its last D - R through)."""
     scale = (cos * cos + sin * sin).unsqueeze(1)  # (B, 1, T, R): m² per rotated coordinate
-    rotated = _rotated(keys, cos, -sin, model)
-    width = scale.shape[-1]
-    if width == keys.shape[-1]:
-        return rotated / scale
-    return torch.cat([rotated[..., :width] / scale, rotated[..., width:]], dim=-1)
+    if scale.shape[-1] < keys.shape[-1]:  # a partial rotary: its last coordinates pass through, unscaled
+        scale = torch.nn.functional.pad(scale, (0, keys.shape[-1] - scale.shape[-1]), value=1.0)
+    return _rotated(keys, cos, -sin, model) / scale
 
 
 def _check(cache: KVCache, model: RopeModel, want_applied: bool) -> None:

@@ -308,9 +308,9 @@ class ShmPool:
             if self.closed or owner.closed or capacity + DATA_OFFSET > self.max_bytes:
                 return None
             self._reap()
-            if sum(1 for slot in self.lent.values() if slot.owner is owner) >= MAX_LENT_PER_STREAM:
+            if self._lent_to(owner) >= MAX_LENT_PER_STREAM:
                 self._reclaim()
-                if sum(1 for slot in self.lent.values() if slot.owner is owner) >= MAX_LENT_PER_STREAM:
+                if self._lent_to(owner) >= MAX_LENT_PER_STREAM:
                     return None  # its reader is that far behind: bytes until it catches up
             if not self.free.get(capacity):
                 self._reclaim()
@@ -336,6 +336,10 @@ class ShmPool:
         with self.lock:
             self._token = (self._token + 1) & ((1 << 64) - 1) or 1
             return self._token
+
+    def _lent_to(self, owner: ShmLease) -> int:
+        """Slots lent to ``owner`` and not yet back (lock held)."""
+        return sum(1 for slot in self.lent.values() if slot.owner is owner)
 
     def _reclaim(self) -> None:
         """Lent slots their readers released go back to the free lists (lock held)."""

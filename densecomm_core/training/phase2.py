@@ -75,12 +75,7 @@ def receiver_batch(
     """Right-padded [prompt + target + EOS] ids (B, T), mask (B, T), labels (B, T) on target + EOS only,
     built on the CPU and moved to ``device`` (the receiver's) in one copy each."""
     tok = receiver.tokenizer
-    rows, label_rows = [], []
-    for prompt, target in zip(prompts, targets):
-        p = tok(prompt, add_special_tokens=False)["input_ids"]
-        t = tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        rows.append(p + t)
-        label_rows.append([-100] * len(p) + t)
+    rows, label_rows = prompt_target_rows(tok, prompts, targets)
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
     labels = torch.full_like(ids, -100)
@@ -88,6 +83,18 @@ def receiver_batch(
     for i, (row, lab) in enumerate(zip(rows, label_rows)):
         ids[i, : len(row)], labels[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), torch.tensor(lab), 1
     return ids.to(device), mask.to(device), labels.to(device)
+
+
+def prompt_target_rows(tokenizer, prompts: Sequence[str], targets: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:
+    """Each row's [prompt + target + EOS] ids, and its labels (-100 on the prompt): the prompt and the target
+    tokenized apart, as the receiver reads them."""
+    rows, label_rows = [], []
+    for prompt, target in zip(prompts, targets):
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        t = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append(p + t)
+        label_rows.append([-100] * len(p) + t)
+    return rows, label_rows
 
 
 def generation_loss(
@@ -133,13 +140,13 @@ def window_overflow(sender_tokenizer, receiver_tokenizer, window: int | None, re
                     prompt_format: PromptFormat = PromptFormat()) -> str | None:
     """Why a phase II batch of ``rows`` rows of ``records`` could cross a receiver's sliding ``window``, or None.
     Tokenizers only (no weights): the training job checks it in its driver before it starts any worker. Counted
-    as the loss lays the batch out: the sender's cache of X, then the receiver's prompt and trace, each tokenized
-    on its own, and an EOS."""
+    as the loss lays the batch out: the sender's cache of X, then the receiver's rows (``prompt_target_rows``)."""
     if not window or rows < 2 or not records:
         return None
     cache = max(len(sender_tokenizer(prompt_format.sender.format(context=r.context))["input_ids"]) for r in records)
-    tail = max(len(receiver_tokenizer(prompt_format.receiver_prompt(ContextMode.AWARE, r.context), add_special_tokens=False)["input_ids"])
-               + len(receiver_tokenizer(r.trace, add_special_tokens=False)["input_ids"]) + 1 for r in records)
+    rows_of_records, _ = prompt_target_rows(receiver_tokenizer, [prompt_format.receiver_prompt(ContextMode.AWARE, r.context)
+                                                                  for r in records], [r.trace for r in records])
+    tail = max(len(row) for row in rows_of_records)
     if cache + tail <= window:
         return None
     return (f"its sliding window is {window}, and a batch of {rows} rows per worker can span {cache} cache + {tail} "

@@ -42,7 +42,7 @@ from densecomm_core.training.phase1 import (
     phase1_step,
     vocabulary_words,
 )
-from densecomm_core.training.phase2 import Phase2Config, check_records_fit_window, phase2_batch, phase2_step
+from densecomm_core.training.phase2 import Phase2Config, phase2_batch, phase2_step
 from densecomm_core.training.traces import load_traces, match_traces
 from services.train.config import TrainConfig, config_from_dict
 from services.train.data import answer_reader, load_splits, prompt_format
@@ -210,7 +210,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
         from densecomm_core.codec import get_codec
 
         records = match_traces(load_traces(output / "traces.jsonl"), [e.question for e in splits.train])
-        check_records_fit_window(sender, receiver, records, -(-core_config.batch_size // world), fmt)
         if core_config.input_codec == "pca":
             register_sender_basis(sender, [fmt.sender.format(context=e.question) for e in splits.train[:900]])
         codec = get_codec(core_config.input_codec, **(core_config.input_codec_params or {})) if core_config.input_codec else None
