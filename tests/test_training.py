@@ -221,3 +221,42 @@ def test_checkpoints_carry_and_restore_the_gpus_generators(tmp_path, monkeypatch
     assert restored == []
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     assert loop.cuda_rng_state() is None  # a CPU run saves none
+
+
+def test_phase2_reconstruction_anchor_adds_phase1s_loss_on_what_the_sender_read(tiny_pair):
+    """recon_weight w adds w x eq. 5 between the transformed cache and the receiver's own cache of the sender's
+    input (another example's with p_mismatch), and its gradient reaches the adapter; w = 0 is the paper's loss."""
+    sender, receiver = tiny_pair
+    adapter = fresh_adapter(tiny_pair)
+    records = [TraceRecord(e.context, e.answer, e.trace) for e in EXAMPLES[:4]]
+    modes = [ContextMode.UNAWARE, ContextMode.AWARE] * 2
+    read = [records[1].context, records[0].context, records[3].context, records[2].context]
+    for contexts in (None, read):
+        plain = generation_loss(adapter, sender, receiver, records, modes, PromptFormat(), sender_contexts=contexts)
+        assert generation_loss(adapter, sender, receiver, records, modes, PromptFormat(), sender_contexts=contexts,
+                               recon_weight=0.0).item() == plain.item()
+        anchored = generation_loss(adapter, sender, receiver, records, modes, PromptFormat(), sender_contexts=contexts,
+                                   recon_weight=0.5)
+        with torch.no_grad():
+            recon = batch_loss(adapter, sender, receiver, contexts or [r.context for r in records])
+        assert recon.item() > 0
+        torch.testing.assert_close(anchored, plain + 0.5 * recon, rtol=1e-5, atol=1e-6)
+    adapter.zero_grad()
+    (anchored - plain.detach()).backward()  # the anchor's own gradient
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.parameters())
+
+
+def test_phase2_step_passes_its_configs_recon_weight(tiny_pair):
+    from densecomm_core.training.phase2 import phase2_batch, phase2_step
+
+    sender, receiver = tiny_pair
+    adapter = fresh_adapter(tiny_pair)
+    records = [TraceRecord(e.context, e.answer, e.trace) for e in EXAMPLES[:8]]
+    config = Phase2Config(batch_size=4, p_aware=0.5)
+    batch = phase2_batch(records, config, step=1)
+    plain = phase2_step(adapter, sender, receiver, batch, PromptFormat(), None, config).loss
+    anchored = phase2_step(adapter, sender, receiver, batch, PromptFormat(), None, Phase2Config(batch_size=4, p_aware=0.5,
+                                                                                                 recon_weight=2.0)).loss
+    with torch.no_grad():
+        recon = batch_loss(adapter, sender, receiver, [r.context for r in batch[0]])
+    torch.testing.assert_close(anchored, plain + 2.0 * recon, rtol=1e-5, atol=1e-6)

@@ -4,7 +4,10 @@ Each example's receiver prompt is context-aware with probability ``p_aware`` and
 otherwise; the target is the receiver's own guided trace in both cases. Only the adapter learns.
 With ``p_mismatch`` (ours, not the paper's) a context-aware example's cache is the sender's cache of
 another example of the batch: the receiver must still answer its own input, so the adapter learns a
-cache that informs without overriding what the prompt says.
+cache that informs without overriding what the prompt says. With ``recon_weight`` (ours, not the paper's) the
+loss keeps phase I's reconstruction term as an anchor: ``recon_weight`` times the squared error between the
+transformed cache and the receiver's own cache of the sender's input, so generation tuning cannot drift into a
+cache only the trained families decode (the paper's phase II optimises generation alone).
 
     phase2_batch(records, config, step, rank, world)   this worker's (records, modes, through codec?) of a step
     generation_loss(...)                               eq. 7 on one batch
@@ -43,6 +46,7 @@ from densecomm_core.training.loop import (
     run_steps,
     shard,
 )
+from densecomm_core.training.phase1 import reconstruction_loss
 from densecomm_core.training.traces import TraceRecord
 
 log = logging.getLogger(__name__)
@@ -66,6 +70,8 @@ class Phase2Config:
     p_input_codec: float = 0.5
     # Context-aware examples whose cache comes from another example's input (0: the paper's recipe)
     p_mismatch: float = 0.0
+    # Phase I's reconstruction loss kept in phase II with this weight (0: the paper's recipe, generation only)
+    recon_weight: float = 0.0
     gate_lr_multiplier: float = 1.0  # the gates' rate relative to the MLPs' (see training.loop.build_optimizer)
 
 
@@ -106,24 +112,32 @@ def generation_loss(
     prompt_format: PromptFormat,
     input_codec: Codec | None = None,
     sender_contexts: Sequence[str] | None = None,
+    recon_weight: float = 0.0,
 ) -> torch.Tensor:
     """Eq. 7: −Σ log p_R(y_t | y_<t, T_θ(C_S(X)), X_R), averaged over target tokens.
 
     With ``input_codec`` the sender's cache first goes through it as the relay ships it (``hop.reconstruct``:
     on tensors for token-wise codecs; no gradient needed, only the adapter learns and it sits after the codec).
-    ``sender_contexts``: what the sender reads per example (default: each record's own context)."""
+    ``sender_contexts``: what the sender reads per example (default: each record's own context).
+    ``recon_weight`` > 0 adds that times eq. 5 (``phase1.reconstruction_loss``) between the transformed cache and
+    the receiver's own cache of what the sender read (the uncompressed input, whatever the codec did)."""
     contexts = list(sender_contexts) if sender_contexts is not None else [r.context for r in records]
+    sender_texts = [prompt_format.sender.format(context=c) for c in contexts]
     with torch.no_grad():
-        source = sender_prefill(sender, [prompt_format.sender.format(context=c) for c in contexts])
+        source = sender_prefill(sender, sender_texts)
         if input_codec is not None:
             source = reconstruct(source, input_codec, model=sender)
+        own = sender_prefill(receiver, sender_texts) if recon_weight > 0 else None
     cache = transform_cache(adapter, source, sender, receiver)
     prompts = [prompt_format.receiver_prompt(m, r.context) for r, m in zip(records, modes)]
     ids, mask, labels = receiver_batch(receiver, prompts, [r.trace for r in records], model_device(receiver.model))
     check_teacher_forced_layout(receiver, cache, mask)
     logits, _ = forward_after_cache(receiver.model, ids, mask, cache.to_dynamic_cache(), cache.mask, cache.next_positions)
     labels = labels.to(logits.device)  # the LM head's device (the same one unless the model is split)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    if own is not None:
+        loss = loss + recon_weight * reconstruction_loss(cache, own).to(loss.device)
+    return loss
 
 
 def check_records_fit_window(sender: LoadedModel, receiver: LoadedModel, records: Sequence[TraceRecord], rows: int,
@@ -179,11 +193,12 @@ def phase2_step(
     batch: tuple[list[TraceRecord], list[ContextMode], bool, list[str]],
     prompt_format: PromptFormat,
     input_codec: Codec | None,
+    config: Phase2Config,
 ) -> StepResult:
     """One worker's loss on its shard; ``adapter`` may be DDP-wrapped."""
     records, modes, through_codec, contexts = batch
     loss = generation_loss(adapter, sender, receiver, records, modes, prompt_format, input_codec if through_codec else None,
-                           contexts)
+                           contexts, config.recon_weight)
     return StepResult(loss, sum(len(r.trace.split()) for r in records))
 
 
@@ -211,7 +226,7 @@ def train_phase2(
                       eval_every=config.eval_every, checkpoint_every=config.eval_every)
     history = run_steps(
         "phase2", adapter, optimizer, loop,
-        lambda step: phase2_step(adapter, sender, receiver, phase2_batch(records, config, step), prompt_format, input_codec),
+        lambda step: phase2_step(adapter, sender, receiver, phase2_batch(records, config, step), prompt_format, input_codec, config),
         start_step=start, history=history, evaluate=(lambda step: evaluate()) if evaluate else None,
         checkpoint=local_checkpoint(checkpoint, "phase2", adapter, optimizer, config),
     )

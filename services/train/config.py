@@ -130,6 +130,8 @@ class PhaseConfig:
     p_input_codec: float = 0.5
     # context-aware examples whose cache is the sender's cache of another example (0 = the paper's recipe)
     p_mismatch: float = 0.0
+    # phase I's reconstruction loss kept in phase II with this weight, an anchor to the receiver's own cache (0 = the paper's recipe)
+    recon_weight: float = 0.0
     # phase 1 only: texts replaced by their words and another context's, scrambled (0 = the paper's recipe)
     p_scrambled: float = 0.0
     # phase 1 only: texts replaced by random words of the tokenizer's whole vocabulary (0 = the paper's recipe)
@@ -137,7 +139,7 @@ class PhaseConfig:
 
 
 # Data options of one phase; set in the other phase's section they are an error, not silently ignored.
-PHASE_ONLY = {"phase1": ("p_scrambled", "p_vocabulary"), "phase2": ("p_mismatch", "input_codec", "input_codec_params")}
+PHASE_ONLY = {"phase1": ("p_scrambled", "p_vocabulary"), "phase2": ("p_mismatch", "input_codec", "input_codec_params", "recon_weight")}
 
 
 @dataclass(frozen=True)
@@ -286,6 +288,7 @@ def validate(config: TrainConfig) -> TrainConfig:
         for key in ("log_every", "eval_every", "checkpoint_every"):
             _check(getattr(ph, key) > 0, f"[{name}].{key}", f"must be > 0, got {getattr(ph, key)}")
         _check(0 <= ph.eval_size, f"[{name}].eval_size", f"must be >= 0, got {ph.eval_size}")
+        _check(ph.recon_weight >= 0, f"[{name}].recon_weight", f"must be >= 0, got {ph.recon_weight}")
         for key in ("p_aware", "p_input_codec", "p_mismatch", "p_scrambled", "p_vocabulary"):
             _check(0 <= getattr(ph, key) <= 1, f"[{name}].{key}", f"must be in [0, 1], got {getattr(ph, key)}")
         other = "phase2" if name == "phase1" else "phase1"

@@ -106,7 +106,7 @@ def phase_config(config: TrainConfig, phase: str):
         return Phase1Config(**common, p_scrambled=ph.p_scrambled, p_vocabulary=ph.p_vocabulary)
     return Phase2Config(**common, p_aware=ph.p_aware, input_codec=ph.input_codec or None,
                         input_codec_params=dict(ph.input_codec_params) or None, p_input_codec=ph.p_input_codec,
-                        p_mismatch=ph.p_mismatch)
+                        p_mismatch=ph.p_mismatch, recon_weight=ph.recon_weight)
 
 
 def gate_summary(adapter: DenseAdapter) -> dict:
@@ -217,7 +217,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         families = sorted({e.family for e in splits.validation})
 
         def step_loss(step: int):
-            return phase2_step(model, sender, receiver, phase2_batch(records, core_config, step, rank, world), fmt, codec)
+            return phase2_step(model, sender, receiver, phase2_batch(records, core_config, step, rank, world), fmt, codec,
+                               core_config)
 
         def evaluate(step: int) -> dict:
             figures: dict = {}

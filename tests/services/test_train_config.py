@@ -46,6 +46,9 @@ def test_zoo_v2_config_trains_on_v2_in_domain_families_and_its_lms():
     scrambled = load_train_config(Path(services.train.__file__).with_name("zoo-v2-scrambled.toml"))  # zoo-v2 plus p_scrambled
     assert v2.phase1.p_scrambled == 0 and scrambled.phase1.p_scrambled == 0.5
     assert replace(scrambled, name=v2.name, output_dir=v2.output_dir, phase1=replace(scrambled.phase1, p_scrambled=0.0)) == v2
+    anchor = load_train_config(Path(services.train.__file__).with_name("zoo-v2-anchor.toml"))  # zoo-v2 plus recon_weight
+    assert v2.phase2.recon_weight == 0 and anchor.phase2.recon_weight > 0
+    assert replace(anchor, name=v2.name, output_dir=v2.output_dir, phase2=replace(anchor.phase2, recon_weight=0.0)) == v2
     vocabulary = load_train_config(Path(services.train.__file__).with_name("zoo-v2-vocabulary.toml"))  # zoo-v2 plus p_vocabulary
     assert v2.phase1.p_vocabulary == 0 and vocabulary.phase1.p_vocabulary == 0.5
     assert replace(vocabulary, name=v2.name, output_dir=v2.output_dir, phase1=replace(vocabulary.phase1, p_vocabulary=0.0)) == v2
@@ -92,6 +95,9 @@ def test_zoo_v2_config_trains_on_v2_in_domain_families_and_its_lms():
         ("[phase2]\np_aware = 2.0", r"\[phase2\]\.p_aware must be in \[0, 1\], got 2.0"),
         ("[phase2]\np_vocabulary = 0.5", r"\[phase2\]\.p_vocabulary applies to \[phase1\] only, got 0.5"),
         ("[phase1]\np_mismatch = 0.5", r"\[phase1\]\.p_mismatch applies to \[phase2\] only, got 0.5"),
+        ("[phase2]\nrecon_weight = -1.0", r"\[phase2\]\.recon_weight must be >= 0, got -1.0"),
+        ("[phase2]\nrecon_weight = inf", r"\[phase2\]\.recon_weight must be a finite number, got inf"),
+        ("[phase1]\nrecon_weight = 0.1", r"\[phase1\]\.recon_weight applies to \[phase2\] only, got 0.1"),
         ("[phase1]\ninput_codec = 'pca'", r"\[phase1\]\.input_codec applies to \[phase2\] only, got 'pca'"),
         ("name = 'a b'", r"name must be letters, digits"),
         ("[fault]\nphase = 'phase3'", r"\[fault\]\.phase must be"),
