@@ -1,4 +1,4 @@
-"""`densecomm analyze cs | pca`: run an analysis on a pair (default: the embedded zoo pair and its committed adapter), print its tables, write PNG, Markdown and JSON."""
+"""`densecomm analyze cs | pca | recon`: run an analysis on a pair (default: the embedded zoo pair and its committed adapter), print its tables, write PNG, Markdown and JSON."""
 
 from __future__ import annotations
 
@@ -109,9 +109,32 @@ def cmd_pca(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recon(args: argparse.Namespace) -> int:
+    from densecomm_core.analysis.recon import recon_table, reconstruction_by_set
+    from densecomm_core.zoo.suite import get_suite
+
+    suite = get_suite(args.zoo)
+    sender, receiver, adapter = load_pair(args.adapter, args.zoo)
+    sets = {family: [e.context for e in suite.make_split("test", args.examples, [family])] for family in suite.family_names}
+    progress_printer(not args.json)(f"reconstruction loss on {args.examples} test contexts of each of {len(sets)} task sets")
+    rows = reconstruction_by_set(sender, receiver, adapter, sets, suite.prompt_format, args.batch_size)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = ("# Reconstruction loss by task set\n\nThe adapter's output against the receiver's own cache of the same input "
+              "(phase I's loss, eq. 5), on the test split; OOD sets are never in adapter training.\n\n"
+              + recon_table(rows, suite.out_of_domain))
+    data = {"zoo": args.zoo, "adapter": str(args.adapter or "committed"), "rows": [r.to_dict() for r in rows],
+            "out_of_domain": list(suite.out_of_domain)}
+    (out / "recon.md").write_text(report + "\n")
+    (out / "recon.json").write_text(json.dumps(data, indent=1) + "\n")
+    print(json.dumps(data) if args.json else "\n" + report + f"\n\nwrote {out / 'recon.md'}, {out / 'recon.json'}")
+    return 0
+
+
 def add_parser(sub) -> None:
-    """`densecomm analyze cs|pca` on the subparsers of the main CLI."""
-    analyze = sub.add_parser("analyze", help="post-hoc analyses: CS head importance (Figure 5), PCA of caches (Figure 7)")
+    """`densecomm analyze cs|pca|recon` on the subparsers of the main CLI."""
+    analyze = sub.add_parser("analyze", help="post-hoc analyses: CS head importance (Figure 5), PCA of caches (Figure 7), "
+                                             "reconstruction by task set")
     kinds = analyze.add_subparsers(dest="analyze_command", required=True)
     cs = kinds.add_parser("cs", help="compressed-sensing head importance, top-K group sweep vs random, gates vs scores")
     cs.add_argument("--zoo", default="v1", choices=ZOO_SUITES, help="the zoo suite whose pair and adapter are analysed")
@@ -140,3 +163,11 @@ def add_parser(sub) -> None:
     pca.add_argument("--output-dir", default="runs/analyze", help="where pca_values.png, pca.md and pca.json go")
     pca.add_argument("--json", action="store_true")
     pca.set_defaults(func=cmd_pca)
+    recon = kinds.add_parser("recon", help="the adapter's reconstruction loss against the receiver's own cache, per task set (OOD included)")
+    recon.add_argument("--zoo", default="v1", choices=ZOO_SUITES, help="the zoo suite whose pair and adapter are analysed")
+    recon.add_argument("--examples", type=int, default=100, help="test contexts per task family")
+    recon.add_argument("--batch-size", type=int, default=64)
+    recon.add_argument("--adapter", help="adapter directory (default: the committed zoo adapter)")
+    recon.add_argument("--output-dir", default="runs/analyze", help="where recon.md and recon.json go")
+    recon.add_argument("--json", action="store_true")
+    recon.set_defaults(func=cmd_recon)

@@ -3,6 +3,7 @@
     ablation.py   head ablation on a model's attention (zero chosen query heads at o_proj's input), KV-group filters
     cs.py         compressed-sensing head importance: stratified masks, Lasso, KV-group scores, top-K sweep, gates
     pca.py        value vectors of receiver / transformed sender / raw sender caches on the receiver's PCs
+    recon.py      the adapter's reconstruction loss against the receiver's own cache, task set by task set
     plots.py      the PNGs (matplotlib, imported inside the functions)
 """
 
