@@ -33,6 +33,16 @@ def int_list(text: str, option: str) -> tuple[int, ...]:
         raise SystemExit(f"{option} takes comma-separated integers, got {text!r}") from None
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"takes an integer >= 1, got {text!r}")
+    return value
+
+
 def alpha_arg(text: str) -> float | None:
     """--alpha: a positive float, or 'cv' for LassoCV."""
     if text == "cv":
@@ -165,8 +175,8 @@ def add_parser(sub) -> None:
     pca.set_defaults(func=cmd_pca)
     recon = kinds.add_parser("recon", help="the adapter's reconstruction loss against the receiver's own cache, per task set (OOD included)")
     recon.add_argument("--zoo", default="v1", choices=ZOO_SUITES, help="the zoo suite whose pair and adapter are analysed")
-    recon.add_argument("--examples", type=int, default=100, help="test contexts per task family")
-    recon.add_argument("--batch-size", type=int, default=64)
+    recon.add_argument("--examples", type=positive_int, default=100, help="test contexts per task family")
+    recon.add_argument("--batch-size", type=positive_int, default=64)
     recon.add_argument("--adapter", help="adapter directory (default: the committed zoo adapter)")
     recon.add_argument("--output-dir", default="runs/analyze", help="where recon.md and recon.json go")
     recon.add_argument("--json", action="store_true")

@@ -376,10 +376,11 @@ def test_phase2_step_across_devices(training_devices, mode):
         modes = [list(ContextMode)[i % 2] for i in range(len(records))]
         ids, mask, labels = phase2.receiver_batch(receiver, ["=>"] * len(records), [r.trace for r in records], gpu1)
         assert_on(gpu1, ids, mask, labels)
-        loss = phase2.generation_loss(adapter, sender, receiver, records, modes, FORMAT)
-        assert loss.device == gpu1 and loss.dtype == torch.float32
-        if can_step:
-            check_step(adapter, loss, gpu0)
+        for recon_weight in (0.0, 0.5):  # the reconstruction anchor prefills the receiver on its own device too
+            loss = phase2.generation_loss(adapter, sender, receiver, records, modes, FORMAT, recon_weight=recon_weight)
+            assert loss.device == gpu1 and loss.dtype == torch.float32
+            if can_step:
+                check_step(adapter, loss, gpu0)
 
 
 def test_trace_batches_on_the_receivers_device(gpus, mode):
@@ -429,7 +430,8 @@ def test_bf16_losses_are_float32_and_finite(bf16_relay):
     texts = [FORMAT.sender.format(context=c) for c in CONTEXTS]
     loss1 = phase1.batch_loss(adapter, sender, receiver, texts)
     records = [TraceRecord(e.context, e.answer, f"so answer {e.answer}", e.family) for e in EXAMPLES]
-    loss2 = phase2.generation_loss(adapter, sender, receiver, records, [ContextMode.UNAWARE] * len(records), FORMAT)
+    loss2 = phase2.generation_loss(adapter, sender, receiver, records, [ContextMode.UNAWARE] * len(records), FORMAT,
+                                   recon_weight=0.5)
     for loss in (loss1, loss2):
         assert loss.dtype == torch.float32 and torch.isfinite(loss)
     (loss1 + loss2).backward()

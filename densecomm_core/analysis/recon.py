@@ -19,10 +19,10 @@ import torch
 
 from densecomm_core.adapter import DenseAdapter
 from densecomm_core.analysis import AnalysisError
-from densecomm_core.cache import KVCache
+from densecomm_core.baselines.c2c import zero_cache
 from densecomm_core.models import LoadedModel
-from densecomm_core.relay import PromptFormat, sender_prefill, transform_cache
-from densecomm_core.training.phase1 import reconstruction_loss
+from densecomm_core.relay import PromptFormat
+from densecomm_core.training.phase1 import reconstruction_loss, reconstruction_pair
 
 
 @dataclass(frozen=True)
@@ -35,11 +35,6 @@ class ReconRow:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _zeros_like(cache: KVCache) -> KVCache:
-    return KVCache([torch.zeros_like(k) for k in cache.keys], [torch.zeros_like(v) for v in cache.values], cache.mask,
-                   cache.positions, cache.rope_applied, cache.fingerprint)
 
 
 @torch.no_grad()
@@ -58,11 +53,11 @@ def reconstruction_by_set(
         tokens = 0
         for start in range(0, len(contexts), batch_size):
             texts = [prompt_format.sender.format(context=c) for c in contexts[start:start + batch_size]]
-            target = sender_prefill(receiver, texts)
-            predicted = transform_cache(adapter, sender_prefill(sender, texts), sender, receiver, dtype=torch.float32)
+            predicted, target = reconstruction_pair(adapter, sender, receiver, texts)
+            zeros = zero_cache(target, receiver.geometry, target.keys[0].device, target.keys[0].dtype, target.rope_applied)
             n = int(target.mask.sum())  # eq. 5 averages over a batch's real tokens: weight each batch by its count
             loss += n * float(reconstruction_loss(predicted, target))
-            zero += n * float(reconstruction_loss(_zeros_like(target), target))
+            zero += n * float(reconstruction_loss(zeros, target))
             tokens += n
         rows.append(ReconRow(name, len(contexts), tokens, loss / tokens, loss / zero))
     return rows

@@ -82,14 +82,18 @@ def reconstruction_loss(predicted: KVCache, target: KVCache) -> torch.Tensor:
     return total / (2 * len(predicted.keys))
 
 
-def batch_loss(adapter: DenseAdapter, sender: LoadedModel, receiver: LoadedModel, texts: Sequence[str]) -> torch.Tensor:
+def reconstruction_pair(adapter: DenseAdapter, sender: LoadedModel, receiver: LoadedModel, texts: Sequence[str]) -> tuple[KVCache, KVCache]:
+    """The adapter's prediction of the receiver's cache of ``texts`` and that cache (the receiver's own prefill)."""
     with torch.no_grad():
         source = sender_prefill(sender, texts)
         target = sender_prefill(receiver, texts)  # the receiver's own cache of the same input
     # Prediction restored in float32 on the receiver's device (where the target is): the loss is fp32
     # even for a bf16 / fp16 receiver, whose target is upcast.
-    predicted = transform_cache(adapter, source, sender, receiver, dtype=torch.float32)
-    return reconstruction_loss(predicted, target)
+    return transform_cache(adapter, source, sender, receiver, dtype=torch.float32), target
+
+
+def batch_loss(adapter: DenseAdapter, sender: LoadedModel, receiver: LoadedModel, texts: Sequence[str]) -> torch.Tensor:
+    return reconstruction_loss(*reconstruction_pair(adapter, sender, receiver, texts))
 
 
 def phase1_batch(contexts: Sequence[str], config: Phase1Config, step: int, rank: int = 0, world: int = 1,

@@ -95,6 +95,7 @@ def plan(config: TrainConfig) -> str:
     for name in ("phase1", "phase2"):
         ph = getattr(config, name)
         extra = f", input codec {ph.input_codec} {ph.input_codec_params} p={ph.p_input_codec}" if name == "phase2" and ph.input_codec else ""
+        extra += f", reconstruction anchor x{ph.recon_weight}" if name == "phase2" and ph.recon_weight else ""
         lines.append(f"{name}: {ph.steps} steps x global batch {ph.batch_size} ({ph.batch_size // w.num_workers} per worker), "
                      f"lr {ph.lr} (gates x{ph.gate_lr_multiplier}), warmup {ph.warmup_steps}, eval every {ph.eval_every}, "
                      f"checkpoint every {ph.checkpoint_every}{extra}")
@@ -135,6 +136,8 @@ def progress_line(record: dict) -> str:
         line += f"  validation loss {record['validation_loss']:.4f}"
     if "validation_unaware_mean" in record:
         line += f"  validation aware {record['validation_aware_mean']:.3f} unaware {record['validation_unaware_mean']:.3f}"
+    if "validation_recon_loss" in record:
+        line += f"  reconstruction {record['validation_recon_loss']:.4f}"
     if "peak_rss_mib" in record:
         line += "  peak RSS " + "/".join(f"{r:.0f}" for r in record["peak_rss_mib"]) + " MiB"
     if "gate_median" in record:

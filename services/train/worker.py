@@ -189,6 +189,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
     collective = Collective(adapter_device)
 
     eval_size = ph.eval_size or len(splits.validation)
+
+    def validation_recon(texts: list[str]) -> float:
+        """Phase I's loss on this worker's validation texts, averaged over every worker's (per text, as phase I reports it)."""
+        total, count = 0.0, 0
+        for i in range(0, len(texts), 64):
+            chunk = texts[i : i + 64]
+            total += batch_loss(adapter, sender, receiver, chunk).item() * len(chunk)
+            count += len(chunk)
+        total, count = collective.sum([total, count])
+        return total / max(count, 1)
     validation = shard(splits.validation[:eval_size], rank, world)
     if phase == "phase1":
         contexts = [e.question for e in splits.train]
@@ -199,13 +209,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             return phase1_step(model, sender, receiver, phase1_batch(contexts, core_config, step, rank, world, vocabulary), fmt)
 
         def evaluate(step: int) -> dict:
-            total, count = 0.0, 0
-            for i in range(0, len(val_texts), 64):
-                chunk = val_texts[i : i + 64]
-                total += batch_loss(adapter, sender, receiver, chunk).item() * len(chunk)
-                count += len(chunk)
-            total, count = collective.sum([total, count])
-            return {"validation_loss": total / max(count, 1)} | gate_summary(adapter)
+            return {"validation_loss": validation_recon(val_texts)} | gate_summary(adapter)
     else:
         from densecomm_core.codec import get_codec
 
@@ -230,6 +234,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 per_family = {f: counts[2 * i] / max(counts[2 * i + 1], 1) for i, f in enumerate(families)}
                 figures[f"validation_{mode.value}"] = per_family
                 figures[f"validation_{mode.value}_mean"] = sum(per_family.values()) / len(per_family)
+            if core_config.recon_weight > 0:  # what the anchor holds: phase I's loss on the validation inputs
+                figures["validation_recon_loss"] = validation_recon([fmt.sender.format(context=e.question) for e in validation])
             return figures | gate_summary(adapter)
 
     fault = config.fault

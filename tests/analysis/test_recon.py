@@ -64,3 +64,9 @@ def test_analyze_recon_cli_reports_every_family_and_marks_ood(tmp_path, capsys):
     data = json.loads((tmp_path / "recon.json").read_text())
     assert [r["task_set"] for r in data["rows"]] == ["recall", "math", "choice", "hops", "compare", "owner"]
     assert data["out_of_domain"] == ["compare", "owner"] and all(r["loss"] > 0 for r in data["rows"])
+
+
+def test_analyze_recon_cli_refuses_a_count_below_one_before_loading_models(capsys):
+    with pytest.raises(SystemExit):
+        main(["analyze", "recon", "--examples", "0"])
+    assert "--examples: takes an integer >= 1, got '0'" in capsys.readouterr().err

@@ -49,6 +49,9 @@ def test_zoo_v2_config_trains_on_v2_in_domain_families_and_its_lms():
     anchor = load_train_config(Path(services.train.__file__).with_name("zoo-v2-anchor.toml"))  # zoo-v2 plus recon_weight
     assert v2.phase2.recon_weight == 0 and anchor.phase2.recon_weight > 0
     assert replace(anchor, name=v2.name, output_dir=v2.output_dir, phase2=replace(anchor.phase2, recon_weight=0.0)) == v2
+    from services.train.worker import phase_config
+
+    assert phase_config(anchor, "phase2").recon_weight == anchor.phase2.recon_weight  # what the Ray Train worker trains with
     vocabulary = load_train_config(Path(services.train.__file__).with_name("zoo-v2-vocabulary.toml"))  # zoo-v2 plus p_vocabulary
     assert v2.phase1.p_vocabulary == 0 and vocabulary.phase1.p_vocabulary == 0.5
     assert replace(vocabulary, name=v2.name, output_dir=v2.output_dir, phase1=replace(vocabulary.phase1, p_vocabulary=0.0)) == v2
@@ -161,6 +164,8 @@ def test_a_config_extends_another_key_by_key(tmp_path):
 
 
 def test_dry_run_plan_checks_the_data_and_starts_nothing(tmp_path):
+    from dataclasses import replace
+
     import ray
 
     config = load_train_config("zoo", output_dir=str(tmp_path / "out"))
@@ -168,6 +173,18 @@ def test_dry_run_plan_checks_the_data_and_starts_nothing(tmp_path):
     assert "train 9000, validation 150, test 600" in text
     assert "16 per worker" in text and "DDP over the adapter" in text
     assert not ray.is_initialized() and not (tmp_path / "out").exists()
+    assert "reconstruction anchor" not in text
+    anchored = replace(config, phase2=replace(config.phase2, recon_weight=0.1))
+    assert plan(anchored).splitlines()[-2].endswith(", reconstruction anchor x0.1")  # the phase2 line
+
+
+def test_progress_line_shows_phase_twos_reconstruction_when_anchored():
+    from services.train.job import progress_line
+
+    record = {"phase": "phase2", "step": 600, "steps": 9000, "loss": 0.05, "tokens_per_s": 900.0, "seconds_per_step": 0.12,
+              "eta_s": 61.0, "validation_aware_mean": 0.9, "validation_unaware_mean": 0.8}
+    assert "reconstruction" not in progress_line(record)
+    assert progress_line(record | {"validation_recon_loss": 0.1234}).endswith("unaware 0.800  reconstruction 0.1234")
 
 
 def test_cli_dry_run_and_error_exit(tmp_path, capsys):
