@@ -52,8 +52,12 @@ class RunState:
             if not resume:
                 raise RunStateError(f"output_dir {str(config.output_path)!r} already holds a run (stages done: "
                                     f"{sorted(data.get('stages', {}))}); pass --resume to continue it or choose another output_dir")
-            if data.get("config", {}).get("data") != config.to_dict()["data"]:
-                raise RunStateError(f"--resume with other [data] than the run in {str(config.output_path)!r}")
+            changed = changed_settings(data.get("config", {}), config)
+            if changed:
+                raise RunStateError(
+                    f"--resume with settings other than the run in {str(config.output_path)!r}: {'; '.join(changed)}. A "
+                    "resumed run trains what it started (only [workers], [output], [fault] and the [models] devices may "
+                    "change): restore them, or start another output_dir")
             return cls(path, data)
         config.output_path.mkdir(parents=True, exist_ok=True)
         state = cls(path, {"config": config.to_dict(), "stages": {}})
@@ -71,6 +75,32 @@ class RunState:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True, default=str) + "\n")
         tmp.replace(self.path)
+
+
+# What a resumed run may change: where and how it runs, not what it trains
+RESUMABLE = {"output_dir", "workers", "output", "fault", "models.sender_device", "models.receiver_device"}
+
+
+def changed_settings(saved: dict, config: TrainConfig) -> list[str]:
+    """``section.key: saved -> now`` for every setting ``config`` changes from a run's saved config (keys the saved
+    config predates count as their defaults), except the RESUMABLE ones."""
+    from services.train.config import config_from_dict
+
+    try:
+        saved = config_from_dict(saved).to_dict()  # fills keys added since the run started with their defaults
+    except (TypeError, KeyError):
+        pass  # another version's layout: compared as it is
+    changed = []
+    for name, value in config.to_dict().items():
+        if name in RESUMABLE:
+            continue
+        if isinstance(value, dict):
+            old = saved.get(name) if isinstance(saved.get(name), dict) else {}
+            changed += [f"[{name}].{key} {old.get(key)!r} -> {now!r}" for key, now in value.items()
+                        if f"{name}.{key}" not in RESUMABLE and old.get(key) != now]
+        elif saved.get(name) != value:
+            changed.append(f"{name} {saved.get(name)!r} -> {value!r}")
+    return changed
 
 
 def plan(config: TrainConfig) -> str:

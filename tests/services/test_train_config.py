@@ -229,3 +229,28 @@ answer_template = "#### {{answer}}"
     (tmp_path / "train.jsonl").write_text('{"question": "q?", "answer": "no final marker"}\n')
     assert main(["train", "--config", str(config), "--dry-run", "--output-dir", str(tmp_path / "o")]) == 2
     assert "train.jsonl:1" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_run_whose_training_settings_changed_and_names_them(tmp_path):
+    """A resumed phase would continue its checkpoint under another objective (e.g. a new recon_weight) and the
+    adapter would record only the new recipe: --resume refuses every change but where and how the run executes."""
+    from dataclasses import replace
+
+    from services.train.job import RunState, RunStateError, changed_settings
+
+    config = load_train_config("zoo-v2", output_dir=str(tmp_path / "run"))
+    RunState.open(config, resume=False)  # a run started with this config
+    assert RunState.open(config, resume=True).data["config"] == config.to_dict()
+    moved = replace(config, workers=replace(config.workers, num_workers=1, cpus_per_worker=2.0),
+                    models=replace(config.models, sender_device="cpu"), fault=replace(config.fault, phase="phase2", step=3))
+    RunState.open(moved, resume=True)  # where and how it runs may change
+    anchored = replace(config, phase2=replace(config.phase2, recon_weight=0.01), seed=1)
+    with pytest.raises(RunStateError, match=r"settings other than the run in .*: seed 0 -> 1; "
+                                            r"\[phase2\]\.recon_weight 0\.0 -> 0\.01\. A resumed run trains what it started"):
+        RunState.open(anchored, resume=True)
+    saved = config.to_dict()
+    del saved["phase2"]["recon_weight"]  # a run started before the field existed: its default
+    assert changed_settings(saved, config) == []
+    assert changed_settings(saved, anchored)[-1] == "[phase2].recon_weight 0.0 -> 0.01"
+    with pytest.raises(RunStateError, match=r"\[data\]\.train_size 12000 -> 100"):
+        RunState.open(replace(config, data=replace(config.data, train_size=100)), resume=True)
