@@ -234,8 +234,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 per_family = {f: counts[2 * i] / max(counts[2 * i + 1], 1) for i, f in enumerate(families)}
                 figures[f"validation_{mode.value}"] = per_family
                 figures[f"validation_{mode.value}_mean"] = sum(per_family.values()) / len(per_family)
-            if core_config.recon_weight > 0:  # what the anchor holds: phase I's loss on the validation inputs
-                figures["validation_recon_loss"] = validation_recon([fmt.sender.format(context=e.question) for e in validation])
+            # phase I's loss on the validation inputs: how far generation tuning has moved the cache from the
+            # receiver's own (what recon_weight holds; without it the zoo adapters drift past an all-zero cache)
+            figures["validation_recon_loss"] = validation_recon([fmt.sender.format(context=e.question) for e in validation])
             return figures | gate_summary(adapter)
 
     fault = config.fault

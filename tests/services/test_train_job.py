@@ -88,6 +88,8 @@ rank = 1
     assert [r["step"] for r in history] == list(range(10, 61, 10))  # the loss curve continues, no restart from 0
     assert state["stages"]["phase2"]["steps"] == 60
     assert all(r["workers"] == 2 for r in events if "workers" in r)
+    evaluated = [r for r in events if r.get("phase") == "phase2" and "validation_aware_mean" in r]
+    assert evaluated and all(r["validation_recon_loss"] > 0 for r in evaluated)  # the cache's drift, in every phase II evaluation
     # The served adapter: loads as is, records the run, and beats the untrained adapter on held-out inputs.
     sender, receiver = zoo_pair
     trained = DenseAdapter.load(out / "adapter", sender.geometry, receiver.geometry)
