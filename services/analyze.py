@@ -33,16 +33,6 @@ def int_list(text: str, option: str) -> tuple[int, ...]:
         raise SystemExit(f"{option} takes comma-separated integers, got {text!r}") from None
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"takes an integer >= 1, got {text!r}")
-    return value
-
-
 def alpha_arg(text: str) -> float | None:
     """--alpha: a positive float, or 'cv' for LassoCV."""
     if text == "cv":
@@ -143,6 +133,8 @@ def cmd_recon(args: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:
     """`densecomm analyze cs|pca|recon` on the subparsers of the main CLI."""
+    from services.cli import at_least  # this module is imported by services.cli, after at_least is defined
+
     analyze = sub.add_parser("analyze", help="post-hoc analyses: CS head importance (Figure 5), PCA of caches (Figure 7), "
                                              "reconstruction by task set")
     kinds = analyze.add_subparsers(dest="analyze_command", required=True)
@@ -175,8 +167,8 @@ def add_parser(sub) -> None:
     pca.set_defaults(func=cmd_pca)
     recon = kinds.add_parser("recon", help="the adapter's reconstruction loss against the receiver's own cache, per task set (OOD included)")
     recon.add_argument("--zoo", default="v1", choices=ZOO_SUITES, help="the zoo suite whose pair and adapter are analysed")
-    recon.add_argument("--examples", type=positive_int, default=100, help="test contexts per task family")
-    recon.add_argument("--batch-size", type=positive_int, default=64)
+    recon.add_argument("--examples", type=at_least(1), default=100, help="test contexts per task family")
+    recon.add_argument("--batch-size", type=at_least(1), default=64)
     recon.add_argument("--adapter", help="adapter directory (default: the committed zoo adapter)")
     recon.add_argument("--output-dir", default="runs/analyze", help="where recon.md and recon.json go")
     recon.add_argument("--json", action="store_true")

@@ -393,7 +393,6 @@ class ShmPool:
             timer = threading.Timer(RETIRE_GRACE_S + 0.05, self.reap)
             timer.daemon = True
             timer.start()
-        if retired:
             log.info("a stream ended with %d shared-memory slot(s) its reader never released: unlinked after %.0f s",
                      retired, RETIRE_GRACE_S)
         return freed, retired

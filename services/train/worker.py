@@ -199,6 +199,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             count += len(chunk)
         total, count = collective.sum([total, count])
         return total / max(count, 1)
+
     validation = shard(splits.validation[:eval_size], rank, world)
     if phase == "phase1":
         contexts = [e.question for e in splits.train]

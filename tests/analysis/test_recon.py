@@ -69,4 +69,4 @@ def test_analyze_recon_cli_reports_every_family_and_marks_ood(tmp_path, capsys):
 def test_analyze_recon_cli_refuses_a_count_below_one_before_loading_models(capsys):
     with pytest.raises(SystemExit):
         main(["analyze", "recon", "--examples", "0"])
-    assert "--examples: takes an integer >= 1, got '0'" in capsys.readouterr().err
+    assert "--examples: must be >= 1, got 0" in capsys.readouterr().err
