@@ -143,16 +143,23 @@ def bucket(n: int) -> int:
     return -(-n // step) * step
 
 
-def paired_mlp(key_mlp: GroupwiseMLP, value_mlp: GroupwiseMLP, layers: slice, x: torch.Tensor) -> torch.Tensor:
+def paired_mlp(
+    key_mlp: GroupwiseMLP, value_mlp: GroupwiseMLP, layers: slice, x: torch.Tensor, gates: torch.Tensor | None = None
+) -> torch.Tensor:
     """Both MLPs of receiver layers ``layers`` on packed tokens in two batched matmuls.
 
     x (L, 2, G, N, d_in): N tokens of every (layer, K|V, group) -> (L, 2, G, N, d_out). One
     ``baddbmm`` per matmul serves all L·2·G MLPs, on the real tokens only (callers drop the padding).
+    ``gates`` (L, G): γ scales both MLPs' outputs; it is folded into the second layer's weights and bias
+    (L·2·G·hidden·d_out products, not one per output element).
     """
     L, _, G, N, d_in = x.shape
-    stack = lambda name: torch.stack((getattr(key_mlp, name)[layers], getattr(value_mlp, name)[layers]), 1).flatten(0, 2)
-    h = torch.baddbmm(stack("b1").unsqueeze(1), x.reshape(L * 2 * G, N, d_in), stack("w1"))  # (L·2·G, N, hidden)
-    y = torch.baddbmm(stack("b2").unsqueeze(1), F.gelu(h), stack("w2"))
+    stack = lambda name: torch.stack((getattr(key_mlp, name)[layers], getattr(value_mlp, name)[layers]), 1)  # (L, 2, G, ...)
+    w2, b2 = stack("w2"), stack("b2")
+    if gates is not None:
+        w2, b2 = w2 * gates[:, None, :, None, None], b2 * gates[:, None, :, None]
+    h = torch.baddbmm(stack("b1").flatten(0, 2).unsqueeze(1), x.reshape(L * 2 * G, N, d_in), stack("w1").flatten(0, 2))  # (L·2·G, N, hidden)
+    y = torch.baddbmm(b2.flatten(0, 2).unsqueeze(1), F.gelu(h), w2.flatten(0, 2))
     return y.reshape(L, 2, G, N, y.shape[-1])
 
 
@@ -198,23 +205,28 @@ class DenseAdapter(nn.Module):
         on an accelerator every position is computed and the padding zeroed by the mask, which needs no host
         sync for a data-dependent shape."""
         device, dtype = self.gate_logit.device, self.gate_logit.dtype
-        x = torch.stack((keys.to(device), values.to(device)), 1).index_select(3, self.group_index).to(dtype)  # (L, 2, B, G_R, T, d_S)
-        L, _, B, G, T, _ = x.shape
-        tokens = x.permute(0, 1, 3, 2, 4, 5)  # (L, 2, G_R, B, T, d_S)
+        L, B, _, T, d_S = keys.shape
+        G = len(self.config.group_map)
+        # One pass per input: receiver groups picked, (L, B, G, T, d) -> (L, G, B, T, d) and the adapter's dtype.
+        tokens = torch.empty(L, 2, G, B, T, d_S, device=device, dtype=dtype)  # (L, K|V, G_R, B, T, d_S)
+        identity = self.config.group_map == list(range(keys.shape[2]))
+        for i, side in enumerate((keys, values)):
+            side = side.to(device)
+            tokens[:, i].copy_((side if identity else side.index_select(2, self.group_index)).transpose(1, 2))
+        gates = self.gates[layers]
         real = None if mask is None else mask.to(device=device, dtype=torch.bool)
         if real is not None and device.type == "cpu" and not bool(real.all()):
             picked = tokens[:, :, :, real]  # (L, 2, G_R, N, d_S)
             n = picked.shape[3]
             padded = F.pad(picked, (0, 0, 0, bucket(n) - n))
-            y = paired_mlp(self.key_mlp, self.value_mlp, layers, padded)[:, :, :, :n]
+            y = paired_mlp(self.key_mlp, self.value_mlp, layers, padded, gates)[:, :, :, :n]
             out = y.new_zeros(L, 2, B, G, T, y.shape[-1])
             out.transpose(2, 3)[:, :, :, real] = y
         else:
-            y = paired_mlp(self.key_mlp, self.value_mlp, layers, tokens.reshape(L, 2, G, B * T, -1))
+            y = paired_mlp(self.key_mlp, self.value_mlp, layers, tokens.reshape(L, 2, G, B * T, -1), gates)
             out = y.reshape(L, 2, G, B, T, -1).transpose(2, 3)
             if real is not None:
                 out = out * real[:, None, :, None].to(out.dtype)
-        out = out * self.gates[layers][:, None, None, :, None, None]  # γ per (layer, group)
         return out[:, 0], out[:, 1]
 
     def forward(self, sender_stripped: KVCache) -> KVCache:

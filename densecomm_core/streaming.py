@@ -95,7 +95,7 @@ class StreamingAdapter:
             keys = self.decoder.keys[source].to(device).float()
             if self.in_rotated and sender_tables[source] is not None:
                 keys = unrotate_keys(keys, *sender_tables[source], self.sender)
-            k, v = self.adapter.transform_layer(layer, keys, self.decoder.values[source].to(device).float())
+            k, v = self.adapter.transform_layer(layer, keys, self.decoder.values[source])  # to its device and dtype
             if self.out_rotated and receiver_tables[layer] is not None:
                 k = rotate_keys(k.float(), *receiver_tables[layer], self.receiver)
             k = k.to(self.receiver.dtype)

@@ -144,3 +144,37 @@ def test_packed_token_buckets_are_few_and_tight():
     sizes = [bucket(n) for n in range(1, 4097)]
     assert all(n <= b <= n + max(1, n // 8) for n, b in zip(range(1, 4097), sizes))
     assert len({b for b in sizes if 256 < b <= 512}) == 8  # 8 sizes per octave
+
+
+@pytest.mark.parametrize("same_groups", [False, True])
+def test_every_layer_and_group_is_its_own_gated_mlp(tiny_pair, same_groups):
+    """The batched transform equals eq. 12 written out per (receiver layer, group): γ · MLP(x[a(l), π(g)]),
+    with the group map a permutation-free copy (same group counts) or a repeat (3 receiver groups from 2)."""
+    sender, receiver = tiny_pair
+    geometry = sender.geometry if same_groups else receiver.geometry
+    adapter = DenseAdapter(AdapterConfig(sender.geometry, geometry, expansion=2))
+    with torch.no_grad():
+        adapter.gate_logit.copy_(torch.randn_like(adapter.gate_logit))  # gates that differ per (layer, group)
+        cache = strip_rope(sender_prefill(sender, ["one prompt", "and a second, longer prompt"]), sender)
+        out = adapter(cache)
+        gelu = torch.nn.functional.gelu
+        for layer, source in enumerate(adapter.config.layer_map):
+            for group, picked in enumerate(adapter.config.group_map):
+                for mlp, x, y in ((adapter.key_mlp, cache.keys, out.keys), (adapter.value_mlp, cache.values, out.values)):
+                    h = gelu(x[source][:, picked] @ mlp.w1[layer, group] + mlp.b1[layer, group])
+                    want = adapter.gates[layer, group] * (h @ mlp.w2[layer, group] + mlp.b2[layer, group])
+                    real = cache.mask[:, :, None]
+                    torch.testing.assert_close(y[layer][:, group], want * real, atol=1e-5, rtol=1e-5)
+
+
+def test_a_bf16_adapter_stays_within_bf16_rounding_of_fp32(tiny_pair):
+    """Cast to bfloat16 (a route's ``adapter_dtype``), T_θ runs in bf16 and returns bf16, close to fp32's map."""
+    sender, receiver = tiny_pair
+    adapter = DenseAdapter(AdapterConfig(sender.geometry, receiver.geometry, expansion=2))
+    with torch.no_grad():
+        cache = strip_rope(sender_prefill(sender, ["a prompt of a few tokens"]), sender)
+        full = adapter(cache)
+        half = adapter.to(torch.bfloat16)(cache)
+    for a, b in zip(full.keys + full.values, half.keys + half.values):
+        assert b.dtype == torch.bfloat16
+        assert float((a - b.float()).norm() / a.norm()) < 0.02
