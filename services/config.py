@@ -47,8 +47,11 @@ class RouteConfig:
     sender: str
     receiver: str
     adapter: str
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: str = "float32"  # float32 | bfloat16 | float16: both models' weights and caches
     device: str = "cpu"
+    # T_θ's weights and matmuls (RoPE is removed and restored in float32 either way). bfloat16 runs the MLPs on
+    # bf16 units (tensor cores; AVX512-BF16 / AMX on a CPU: 2.5x here) at bf16 rounding of the receiver's cache.
+    adapter_dtype: str = "float32"
     # Per-route limits and policy; 0 / "" = the service-wide value of the same name (see ServeConfig).
     max_input_bytes: int = 0
     max_input_tokens: int = 0
@@ -250,8 +253,9 @@ def load_config(path: str | Path | None = None, **overrides) -> ServeConfig:
     for r in config.all_routes():
         if not r.name:
             raise ConfigError("a route's name must not be empty")
-        if r.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"route {r.name!r}: dtype {r.dtype!r} must be float32, bfloat16 or float16")
+        for key in ("dtype", "adapter_dtype"):
+            if getattr(r, key) not in ("float32", "bfloat16", "float16"):
+                raise ConfigError(f"route {r.name!r}: {key} {getattr(r, key)!r} must be float32, bfloat16 or float16")
         check_device(r.device, f"route {r.name!r}: device")
         for limit in ("max_input_bytes", "max_input_tokens", "max_cache_bytes", "context_window"):
             _at_least(f"route {r.name!r}: {limit} (0 = the service's)", getattr(r, limit), 0)

@@ -75,7 +75,7 @@ def load_adapter_route(route: RouteConfig) -> AdapterRoute:
         raise ConfigError(f"route {route.name!r}: {exc}") from exc
     dtype = DTYPES[route.dtype]
     sender, receiver = load_rope_model(route.sender, dtype), load_rope_model(route.receiver, dtype)
-    adapter = DenseAdapter.load(route.adapter, sender.geometry, receiver.geometry).to(route.device)
+    adapter = DenseAdapter.load(route.adapter, sender.geometry, receiver.geometry).to(route.device, DTYPES[route.adapter_dtype])
     adapter.eval()
     return AdapterRoute(adapter, sender, receiver, adapter.num_flops_per_token(), route_bases(route))
 

@@ -181,6 +181,7 @@ def test_rendered_serve_toml_loads_with_the_service_config(name, tmp_path):
     assert config.codec_workers == chart_values["codecWorkers"] and config.token_flush_ms == chart_values["tokenFlushMs"]  # passed through
     values = VALUES[name][1] if VALUES[name][0] == "-f" else ""
     assert config.default_codec_params == merged(values)["defaultCodecParams"]  # {} unless set (ci: {level: 1})
+    assert [r.adapter_dtype for r in config.routes] == [r.get("adapterDtype", "float32") for r in merged(values)["routes"]]
 
 
 def test_prometheus_rule_ships_the_rules_file():

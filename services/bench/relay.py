@@ -502,7 +502,8 @@ def _in_process(requests: int, codec_name: str) -> dict:
 
 
 def qwen3_4b_route(root: Path) -> dict:
-    """Sender and receiver with Qwen3-4B's KV geometry (random weights, hidden 256) and an adapter between them."""
+    """Sender and receiver with Qwen3-4B's KV geometry (random weights, hidden 256) and an adapter between them,
+    all three in bf16 as a GPU deployment runs them (the adapter's MLPs on this CPU's AVX512-BF16 units)."""
     from densecomm_core.adapter import AdapterConfig, DenseAdapter
     from densecomm_core.models import geometry_of
     from densecomm_core.zoo.tokenizer import build_tokenizer
@@ -518,7 +519,7 @@ def qwen3_4b_route(root: Path) -> dict:
         geometries.append(geometry_of(model))
     DenseAdapter(AdapterConfig(*geometries, expansion=1)).to(torch.bfloat16).save(root / "adapter")
     return {"name": "qwen3-4b-geometry", "sender": str(root / "sender"), "receiver": str(root / "receiver"),
-            "adapter": str(root / "adapter"), "dtype": "bfloat16"}
+            "adapter": str(root / "adapter"), "dtype": "bfloat16", "adapter_dtype": "bfloat16"}
 
 
 def handoff_table(address: str, text: str, repeats: int, transport: str = "bytes") -> list[dict]:
@@ -689,7 +690,7 @@ def render(report: dict, repeats: int, requests: int, tokens: int) -> str:
                f"thread. '1st tok' and 'ms/token' are medians over the requests of the wait for the first answer token "
                f"and of the mean gap between later ones, as the caller receives them: where the overhead is fixed, and "
                f"where each token adds to it)")
-    out.append(f"\n4. KV handoff on a Qwen3-4B-geometry route ({tokens} tokens, both hops; every call; lossless unless "
+    out.append(f"\n4. KV handoff on a Qwen3-4B-geometry route ({tokens} tokens, models and adapter in bf16, both hops; every call; lossless unless "
                f"the row names another codec; 'hops used' is what each hop reported)\n")
     out.append(render_handoff(report["handoff"]))
     out.append("\n5. targets (issue 11)\n")

@@ -7,6 +7,7 @@ import json
 
 import grpc
 import pytest
+import torch
 
 from densecomm_core.zoo import tasks
 from services.client import build_request, relay_pb2_grpc
@@ -267,6 +268,8 @@ def test_the_deployments_default_codec_params_apply_under_a_requests_own():
      "route 'r': device 'cuda:x' must be a torch device"),
     ('default_route = "r"\n[[routes]]\nname = "r"\nsender = "a"\nreceiver = "b"\nadapter = "c"\ncontext_window = -1',
      "route 'r': context_window .* must be >= 0"),
+    ('default_route = "r"\n[[routes]]\nname = "r"\nsender = "a"\nreceiver = "b"\nadapter = "c"\nadapter_dtype = "bf16"',
+     "route 'r': adapter_dtype 'bf16' must be float32, bfloat16 or float16"),
 ])
 def test_config_refuses_bad_shapes_and_ranges_naming_the_field(tmp_path, toml, message):
     path = tmp_path / "serve.toml"
@@ -329,3 +332,15 @@ def test_a_route_whose_models_tokenize_differently_is_refused_at_start(tmp_path)
     with pytest.raises(ConfigError, match="route 'mixed': .* tokenize text differently"):
         load_adapter_route(bad)
     load_adapter_route(load_config(None).route("zoo"))  # the zoo's pair shares its tokenizer
+
+
+def test_a_route_runs_its_adapter_in_its_adapter_dtype():
+    """``adapter_dtype`` casts T_θ (float32 unless a route asks), whatever the models' dtype."""
+    from services.runtime import load_adapter_route
+
+    route = zoo_route()
+    assert load_adapter_route(route).adapter.gate_logit.dtype == torch.float32
+    bf16 = load_config(None, routes=[route.__dict__ | {"adapter_dtype": "bfloat16"}]).route("zoo")
+    loaded = load_adapter_route(bf16)
+    assert {p.dtype for p in loaded.adapter.parameters()} == {torch.bfloat16}
+    assert loaded.sender.dtype == torch.float32  # the models keep the route's dtype
