@@ -26,13 +26,6 @@ def zoo_test_examples(suite: str, per_family: int):
     return get_suite(suite).adapter_split("test", per_family)
 
 
-def int_list(text: str, option: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise SystemExit(f"{option} takes comma-separated integers, got {text!r}") from None
-
-
 def alpha_arg(text: str) -> float | None:
     """--alpha: a positive float, or 'cv' for LassoCV."""
     if text == "cv":
@@ -56,7 +49,7 @@ def cmd_cs(args: argparse.Namespace) -> int:
     from densecomm_core.analysis.plots import plot_cs
 
     config = CSConfig(masks=args.masks, examples_per_family=args.examples, fraction=args.fraction, alpha=args.alpha,
-                      topk=int_list(args.topk, "--topk") if args.topk else (), seeds=args.seeds, rank_by=args.rank_by,
+                      topk=tuple(args.topk), seeds=args.seeds, rank_by=args.rank_by,
                       filter_site=args.filter_at, seed=args.seed, batch_size=args.batch_size)
     sender, receiver, adapter = load_pair(args.adapter, args.zoo)
     result = run_cs(sender, receiver, adapter, config, progress_printer(not args.json), zoo_test_examples(args.zoo, args.examples))
@@ -92,7 +85,7 @@ def cmd_pca(args: argparse.Namespace) -> int:
     from densecomm_core.analysis.plots import plot_pca
     sender, receiver, adapter = load_pair(args.adapter, args.zoo)
     examples = zoo_test_examples(args.zoo, args.examples)
-    layers = int_list(args.layers, "--layers") if args.layers else None
+    layers = tuple(args.layers) if args.layers else None
     progress = progress_printer(not args.json)
     progress(f"prefilling sender and receiver on {len(examples)} test contexts")
     result = run_pca(sender, receiver, adapter, [e.context for e in examples], layers, raw_sender=args.raw_sender)
@@ -133,32 +126,32 @@ def cmd_recon(args: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:
     """`densecomm analyze cs|pca|recon` on the subparsers of the main CLI."""
-    from services.cli import at_least  # this module is imported by services.cli, after at_least is defined
+    from services.cli import at_least, int_list  # this module is imported by services.cli, after they are defined
 
     analyze = sub.add_parser("analyze", help="post-hoc analyses: CS head importance (Figure 5), PCA of caches (Figure 7), "
                                              "reconstruction by task set")
     kinds = analyze.add_subparsers(dest="analyze_command", required=True)
     cs = kinds.add_parser("cs", help="compressed-sensing head importance, top-K group sweep vs random, gates vs scores")
     cs.add_argument("--zoo", default="v1", choices=ZOO_SUITES, help="the zoo suite whose pair and adapter are analysed")
-    cs.add_argument("--masks", type=int, default=48, help="M random ablation masks")
-    cs.add_argument("--examples", type=int, default=40, help="test examples per task family, scored for every mask")
+    cs.add_argument("--masks", type=at_least(1), default=48, help="M random ablation masks")
+    cs.add_argument("--examples", type=at_least(1), default=40, help="test examples per task family, scored for every mask")
     cs.add_argument("--fraction", type=float, default=0.05, help="share of sender query heads ablated per mask (at least one)")
     cs.add_argument("--alpha", type=alpha_arg, default=1e-4, help="Lasso penalty (paper 1e-4), or 'cv' for LassoCV")
-    cs.add_argument("--topk", default="", help="K levels, e.g. 0,1,2,4,8 (default: every K up to 16 groups, else powers of 2)")
-    cs.add_argument("--seeds", type=int, default=3, help="random-selection repeats per K")
+    cs.add_argument("--topk", type=int_list(0), default=[], help="K levels, e.g. 0,1,2,4,8 (default: every K up to 16 groups, else powers of 2)")
+    cs.add_argument("--seeds", type=at_least(1), default=3, help="random-selection repeats per K")
     cs.add_argument("--rank-by", choices=["unaware", "aware", "both"], default="unaware", help="regime whose scores rank the groups")
     cs.add_argument("--filter-at", choices=["sender", "receiver"], default="sender",
                     help="zero dropped groups in the transmitted sender cache (paper C.3) or in the adapter's output")
     cs.add_argument("--seed", type=int, default=0)
-    cs.add_argument("--batch-size", type=int, default=128)
+    cs.add_argument("--batch-size", type=at_least(1), default=128)
     cs.add_argument("--adapter", help="adapter directory (default: the committed zoo adapter)")
     cs.add_argument("--output-dir", default="runs/analyze", help="where cs_topk.png, cs.md and cs.json go")
     cs.add_argument("--json", action="store_true", help="print the result as JSON instead of tables")
     cs.set_defaults(func=cmd_cs)
     pca = kinds.add_parser("pca", help="receiver / transformed sender / raw sender value vectors on the receiver's PCs")
     pca.add_argument("--zoo", default="v1", choices=ZOO_SUITES, help="the zoo suite whose pair and adapter are analysed")
-    pca.add_argument("--examples", type=int, default=100, help="test contexts per task family")
-    pca.add_argument("--layers", default="", help="receiver layers, e.g. 1,4 (default: an early and a late one, as the paper's L7/L34 of 36)")
+    pca.add_argument("--examples", type=at_least(1), default=100, help="test contexts per task family")
+    pca.add_argument("--layers", type=int_list(0), default=[], help="receiver layers, e.g. 1,4 (default: an early and a late one, as the paper's L7/L34 of 36)")
     pca.add_argument("--raw-sender", choices=["pad", "own"], default="pad",
                      help="raw sender values zero-padded onto the receiver's PCs (paper), or on their own PCs")
     pca.add_argument("--adapter", help="adapter directory (default: the committed zoo adapter)")

@@ -1,8 +1,10 @@
-"""`densecomm analyze cs|pca` end to end on the zoo with tiny counts."""
+"""`densecomm analyze cs|pca` end to end on the zoo with tiny counts; bad flags refused before any work."""
 
 from __future__ import annotations
 
 import json
+
+import pytest
 
 from services.cli import main
 
@@ -20,3 +22,17 @@ def test_analyze_cs_and_pca_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| 0 | 0 |" in out and "| 4 | 3 |" in out
     assert (tmp_path / "pca_values.png").stat().st_size > 1024
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["cs", "--masks", "0"], "--masks: must be >= 1, got 0"),
+    (["cs", "--examples", "-2"], "--examples: must be >= 1, got -2"),
+    (["cs", "--topk", "1,x"], "--topk: must be a comma list of integers, got '1,x'"),
+    (["cs", "--topk", "-1"], "--topk: must be a comma list of integers >= 0, got '-1'"),
+    (["pca", "--examples", "0"], "--examples: must be >= 1, got 0"),
+    (["pca", "--layers", "a"], "--layers: must be a comma list of integers, got 'a'"),
+])
+def test_bad_counts_and_lists_are_refused_naming_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["analyze", *argv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
