@@ -224,6 +224,9 @@ def check_shared_tokenizer_at(sender: str | Path, receiver: str | Path) -> None:
     _require_shared_vocab(load_tokenizer(sender), load_tokenizer(receiver), str(sender), str(receiver))
 
 
+# The dtypes a model (or an adapter) is loaded in, by the name configs and flags use
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 # Text both tokenizers must cut alike: words, digits, punctuation, whitespace runs, non-ASCII, a chat-like line.
 TOKENIZER_PROBE = "The quick brown fox, 3 + 4 = 7; 12.5% ok?\n  naïve café — x_y(z) [a] {b} <c> 'd' \"e\"\tend. recall ann 3 , bob 7 . bob ?"
 

@@ -36,7 +36,7 @@ class EvalOptions:
     adapter: str = ""
     c2c: str = ""  # a C2C fuser directory (`densecomm baseline c2c`); the zoo's committed one for the zoo pair
     device: str = "cpu"
-    dtype: str = ""  # weights of local checkpoints (a name of services.runtime.DTYPES); "" = bfloat16 on CUDA, float32 on the CPU. Not the zoo's
+    dtype: str = ""  # weights of local checkpoints (a name of densecomm_core.models.DTYPES); "" = bfloat16 on CUDA, float32 on the CPU. Not the zoo's
     batch_size: int = 64
     max_new_tokens: int = 24  # the receiver's (or a lone model's) answer budget
     message_tokens: int = 24  # the T2T sender's message budget
@@ -63,9 +63,8 @@ def load_pair(options: EvalOptions):
     from densecomm_core.adapter import DenseAdapter
     from densecomm_core.evaluation.methods import EvalPair, EvaluationError
     from densecomm_core.generation import GenerationConfig
-    from densecomm_core.models import load_model
+    from densecomm_core.models import DTYPES, load_model
     from densecomm_core.relay import PromptFormat
-    from services.runtime import DTYPES
 
     if bool(options.sender) != bool(options.receiver):
         raise EvaluationError("--sender and --receiver go together (local checkpoints); give both or neither")

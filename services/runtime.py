@@ -12,18 +12,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-import torch
-
 from densecomm_core.adapter import DenseAdapter
 from densecomm_core.codec.base import Codec, CodecError, get_codec
 from densecomm_core.codec.transform import KVBases
 from densecomm_core.errors import IncompatiblePairError
-from densecomm_core.models import LoadedModel, RopeModel, check_shared_tokenizer_at, load_model, load_rope_model
+from densecomm_core.models import DTYPES, LoadedModel, RopeModel, check_shared_tokenizer_at, load_model, load_rope_model
 from densecomm_core.relay import PromptFormat
 from services.config import ConfigError, RouteConfig, ServeConfig
 from services.errors import RequestError, RouteNotFound
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_NAME_CHARS = 128  # a route or codec name in a request (longer: INVALID_ARGUMENT, never echoed whole)
 MAX_PARAMS_JSON_BYTES = 64 << 10  # a codec's params_json
 

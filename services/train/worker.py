@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from densecomm_core.adapter import AdapterConfig, DenseAdapter
-from densecomm_core.models import LoadedModel, check_shared_tokenizer, load_model
+from densecomm_core.models import DTYPES, LoadedModel, check_shared_tokenizer, load_model
 from densecomm_core.relay import ContextMode, DenseRelay
 from densecomm_core.training.loop import (
     LoopConfig,
@@ -48,7 +48,6 @@ from services.train.config import TrainConfig, config_from_dict
 from services.train.data import answer_reader, load_splits, prompt_format
 
 log = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STATE_FILE = "state.pt"
 
 
