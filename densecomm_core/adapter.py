@@ -205,11 +205,12 @@ class DenseAdapter(nn.Module):
         on an accelerator every position is computed and the padding zeroed by the mask, which needs no host
         sync for a data-dependent shape."""
         device, dtype = self.gate_logit.device, self.gate_logit.dtype
-        L, B, _, T, d_S = keys.shape
-        G = len(self.config.group_map)
+        L, B, G_S, T, d_S = keys.shape
+        groups = self.config.group_map
+        G = len(groups)
         # One pass per input: receiver groups picked, (L, B, G, T, d) -> (L, G, B, T, d) and the adapter's dtype.
         tokens = torch.empty(L, 2, G, B, T, d_S, device=device, dtype=dtype)  # (L, K|V, G_R, B, T, d_S)
-        identity = self.config.group_map == list(range(keys.shape[2]))
+        identity = groups == list(range(G_S))
         for i, side in enumerate((keys, values)):
             side = side.to(device)
             tokens[:, i].copy_((side if identity else side.index_select(2, self.group_index)).transpose(1, 2))

@@ -50,7 +50,7 @@ class RouteConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16: both models' weights and caches
     device: str = "cpu"
     # T_θ's weights and matmuls (RoPE is removed and restored in float32 either way). bfloat16 runs the MLPs on
-    # bf16 units (tensor cores; AVX512-BF16 / AMX on a CPU: 2.5x here) at bf16 rounding of the receiver's cache.
+    # bf16 units (tensor cores; AVX512-BF16 / AMX on a CPU) at bf16 rounding of the receiver's cache.
     adapter_dtype: str = "float32"
     # Per-route limits and policy; 0 / "" = the service-wide value of the same name (see ServeConfig).
     max_input_bytes: int = 0
